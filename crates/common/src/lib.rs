@@ -1,0 +1,17 @@
+//! What every crossfade program shares: configuration loading (file, then
+//! `CROSSFADE_<SECTION>__<KEY>` environment variables, then flags, then
+//! validation), log set-up, the Prometheus recorder, graceful shutdown on
+//! SIGTERM / SIGINT, and a `Secret` wrapper that keeps values out of logs.
+//!
+//! It holds no program's configuration types and no network code: each
+//! program owns its `Config` and its listeners.
+
+pub mod config;
+pub mod metrics;
+pub mod secret;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use config::{CommonArgs, ConfigError, FieldError, Validate};
+pub use secret::Secret;
+pub use shutdown::Shutdown;
