@@ -1,1 +1,179 @@
-//! placeholder
+//! The harness of crossfade's end-to-end tests: the workspace's programs run
+//! as real processes on 127.0.0.1, started and stopped by the test.
+//!
+//! It holds no test itself (those are in `tests/`) and nothing a program
+//! uses at run time. Every wait is bounded, every process is killed when
+//! its guard drops, and only loopback addresses are used.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// The workspace's root directory.
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits inside the workspace")
+}
+
+/// Path of a workspace binary, built (once per test process) with the same
+/// profile as the tests, so that a test never runs a stale copy.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| build_binaries().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)?;
+    let path = target_dir()?.join(name);
+    if !path.is_file() {
+        bail!("{} was not built", path.display());
+    }
+    Ok(path)
+}
+
+/// `target/<profile>`: the test executable lives in its `deps/`.
+fn target_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the test executable")?;
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_owned)
+        .context("the test executable is not in target/<profile>/deps")
+}
+
+fn build_binaries() -> anyhow::Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let profile = target_dir()?
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_owned)
+        .context("target directory has no profile name")?;
+    let mut command = Command::new(cargo);
+    command
+        .current_dir(workspace_root())
+        .args(["build", "--workspace", "--bins", "--quiet"]);
+    match profile.as_str() {
+        "debug" => {}
+        "release" => {
+            command.arg("--release");
+        }
+        other => {
+            command.args(["--profile", other]);
+        }
+    }
+    let status = command.status().context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build of the workspace binaries failed: {status}");
+    }
+    Ok(())
+}
+
+/// A free port on 127.0.0.1 for a program that binds its own listener.
+///
+/// The port is released before the program binds it; another process could
+/// take it in between. Programs that can take a listener should get one
+/// instead.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// A child process that is killed (SIGKILL) and reaped when dropped, so a
+/// failing test leaves nothing running.
+#[derive(Debug)]
+pub struct Process {
+    name: String,
+    child: Child,
+}
+
+impl Process {
+    /// Starts `command` with stdin closed and stdout and stderr inherited
+    /// (the test harness captures them).
+    pub fn spawn(name: impl Into<String>, mut command: Command) -> anyhow::Result<Self> {
+        let name = name.into();
+        let child = command
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Self { name, child })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails if the process has already exited.
+    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
+        match self.child.try_wait()? {
+            Some(status) => bail!("{} exited early: {status}", self.name),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, for at most `timeout`;
+/// the error says what was awaited.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check()? {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            bail!("waited {timeout:?} for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until something accepts TCP connections at `addr`.
+pub fn wait_for_port(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    wait_for(&format!("{addr} to accept connections"), timeout, || {
+        Ok(
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                .ok()
+                .map(drop),
+        )
+    })
+}
+
+/// A Python interpreter that has the official `openai` package, if there is
+/// one: `$E2E_PYTHON`, else the workspace's `.venv` (which `.ci/run`
+/// creates), else `python3`.
+pub fn python_with_openai() -> Option<PathBuf> {
+    let candidates = std::env::var_os("E2E_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([
+            workspace_root().join(".venv/bin/python"),
+            PathBuf::from("python3"),
+        ]);
+    candidates.into_iter().find(|python| {
+        Command::new(python)
+            .args(["-c", "import openai"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+/// True under CI, where a missing tool is a failure rather than a skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}

@@ -19,6 +19,28 @@ mod redact;
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/crossfade_descriptor.bin"));
 
+/// The gRPC reflection service (v1) over crossfade's descriptor set, for
+/// every program's gRPC server. `extra` adds the encoded descriptor sets of
+/// other services the server carries, such as
+/// `tonic_health::pb::FILE_DESCRIPTOR_SET`.
+pub fn reflection_service(
+    extra: &[&'static [u8]],
+) -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::Error,
+> {
+    extra
+        .iter()
+        .fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET),
+            |builder, set| builder.register_encoded_file_descriptor_set(set),
+        )
+        .build_v1()
+}
+
 /// Fully qualified names of the three services, as gRPC health and
 /// reflection report them.
 pub mod service_names {

@@ -227,10 +227,7 @@ async fn reflection_and_health_serve_the_contract() {
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
 
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
+    let reflection = crate::reflection_service(&[tonic_health::pb::FILE_DESCRIPTOR_SET])
         .expect("the descriptor set is complete");
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -299,6 +296,7 @@ async fn reflection_and_health_serve_the_contract() {
     };
     let services: BTreeSet<String> = list.service.into_iter().map(|s| s.name).collect();
     for name in [
+        "grpc.health.v1.Health",
         crate::service_names::AGENT,
         crate::service_names::ROUTER_CONTROL,
         crate::service_names::COORDINATOR,
