@@ -1,0 +1,11 @@
+//! crossfade-router: the public, OpenAI-compatible entrypoint. It holds one
+//! routing table (endpoints, their deployments with relative weights, and
+//! the deployments' workers) behind one `ArcSwap`, picks a deployment by
+//! weight (sticky by session key), a worker by the power of two choices,
+//! and proxies the request to that worker's agent gate.
+//!
+//! It is not a load balancer of arbitrary HTTP: it understands the OpenAI
+//! routes well enough to route by `model`, and it never rewrites bodies.
+
+pub mod balance;
+pub mod table;
