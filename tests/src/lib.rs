@@ -21,7 +21,7 @@ pub fn workspace_root() -> &'static Path {
 }
 
 /// Path of a workspace binary, built (once per test process) with the same
-/// profile as the tests, so that a test never runs a stale copy.
+/// profile and features as the tests, so that a test never runs a stale copy.
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     BUILT
@@ -52,9 +52,12 @@ fn build_binaries() -> anyhow::Result<()> {
         .map(str::to_owned)
         .context("target directory has no profile name")?;
     let mut command = Command::new(cargo);
+    // `cargo test --no-run`, not `cargo build`: it resolves features the way
+    // the test run that called us did (dev-dependencies included), so when
+    // the binaries are fresh it is a no-op instead of a second build.
     command
         .current_dir(workspace_root())
-        .args(["build", "--workspace", "--bins", "--quiet"]);
+        .args(["test", "--workspace", "--no-run", "--quiet"]);
     match profile.as_str() {
         "debug" => {}
         "release" => {

@@ -153,7 +153,9 @@ pub enum ConfigError {
         message: String,
     },
     /// A key has the wrong type, an unknown name, or an unparsable value.
-    #[error("`{key}`{}: {source}", origin.as_ref().map(|o| format!(" (from {o})")).unwrap_or_default())]
+    // `message()`, not the error's Display, which repeats the key on a
+    // second line.
+    #[error("`{key}`{}: {}", origin.as_ref().map(|o| format!(" (from {o})")).unwrap_or_default(), source.message())]
     Invalid {
         /// Dotted key (the enclosing section, for an unknown key).
         key: String,
@@ -251,10 +253,7 @@ pub fn load_or_exit<C>(program: &str, args: &CommonArgs) -> C
 where
     C: DeserializeOwned + Serialize + Default + Validate,
 {
-    // Variables that are not valid UTF-8 cannot be ours; skip rather than panic.
-    let env = std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
-    match load::<C>(&Sources::new(args, env)) {
+    match load::<C>(&Sources::new(args, process_env())) {
         Ok(config) if args.print_config => {
             match toml::to_string_pretty(&config) {
                 Ok(text) => print!("{text}"),
@@ -271,6 +270,14 @@ where
             std::process::exit(EXIT_INVALID_CONFIG);
         }
     }
+}
+
+/// The process environment, for [`Sources::new`]. Variables that are not
+/// valid UTF-8 cannot be ours; they are skipped rather than a panic.
+pub fn process_env() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
 }
 
 fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {

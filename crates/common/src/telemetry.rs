@@ -1,6 +1,8 @@
 //! Log set-up: `tracing` to standard error (the journal, under systemd), as
 //! text for people or JSON for machines, filtered the `RUST_LOG` way.
 
+use std::io::IsTerminal as _;
+
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
 
@@ -80,9 +82,11 @@ pub fn init(config: &LogConfig, rust_log: Option<&str>) -> Result<(), TelemetryE
         filter: filter.to_owned(),
         source,
     })?;
+    // Colours only for a person at a terminal, never in the journal or a file.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match config.format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -8,4 +8,8 @@
 //! routes well enough to route by `model`, and it never rewrites bodies.
 
 pub mod balance;
+pub mod config;
+pub mod error;
+pub mod proxy;
+pub mod server;
 pub mod table;

@@ -1,0 +1,116 @@
+//! `crossfade-router --config router.toml`
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser;
+use crossfade_common::config::{self, CommonArgs, Sources};
+use crossfade_common::{Shutdown, telemetry};
+use crossfade_router::config::Config;
+use crossfade_router::proxy::Proxy;
+use crossfade_router::server;
+use crossfade_router::table::Routes;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// crossfade's public, OpenAI-compatible entrypoint: routes each request by
+/// its `model` to a deployment by weight and a worker by load, and streams
+/// the response back.
+#[derive(Parser)]
+#[command(name = "crossfade-router", version)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config: Config = config::load_or_exit("crossfade-router", &cli.common);
+    if let Err(e) = telemetry::init(&config.log, std::env::var("RUST_LOG").ok().as_deref()) {
+        eprintln!("crossfade-router: {e}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the Tokio runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
+    let shutdown = Shutdown::new();
+    shutdown
+        .trigger_on_signals()
+        .context("installing the SIGTERM and SIGINT handlers")?;
+    let metrics = crossfade_common::metrics::install(&[], &shutdown)
+        .context("installing the Prometheus recorder")?;
+    let routes = Arc::new(
+        Routes::new(&config.routing_table()).context("building the configured routing table")?,
+    );
+    let proxy = Arc::new(Proxy::new(Arc::clone(&routes), config.proxy_settings()));
+
+    let public = TcpListener::bind(config.listen.public)
+        .await
+        .with_context(|| format!("binding the public listener on {}", config.listen.public))?;
+    let admin = TcpListener::bind(config.listen.admin)
+        .await
+        .with_context(|| format!("binding the admin listener on {}", config.listen.admin))?;
+    tracing::info!(
+        public = %config.listen.public,
+        admin = %config.listen.admin,
+        endpoints = config.endpoint.len(),
+        "crossfade-router serving"
+    );
+
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let reload_shutdown = shutdown.clone();
+    shutdown.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => reload(&cli.common, &routes),
+                () = reload_shutdown.triggered() => return,
+            }
+        }
+    });
+
+    let admin_proxy = Arc::clone(&proxy);
+    let admin_server = server::serve(admin, &config.limits, shutdown.clone(), move |req| {
+        server::admin(req, Arc::clone(&admin_proxy), Some(metrics.clone()))
+    });
+    let public_server = server::serve(
+        public,
+        &config.limits,
+        shutdown.clone(),
+        server::public_handler(proxy),
+    );
+    tokio::join!(admin_server, public_server);
+    shutdown.wait_for_tasks(config.limits.shutdown_grace).await;
+    tracing::info!("crossfade-router stopped");
+    Ok(())
+}
+
+/// SIGHUP: re-read the configuration file and swap its table in. A bad file
+/// changes nothing and says why.
+fn reload(args: &CommonArgs, routes: &Routes) {
+    let loaded = config::load::<Config>(&Sources::new(args, config::process_env()));
+    match loaded {
+        Ok(config) => match routes.apply_from_config(&config.routing_table()) {
+            Ok(applied) => tracing::info!(version = applied.version(), "routing table reloaded"),
+            Err(e) => tracing::warn!(error = %e, "routing table not reloaded"),
+        },
+        Err(e) => tracing::warn!(error = %e, "configuration not reloaded"),
+    }
+}

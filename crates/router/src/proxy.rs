@@ -1,0 +1,502 @@
+//! The request path: find the endpoint (by `model`, or by the path prefix
+//! `/endpoints/{name}/`), choose a deployment and a worker, forward the
+//! request to that worker's gate, and stream the response back untouched.
+//!
+//! Retries happen only where the engine cannot have seen the request: the
+//! connection to the gate failed, or the gate answered 503 with
+//! `x-crossfade-retry` (draining or not ready). Never after the response
+//! began: a response is returned as soon as its headers arrive, and from
+//! then on its bytes only flow through. The request body is kept (bounded by
+//! the body limit) so that it can be sent again.
+
+use std::borrow::Cow;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use serde::Deserialize;
+use tower::retry::budget::{Budget as _, TpsBudget};
+
+use crate::balance::{choose_deployment, choose_worker};
+use crate::error::RouteError;
+use crate::table::{Deployment, EjectionPolicy, Endpoint, InFlight, Routes, Worker, now_ms};
+
+/// A boxed error, as bodies and clients report them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The header a gate sets on a 503 that the engine never saw.
+pub const RETRY_HEADER: HeaderName = HeaderName::from_static("x-crossfade-retry");
+
+/// The header that tells a caller which deployment answered.
+pub const DEPLOYMENT_HEADER: HeaderName = HeaderName::from_static("x-crossfade-deployment");
+
+/// The header that carries a session key.
+pub const SESSION_HEADER: HeaderName = HeaderName::from_static("x-session-id");
+
+/// How the proxy behaves.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// Largest request body accepted (and kept for retries), in bytes.
+    pub max_body_bytes: usize,
+    /// Longest wait for an upstream's response headers (time to first token).
+    pub response_header_timeout: Duration,
+    /// Longest gap between two chunks of a response body.
+    pub idle_chunk_timeout: Duration,
+    /// Most attempts per request, the first included.
+    pub max_attempts: u32,
+    /// Back-off for workers that refuse connections.
+    pub ejection: EjectionPolicy,
+    /// Longest time to establish a connection to a gate.
+    pub connect_timeout: Duration,
+    /// How long an idle pooled connection to a gate is kept.
+    pub pool_idle_timeout: Duration,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 << 20,
+            response_header_timeout: Duration::from_secs(300),
+            idle_chunk_timeout: Duration::from_secs(120),
+            max_attempts: 4,
+            ejection: EjectionPolicy::default(),
+            connect_timeout: Duration::from_secs(2),
+            pool_idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// The proxy: routes, a pooled client to the gates, and a retry budget.
+#[derive(Debug)]
+pub struct Proxy {
+    routes: Arc<Routes>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    settings: ProxySettings,
+    /// Retries may add at most 20 % to the request rate (plus 10 a second),
+    /// so that a fleet-wide failure is not multiplied by the routers.
+    budget: TpsBudget,
+}
+
+/// The fields of an OpenAI request body the router reads: only these are
+/// parsed out; everything else is skipped and forwarded as it came.
+#[derive(Deserialize)]
+struct Peek<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    user: Option<Cow<'a, str>>,
+}
+
+impl Proxy {
+    /// A proxy over `routes`.
+    pub fn new(routes: Arc<Routes>, settings: ProxySettings) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(settings.pool_idle_timeout)
+            .build(connector);
+        Self {
+            routes,
+            client,
+            settings,
+            budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
+        }
+    }
+
+    /// The routes it serves.
+    pub fn routes(&self) -> &Arc<Routes> {
+        &self.routes
+    }
+
+    /// Serves one public request.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        match self.route(req).await {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::debug!(%error, "answered by the router");
+                error.into_response()
+            }
+        }
+    }
+
+    async fn route<B>(&self, req: Request<B>) -> Result<Response<ProxyBody>, RouteError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let (parts, body) = req.into_parts();
+        let path = parts.uri.path();
+        if parts.method == Method::GET && path == "/v1/models" {
+            return Ok(self.models());
+        }
+        let (path_endpoint, upstream_path) = match path.strip_prefix("/endpoints/") {
+            Some(rest) => match rest.split_once('/') {
+                Some((name, tail)) => (Some(name), &path[path.len() - tail.len() - 1..]),
+                None => (Some(rest), "/"),
+            },
+            None => (None, path),
+        };
+        if parts.method != Method::POST || !upstream_path.starts_with("/v1/") {
+            return Err(RouteError::UnknownRoute {
+                method: parts.method.to_string(),
+                path: path.to_owned(),
+            });
+        }
+        let upstream_path_and_query = match parts.uri.query() {
+            Some(query) => format!("{upstream_path}?{query}"),
+            None => upstream_path.to_owned(),
+        };
+
+        let bytes = self.read_body(&parts.headers, body).await?;
+        let peek = match serde_json::from_slice::<Peek<'_>>(&bytes) {
+            Ok(peek) => Some(peek),
+            // Routed by path: the body is the engine's business.
+            Err(_) if path_endpoint.is_some() => None,
+            Err(e) => {
+                return Err(RouteError::BadRequest(format!(
+                    "the request body is not valid JSON with a string `model`: {e}"
+                )));
+            }
+        };
+        let model = match (
+            path_endpoint,
+            peek.as_ref().and_then(|p| p.model.as_deref()),
+        ) {
+            (Some(name), _) => name,
+            (None, Some(model)) => model,
+            (None, None) => return Err(RouteError::BadRequest("`model` is required".into())),
+        };
+
+        let table = self.routes.load();
+        let endpoint = table
+            .endpoint(model)
+            .ok_or_else(|| RouteError::ModelNotFound(model.to_owned()))?;
+        let session_key = parts
+            .headers
+            .get(&SESSION_HEADER)
+            .map(HeaderValue::as_bytes)
+            .or_else(|| {
+                peek.as_ref()
+                    .and_then(|p| p.user.as_deref())
+                    .map(str::as_bytes)
+            });
+        let mut rng = fastrand::Rng::new();
+        let deployment = choose_deployment(endpoint, session_key, &mut rng).ok_or_else(|| {
+            RouteError::NoCapacity {
+                endpoint: endpoint.name().to_owned(),
+            }
+        })?;
+        // `Bytes` clones share the buffer; `peek` still borrows this one.
+        self.forward(
+            &parts,
+            bytes.clone(),
+            &upstream_path_and_query,
+            endpoint,
+            deployment,
+            &mut rng,
+        )
+        .await
+    }
+
+    async fn read_body<B>(&self, headers: &HeaderMap, body: B) -> Result<Bytes, RouteError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let limit = self.settings.max_body_bytes;
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limit as u64) {
+            return Err(RouteError::TooLarge { limit });
+        }
+        match Limited::new(body, limit).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                Err(RouteError::TooLarge { limit })
+            }
+            Err(e) => Err(RouteError::BadRequest(format!(
+                "could not read the request body: {e}"
+            ))),
+        }
+    }
+
+    /// Sends the request to a worker of `deployment`, retrying on another
+    /// worker (then another deployment of the endpoint) only when the engine
+    /// cannot have seen it.
+    async fn forward(
+        &self,
+        parts: &Parts,
+        body: Bytes,
+        path_and_query: &str,
+        endpoint: &Endpoint,
+        mut deployment: &Deployment,
+        rng: &mut fastrand::Rng,
+    ) -> Result<Response<ProxyBody>, RouteError> {
+        self.budget.deposit();
+        let mut tried: Vec<Arc<Worker>> = Vec::new();
+        let mut tried_deployments: Vec<&str> = vec![deployment.id()];
+        let mut last_error = RouteError::NoCapacity {
+            endpoint: endpoint.name().to_owned(),
+        };
+        for attempt in 0..self.settings.max_attempts {
+            if attempt > 0 && !self.budget.withdraw() {
+                tracing::debug!("retry budget exhausted");
+                break;
+            }
+            let worker = loop {
+                let excluded = |w: &Worker| tried.iter().any(|t| std::ptr::eq(&**t, w));
+                if let Some(worker) = choose_worker(deployment.workers(), excluded, now_ms(), rng) {
+                    break Arc::clone(worker);
+                }
+                // Every worker of this deployment was tried: the others of
+                // the endpoint can still serve the request.
+                let next = endpoint
+                    .deployments()
+                    .iter()
+                    .filter(|d| d.weight() > 0 && !tried_deployments.contains(&d.id()))
+                    .max_by_key(|d| d.weight());
+                match next {
+                    Some(next) => {
+                        tried_deployments.push(next.id());
+                        deployment = next;
+                    }
+                    None => return Err(last_error),
+                }
+            };
+            tried.push(Arc::clone(&worker));
+
+            let request = upstream_request(parts, body.clone(), &worker, path_and_query)?;
+            let in_flight = worker.start_request();
+            let sent = tokio::time::timeout(
+                self.settings.response_header_timeout,
+                self.client.request(request),
+            )
+            .await;
+            let response = match sent {
+                Err(_) => {
+                    return Err(RouteError::Timeout(self.settings.response_header_timeout));
+                }
+                Ok(Err(e)) if e.is_connect() => {
+                    tracing::debug!(worker = worker.address(), error = %e, "connect failed; retrying");
+                    worker.record_connect_failure(now_ms(), &self.settings.ejection);
+                    last_error = RouteError::Unreachable {
+                        endpoint: endpoint.name().to_owned(),
+                    };
+                    continue;
+                }
+                Ok(Err(e)) => return Err(RouteError::Upstream(e.to_string())),
+                Ok(Ok(response)) => response,
+            };
+            worker.record_success();
+            if response.status() == StatusCode::SERVICE_UNAVAILABLE
+                && response.headers().contains_key(&RETRY_HEADER)
+            {
+                tracing::debug!(
+                    worker = worker.address(),
+                    reason = ?response.headers().get(&RETRY_HEADER),
+                    "gate refused before the engine saw the request; retrying"
+                );
+                last_error = RouteError::NoCapacity {
+                    endpoint: endpoint.name().to_owned(),
+                };
+                continue;
+            }
+            return Ok(self.respond(response, in_flight, deployment));
+        }
+        Err(last_error)
+    }
+
+    fn respond(
+        &self,
+        response: Response<Incoming>,
+        in_flight: InFlight,
+        deployment: &Deployment,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts
+            .headers
+            .insert(DEPLOYMENT_HEADER, deployment.header().clone());
+        let body = ProxyBody::Upstream(UpstreamBody {
+            inner: body,
+            in_flight,
+            idle_timeout: self.settings.idle_chunk_timeout,
+            idle: Box::pin(tokio::time::sleep(self.settings.idle_chunk_timeout)),
+        });
+        Response::from_parts(parts, body)
+    }
+
+    /// `GET /v1/models`, answered from the table: every endpoint name and
+    /// alias, so clients can list what they may send as `model`.
+    fn models(&self) -> Response<ProxyBody> {
+        let table = self.routes.load();
+        let data: Vec<_> = table
+            .endpoints()
+            .iter()
+            .flat_map(|e| std::iter::once(e.name()).chain(e.aliases().iter().map(String::as_str)))
+            .map(|id| {
+                serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "crossfade"})
+            })
+            .collect();
+        let body = serde_json::json!({"object": "list", "data": data}).to_string();
+        let mut response = Response::new(ProxyBody::from(Bytes::from(body)));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1):
+/// never forwarded in either direction.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named by `Connection` are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(&named) {
+        headers.remove(name);
+    }
+}
+
+fn upstream_request(
+    parts: &Parts,
+    body: Bytes,
+    worker: &Worker,
+    path_and_query: &str,
+) -> Result<Request<Full<Bytes>>, RouteError> {
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(worker.authority().clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|e| RouteError::BadRequest(format!("cannot forward this path: {e}")))?;
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
+    headers.clone_from(&parts.headers);
+    strip_hop_by_hop(headers);
+    // hyper sets Host from the URI; the client's Host named the router.
+    headers.remove(header::HOST);
+    Ok(request)
+}
+
+// === ProxyBody ===
+
+/// A response body: the router's own (a buffer) or an upstream's, streamed.
+#[derive(Debug)]
+pub enum ProxyBody {
+    /// A body the router produced.
+    Full(Full<Bytes>),
+    /// An upstream's body, passed through frame by frame.
+    Upstream(UpstreamBody),
+}
+
+impl From<Bytes> for ProxyBody {
+    fn from(bytes: Bytes) -> Self {
+        Self::Full(Full::new(bytes))
+    }
+}
+
+/// An upstream response body in flight. It holds the worker's in-flight
+/// guard, so the request counts until the last byte (or until the client
+/// goes away and hyper drops the body), and it fails the stream when the
+/// upstream is silent longer than the idle bound.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    inner: Incoming,
+    in_flight: InFlight,
+    idle_timeout: Duration,
+    idle: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// The upstream sent nothing for longer than the idle bound.
+#[derive(Debug, thiserror::Error)]
+#[error("no data from {worker} for {timeout:?}")]
+pub struct IdleTimeout {
+    worker: String,
+    timeout: Duration,
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ProxyBody::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+            ProxyBody::Upstream(up) => match Pin::new(&mut up.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let deadline = tokio::time::Instant::now() + up.idle_timeout;
+                    up.idle.as_mut().reset(deadline);
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => match up.idle.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(IdleTimeout {
+                        worker: up.in_flight.worker().address().to_owned(),
+                        timeout: up.idle_timeout,
+                    })))),
+                    Poll::Pending => Poll::Pending,
+                },
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(full) => full.is_end_stream(),
+            ProxyBody::Upstream(up) => up.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full(full) => full.size_hint(),
+            ProxyBody::Upstream(up) => up.inner.size_hint(),
+        }
+    }
+}

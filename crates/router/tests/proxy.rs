@@ -1,0 +1,370 @@
+//! The router's request path against fake-vllm engines on 127.0.0.1.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crossfade_router::proxy::ProxySettings;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use support::*;
+
+fn deployment_of(headers: &http::HeaderMap) -> String {
+    headers["x-crossfade-deployment"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_80_20_split_holds_and_sessions_stick() {
+    let v1 = engine("org/model-v1", f64::INFINITY).await;
+    let v2 = engine("org/model-v2", f64::INFINITY).await;
+    let router = TestRouter::start(
+        table(
+            0,
+            vec![
+                deployment("v1", 80, &[v1.addr()]),
+                deployment("v2", 20, &[v2.addr()]),
+            ],
+        ),
+        ProxySettings::default(),
+    )
+    .await;
+    let client = client();
+
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    for _ in 0..2_000 {
+        let (status, headers, body) = post(
+            &client,
+            &router.url("/v1/chat/completions"),
+            chat_body("chat", false),
+            &[],
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let id = deployment_of(&headers);
+        // The engine's reply proves the header tells the truth.
+        assert!(
+            body.contains(&format!("[org/model-{id} as chat]")),
+            "{id}: {body}"
+        );
+        *counts.entry(id).or_default() += 1;
+    }
+    let v1_share = f64::from(counts["v1"]) / 2_000.0;
+    assert!((0.77..=0.83).contains(&v1_share), "{counts:?}");
+
+    for session in ["alice", "bob", "carol", "dave"] {
+        let mut seen = Vec::new();
+        for _ in 0..20 {
+            let (_, headers, _) = post(
+                &client,
+                &router.url("/v1/chat/completions"),
+                chat_body("chat", false),
+                &[("x-session-id", session)],
+            )
+            .await
+            .unwrap();
+            seen.push(deployment_of(&headers));
+        }
+        assert!(seen.iter().all(|d| *d == seen[0]), "{session}: {seen:?}");
+    }
+    // The OpenAI `user` field is a session key too.
+    let body = serde_json::json!({"model": "chat", "messages": [], "user": "erin"}).to_string();
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        let (_, headers, _) = post(
+            &client,
+            &router.url("/v1/chat/completions"),
+            body.clone(),
+            &[],
+        )
+        .await
+        .unwrap();
+        seen.push(deployment_of(&headers));
+    }
+    assert!(seen.iter().all(|d| *d == seen[0]), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_pass_through_chunk_by_chunk() {
+    let engine = engine("org/model", 20.0).await;
+    let router = TestRouter::start(
+        table(0, vec![deployment("v1", 1, &[engine.addr()])]),
+        ProxySettings::default(),
+    )
+    .await;
+    let request = Request::post(router.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(chat_body("chat", true).into()))
+        .unwrap();
+    let started = Instant::now();
+    let response = client().request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let content_type = response.headers()["content-type"].to_str().unwrap();
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
+    let mut body = response.into_body();
+    let mut arrivals = Vec::new();
+    let mut text = String::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.unwrap();
+        if let Some(data) = frame.data_ref() {
+            arrivals.push(started.elapsed());
+            text.push_str(std::str::from_utf8(data).unwrap());
+        }
+    }
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    // Four tokens at 20 a second: the first arrives at least 100 ms before
+    // the last, which a buffering proxy would deliver together.
+    assert!(arrivals.len() >= 4, "{arrivals:?}");
+    let spread = *arrivals.last().unwrap() - arrivals[0];
+    assert!(spread >= Duration::from_millis(100), "{arrivals:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_gate_is_retried_elsewhere_and_a_dead_worker_avoided() {
+    let engine = engine("org/model", f64::INFINITY).await;
+    let draining = DrainingGate::start().await;
+    let dead = dead_address().await;
+    let router = TestRouter::start(
+        table(
+            0,
+            vec![deployment("v1", 1, &[draining.addr, dead, engine.addr()])],
+        ),
+        ProxySettings::default(),
+    )
+    .await;
+    let client = client();
+    for i in 0..100 {
+        let (status, _, body) = post(
+            &client,
+            &router.url("/v1/chat/completions"),
+            chat_body("chat", false),
+            &[],
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, StatusCode::OK, "request {i}: {body}");
+    }
+    // The draining gate was tried (and refused before any engine saw the
+    // request), so the retries were real.
+    assert!(draining.requests.load(Ordering::Relaxed) > 0);
+    assert_eq!(engine.stats().served, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_worker_is_draining_the_client_gets_a_retryable_503() {
+    let a = DrainingGate::start().await;
+    let b = DrainingGate::start().await;
+    let router = TestRouter::start(
+        table(0, vec![deployment("v1", 1, &[a.addr, b.addr])]),
+        ProxySettings::default(),
+    )
+    .await;
+    let (status, headers, body) = post(
+        &client(),
+        &router.url("/v1/chat/completions"),
+        chat_body("chat", false),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(headers["retry-after"], "1");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["error"]["code"], "no_capacity");
+    assert_eq!(a.requests.load(Ordering::Relaxed), 1);
+    assert_eq!(b.requests.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_retry_once_response_bytes_were_sent() {
+    let dying = engine("org/model-a", 50.0).await;
+    let other = engine("org/model-b", f64::INFINITY).await;
+    let router = TestRouter::start(
+        table(0, vec![deployment("v1", 1, &[dying.addr()])]),
+        ProxySettings::default(),
+    )
+    .await;
+    dying.hold();
+    let request = Request::post(router.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(chat_body("chat", true).into()))
+        .unwrap();
+    let response = client().request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "headers arrived");
+    // Now the only worker's table entry gains a healthy neighbour, and the
+    // engine streaming this response dies.
+    router
+        .routes
+        .apply_from_config(&table(
+            0,
+            vec![deployment("v1", 1, &[dying.addr(), other.addr()])],
+        ))
+        .unwrap();
+    let mut body = response.into_body();
+    let _ = dying.abort().await.unwrap();
+    let mut failed = false;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match body.frame().await {
+            Some(Ok(_)) => continue,
+            Some(Err(_)) => {
+                failed = true;
+                break;
+            }
+            None => break,
+        }
+    }
+    assert!(failed, "the client sees the stream fail");
+    assert_eq!(other.stats().served, 0, "the request was not sent again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_answers_bad_requests_itself() {
+    let engine = engine("org/model", f64::INFINITY).await;
+    let router = TestRouter::start(
+        table(0, vec![deployment("v1", 1, &[engine.addr()])]),
+        ProxySettings {
+            max_body_bytes: 1_024,
+            ..ProxySettings::default()
+        },
+    )
+    .await;
+    let client = client();
+    let url = router.url("/v1/chat/completions");
+
+    let (status, _, body) = post(&client, &url, chat_body("gpt-9", false), &[])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["error"]["code"], "model_not_found");
+    assert_eq!(
+        json["error"]["message"],
+        "The model `gpt-9` does not exist."
+    );
+
+    let big = serde_json::json!({"model": "chat", "prompt": "x".repeat(2_000)}).to_string();
+    let (status, _, _) = post(&client, &url, big, &[]).await.unwrap();
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    let (status, _, body) = post(&client, &url, "{not json", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, _, _) = post(&client, &url, r#"{"messages": []}"#, &[])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // The alias routes to the endpoint, and so does the path prefix.
+    let (status, headers, _) = post(&client, &url, chat_body("Qwen/Qwen3-8B", false), &[])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(deployment_of(&headers), "v1");
+    let (status, _, body) = post(
+        &client,
+        &router.url("/endpoints/chat/v1/chat/completions"),
+        chat_body("chat", false),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let models = client
+        .request(
+            Request::get(router.url("/v1/models"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let body = models.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let ids: Vec<&str> = json["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["chat", "Qwen/Qwen3-8B"]);
+}
+
+/// Streams run while the table is swapped 200 times: not one fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swaps_under_streaming_load_fail_nothing() {
+    let a = engine("org/model-a", 400.0).await;
+    let b = engine("org/model-b", 400.0).await;
+    let router = Arc::new(
+        TestRouter::start(
+            table(
+                0,
+                vec![
+                    deployment("a", 50, &[a.addr()]),
+                    deployment("b", 50, &[b.addr()]),
+                ],
+            ),
+            ProxySettings::default(),
+        )
+        .await,
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let router = Arc::clone(&router);
+            let stop = Arc::clone(&stop);
+            tokio::spawn(async move {
+                let client = client();
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    match post(
+                        &client,
+                        &router.url("/v1/chat/completions"),
+                        chat_body("chat", true),
+                        &[],
+                    )
+                    .await
+                    {
+                        Ok((StatusCode::OK, _, body)) if body.ends_with("data: [DONE]\n\n") => {
+                            ok += 1
+                        }
+                        other => failed.push(format!("{other:?}")),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    for i in 1..=200u32 {
+        let weight = i % 101;
+        router
+            .routes
+            .apply_from_config(&table(
+                0,
+                vec![
+                    deployment("a", weight, &[a.addr()]),
+                    deployment("b", 100 - weight, &[b.addr()]),
+                ],
+            ))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for client in clients {
+        let (ok, failed) = client.await.unwrap();
+        assert!(failed.is_empty(), "{failed:?}");
+        total += ok;
+    }
+    assert!(total > 20, "only {total} streams completed");
+    assert_eq!(router.routes.load().version(), 200);
+}

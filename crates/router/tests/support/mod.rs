@@ -1,0 +1,188 @@
+//! Shared by the router's integration tests: fake-vllm engines in process,
+//! a router on 127.0.0.1:0, and a small HTTP client.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use crossfade_common::Shutdown;
+use crossfade_proto::v1;
+use crossfade_router::config::Limits;
+use crossfade_router::proxy::{Proxy, ProxySettings};
+use crossfade_router::server;
+use crossfade_router::table::Routes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+/// A fake-vllm engine serving `chat` for `model`, at `tokens_per_second`
+/// (`f64::INFINITY`: no pacing).
+pub async fn engine(model: &str, tokens_per_second: f64) -> fake_vllm::Handle {
+    let mut config = fake_vllm::Config::new(model);
+    config.served_model_names = vec!["chat".into(), "Qwen/Qwen3-8B".into()];
+    config.port = 0;
+    config.tokens_per_second = tokens_per_second;
+    config.default_max_tokens = 4;
+    fake_vllm::Handle::bind(config).await.unwrap()
+}
+
+/// A routing-table deployment.
+pub fn deployment(id: &str, weight: u32, workers: &[SocketAddr]) -> v1::DeploymentRoute {
+    v1::DeploymentRoute {
+        id: id.into(),
+        weight,
+        workers: workers
+            .iter()
+            .map(|a| v1::WorkerRoute {
+                address: a.to_string(),
+                worker_id: String::new(),
+            })
+            .collect(),
+    }
+}
+
+/// A table with one endpoint `chat` (alias `Qwen/Qwen3-8B`).
+pub fn table(version: u64, deployments: Vec<v1::DeploymentRoute>) -> v1::RoutingTable {
+    v1::RoutingTable {
+        version,
+        endpoints: vec![v1::EndpointRoute {
+            name: "chat".into(),
+            aliases: vec!["Qwen/Qwen3-8B".into()],
+            deployments,
+        }],
+    }
+}
+
+/// A router serving on 127.0.0.1; stops when dropped.
+pub struct TestRouter {
+    pub addr: SocketAddr,
+    pub routes: Arc<Routes>,
+    shutdown: Shutdown,
+}
+
+impl TestRouter {
+    pub async fn start(table: v1::RoutingTable, settings: ProxySettings) -> Self {
+        let routes = Arc::new(Routes::new(&table).unwrap());
+        let proxy = Arc::new(Proxy::new(Arc::clone(&routes), settings));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = Shutdown::new();
+        let limits = Limits {
+            shutdown_grace: Duration::from_secs(1),
+            ..Limits::default()
+        };
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            server::serve(listener, &limits, s, server::public_handler(proxy)).await;
+        });
+        Self {
+            addr,
+            routes,
+            shutdown,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for TestRouter {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+    }
+}
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A chat completion request body.
+pub fn chat_body(model: &str, stream: bool) -> String {
+    serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "hello"}],
+        "stream": stream,
+    })
+    .to_string()
+}
+
+/// POSTs `body` to `url` and reads the whole response.
+pub async fn post(
+    client: &HttpClient,
+    url: &str,
+    body: impl Into<Bytes>,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(StatusCode, HeaderMap, String)> {
+    let mut request = Request::post(url).header("content-type", "application/json");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = client
+        .request(request.body(Full::new(body.into()))?)
+        .await?;
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await?.to_bytes();
+    Ok((
+        parts.status,
+        parts.headers,
+        String::from_utf8(bytes.to_vec())?,
+    ))
+}
+
+/// A test double of an agent gate that is draining: it answers every
+/// request with the retryable 503, and counts them.
+pub struct DrainingGate {
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicU64>,
+}
+
+impl DrainingGate {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&requests);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let counter = Arc::clone(&counter);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_req| {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        async {
+                            let response = Response::builder()
+                                .status(StatusCode::SERVICE_UNAVAILABLE)
+                                .header("x-crossfade-retry", "draining")
+                                .header("connection", "close")
+                                .body(Full::new(Bytes::from_static(b"draining")))
+                                .unwrap();
+                            Ok::<_, Infallible>(response)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, requests }
+    }
+}
+
+/// An address where nothing listens (bound, then released).
+pub async fn dead_address() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
