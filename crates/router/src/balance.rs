@@ -95,7 +95,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::table::{EjectionPolicy, Source, Table, Workers};
+    use crate::table::{EjectionPolicy, Shared, Source, Table};
 
     fn table(weights: &[u32], workers_each: usize) -> Table {
         let spec = v1::RoutingTable {
@@ -119,7 +119,7 @@ mod tests {
                     .collect(),
             }],
         };
-        Table::build(&spec, Source::Config, &Workers::default()).unwrap()
+        Table::build(&spec, Source::Config, &Shared::default()).unwrap()
     }
 
     fn shares(endpoint: &Endpoint) -> HashMap<String, u32> {

@@ -12,7 +12,7 @@ use crossfade_proto::v1;
 use serde::{Deserialize, Serialize};
 
 use crate::proxy::ProxySettings;
-use crate::table::{EjectionPolicy, MAX_WEIGHT, Source, Table, Workers};
+use crate::table::{EjectionPolicy, MAX_WEIGHT, Shared, Source, Table};
 
 /// Default public listener.
 pub const DEFAULT_PUBLIC: &str = "0.0.0.0:8080";
@@ -281,7 +281,7 @@ impl Validate for Config {
             }
         }
         if errors.is_empty()
-            && let Err(e) = Table::build(&self.routing_table(), Source::Config, &Workers::default())
+            && let Err(e) = Table::build(&self.routing_table(), Source::Config, &Shared::default())
         {
             errors.push(FieldError::new("endpoint", e.to_string()));
         }

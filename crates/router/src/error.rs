@@ -87,8 +87,9 @@ impl RouteError {
         }
     }
 
-    /// OpenAI's `code` for this error.
-    fn code(&self) -> &'static str {
+    /// OpenAI's `code` for this error; also the `reason` label of the
+    /// rejection metric (a fixed set, never user input).
+    pub fn code(&self) -> &'static str {
         match self {
             Self::UnknownRoute { .. } => "unknown_url",
             Self::BadRequest(_) => "invalid_request",

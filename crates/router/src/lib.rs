@@ -9,7 +9,9 @@
 
 pub mod balance;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod proxy;
 pub mod server;
+pub mod stats;
 pub mod table;

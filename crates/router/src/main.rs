@@ -9,8 +9,8 @@ use crossfade_common::config::{self, CommonArgs, Sources};
 use crossfade_common::{Shutdown, telemetry};
 use crossfade_router::config::Config;
 use crossfade_router::proxy::Proxy;
-use crossfade_router::server;
 use crossfade_router::table::Routes;
+use crossfade_router::{server, stats};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -55,8 +55,9 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     shutdown
         .trigger_on_signals()
         .context("installing the SIGTERM and SIGINT handlers")?;
-    let metrics = crossfade_common::metrics::install(&[], &shutdown)
+    let metrics = crossfade_common::metrics::install(stats::HISTOGRAMS, &shutdown)
         .context("installing the Prometheus recorder")?;
+    stats::describe();
     let routes = Arc::new(
         Routes::new(&config.routing_table()).context("building the configured routing table")?,
     );
@@ -68,24 +69,36 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     let admin = TcpListener::bind(config.listen.admin)
         .await
         .with_context(|| format!("binding the admin listener on {}", config.listen.admin))?;
+    let control = TcpListener::bind(config.listen.control)
+        .await
+        .with_context(|| format!("binding the control listener on {}", config.listen.control))?;
     tracing::info!(
         public = %config.listen.public,
         admin = %config.listen.admin,
+        control = %config.listen.control,
         endpoints = config.endpoint.len(),
         "crossfade-router serving"
     );
 
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let reload_shutdown = shutdown.clone();
+    let reload_routes = Arc::clone(&routes);
     shutdown.spawn(async move {
         loop {
             tokio::select! {
-                _ = hangup.recv() => reload(&cli.common, &routes),
+                _ = hangup.recv() => reload(&cli.common, &reload_routes),
                 () = reload_shutdown.triggered() => return,
             }
         }
     });
 
+    let router_id = if config.router_id.is_empty() {
+        config.listen.control.to_string()
+    } else {
+        config.router_id.clone()
+    };
+    let control_server =
+        crossfade_router::control::serve(control, Arc::clone(&routes), router_id, shutdown.clone());
     let admin_proxy = Arc::clone(&proxy);
     let admin_server = server::serve(admin, &config.limits, shutdown.clone(), move |req| {
         server::admin(req, Arc::clone(&admin_proxy), Some(metrics.clone()))
@@ -96,7 +109,12 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
         server::public_handler(proxy),
     );
-    tokio::join!(admin_server, public_server);
+    let ((), (), control) = tokio::join!(admin_server, public_server, control_server);
+    if let Err(e) = control {
+        // The proxy kept serving; the coordinator could not reach us.
+        tracing::error!("the control listener failed: {e:#}");
+        shutdown.trigger();
+    }
     shutdown.wait_for_tasks(config.limits.shutdown_grace).await;
     tracing::info!("crossfade-router stopped");
     Ok(())

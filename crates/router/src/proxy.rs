@@ -30,6 +30,7 @@ use tower::retry::budget::{Budget as _, TpsBudget};
 
 use crate::balance::{choose_deployment, choose_worker};
 use crate::error::RouteError;
+use crate::stats::{Outcome, REJECTED_TOTAL, RequestRecord, RetryReason};
 use crate::table::{Deployment, EjectionPolicy, Endpoint, InFlight, Routes, Worker, now_ms};
 
 /// A boxed error, as bodies and clients report them.
@@ -131,7 +132,10 @@ impl Proxy {
         match self.route(req).await {
             Ok(response) => response,
             Err(error) => {
+                // Only errors before a deployment was chosen arrive here; a
+                // deployment's own failures are in its statistics.
                 tracing::debug!(%error, "answered by the router");
+                metrics::counter!(REJECTED_TOTAL, "reason" => error.code()).increment(1);
                 error.into_response()
             }
         }
@@ -205,15 +209,16 @@ impl Proxy {
             }
         })?;
         // `Bytes` clones share the buffer; `peek` still borrows this one.
-        self.forward(
-            &parts,
-            bytes.clone(),
-            &upstream_path_and_query,
-            endpoint,
-            deployment,
-            &mut rng,
-        )
-        .await
+        Ok(self
+            .forward(
+                &parts,
+                bytes.clone(),
+                &upstream_path_and_query,
+                endpoint,
+                deployment,
+                &mut rng,
+            )
+            .await)
     }
 
     async fn read_body<B>(&self, headers: &HeaderMap, body: B) -> Result<Bytes, RouteError>
@@ -242,16 +247,56 @@ impl Proxy {
 
     /// Sends the request to a worker of `deployment`, retrying on another
     /// worker (then another deployment of the endpoint) only when the engine
-    /// cannot have seen it.
+    /// cannot have seen it. Its outcome is recorded in the first chosen
+    /// deployment's statistics, also when a fallback served it.
     async fn forward(
         &self,
         parts: &Parts,
         body: Bytes,
         path_and_query: &str,
         endpoint: &Endpoint,
-        mut deployment: &Deployment,
+        deployment: &Deployment,
         rng: &mut fastrand::Rng,
-    ) -> Result<Response<ProxyBody>, RouteError> {
+    ) -> Response<ProxyBody> {
+        let mut record = deployment.stats().start();
+        match self
+            .attempts(
+                parts,
+                body,
+                path_and_query,
+                endpoint,
+                deployment,
+                rng,
+                &mut record,
+            )
+            .await
+        {
+            Ok((response, in_flight, answered_by)) => {
+                self.respond(response, in_flight, answered_by, record)
+            }
+            Err(error) => {
+                record.finish(match error {
+                    RouteError::Timeout(_) => Outcome::Timeout,
+                    RouteError::NoCapacity { .. } => Outcome::Shed,
+                    RouteError::Unreachable { .. } => Outcome::Unreachable,
+                    _ => Outcome::ServerError,
+                });
+                error.into_response()
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn attempts<'t>(
+        &self,
+        parts: &Parts,
+        body: Bytes,
+        path_and_query: &str,
+        endpoint: &'t Endpoint,
+        mut deployment: &'t Deployment,
+        rng: &mut fastrand::Rng,
+        record: &mut RequestRecord,
+    ) -> Result<(Response<Incoming>, InFlight, &'t Deployment), RouteError> {
         self.budget.deposit();
         let mut tried: Vec<Arc<Worker>> = Vec::new();
         let mut tried_deployments: Vec<&str> = vec![deployment.id()];
@@ -299,6 +344,8 @@ impl Proxy {
                 Ok(Err(e)) if e.is_connect() => {
                     tracing::debug!(worker = worker.address(), error = %e, "connect failed; retrying");
                     worker.record_connect_failure(now_ms(), &self.settings.ejection);
+                    record.stats().ejected();
+                    record.stats().retried(RetryReason::ConnectError);
                     last_error = RouteError::Unreachable {
                         endpoint: endpoint.name().to_owned(),
                     };
@@ -311,17 +358,25 @@ impl Proxy {
             if response.status() == StatusCode::SERVICE_UNAVAILABLE
                 && response.headers().contains_key(&RETRY_HEADER)
             {
+                let reason = response.headers().get(&RETRY_HEADER);
                 tracing::debug!(
                     worker = worker.address(),
-                    reason = ?response.headers().get(&RETRY_HEADER),
+                    ?reason,
                     "gate refused before the engine saw the request; retrying"
                 );
+                record
+                    .stats()
+                    .retried(if reason.is_some_and(|r| r == "draining") {
+                        RetryReason::Draining
+                    } else {
+                        RetryReason::NotReady
+                    });
                 last_error = RouteError::NoCapacity {
                     endpoint: endpoint.name().to_owned(),
                 };
                 continue;
             }
-            return Ok(self.respond(response, in_flight, deployment));
+            return Ok((response, in_flight, deployment));
         }
         Err(last_error)
     }
@@ -331,8 +386,17 @@ impl Proxy {
         response: Response<Incoming>,
         in_flight: InFlight,
         deployment: &Deployment,
+        mut record: RequestRecord,
     ) -> Response<ProxyBody> {
+        record.first_byte();
         let (mut parts, body) = response.into_parts();
+        let outcome = if parts.status.is_server_error() {
+            Outcome::ServerError
+        } else if parts.status.is_client_error() {
+            Outcome::ClientError
+        } else {
+            Outcome::Success
+        };
         strip_hop_by_hop(&mut parts.headers);
         parts
             .headers
@@ -340,6 +404,7 @@ impl Proxy {
         let body = ProxyBody::Upstream(UpstreamBody {
             inner: body,
             in_flight,
+            record: Some((record, outcome)),
             idle_timeout: self.settings.idle_chunk_timeout,
             idle: Box::pin(tokio::time::sleep(self.settings.idle_chunk_timeout)),
         });
@@ -443,6 +508,9 @@ impl From<Bytes> for ProxyBody {
 pub struct UpstreamBody {
     inner: Incoming,
     in_flight: InFlight,
+    /// Finished with its outcome at the last byte; dropped before that, it
+    /// counts the request as aborted.
+    record: Option<(RequestRecord, Outcome)>,
     idle_timeout: Duration,
     idle: Pin<Box<tokio::time::Sleep>>,
 }
@@ -453,6 +521,14 @@ pub struct UpstreamBody {
 pub struct IdleTimeout {
     worker: String,
     timeout: Duration,
+}
+
+impl UpstreamBody {
+    fn finish(&mut self) {
+        if let Some((record, outcome)) = self.record.take() {
+            record.finish(outcome);
+        }
+    }
 }
 
 impl Body for ProxyBody {
@@ -469,12 +545,22 @@ impl Body for ProxyBody {
                 .map_err(|never| match never {}),
             ProxyBody::Upstream(up) => match Pin::new(&mut up.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    let deadline = tokio::time::Instant::now() + up.idle_timeout;
-                    up.idle.as_mut().reset(deadline);
+                    if up.inner.is_end_stream() {
+                        // hyper stops polling once the body says it ended, so
+                        // the frame that ends it is the request's end; no
+                        // `Ready(None)` may follow.
+                        up.finish();
+                    } else {
+                        let deadline = tokio::time::Instant::now() + up.idle_timeout;
+                        up.idle.as_mut().reset(deadline);
+                    }
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Ready(None) => {
+                    up.finish();
+                    Poll::Ready(None)
+                }
                 Poll::Pending => match up.idle.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(IdleTimeout {
                         worker: up.in_flight.worker().address().to_owned(),

@@ -21,6 +21,8 @@ use crossfade_proto::v1;
 use http::HeaderValue;
 use http::uri::Authority;
 
+use crate::stats::{DeploymentStats, Stats};
+
 /// Weights are normalised to this many points; a session key hashes into
 /// the same range.
 pub const BASIS_POINTS: u32 = 10_000;
@@ -67,6 +69,8 @@ pub struct Deployment {
     workers: Vec<Arc<Worker>>,
     /// `x-crossfade-deployment`, built once per table rather than per request.
     header: HeaderValue,
+    /// Its statistics, shared with every table that lists it.
+    stats: Arc<DeploymentStats>,
 }
 
 /// A gate the router sends requests to, with the router's own view of it.
@@ -115,17 +119,17 @@ pub enum ApplyError {
 // === impl Table ===
 
 impl Table {
-    /// Validates `spec` and builds a table from it, taking workers from
-    /// `workers` so that their counts carry over.
+    /// Validates `spec` and builds a table from it, taking workers and
+    /// statistics from `shared` so that their counts carry over.
     pub fn build(
         spec: &v1::RoutingTable,
         source: Source,
-        workers: &Workers,
+        shared: &Shared,
     ) -> Result<Self, TableError> {
         let mut by_model = HashMap::new();
         let mut endpoints = Vec::with_capacity(spec.endpoints.len());
         for (i, e) in spec.endpoints.iter().enumerate() {
-            let endpoint = Endpoint::build(e, i, workers)?;
+            let endpoint = Endpoint::build(e, i, shared)?;
             for model in std::iter::once(&endpoint.name).chain(&endpoint.aliases) {
                 if by_model.insert(model.clone(), i).is_some() {
                     return Err(TableError(format!(
@@ -204,11 +208,7 @@ impl Table {
 // === impl Endpoint ===
 
 impl Endpoint {
-    fn build(
-        spec: &v1::EndpointRoute,
-        index: usize,
-        workers: &Workers,
-    ) -> Result<Self, TableError> {
+    fn build(spec: &v1::EndpointRoute, index: usize, shared: &Shared) -> Result<Self, TableError> {
         let name = spec.name.trim();
         if name.is_empty() {
             return Err(TableError(format!(
@@ -229,7 +229,7 @@ impl Endpoint {
             if !ids.insert(d.id.as_str()) {
                 return Err(at(format!("deployment `{}` is listed twice", d.id)));
             }
-            deployments.push(Deployment::build(d, workers).map_err(|e| at(e.0))?);
+            deployments.push(Deployment::build(d, name, shared).map_err(|e| at(e.0))?);
         }
         let bounds = share_bounds(deployments.iter().map(|d| d.weight));
         Ok(Self {
@@ -286,7 +286,11 @@ fn share_bounds(weights: impl Iterator<Item = u32> + Clone) -> Vec<u32> {
 // === impl Deployment ===
 
 impl Deployment {
-    fn build(spec: &v1::DeploymentRoute, workers: &Workers) -> Result<Self, TableError> {
+    fn build(
+        spec: &v1::DeploymentRoute,
+        endpoint: &str,
+        shared: &Shared,
+    ) -> Result<Self, TableError> {
         let id = &spec.id;
         let at = |what: String| TableError(format!("deployment `{id}`: {what}"));
         if spec.weight > MAX_WEIGHT {
@@ -306,13 +310,14 @@ impl Deployment {
             if !seen.insert(w.address.as_str()) {
                 return Err(at(format!("worker `{}` is listed twice", w.address)));
             }
-            list.push(workers.get(&w.address, &w.worker_id).map_err(at)?);
+            list.push(shared.workers.get(&w.address, &w.worker_id).map_err(at)?);
         }
         Ok(Self {
             id: id.clone(),
             weight: spec.weight,
             workers: list,
             header,
+            stats: shared.stats.deployment(endpoint, id),
         })
     }
 
@@ -334,6 +339,11 @@ impl Deployment {
     /// The value of `x-crossfade-deployment` for its responses.
     pub fn header(&self) -> &HeaderValue {
         &self.header
+    }
+
+    /// Its statistics.
+    pub fn stats(&self) -> &Arc<DeploymentStats> {
+        &self.stats
     }
 }
 
@@ -453,6 +463,16 @@ pub fn now_ms() -> u64 {
     u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
+/// What every table shares: the workers (their in-flight counts and
+/// ejections) and each deployment's statistics.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Workers, by address and worker id.
+    pub workers: Workers,
+    /// Statistics, by endpoint and deployment.
+    pub stats: Stats,
+}
+
 /// The workers every table shares, by address and worker id. Entries are
 /// weak: a worker no table lists any more goes away once its last request
 /// ends.
@@ -484,7 +504,7 @@ impl Workers {
 #[derive(Debug)]
 pub struct Routes {
     current: ArcSwap<Table>,
-    workers: Workers,
+    shared: Shared,
     /// Serialises updates, so that the version check and the swap are one
     /// step. Requests never take it.
     update: Mutex<()>,
@@ -511,13 +531,19 @@ impl Applied {
 impl Routes {
     /// Routes starting from the configuration file's table.
     pub fn new(spec: &v1::RoutingTable) -> Result<Self, TableError> {
-        let workers = Workers::default();
-        let table = Table::build(spec, Source::Config, &workers)?;
+        let shared = Shared::default();
+        let table = Table::build(spec, Source::Config, &shared)?;
+        metrics::gauge!(crate::stats::TABLE_VERSION).set(table.version as f64);
         Ok(Self {
             current: ArcSwap::from_pointee(table),
-            workers,
+            shared,
             update: Mutex::new(()),
         })
+    }
+
+    /// The statistics of every deployment.
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
     }
 
     /// The table in force; a request loads it once.
@@ -542,10 +568,8 @@ impl Routes {
         if managed && spec.version == current.version {
             return Ok(Applied::Unchanged(current.version));
         }
-        let table = Table::build(spec, Source::Coordinator, &self.workers)?;
-        let version = table.version;
-        self.current.store(Arc::new(table));
-        Ok(Applied::Swapped(version))
+        let table = Table::build(spec, Source::Coordinator, &self.shared)?;
+        Ok(Applied::Swapped(self.swap(table)))
     }
 
     /// The configuration file's table, re-read (SIGHUP). Applied only while
@@ -559,11 +583,16 @@ impl Routes {
                 current: current.version,
             });
         }
-        let mut table = Table::build(spec, Source::Config, &self.workers)?;
+        let mut table = Table::build(spec, Source::Config, &self.shared)?;
         table.version = current.version.max(spec.version) + 1;
+        Ok(Applied::Swapped(self.swap(table)))
+    }
+
+    fn swap(&self, table: Table) -> u64 {
         let version = table.version;
         self.current.store(Arc::new(table));
-        Ok(Applied::Swapped(version))
+        metrics::gauge!(crate::stats::TABLE_VERSION).set(version as f64);
+        version
     }
 
     fn lock_update(&self) -> std::sync::MutexGuard<'_, ()> {

@@ -127,6 +127,19 @@ async fn streams_pass_through_chunk_by_chunk() {
     assert!(arrivals.len() >= 4, "{arrivals:?}");
     let spread = *arrivals.last().unwrap() - arrivals[0];
     assert!(spread >= Duration::from_millis(100), "{arrivals:?}");
+    // Counted as a success once its last byte went through.
+    let counts = counts(&router);
+    assert_eq!((counts.total, counts.success), (1, 1), "{counts:?}");
+}
+
+/// The first deployment's request counts, from the start of time.
+fn counts(router: &TestRouter) -> crossfade_proto::v1::RequestCounts {
+    let table = router.routes.load();
+    let report = router
+        .routes
+        .stats()
+        .report(&table, std::time::UNIX_EPOCH, None);
+    report[0].deployments[0].requests.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,6 +239,9 @@ async fn no_retry_once_response_bytes_were_sent() {
     }
     assert!(failed, "the client sees the stream fail");
     assert_eq!(other.stats().served, 0, "the request was not sent again");
+    drop(body);
+    let counts = counts(&router);
+    assert_eq!((counts.total, counts.aborted_streams), (1, 1), "{counts:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

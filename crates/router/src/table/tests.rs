@@ -52,14 +52,14 @@ fn chat(version: u64, v2_weight: u32) -> v1::RoutingTable {
 }
 
 fn build_err(spec: &v1::RoutingTable) -> String {
-    Table::build(spec, Source::Config, &Workers::default())
+    Table::build(spec, Source::Config, &Shared::default())
         .unwrap_err()
         .to_string()
 }
 
 #[test]
 fn endpoints_are_found_by_name_and_alias() {
-    let t = Table::build(&chat(1, 2_000), Source::Config, &Workers::default()).unwrap();
+    let t = Table::build(&chat(1, 2_000), Source::Config, &Shared::default()).unwrap();
     assert_eq!(t.endpoint("chat").unwrap().name(), "chat");
     assert_eq!(t.endpoint("Qwen/Qwen3-8B").unwrap().name(), "chat");
     assert!(t.endpoint("other").is_none());
@@ -178,13 +178,13 @@ fn an_endpoint_without_capacity_is_valid() {
         3,
         vec![endpoint("chat", &[], vec![deployment("v1", 0, &[])])],
     );
-    assert!(Table::build(&t, Source::Coordinator, &Workers::default()).is_ok());
+    assert!(Table::build(&t, Source::Coordinator, &Shared::default()).is_ok());
 }
 
 #[test]
 fn the_wire_form_round_trips() {
     let original = chat(9, 2_500);
-    let t = Table::build(&original, Source::Coordinator, &Workers::default()).unwrap();
+    let t = Table::build(&original, Source::Coordinator, &Shared::default()).unwrap();
     assert_eq!(t.to_proto(), original);
 }
 
@@ -264,18 +264,18 @@ fn worker_counts_survive_a_swap() {
 
 #[test]
 fn workers_no_table_lists_are_forgotten() {
-    let workers = Workers::default();
-    let t = Table::build(&chat(1, 0), Source::Config, &workers).unwrap();
+    let shared = Shared::default();
+    let t = Table::build(&chat(1, 0), Source::Config, &shared).unwrap();
     let kept = Arc::clone(&t.endpoint("chat").unwrap().deployments()[1].workers()[0]);
     drop(t);
-    let t2 = Table::build(&chat(2, 0), Source::Config, &workers).unwrap();
+    let t2 = Table::build(&chat(2, 0), Source::Config, &shared).unwrap();
     // `kept` outlived the table (a request in flight), so it is reused...
     assert!(Arc::ptr_eq(
         &kept,
         &t2.endpoint("chat").unwrap().deployments()[1].workers()[0]
     ));
     // ...while the others were built anew and the dead entries pruned.
-    let known = workers.known.lock().unwrap();
+    let known = shared.workers.known.lock().unwrap();
     assert!(known.values().all(|w| w.strong_count() > 0));
 }
 

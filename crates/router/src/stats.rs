@@ -1,0 +1,576 @@
+//! What the router's traffic did, two ways: Prometheus metrics (scraped from
+//! the admin listener) and a sliding window per deployment and worker that
+//! `GetStats` reads for the coordinator's autoscaling and health gates.
+//!
+//! The handles are created when a table is built, not per request: a
+//! deployment's [`DeploymentStats`] sits in the table beside its workers, so
+//! the request path records without a map lookup or a label allocation.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crossfade_common::metrics::LATENCY_SECONDS_BUCKETS;
+use crossfade_proto::v1;
+use metrics::{Counter, Gauge, Histogram};
+
+/// `crossfade_router_requests_total{endpoint, deployment, outcome}`.
+pub const REQUESTS_TOTAL: &str = "crossfade_router_requests_total";
+/// `crossfade_router_request_duration_seconds{endpoint, deployment}`.
+pub const REQUEST_DURATION_SECONDS: &str = "crossfade_router_request_duration_seconds";
+/// `crossfade_router_time_to_first_token_seconds{endpoint, deployment}`.
+pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "crossfade_router_time_to_first_token_seconds";
+/// `crossfade_router_in_flight_requests{endpoint, deployment}`.
+pub const IN_FLIGHT_REQUESTS: &str = "crossfade_router_in_flight_requests";
+/// `crossfade_router_retries_total{endpoint, deployment, reason}`.
+pub const RETRIES_TOTAL: &str = "crossfade_router_retries_total";
+/// `crossfade_router_worker_ejections_total{endpoint, deployment}`.
+pub const EJECTIONS_TOTAL: &str = "crossfade_router_worker_ejections_total";
+/// `crossfade_router_rejected_requests_total{reason}`: answered by the
+/// router before a deployment was chosen.
+pub const REJECTED_TOTAL: &str = "crossfade_router_rejected_requests_total";
+/// `crossfade_router_table_version`.
+pub const TABLE_VERSION: &str = "crossfade_router_table_version";
+
+/// Histograms and their buckets, for the recorder.
+pub const HISTOGRAMS: &[(&str, &[f64])] = &[
+    (REQUEST_DURATION_SECONDS, LATENCY_SECONDS_BUCKETS),
+    (TIME_TO_FIRST_TOKEN_SECONDS, LATENCY_SECONDS_BUCKETS),
+];
+
+/// Describes every metric once, at start.
+pub fn describe() {
+    metrics::describe_counter!(REQUESTS_TOTAL, "Requests finished, by outcome.");
+    metrics::describe_histogram!(
+        REQUEST_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Time from receiving a request to the end of its response."
+    );
+    metrics::describe_histogram!(
+        TIME_TO_FIRST_TOKEN_SECONDS,
+        metrics::Unit::Seconds,
+        "Time from receiving a request to its response headers."
+    );
+    metrics::describe_gauge!(
+        IN_FLIGHT_REQUESTS,
+        "Requests in flight (until their last byte)."
+    );
+    metrics::describe_counter!(RETRIES_TOTAL, "Retries on another worker, by reason.");
+    metrics::describe_counter!(
+        EJECTIONS_TOTAL,
+        "Workers ejected after a failed connection."
+    );
+    metrics::describe_counter!(
+        REJECTED_TOTAL,
+        "Requests the router answered itself, by reason."
+    );
+    metrics::describe_gauge!(TABLE_VERSION, "Version of the routing table in force.");
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx, and for a stream, its last byte delivered.
+    Success,
+    /// The engine answered 4xx.
+    ClientError,
+    /// The engine answered 5xx.
+    ServerError,
+    /// No worker could be reached.
+    Unreachable,
+    /// No response headers in time.
+    Timeout,
+    /// The response broke off after it began (or the client left).
+    Aborted,
+    /// Refused for lack of capacity (every worker draining or down).
+    Shed,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 7] = [
+        Self::Success,
+        Self::ClientError,
+        Self::ServerError,
+        Self::Unreachable,
+        Self::Timeout,
+        Self::Aborted,
+        Self::Shed,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::ClientError => "client_error",
+            Self::ServerError => "server_error",
+            Self::Unreachable => "unreachable",
+            Self::Timeout => "timeout",
+            Self::Aborted => "aborted",
+            Self::Shed => "shed",
+        }
+    }
+}
+
+/// Why a request was retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryReason {
+    /// The connection to the gate failed.
+    ConnectError,
+    /// The gate answered 503 `x-crossfade-retry: draining`.
+    Draining,
+    /// The gate answered 503 `x-crossfade-retry: not-ready` (or another reason).
+    NotReady,
+}
+
+impl RetryReason {
+    const ALL: [RetryReason; 3] = [Self::ConnectError, Self::Draining, Self::NotReady];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::ConnectError => "connect_error",
+            Self::Draining => "draining",
+            Self::NotReady => "not_ready",
+        }
+    }
+}
+
+/// Width of one window bucket.
+const BUCKET_SECONDS: u64 = 10;
+/// Buckets kept: one hour of history.
+const BUCKETS_KEPT: usize = 360;
+
+/// One deployment's statistics: metric handles and a sliding window.
+#[derive(Debug)]
+pub struct DeploymentStats {
+    requests: [Counter; Outcome::ALL.len()],
+    retries: [Counter; RetryReason::ALL.len()],
+    ejections: Counter,
+    latency: Histogram,
+    ttft: Histogram,
+    in_flight_gauge: Gauge,
+    in_flight: AtomicU32,
+    window: Mutex<Window>,
+}
+
+impl DeploymentStats {
+    fn new(endpoint: &str, deployment: &str) -> Self {
+        let labels = [
+            ("endpoint", endpoint.to_owned()),
+            ("deployment", deployment.to_owned()),
+        ];
+        let with = |key: &'static str, value: &'static str| {
+            let mut l = labels.to_vec();
+            l.push((key, value.to_owned()));
+            l
+        };
+        Self {
+            requests: Outcome::ALL
+                .map(|o| metrics::counter!(REQUESTS_TOTAL, &with("outcome", o.label()))),
+            retries: RetryReason::ALL
+                .map(|r| metrics::counter!(RETRIES_TOTAL, &with("reason", r.label()))),
+            ejections: metrics::counter!(EJECTIONS_TOTAL, &labels),
+            latency: metrics::histogram!(REQUEST_DURATION_SECONDS, &labels),
+            ttft: metrics::histogram!(TIME_TO_FIRST_TOKEN_SECONDS, &labels),
+            in_flight_gauge: metrics::gauge!(IN_FLIGHT_REQUESTS, &labels),
+            in_flight: AtomicU32::new(0),
+            window: Mutex::new(Window::default()),
+        }
+    }
+
+    /// A request to this deployment started; it counts until the returned
+    /// guard records its outcome or drops (an abort).
+    pub fn start(self: &Arc<Self>) -> RequestRecord {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.in_flight_gauge.increment(1.0);
+        RequestRecord {
+            stats: Arc::clone(self),
+            started: std::time::Instant::now(),
+            ttft: None,
+            done: false,
+        }
+    }
+
+    /// A retry on another worker.
+    pub fn retried(&self, reason: RetryReason) {
+        self.retries[reason as usize].increment(1);
+        let mut window = self.lock();
+        let retries = &mut window.current(now_bucket()).retries;
+        match reason {
+            RetryReason::ConnectError => retries.connect_error += 1,
+            RetryReason::Draining => retries.draining += 1,
+            RetryReason::NotReady => retries.not_ready += 1,
+        }
+    }
+
+    /// A worker of this deployment was ejected.
+    pub fn ejected(&self) {
+        self.ejections.increment(1);
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn finish(&self, outcome: Outcome, latency: Duration, ttft: Option<Duration>) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.in_flight_gauge.decrement(1.0);
+        self.requests[outcome as usize].increment(1);
+        self.latency.record(latency.as_secs_f64());
+        if let Some(ttft) = ttft {
+            self.ttft.record(ttft.as_secs_f64());
+        }
+        let mut window = self.lock();
+        let bucket = window.current(now_bucket());
+        let counts = &mut bucket.counts;
+        counts.total += 1;
+        match outcome {
+            Outcome::Success => counts.success += 1,
+            Outcome::ClientError => counts.client_errors += 1,
+            Outcome::ServerError => counts.server_errors += 1,
+            Outcome::Unreachable => counts.upstream_unreachable += 1,
+            Outcome::Timeout => counts.upstream_timeouts += 1,
+            Outcome::Aborted => counts.aborted_streams += 1,
+            Outcome::Shed => counts.shed += 1,
+        }
+        bucket.latency.record(latency);
+        if let Some(ttft) = ttft {
+            bucket.ttft.record(ttft);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Window> {
+        self.window
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The window since `since_bucket`, summed.
+    fn summary(&self, since_bucket: u64) -> Bucket {
+        let window = self.lock();
+        let mut sum = Bucket::default();
+        for bucket in window.buckets.iter().filter(|b| b.start >= since_bucket) {
+            sum.add(bucket);
+        }
+        sum
+    }
+}
+
+/// One request's statistics in progress. Call [`RequestRecord::first_byte`]
+/// when the response headers arrive and [`RequestRecord::finish`] at the
+/// end; dropped unfinished, it counts as aborted.
+#[derive(Debug)]
+#[must_use = "a request is recorded when the record finishes or drops"]
+pub struct RequestRecord {
+    stats: Arc<DeploymentStats>,
+    started: std::time::Instant,
+    ttft: Option<Duration>,
+    done: bool,
+}
+
+impl RequestRecord {
+    /// The response headers arrived now.
+    pub fn first_byte(&mut self) {
+        self.ttft = Some(self.started.elapsed());
+    }
+
+    /// The request ended with `outcome`.
+    pub fn finish(mut self, outcome: Outcome) {
+        self.done = true;
+        self.stats
+            .finish(outcome, self.started.elapsed(), self.ttft);
+    }
+
+    /// The deployment's stats, for retries and ejections.
+    pub fn stats(&self) -> &DeploymentStats {
+        &self.stats
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        if !self.done {
+            self.stats
+                .finish(Outcome::Aborted, self.started.elapsed(), self.ttft);
+        }
+    }
+}
+
+// === Window ===
+
+#[derive(Debug, Default)]
+struct Window {
+    buckets: VecDeque<Bucket>,
+}
+
+impl Window {
+    fn current(&mut self, now: u64) -> &mut Bucket {
+        if self.buckets.back().is_none_or(|b| b.start < now) {
+            self.buckets.push_back(Bucket {
+                start: now,
+                ..Bucket::default()
+            });
+            while self.buckets.len() > BUCKETS_KEPT {
+                self.buckets.pop_front();
+            }
+        }
+        self.buckets
+            .back_mut()
+            .expect("a bucket was just pushed if none was there")
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct Bucket {
+    /// Start, in units of BUCKET_SECONDS since the Unix epoch.
+    start: u64,
+    counts: v1::RequestCounts,
+    retries: v1::RetryCounts,
+    latency: Hist,
+    ttft: Hist,
+}
+
+impl Bucket {
+    fn add(&mut self, other: &Bucket) {
+        let (c, o) = (&mut self.counts, &other.counts);
+        c.total += o.total;
+        c.success += o.success;
+        c.client_errors += o.client_errors;
+        c.server_errors += o.server_errors;
+        c.upstream_unreachable += o.upstream_unreachable;
+        c.upstream_timeouts += o.upstream_timeouts;
+        c.aborted_streams += o.aborted_streams;
+        c.shed += o.shed;
+        let (r, o) = (&mut self.retries, &other.retries);
+        r.connect_error += o.connect_error;
+        r.refused_stream += o.refused_stream;
+        r.draining += o.draining;
+        r.not_ready += o.not_ready;
+        self.latency.add(&other.latency);
+        self.ttft.add(&other.ttft);
+    }
+}
+
+/// A histogram over the shared latency buckets (plus one for anything
+/// longer); percentiles are reported as the upper bound of their bucket.
+#[derive(Debug, Clone)]
+struct Hist {
+    counts: [u64; LATENCY_SECONDS_BUCKETS.len() + 1],
+    sum: f64,
+    max: f64,
+}
+
+impl Default for Hist {
+    fn default() -> Self {
+        Self {
+            counts: [0; LATENCY_SECONDS_BUCKETS.len() + 1],
+            sum: 0.0,
+            max: 0.0,
+        }
+    }
+}
+
+impl Hist {
+    fn record(&mut self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = LATENCY_SECONDS_BUCKETS.partition_point(|&b| b < s);
+        self.counts[i] += 1;
+        self.sum += s;
+        self.max = self.max.max(s);
+    }
+
+    fn add(&mut self, other: &Hist) {
+        for (a, b) in self.counts.iter_mut().zip(other.counts) {
+            *a += b;
+        }
+        self.sum += other.sum;
+        self.max = self.max.max(other.max);
+    }
+
+    fn quantile(&self, q: f64) -> f64 {
+        let total: u64 = self.counts.iter().sum();
+        if total == 0 {
+            return 0.0;
+        }
+        let rank = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, &n) in self.counts.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return LATENCY_SECONDS_BUCKETS
+                    .get(i)
+                    .copied()
+                    .unwrap_or(self.max)
+                    .min(self.max);
+            }
+        }
+        self.max
+    }
+
+    fn summary(&self) -> v1::LatencySummary {
+        v1::LatencySummary {
+            count: self.counts.iter().sum(),
+            sum_seconds: self.sum,
+            p50_seconds: self.quantile(0.5),
+            p90_seconds: self.quantile(0.9),
+            p99_seconds: self.quantile(0.99),
+            max_seconds: self.max,
+        }
+    }
+}
+
+fn bucket_of(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) / BUCKET_SECONDS
+}
+
+fn now_bucket() -> u64 {
+    bucket_of(SystemTime::now())
+}
+
+// === Registry ===
+
+/// Every deployment's statistics, shared by all tables like the workers:
+/// a weight change must not reset a deployment's window.
+#[derive(Debug)]
+pub struct Stats {
+    started: SystemTime,
+    known: Mutex<HashMap<(String, String), Weak<DeploymentStats>>>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            started: SystemTime::now(),
+            known: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Stats {
+    /// The statistics of `deployment` of `endpoint`, created on first use.
+    pub fn deployment(&self, endpoint: &str, deployment: &str) -> Arc<DeploymentStats> {
+        let mut known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = (endpoint.to_owned(), deployment.to_owned());
+        if let Some(stats) = known.get(&key).and_then(Weak::upgrade) {
+            return stats;
+        }
+        let stats = Arc::new(DeploymentStats::new(endpoint, deployment));
+        known.retain(|_, s| s.strong_count() > 0);
+        known.insert(key, Arc::downgrade(&stats));
+        stats
+    }
+
+    /// The window that `since` asks for: never before the router started,
+    /// aligned to the buckets.
+    pub fn window_start(&self, since: Option<SystemTime>) -> SystemTime {
+        let since = since.map_or(self.started, |s| s.max(self.started));
+        UNIX_EPOCH + Duration::from_secs(bucket_of(since) * BUCKET_SECONDS)
+    }
+
+    /// `GetStats` for the deployments of `table`, since `window_start`.
+    pub fn report(
+        &self,
+        table: &crate::table::Table,
+        window_start: SystemTime,
+        endpoint: Option<&str>,
+    ) -> Vec<v1::EndpointStats> {
+        let since_bucket = bucket_of(window_start);
+        table
+            .endpoints()
+            .iter()
+            .filter(|e| endpoint.is_none_or(|name| e.name() == name))
+            .map(|e| v1::EndpointStats {
+                endpoint: e.name().to_owned(),
+                deployments: e
+                    .deployments()
+                    .iter()
+                    .map(|d| {
+                        let stats = d.stats();
+                        let sum = stats.summary(since_bucket);
+                        v1::DeploymentStats {
+                            deployment_id: d.id().to_owned(),
+                            in_flight: stats.in_flight(),
+                            requests: Some(sum.counts),
+                            retries: Some(sum.retries),
+                            latency: Some(sum.latency.summary()),
+                            time_to_first_token: Some(sum.ttft.summary()),
+                            workers: d
+                                .workers()
+                                .iter()
+                                .map(|w| v1::WorkerStats {
+                                    address: w.address().to_owned(),
+                                    worker_id: w.worker_id().to_owned(),
+                                    in_flight: w.in_flight(),
+                                    requests: None,
+                                    ejected: w.is_ejected(crate::table::now_ms()),
+                                })
+                                .collect(),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_land_in_the_window_and_aborts_count() {
+        let stats = Stats::default();
+        let d = stats.deployment("chat", "v1");
+        let mut ok = d.start();
+        ok.first_byte();
+        ok.finish(Outcome::Success);
+        d.start().finish(Outcome::ServerError);
+        let dropped = d.start();
+        assert_eq!(d.in_flight(), 1);
+        drop(dropped);
+        assert_eq!(d.in_flight(), 0);
+        d.retried(RetryReason::Draining);
+
+        let sum = d.summary(0);
+        assert_eq!(sum.counts.total, 3);
+        assert_eq!(sum.counts.success, 1);
+        assert_eq!(sum.counts.server_errors, 1);
+        assert_eq!(sum.counts.aborted_streams, 1);
+        assert_eq!(sum.retries.draining, 1);
+        assert_eq!(sum.ttft.summary().count, 1);
+        assert_eq!(sum.latency.summary().count, 3);
+        // Nothing is counted in a window that starts after it happened.
+        assert_eq!(d.summary(now_bucket() + 1).counts.total, 0);
+        // The same deployment in the next table shares the window.
+        assert!(Arc::ptr_eq(&d, &stats.deployment("chat", "v1")));
+    }
+
+    #[test]
+    fn percentiles_are_bucket_upper_bounds() {
+        let mut h = Hist::default();
+        for ms in [3, 3, 3, 40, 40, 40, 40, 40, 40, 900] {
+            h.record(Duration::from_millis(ms));
+        }
+        let s = h.summary();
+        assert_eq!(s.count, 10);
+        assert_eq!(s.p50_seconds, 0.05);
+        assert_eq!(s.p90_seconds, 0.05);
+        assert_eq!(s.p99_seconds, 0.9, "capped by the largest observation");
+        assert!((s.sum_seconds - 1.149).abs() < 1e-9);
+        assert_eq!(Hist::default().summary().p99_seconds, 0.0);
+    }
+
+    #[test]
+    fn the_window_keeps_an_hour() {
+        let mut w = Window::default();
+        for b in 0..(BUCKETS_KEPT as u64 + 10) {
+            w.current(b).counts.total += 1;
+        }
+        assert_eq!(w.buckets.len(), BUCKETS_KEPT);
+        assert_eq!(w.buckets.front().unwrap().start, 10);
+    }
+}
