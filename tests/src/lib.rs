@@ -180,3 +180,103 @@ pub fn python_with_openai() -> Option<PathBuf> {
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
+
+/// Streams one chat completion with the official `openai` Python client and
+/// prints, per chunk, the seconds since the request was sent, the content
+/// delta, the model and the usage, as JSON lines.
+const OPENAI_CLIENT: &str = r#"
+import json, sys, time
+from openai import OpenAI
+
+client = OpenAI(base_url=sys.argv[1], api_key="unused", max_retries=0, timeout=30)
+start = time.monotonic()
+stream = client.chat.completions.create(
+    model=sys.argv[2],
+    messages=[{"role": "user", "content": "Say something."}],
+    max_tokens=8,
+    stream=True,
+    stream_options={"include_usage": True},
+)
+for chunk in stream:
+    delta = chunk.choices[0].delta.content if chunk.choices else None
+    usage = chunk.usage.completion_tokens if chunk.usage else None
+    print(json.dumps({"t": time.monotonic() - start, "content": delta,
+                      "model": chunk.model, "usage": usage}), flush=True)
+"#;
+
+/// One chunk as the official client saw it.
+#[derive(Debug, Clone)]
+pub struct ClientChunk {
+    /// Seconds from sending the request to receiving this chunk.
+    pub at: f64,
+    /// The content delta, when the chunk has one.
+    pub content: Option<String>,
+    /// The `model` the chunk names.
+    pub model: String,
+    /// Completion tokens, in the final usage chunk.
+    pub usage: Option<u64>,
+}
+
+/// Streams a chat completion for `model` from `base_url` (ending in `/v1`)
+/// with the official `openai` Python client run by `python`.
+pub fn openai_stream(
+    python: &Path,
+    base_url: &str,
+    model: &str,
+) -> anyhow::Result<Vec<ClientChunk>> {
+    let out = Command::new(python)
+        .args(["-c", OPENAI_CLIENT, base_url, model])
+        .output()
+        .context("running the openai client")?;
+    if !out.status.success() {
+        bail!(
+            "the openai client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8(out.stdout)?
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            Ok(ClientChunk {
+                at: v["t"].as_f64().context("t")?,
+                content: v["content"].as_str().map(str::to_owned),
+                model: v["model"].as_str().unwrap_or_default().to_owned(),
+                usage: v["usage"].as_u64(),
+            })
+        })
+        .collect()
+}
+
+/// The chunks that carry a token (vLLM's first chunk carries the role with
+/// empty content).
+pub fn tokens(chunks: &[ClientChunk]) -> Vec<&ClientChunk> {
+    chunks
+        .iter()
+        .filter(|c| c.content.as_deref().is_some_and(|s| !s.is_empty()))
+        .collect()
+}
+
+/// Starts `fake-vllm serve MODEL --port P --served-model-name NAMES...`
+/// with the given knobs, and waits until it accepts connections. An agent
+/// serves the endpoint's name and every alias, and so should a test that
+/// stands in for one.
+pub fn start_fake_vllm(
+    model: &str,
+    served_names: &[&str],
+    knobs: &[(&str, &str)],
+) -> anyhow::Result<(Process, SocketAddr)> {
+    let port = free_port()?;
+    let mut command = Command::new(binary("fake-vllm")?);
+    command
+        .args(["serve", model, "--host", "127.0.0.1", "--port"])
+        .arg(port.to_string())
+        .arg("--served-model-name")
+        .args(served_names)
+        .envs(knobs.iter().copied());
+    let mut process = Process::spawn(format!("fake-vllm {model}"), command)?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_for_port(addr, Duration::from_secs(20))?;
+    process.ensure_running()?;
+    Ok((process, addr))
+}
