@@ -303,6 +303,8 @@ impl Proxy {
         let mut last_error = RouteError::NoCapacity {
             endpoint: endpoint.name().to_owned(),
         };
+        // Why the previous attempt failed; counted once a retry really starts.
+        let mut retry_reason = None;
         for attempt in 0..self.settings.max_attempts {
             if attempt > 0 && !self.budget.withdraw() {
                 tracing::debug!("retry budget exhausted");
@@ -329,6 +331,9 @@ impl Proxy {
                 }
             };
             tried.push(Arc::clone(&worker));
+            if let Some(reason) = retry_reason.take() {
+                record.stats().retried(reason);
+            }
 
             let request = upstream_request(parts, body.clone(), &worker, path_and_query)?;
             let in_flight = worker.start_request();
@@ -345,7 +350,7 @@ impl Proxy {
                     tracing::debug!(worker = worker.address(), error = %e, "connect failed; retrying");
                     worker.record_connect_failure(now_ms(), &self.settings.ejection);
                     record.stats().ejected();
-                    record.stats().retried(RetryReason::ConnectError);
+                    retry_reason = Some(RetryReason::ConnectError);
                     last_error = RouteError::Unreachable {
                         endpoint: endpoint.name().to_owned(),
                     };
@@ -364,13 +369,11 @@ impl Proxy {
                     ?reason,
                     "gate refused before the engine saw the request; retrying"
                 );
-                record
-                    .stats()
-                    .retried(if reason.is_some_and(|r| r == "draining") {
-                        RetryReason::Draining
-                    } else {
-                        RetryReason::NotReady
-                    });
+                retry_reason = Some(if reason.is_some_and(|r| r == "draining") {
+                    RetryReason::Draining
+                } else {
+                    RetryReason::NotReady
+                });
                 last_error = RouteError::NoCapacity {
                     endpoint: endpoint.name().to_owned(),
                 };

@@ -196,6 +196,15 @@ async fn when_every_worker_is_draining_the_client_gets_a_retryable_503() {
     assert_eq!(json["error"]["code"], "no_capacity");
     assert_eq!(a.requests.load(Ordering::Relaxed), 1);
     assert_eq!(b.requests.load(Ordering::Relaxed), 1);
+    // Two attempts are one retry; the second refusal had nowhere to go.
+    let table = router.routes.load();
+    let report = router
+        .routes
+        .stats()
+        .report(&table, std::time::UNIX_EPOCH, None);
+    let deployment = &report[0].deployments[0];
+    assert_eq!(deployment.retries.unwrap().draining, 1);
+    assert_eq!(deployment.requests.unwrap().shed, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
