@@ -176,6 +176,20 @@ pub fn python_with_openai() -> Option<PathBuf> {
     })
 }
 
+/// [`python_with_openai`] for a test: under CI a missing `openai` package
+/// fails the test; elsewhere the test says it is skipped and returns `None`.
+pub fn python_for_test() -> Option<PathBuf> {
+    let python = python_with_openai();
+    if python.is_none() {
+        assert!(
+            !in_ci(),
+            "CI must provide the openai package (.ci/run installs it)"
+        );
+        eprintln!("skipped: no Python with the `openai` package (run .ci/run, or set E2E_PYTHON)");
+    }
+    python
+}
+
 /// True under CI, where a missing tool is a failure rather than a skip.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")

@@ -2,16 +2,11 @@
 //! `fake-vllm`, token by token: the fake speaks the API real clients use.
 #![allow(clippy::unwrap_used)]
 
-use crossfade_e2e::{in_ci, openai_stream, python_with_openai, start_fake_vllm, tokens};
+use crossfade_e2e::{openai_stream, python_for_test, start_fake_vllm, tokens};
 
 #[test]
 fn the_openai_client_streams_a_chat_completion_token_by_token() {
-    let Some(python) = python_with_openai() else {
-        assert!(
-            !in_ci(),
-            "CI must provide the openai package (.ci/run installs it)"
-        );
-        eprintln!("skipped: no Python with the `openai` package (run .ci/run, or set E2E_PYTHON)");
+    let Some(python) = python_for_test() else {
         return;
     };
     let (_engine, addr) = start_fake_vllm(

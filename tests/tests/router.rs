@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use crossfade_e2e::{
-    Process, binary, free_port, in_ci, openai_stream, python_with_openai, start_fake_vllm, tokens,
+    Process, binary, free_port, openai_stream, python_for_test, start_fake_vllm, tokens,
     wait_for_port,
 };
 use http_body_util::{BodyExt, Full};
@@ -97,12 +97,7 @@ fn hangup(pid: u32) {
 
 #[test]
 fn the_openai_client_streams_through_the_router() {
-    let Some(python) = python_with_openai() else {
-        assert!(
-            !in_ci(),
-            "CI must provide the openai package (.ci/run installs it)"
-        );
-        eprintln!("skipped: no Python with the `openai` package (run .ci/run, or set E2E_PYTHON)");
+    let Some(python) = python_for_test() else {
         return;
     };
     let knobs = [("FAKE_VLLM_TOKENS_PER_SECOND", "20")];
