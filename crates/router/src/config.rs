@@ -72,6 +72,9 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Concurrent streams per HTTP/2 connection (1 ..= 10000).
     pub h2_max_concurrent_streams: u32,
+    /// Requests in flight through the router at once (1 ..= 1000000); more
+    /// are shed with 429 and `Retry-After`.
+    pub max_concurrent_requests: u32,
     /// How long shutdown waits for in-flight requests to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -147,6 +150,7 @@ impl Default for Limits {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             h2_max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+            max_concurrent_requests: ProxySettings::default().max_concurrent_requests,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
@@ -207,6 +211,7 @@ impl Config {
             response_header_timeout: self.upstream.response_header_timeout,
             idle_chunk_timeout: self.upstream.idle_chunk_timeout,
             max_attempts: self.upstream.max_attempts,
+            max_concurrent_requests: self.limits.max_concurrent_requests,
             ejection: EjectionPolicy {
                 base: self.upstream.ejection_base,
                 max: self.upstream.ejection_max,
@@ -239,6 +244,11 @@ impl Validate for Config {
             "limits.h2_max_concurrent_streams",
             self.limits.h2_max_concurrent_streams,
             1..=10_000,
+        ));
+        errors.extend(FieldError::check_range(
+            "limits.max_concurrent_requests",
+            self.limits.max_concurrent_requests,
+            1..=1_000_000,
         ));
         errors.extend(FieldError::check_range(
             "upstream.max_attempts",

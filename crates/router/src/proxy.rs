@@ -26,6 +26,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Deserialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::retry::budget::{Budget as _, TpsBudget};
 
 use crate::balance::{choose_deployment, choose_worker};
@@ -56,6 +57,9 @@ pub struct ProxySettings {
     pub idle_chunk_timeout: Duration,
     /// Most attempts per request, the first included.
     pub max_attempts: u32,
+    /// Most requests in flight through this router at once; past it,
+    /// requests are shed with 429 and `Retry-After`.
+    pub max_concurrent_requests: u32,
     /// Back-off for workers that refuse connections.
     pub ejection: EjectionPolicy,
     /// Longest time to establish a connection to a gate.
@@ -71,6 +75,7 @@ impl Default for ProxySettings {
             response_header_timeout: Duration::from_secs(300),
             idle_chunk_timeout: Duration::from_secs(120),
             max_attempts: 4,
+            max_concurrent_requests: 10_000,
             ejection: EjectionPolicy::default(),
             connect_timeout: Duration::from_secs(2),
             pool_idle_timeout: Duration::from_secs(90),
@@ -87,6 +92,9 @@ pub struct Proxy {
     /// Retries may add at most 20 % to the request rate (plus 10 a second),
     /// so that a fleet-wide failure is not multiplied by the routers.
     budget: TpsBudget,
+    /// One semaphore for all connections: a permit per request, held until
+    /// its response's last byte.
+    capacity: Arc<Semaphore>,
 }
 
 /// The fields of an OpenAI request body the router reads: only these are
@@ -113,6 +121,7 @@ impl Proxy {
         Self {
             routes,
             client,
+            capacity: Arc::new(Semaphore::new(settings.max_concurrent_requests as usize)),
             settings,
             budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
         }
@@ -146,6 +155,10 @@ impl Proxy {
         B: Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
+        // Shed before reading the body: an overloaded router must not buffer more.
+        let permit = Arc::clone(&self.capacity)
+            .try_acquire_owned()
+            .map_err(|_| RouteError::Overloaded)?;
         let (parts, body) = req.into_parts();
         let path = parts.uri.path();
         if parts.method == Method::GET && path == "/v1/models" {
@@ -209,16 +222,13 @@ impl Proxy {
             }
         })?;
         // `Bytes` clones share the buffer; `peek` still borrows this one.
-        Ok(self
-            .forward(
-                &parts,
-                bytes.clone(),
-                &upstream_path_and_query,
-                endpoint,
-                deployment,
-                &mut rng,
-            )
-            .await)
+        let request = Forward {
+            parts: &parts,
+            body: bytes.clone(),
+            path_and_query: &upstream_path_and_query,
+            endpoint,
+        };
+        Ok(self.forward(request, deployment, permit, &mut rng).await)
     }
 
     async fn read_body<B>(&self, headers: &HeaderMap, body: B) -> Result<Bytes, RouteError>
@@ -251,28 +261,15 @@ impl Proxy {
     /// deployment's statistics, also when a fallback served it.
     async fn forward(
         &self,
-        parts: &Parts,
-        body: Bytes,
-        path_and_query: &str,
-        endpoint: &Endpoint,
+        request: Forward<'_>,
         deployment: &Deployment,
+        permit: OwnedSemaphorePermit,
         rng: &mut fastrand::Rng,
     ) -> Response<ProxyBody> {
         let mut record = deployment.stats().start();
-        match self
-            .attempts(
-                parts,
-                body,
-                path_and_query,
-                endpoint,
-                deployment,
-                rng,
-                &mut record,
-            )
-            .await
-        {
+        match self.attempts(&request, deployment, rng, &mut record).await {
             Ok((response, in_flight, answered_by)) => {
-                self.respond(response, in_flight, answered_by, record)
+                self.respond(response, in_flight, answered_by, record, permit)
             }
             Err(error) => {
                 record.finish(match error {
@@ -286,17 +283,14 @@ impl Proxy {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn attempts<'t>(
         &self,
-        parts: &Parts,
-        body: Bytes,
-        path_and_query: &str,
-        endpoint: &'t Endpoint,
+        request: &Forward<'t>,
         mut deployment: &'t Deployment,
         rng: &mut fastrand::Rng,
         record: &mut RequestRecord,
     ) -> Result<(Response<Incoming>, InFlight, &'t Deployment), RouteError> {
+        let endpoint = request.endpoint;
         self.budget.deposit();
         let mut tried: Vec<Arc<Worker>> = Vec::new();
         let mut tried_deployments: Vec<&str> = vec![deployment.id()];
@@ -335,11 +329,16 @@ impl Proxy {
                 record.stats().retried(reason);
             }
 
-            let request = upstream_request(parts, body.clone(), &worker, path_and_query)?;
+            let upstream = upstream_request(
+                request.parts,
+                request.body.clone(),
+                &worker,
+                request.path_and_query,
+            )?;
             let in_flight = worker.start_request();
             let sent = tokio::time::timeout(
                 self.settings.response_header_timeout,
-                self.client.request(request),
+                self.client.request(upstream),
             )
             .await;
             let response = match sent {
@@ -390,6 +389,7 @@ impl Proxy {
         in_flight: InFlight,
         deployment: &Deployment,
         mut record: RequestRecord,
+        permit: OwnedSemaphorePermit,
     ) -> Response<ProxyBody> {
         record.first_byte();
         let (mut parts, body) = response.into_parts();
@@ -408,6 +408,7 @@ impl Proxy {
             inner: body,
             in_flight,
             record: Some((record, outcome)),
+            _permit: permit,
             idle_timeout: self.settings.idle_chunk_timeout,
             idle: Box::pin(tokio::time::sleep(self.settings.idle_chunk_timeout)),
         });
@@ -434,6 +435,15 @@ impl Proxy {
         );
         response
     }
+}
+
+/// A request on its way to a deployment, everything but the choice of worker.
+struct Forward<'a> {
+    parts: &'a Parts,
+    /// The whole body, kept so that a retry can send it again.
+    body: Bytes,
+    path_and_query: &'a str,
+    endpoint: &'a Endpoint,
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1):
@@ -514,6 +524,8 @@ pub struct UpstreamBody {
     /// Finished with its outcome at the last byte; dropped before that, it
     /// counts the request as aborted.
     record: Option<(RequestRecord, Outcome)>,
+    /// The router-wide concurrency slot, freed with the body.
+    _permit: OwnedSemaphorePermit,
     idle_timeout: Duration,
     idle: Pin<Box<tokio::time::Sleep>>,
 }

@@ -393,3 +393,77 @@ async fn swaps_under_streaming_load_fail_nothing() {
     assert!(total > 20, "only {total} streams completed");
     assert_eq!(router.routes.load().version(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_concurrency_limit_requests_are_shed_until_a_stream_ends() {
+    let engine = engine("org/model", 50.0).await;
+    let router = TestRouter::start(
+        table(0, vec![deployment("v1", 1, &[engine.addr()])]),
+        ProxySettings {
+            max_concurrent_requests: 1,
+            ..ProxySettings::default()
+        },
+    )
+    .await;
+    let client = client();
+    engine.hold();
+    let request = Request::post(router.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(chat_body("chat", true).into()))
+        .unwrap();
+    let held = client.request(request).await.unwrap();
+    assert_eq!(held.status(), StatusCode::OK);
+
+    // The stream holds the only slot, headers sent or not: shed.
+    let (status, headers, body) = post(
+        &client,
+        &router.url("/v1/chat/completions"),
+        chat_body("chat", false),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(headers["retry-after"], "1");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["error"]["code"], "rate_limit_exceeded");
+
+    // Its last byte frees the slot.
+    engine.release();
+    let text = held.into_body().collect().await.unwrap().to_bytes();
+    assert!(text.ends_with(b"data: [DONE]\n\n"));
+    let (status, _, _) = post(
+        &client,
+        &router.url("/v1/chat/completions"),
+        chat_body("chat", false),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_with_prior_knowledge_streams_too() {
+    let engine = engine("org/model", 200.0).await;
+    let router = TestRouter::start(
+        table(0, vec![deployment("v1", 1, &[engine.addr()])]),
+        ProxySettings::default(),
+    )
+    .await;
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<bytes::Bytes>>();
+    for _ in 0..3 {
+        let request = Request::post(router.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(Full::new(chat_body("chat", true).into()))
+            .unwrap();
+        let response = h2.request(request).await.unwrap();
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["x-crossfade-deployment"], "v1");
+        let text = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(text.ends_with(b"data: [DONE]\n\n"));
+    }
+}
