@@ -343,11 +343,13 @@ impl Proxy {
             .await;
             let response = match sent {
                 Err(_) => {
+                    worker.counts().record(Outcome::Timeout);
                     return Err(RouteError::Timeout(self.settings.response_header_timeout));
                 }
                 Ok(Err(e)) if e.is_connect() => {
                     tracing::debug!(worker = worker.address(), error = %e, "connect failed; retrying");
                     worker.record_connect_failure(now_ms(), &self.settings.ejection);
+                    worker.counts().record(Outcome::Unreachable);
                     record.stats().ejected();
                     retry_reason = Some(RetryReason::ConnectError);
                     last_error = RouteError::Unreachable {
@@ -355,13 +357,17 @@ impl Proxy {
                     };
                     continue;
                 }
-                Ok(Err(e)) => return Err(RouteError::Upstream(e.to_string())),
+                Ok(Err(e)) => {
+                    worker.counts().record(Outcome::ServerError);
+                    return Err(RouteError::Upstream(e.to_string()));
+                }
                 Ok(Ok(response)) => response,
             };
             worker.record_success();
             if response.status() == StatusCode::SERVICE_UNAVAILABLE
                 && response.headers().contains_key(&RETRY_HEADER)
             {
+                worker.counts().record(Outcome::Shed);
                 let reason = response.headers().get(&RETRY_HEADER);
                 tracing::debug!(
                     worker = worker.address(),
@@ -391,7 +397,7 @@ impl Proxy {
         mut record: RequestRecord,
         permit: OwnedSemaphorePermit,
     ) -> Response<ProxyBody> {
-        record.first_byte();
+        record.first_byte(in_flight.worker());
         let (mut parts, body) = response.into_parts();
         let outcome = if parts.status.is_server_error() {
             Outcome::ServerError

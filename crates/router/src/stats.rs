@@ -149,7 +149,7 @@ pub struct DeploymentStats {
     ttft: Histogram,
     in_flight_gauge: Gauge,
     in_flight: AtomicU32,
-    window: Mutex<Window>,
+    window: Mutex<Window<Bucket>>,
 }
 
 impl DeploymentStats {
@@ -184,6 +184,7 @@ impl DeploymentStats {
         self.in_flight_gauge.increment(1.0);
         RequestRecord {
             stats: Arc::clone(self),
+            worker: None,
             started: std::time::Instant::now(),
             ttft: None,
             done: false,
@@ -222,24 +223,14 @@ impl DeploymentStats {
         }
         let mut window = self.lock();
         let bucket = window.current(now_bucket());
-        let counts = &mut bucket.counts;
-        counts.total += 1;
-        match outcome {
-            Outcome::Success => counts.success += 1,
-            Outcome::ClientError => counts.client_errors += 1,
-            Outcome::ServerError => counts.server_errors += 1,
-            Outcome::Unreachable => counts.upstream_unreachable += 1,
-            Outcome::Timeout => counts.upstream_timeouts += 1,
-            Outcome::Aborted => counts.aborted_streams += 1,
-            Outcome::Shed => counts.shed += 1,
-        }
+        count(&mut bucket.counts, outcome);
         bucket.latency.record(latency);
         if let Some(ttft) = ttft {
             bucket.ttft.record(ttft);
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Window> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Window<Bucket>> {
         self.window
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -249,7 +240,7 @@ impl DeploymentStats {
     fn summary(&self, since_bucket: u64) -> Bucket {
         let window = self.lock();
         let mut sum = Bucket::default();
-        for bucket in window.buckets.iter().filter(|b| b.start >= since_bucket) {
+        for bucket in window.since(since_bucket) {
             sum.add(bucket);
         }
         sum
@@ -263,22 +254,32 @@ impl DeploymentStats {
 #[must_use = "a request is recorded when the record finishes or drops"]
 pub struct RequestRecord {
     stats: Arc<DeploymentStats>,
+    /// The worker whose response this is, once there is one.
+    worker: Option<Arc<crate::table::Worker>>,
     started: std::time::Instant,
     ttft: Option<Duration>,
     done: bool,
 }
 
 impl RequestRecord {
-    /// The response headers arrived now.
-    pub fn first_byte(&mut self) {
+    /// The response headers arrived now, from `worker`.
+    pub fn first_byte(&mut self, worker: &Arc<crate::table::Worker>) {
         self.ttft = Some(self.started.elapsed());
+        self.worker = Some(Arc::clone(worker));
     }
 
     /// The request ended with `outcome`.
     pub fn finish(mut self, outcome: Outcome) {
         self.done = true;
+        self.end(outcome);
+    }
+
+    fn end(&mut self, outcome: Outcome) {
         self.stats
             .finish(outcome, self.started.elapsed(), self.ttft);
+        if let Some(worker) = &self.worker {
+            worker.counts().record(outcome);
+        }
     }
 
     /// The deployment's stats, for retries and ejections.
@@ -290,40 +291,56 @@ impl RequestRecord {
 impl Drop for RequestRecord {
     fn drop(&mut self) {
         if !self.done {
-            self.stats
-                .finish(Outcome::Aborted, self.started.elapsed(), self.ttft);
+            self.end(Outcome::Aborted);
         }
     }
 }
 
 // === Window ===
 
-#[derive(Debug, Default)]
-struct Window {
-    buckets: VecDeque<Bucket>,
+/// Buckets of `T` for the last [`BUCKETS_KEPT`] × [`BUCKET_SECONDS`]
+/// seconds, oldest first.
+#[derive(Debug)]
+pub(crate) struct Window<T> {
+    /// (start, in units of BUCKET_SECONDS since the Unix epoch; the bucket).
+    buckets: VecDeque<(u64, T)>,
 }
 
-impl Window {
-    fn current(&mut self, now: u64) -> &mut Bucket {
-        if self.buckets.back().is_none_or(|b| b.start < now) {
-            self.buckets.push_back(Bucket {
-                start: now,
-                ..Bucket::default()
-            });
+impl<T> Default for Window<T> {
+    fn default() -> Self {
+        Self {
+            buckets: VecDeque::new(),
+        }
+    }
+}
+
+impl<T: Default> Window<T> {
+    /// The bucket for `now`, made when the clock moved on.
+    fn current(&mut self, now: u64) -> &mut T {
+        if self.buckets.back().is_none_or(|(start, _)| *start < now) {
+            self.buckets.push_back((now, T::default()));
             while self.buckets.len() > BUCKETS_KEPT {
                 self.buckets.pop_front();
             }
         }
-        self.buckets
+        &mut self
+            .buckets
             .back_mut()
             .expect("a bucket was just pushed if none was there")
+            .1
+    }
+
+    /// The buckets that start at or after `since`.
+    fn since(&self, since: u64) -> impl Iterator<Item = &T> {
+        self.buckets
+            .iter()
+            .filter(move |(start, _)| *start >= since)
+            .map(|(_, bucket)| bucket)
     }
 }
 
 #[derive(Debug, Default, Clone)]
 struct Bucket {
-    /// Start, in units of BUCKET_SECONDS since the Unix epoch.
-    start: u64,
     counts: v1::RequestCounts,
     retries: v1::RetryCounts,
     latency: Hist,
@@ -332,15 +349,7 @@ struct Bucket {
 
 impl Bucket {
     fn add(&mut self, other: &Bucket) {
-        let (c, o) = (&mut self.counts, &other.counts);
-        c.total += o.total;
-        c.success += o.success;
-        c.client_errors += o.client_errors;
-        c.server_errors += o.server_errors;
-        c.upstream_unreachable += o.upstream_unreachable;
-        c.upstream_timeouts += o.upstream_timeouts;
-        c.aborted_streams += o.aborted_streams;
-        c.shed += o.shed;
+        add_counts(&mut self.counts, &other.counts);
         let (r, o) = (&mut self.retries, &other.retries);
         r.connect_error += o.connect_error;
         r.refused_stream += o.refused_stream;
@@ -416,6 +425,57 @@ impl Hist {
             p99_seconds: self.quantile(0.99),
             max_seconds: self.max,
         }
+    }
+}
+
+fn count(counts: &mut v1::RequestCounts, outcome: Outcome) {
+    counts.total += 1;
+    match outcome {
+        Outcome::Success => counts.success += 1,
+        Outcome::ClientError => counts.client_errors += 1,
+        Outcome::ServerError => counts.server_errors += 1,
+        Outcome::Unreachable => counts.upstream_unreachable += 1,
+        Outcome::Timeout => counts.upstream_timeouts += 1,
+        Outcome::Aborted => counts.aborted_streams += 1,
+        Outcome::Shed => counts.shed += 1,
+    }
+}
+
+fn add_counts(sum: &mut v1::RequestCounts, other: &v1::RequestCounts) {
+    sum.total += other.total;
+    sum.success += other.success;
+    sum.client_errors += other.client_errors;
+    sum.server_errors += other.server_errors;
+    sum.upstream_unreachable += other.upstream_unreachable;
+    sum.upstream_timeouts += other.upstream_timeouts;
+    sum.aborted_streams += other.aborted_streams;
+    sum.shed += other.shed;
+}
+
+/// One worker's attempts, by outcome, in a window of counts only.
+#[derive(Debug, Default)]
+pub struct WorkerCounts(Mutex<Window<v1::RequestCounts>>);
+
+impl WorkerCounts {
+    /// An attempt at the worker ended with `outcome`.
+    pub fn record(&self, outcome: Outcome) {
+        let mut window = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        count(window.current(now_bucket()), outcome);
+    }
+
+    fn since(&self, since_bucket: u64) -> v1::RequestCounts {
+        let window = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut sum = v1::RequestCounts::default();
+        for counts in window.since(since_bucket) {
+            add_counts(&mut sum, counts);
+        }
+        sum
     }
 }
 
@@ -504,7 +564,7 @@ impl Stats {
                                     address: w.address().to_owned(),
                                     worker_id: w.worker_id().to_owned(),
                                     in_flight: w.in_flight(),
-                                    requests: None,
+                                    requests: Some(w.counts().since(since_bucket)),
                                     ejected: w.is_ejected(crate::table::now_ms()),
                                 })
                                 .collect(),
@@ -526,7 +586,7 @@ mod tests {
         let stats = Stats::default();
         let d = stats.deployment("chat", "v1");
         let mut ok = d.start();
-        ok.first_byte();
+        ok.ttft = Some(Duration::from_millis(5));
         ok.finish(Outcome::Success);
         d.start().finish(Outcome::ServerError);
         let dropped = d.start();
@@ -566,11 +626,12 @@ mod tests {
 
     #[test]
     fn the_window_keeps_an_hour() {
-        let mut w = Window::default();
+        let mut w = Window::<v1::RequestCounts>::default();
         for b in 0..(BUCKETS_KEPT as u64 + 10) {
-            w.current(b).counts.total += 1;
+            w.current(b).total += 1;
         }
         assert_eq!(w.buckets.len(), BUCKETS_KEPT);
-        assert_eq!(w.buckets.front().unwrap().start, 10);
+        assert_eq!(w.buckets.front().unwrap().0, 10);
+        assert_eq!(w.since(BUCKETS_KEPT as u64).count(), 10);
     }
 }

@@ -21,7 +21,7 @@ use crossfade_proto::v1;
 use http::HeaderValue;
 use http::uri::Authority;
 
-use crate::stats::{DeploymentStats, Stats};
+use crate::stats::{DeploymentStats, Stats, WorkerCounts};
 
 /// Weights are normalised to this many points; a session key hashes into
 /// the same range.
@@ -83,6 +83,8 @@ pub struct Worker {
     consecutive_failures: AtomicU32,
     /// Milliseconds on [`now_ms`]'s clock until which the worker is ejected.
     ejected_until_ms: AtomicU64,
+    /// Attempts at it, by outcome, for `GetStats`.
+    counts: WorkerCounts,
 }
 
 /// Why a table was refused. The message names the endpoint, deployment or
@@ -383,6 +385,7 @@ impl Worker {
             in_flight: AtomicU32::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
+            counts: WorkerCounts::default(),
         })
     }
 
@@ -399,6 +402,11 @@ impl Worker {
     /// Its worker id (may be empty in a hand-written table).
     pub fn worker_id(&self) -> &str {
         &self.worker_id
+    }
+
+    /// Attempts at it, by outcome.
+    pub fn counts(&self) -> &WorkerCounts {
+        &self.counts
     }
 
     /// Requests this router has in flight to it.

@@ -135,6 +135,7 @@ async fn a_coordinator_swaps_tables_and_reads_stats() {
     assert_eq!(v2_stats.time_to_first_token.unwrap().count, 5);
     assert_eq!(v2_stats.in_flight, 0);
     assert_eq!(v2_stats.workers[0].address, v2.addr().to_string());
+    assert_eq!(v2_stats.workers[0].requests.unwrap().success, 5);
 
     let future = SystemTime::now() + Duration::from_secs(3_600);
     let err = control

@@ -171,6 +171,29 @@ async fn a_draining_gate_is_retried_elsewhere_and_a_dead_worker_avoided() {
     // request), so the retries were real.
     assert!(draining.requests.load(Ordering::Relaxed) > 0);
     assert_eq!(engine.stats().served, 100);
+
+    // Each worker's attempts, as GetStats reports them.
+    let table = router.routes.load();
+    let report = router
+        .routes
+        .stats()
+        .report(&table, std::time::UNIX_EPOCH, None);
+    let workers = &report[0].deployments[0].workers;
+    let counts = |addr: std::net::SocketAddr| {
+        workers
+            .iter()
+            .find(|w| w.address == addr.to_string())
+            .unwrap()
+            .requests
+            .unwrap()
+    };
+    assert_eq!(
+        counts(draining.addr).shed,
+        draining.requests.load(Ordering::Relaxed)
+    );
+    assert!(counts(dead).upstream_unreachable >= 1);
+    let served = counts(engine.addr());
+    assert_eq!((served.total, served.success), (100, 100));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
