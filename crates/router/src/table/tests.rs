@@ -319,3 +319,87 @@ fn swaps_are_atomic_for_concurrent_readers() {
     }
     assert_eq!(routes.load().version(), 2_000);
 }
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Valid tables: distinct names, weights in range, workers wherever
+    /// there is weight.
+    fn valid_table() -> impl Strategy<Value = v1::RoutingTable> {
+        let deployment = (0u32..=10_000, 1usize..4);
+        let endpoint = (prop::collection::vec(deployment, 0..4), 0usize..3);
+        (any::<u64>(), prop::collection::vec(endpoint, 0..4)).prop_map(|(version, endpoints)| {
+            let mut port = 1_000u16;
+            let endpoints = endpoints
+                .into_iter()
+                .enumerate()
+                .map(|(e, (deployments, aliases))| v1::EndpointRoute {
+                    name: format!("endpoint-{e}"),
+                    aliases: (0..aliases).map(|a| format!("alias-{e}-{a}")).collect(),
+                    deployments: deployments
+                        .into_iter()
+                        .enumerate()
+                        .map(|(d, (weight, workers))| v1::DeploymentRoute {
+                            id: format!("d{d}"),
+                            weight,
+                            workers: (0..workers)
+                                .map(|_| {
+                                    port += 1;
+                                    v1::WorkerRoute {
+                                        address: format!("127.0.0.1:{port}"),
+                                        worker_id: format!("w{port}"),
+                                    }
+                                })
+                                .collect(),
+                        })
+                        .collect(),
+                })
+                .collect();
+            v1::RoutingTable { version, endpoints }
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn valid_tables_build_and_round_trip(spec in valid_table()) {
+            let table = Table::build(&spec, Source::Coordinator, &Shared::default()).unwrap();
+            prop_assert_eq!(table.to_proto(), spec.clone());
+            for e in &spec.endpoints {
+                for model in std::iter::once(&e.name).chain(&e.aliases) {
+                    prop_assert_eq!(table.endpoint(model).unwrap().name(), e.name.as_str());
+                }
+                let endpoint = table.endpoint(&e.name).unwrap();
+                let has_weight = e.deployments.iter().any(|d| d.weight > 0);
+                for point in [0, 4_999, 9_999] {
+                    let chosen = endpoint.deployment_at(point);
+                    prop_assert_eq!(chosen.is_some(), has_weight);
+                    if let Some(d) = chosen {
+                        prop_assert!(d.weight() > 0 && !d.workers().is_empty());
+                    }
+                }
+            }
+        }
+
+        /// Whatever order versions arrive in, a coordinator's table is in
+        /// force exactly when it is not older than the one before, so the
+        /// version in force is the highest seen.
+        #[test]
+        fn the_version_in_force_is_the_highest_seen(versions in prop::collection::vec(0u64..20, 1..30)) {
+            let routes = Routes::new(&chat(0, 0)).unwrap();
+            let mut highest = None;
+            for version in versions {
+                let result = routes.apply_from_coordinator(&chat(version, 5_000));
+                match highest {
+                    Some(h) if version < h => prop_assert!(result.is_err()),
+                    _ => {
+                        prop_assert!(result.is_ok());
+                        highest = Some(version);
+                    }
+                }
+                prop_assert_eq!(Some(routes.load().version()), highest);
+            }
+        }
+    }
+}
