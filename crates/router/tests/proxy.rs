@@ -490,3 +490,71 @@ async fn http2_with_prior_knowledge_streams_too() {
         assert!(text.ends_with(b"data: [DONE]\n\n"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_outs_bound_the_first_byte_and_idle_gaps_never_a_whole_stream() {
+    let engine = engine("org/model", 20.0).await;
+    let router = TestRouter::start(
+        table(0, vec![deployment("v1", 1, &[engine.addr()])]),
+        ProxySettings {
+            response_header_timeout: Duration::from_millis(300),
+            idle_chunk_timeout: Duration::from_millis(400),
+            ..ProxySettings::default()
+        },
+    )
+    .await;
+    let client = client();
+
+    // A stream that lasts longer than both bounds, tokens flowing: fine.
+    let body = serde_json::json!({
+        "model": "chat", "messages": [], "stream": true, "max_tokens": 20
+    });
+    let started = Instant::now();
+    let (status, _, text) = post(
+        &client,
+        &router.url("/v1/chat/completions"),
+        body.to_string(),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    assert!(
+        started.elapsed() > Duration::from_millis(800),
+        "the stream outlived both bounds"
+    );
+
+    // An engine that never answers: 504 at the first-byte bound.
+    engine.set_fault(fake_vllm::Fault::Hang);
+    let started = Instant::now();
+    let (status, _, body) = post(
+        &client,
+        &router.url("/v1/chat/completions"),
+        chat_body("chat", false),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    engine.set_fault(fake_vllm::Fault::None);
+
+    // A stream that stalls after it began: cut at the idle bound.
+    let request = Request::post(router.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(chat_body("chat", true).into()))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    engine.hold();
+    let started = Instant::now();
+    let outcome =
+        tokio::time::timeout(Duration::from_secs(10), response.into_body().collect()).await;
+    engine.release();
+    assert!(
+        matches!(outcome, Ok(Err(_))),
+        "the stalled stream fails: {outcome:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
