@@ -352,6 +352,16 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_loads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/config/router.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config = load_str(&text).unwrap();
+        assert_eq!(config.router_id, "router-a");
+        assert_eq!(config.routing_table().endpoints[0].deployments.len(), 2);
+    }
+
+    #[test]
     fn a_bad_table_or_limit_is_named() {
         let err = load_str(
             "[[endpoint]]\nname = \"chat\"\n[[endpoint.deployment]]\nid = \"v1\"\nweight = 1\nworkers = [\"nohost\"]\n",
