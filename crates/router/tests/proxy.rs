@@ -99,10 +99,7 @@ async fn streams_pass_through_chunk_by_chunk() {
         ProxySettings::default(),
     )
     .await;
-    let request = Request::post(router.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(Full::new(chat_body("chat", true).into()))
-        .unwrap();
+    let request = stream_request(&router);
     let started = Instant::now();
     let response = client().request(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -240,10 +237,7 @@ async fn no_retry_once_response_bytes_were_sent() {
     )
     .await;
     dying.hold();
-    let request = Request::post(router.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(Full::new(chat_body("chat", true).into()))
-        .unwrap();
+    let request = stream_request(&router);
     let response = client().request(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK, "headers arrived");
     // Now the only worker's table entry gains a healthy neighbour, and the
@@ -430,10 +424,7 @@ async fn past_the_concurrency_limit_requests_are_shed_until_a_stream_ends() {
     .await;
     let client = client();
     engine.hold();
-    let request = Request::post(router.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(Full::new(chat_body("chat", true).into()))
-        .unwrap();
+    let request = stream_request(&router);
     let held = client.request(request).await.unwrap();
     assert_eq!(held.status(), StatusCode::OK);
 
@@ -478,10 +469,7 @@ async fn http2_with_prior_knowledge_streams_too() {
         .http2_only(true)
         .build_http::<Full<bytes::Bytes>>();
     for _ in 0..3 {
-        let request = Request::post(router.url("/v1/chat/completions"))
-            .header("content-type", "application/json")
-            .body(Full::new(chat_body("chat", true).into()))
-            .unwrap();
+        let request = stream_request(&router);
         let response = h2.request(request).await.unwrap();
         assert_eq!(response.version(), http::Version::HTTP_2);
         assert_eq!(response.status(), StatusCode::OK);
@@ -541,10 +529,7 @@ async fn time_outs_bound_the_first_byte_and_idle_gaps_never_a_whole_stream() {
     engine.set_fault(fake_vllm::Fault::None);
 
     // A stream that stalls after it began: cut at the idle bound.
-    let request = Request::post(router.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(Full::new(chat_body("chat", true).into()))
-        .unwrap();
+    let request = stream_request(&router);
     let response = client.request(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     engine.hold();

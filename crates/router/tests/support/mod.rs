@@ -116,6 +116,14 @@ pub fn chat_body(model: &str, stream: bool) -> String {
     .to_string()
 }
 
+/// A streaming chat completion request for `chat` through `router`.
+pub fn stream_request(router: &TestRouter) -> Request<Full<Bytes>> {
+    Request::post(router.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(chat_body("chat", true).into()))
+        .unwrap()
+}
+
 /// POSTs `body` to `url` and reads the whole response.
 pub async fn post(
     client: &HttpClient,
