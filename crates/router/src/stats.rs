@@ -6,14 +6,16 @@
 //! deployment's [`DeploymentStats`] sits in the table beside its workers, so
 //! the request path records without a map lookup or a label allocation.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crossfade_common::metrics::LATENCY_SECONDS_BUCKETS;
 use crossfade_proto::v1;
 use metrics::{Counter, Gauge, Histogram};
+
+use crate::table::Registry;
 
 /// `crossfade_router_requests_total{endpoint, deployment, outcome}`.
 pub const REQUESTS_TOTAL: &str = "crossfade_router_requests_total";
@@ -494,14 +496,14 @@ fn now_bucket() -> u64 {
 #[derive(Debug)]
 pub struct Stats {
     started: SystemTime,
-    known: Mutex<HashMap<(String, String), Weak<DeploymentStats>>>,
+    known: Registry<DeploymentStats>,
 }
 
 impl Default for Stats {
     fn default() -> Self {
         Self {
             started: SystemTime::now(),
-            known: Mutex::new(HashMap::new()),
+            known: Registry::default(),
         }
     }
 }
@@ -509,18 +511,10 @@ impl Default for Stats {
 impl Stats {
     /// The statistics of `deployment` of `endpoint`, created on first use.
     pub fn deployment(&self, endpoint: &str, deployment: &str) -> Arc<DeploymentStats> {
-        let mut known = self
-            .known
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let key = (endpoint.to_owned(), deployment.to_owned());
-        if let Some(stats) = known.get(&key).and_then(Weak::upgrade) {
-            return stats;
-        }
-        let stats = Arc::new(DeploymentStats::new(endpoint, deployment));
-        known.retain(|_, s| s.strong_count() > 0);
-        known.insert(key, Arc::downgrade(&stats));
-        stats
+        let made = self.known.get_or_try_insert((endpoint, deployment), || {
+            Ok::<_, std::convert::Infallible>(DeploymentStats::new(endpoint, deployment))
+        });
+        made.unwrap_or_else(|never| match never {})
     }
 
     /// The window that `since` asks for: never before the router started,

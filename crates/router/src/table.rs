@@ -481,28 +481,62 @@ pub struct Shared {
     pub stats: Stats,
 }
 
-/// The workers every table shares, by address and worker id. Entries are
-/// weak: a worker no table lists any more goes away once its last request
-/// ends.
-#[derive(Debug, Default)]
-pub struct Workers {
-    known: Mutex<HashMap<(String, String), Weak<Worker>>>,
+/// Values every table shares (workers, deployment statistics), by a
+/// two-part key. Entries are weak: a value no table lists any more goes away
+/// once the last request holding it ends, and its entry is pruned.
+#[derive(Debug)]
+pub(crate) struct Registry<V> {
+    known: Mutex<HashMap<(String, String), Weak<V>>>,
 }
 
-impl Workers {
-    fn get(&self, address: &str, worker_id: &str) -> Result<Arc<Worker>, String> {
+impl<V> Default for Registry<V> {
+    fn default() -> Self {
+        Self {
+            known: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<V> Registry<V> {
+    /// The value under `key`, made by `make` when there is none alive.
+    pub(crate) fn get_or_try_insert<E>(
+        &self,
+        key: (&str, &str),
+        make: impl FnOnce() -> Result<V, E>,
+    ) -> Result<Arc<V>, E> {
         let mut known = self
             .known
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let key = (address.to_owned(), worker_id.to_owned());
-        if let Some(worker) = known.get(&key).and_then(Weak::upgrade) {
-            return Ok(worker);
+        let key = (key.0.to_owned(), key.1.to_owned());
+        if let Some(value) = known.get(&key).and_then(Weak::upgrade) {
+            return Ok(value);
         }
-        let worker = Arc::new(Worker::new(address, worker_id)?);
-        known.retain(|_, w| w.strong_count() > 0);
-        known.insert(key, Arc::downgrade(&worker));
-        Ok(worker)
+        let value = Arc::new(make()?);
+        known.retain(|_, v| v.strong_count() > 0);
+        known.insert(key, Arc::downgrade(&value));
+        Ok(value)
+    }
+
+    /// Whether every entry is still alive (dead ones were pruned).
+    #[cfg(test)]
+    pub(crate) fn all_alive(&self) -> bool {
+        let known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        known.values().all(|v| v.strong_count() > 0)
+    }
+}
+
+/// The workers every table shares, by address and worker id.
+#[derive(Debug, Default)]
+pub struct Workers(Registry<Worker>);
+
+impl Workers {
+    fn get(&self, address: &str, worker_id: &str) -> Result<Arc<Worker>, String> {
+        self.0
+            .get_or_try_insert((address, worker_id), || Worker::new(address, worker_id))
     }
 }
 

@@ -71,14 +71,7 @@ async fn a_coordinator_swaps_tables_and_reads_stats() {
 
     let client = client();
     for _ in 0..5 {
-        let (status, headers, _) = post(
-            &client,
-            &router.url("/v1/chat/completions"),
-            chat_body("chat", false),
-            &[],
-        )
-        .await
-        .unwrap();
+        let (status, headers, _) = chat(&client, &router).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(headers["x-crossfade-deployment"], "v2");
     }

@@ -39,14 +39,7 @@ async fn an_80_20_split_holds_and_sessions_stick() {
 
     let mut counts: HashMap<String, u32> = HashMap::new();
     for _ in 0..2_000 {
-        let (status, headers, body) = post(
-            &client,
-            &router.url("/v1/chat/completions"),
-            chat_body("chat", false),
-            &[],
-        )
-        .await
-        .unwrap();
+        let (status, headers, body) = chat(&client, &router).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         let id = deployment_of(&headers);
         // The engine's reply proves the header tells the truth.
@@ -131,12 +124,7 @@ async fn streams_pass_through_chunk_by_chunk() {
 
 /// The first deployment's request counts, from the start of time.
 fn counts(router: &TestRouter) -> crossfade_proto::v1::RequestCounts {
-    let table = router.routes.load();
-    let report = router
-        .routes
-        .stats()
-        .report(&table, std::time::UNIX_EPOCH, None);
-    report[0].deployments[0].requests.unwrap()
+    report(router)[0].deployments[0].requests.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,14 +142,7 @@ async fn a_draining_gate_is_retried_elsewhere_and_a_dead_worker_avoided() {
     .await;
     let client = client();
     for i in 0..100 {
-        let (status, _, body) = post(
-            &client,
-            &router.url("/v1/chat/completions"),
-            chat_body("chat", false),
-            &[],
-        )
-        .await
-        .unwrap();
+        let (status, _, body) = chat(&client, &router).await;
         assert_eq!(status, StatusCode::OK, "request {i}: {body}");
     }
     // The draining gate was tried (and refused before any engine saw the
@@ -170,11 +151,7 @@ async fn a_draining_gate_is_retried_elsewhere_and_a_dead_worker_avoided() {
     assert_eq!(engine.stats().served, 100);
 
     // Each worker's attempts, as GetStats reports them.
-    let table = router.routes.load();
-    let report = router
-        .routes
-        .stats()
-        .report(&table, std::time::UNIX_EPOCH, None);
+    let report = report(&router);
     let workers = &report[0].deployments[0].workers;
     let counts = |addr: std::net::SocketAddr| {
         workers
@@ -202,14 +179,7 @@ async fn when_every_worker_is_draining_the_client_gets_a_retryable_503() {
         ProxySettings::default(),
     )
     .await;
-    let (status, headers, body) = post(
-        &client(),
-        &router.url("/v1/chat/completions"),
-        chat_body("chat", false),
-        &[],
-    )
-    .await
-    .unwrap();
+    let (status, headers, body) = chat(&client(), &router).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(headers["retry-after"], "1");
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -217,11 +187,7 @@ async fn when_every_worker_is_draining_the_client_gets_a_retryable_503() {
     assert_eq!(a.requests.load(Ordering::Relaxed), 1);
     assert_eq!(b.requests.load(Ordering::Relaxed), 1);
     // Two attempts are one retry; the second refusal had nowhere to go.
-    let table = router.routes.load();
-    let report = router
-        .routes
-        .stats()
-        .report(&table, std::time::UNIX_EPOCH, None);
+    let report = report(&router);
     let deployment = &report[0].deployments[0];
     assert_eq!(deployment.retries.unwrap().draining, 1);
     assert_eq!(deployment.requests.unwrap().shed, 1);
@@ -429,14 +395,7 @@ async fn past_the_concurrency_limit_requests_are_shed_until_a_stream_ends() {
     assert_eq!(held.status(), StatusCode::OK);
 
     // The stream holds the only slot, headers sent or not: shed.
-    let (status, headers, body) = post(
-        &client,
-        &router.url("/v1/chat/completions"),
-        chat_body("chat", false),
-        &[],
-    )
-    .await
-    .unwrap();
+    let (status, headers, body) = chat(&client, &router).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
     assert_eq!(headers["retry-after"], "1");
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -446,14 +405,7 @@ async fn past_the_concurrency_limit_requests_are_shed_until_a_stream_ends() {
     engine.release();
     let text = held.into_body().collect().await.unwrap().to_bytes();
     assert!(text.ends_with(b"data: [DONE]\n\n"));
-    let (status, _, _) = post(
-        &client,
-        &router.url("/v1/chat/completions"),
-        chat_body("chat", false),
-        &[],
-    )
-    .await
-    .unwrap();
+    let (status, _, _) = chat(&client, &router).await;
     assert_eq!(status, StatusCode::OK);
 }
 
@@ -516,14 +468,7 @@ async fn time_outs_bound_the_first_byte_and_idle_gaps_never_a_whole_stream() {
     // An engine that never answers: 504 at the first-byte bound.
     engine.set_fault(fake_vllm::Fault::Hang);
     let started = Instant::now();
-    let (status, _, body) = post(
-        &client,
-        &router.url("/v1/chat/completions"),
-        chat_body("chat", false),
-        &[],
-    )
-    .await
-    .unwrap();
+    let (status, _, body) = chat(&client, &router).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
     assert!(started.elapsed() < Duration::from_secs(5));
     engine.set_fault(fake_vllm::Fault::None);

@@ -275,8 +275,7 @@ fn workers_no_table_lists_are_forgotten() {
         &t2.endpoint("chat").unwrap().deployments()[1].workers()[0]
     ));
     // ...while the others were built anew and the dead entries pruned.
-    let known = shared.workers.known.lock().unwrap();
-    assert!(known.values().all(|w| w.strong_count() > 0));
+    assert!(shared.workers.0.all_alive());
 }
 
 /// Readers load and route while a writer swaps 2,000 times: every snapshot a

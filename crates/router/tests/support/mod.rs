@@ -124,6 +124,27 @@ pub fn stream_request(router: &TestRouter) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
+/// A non-streaming chat completion for `chat` through `router`, read whole.
+pub async fn chat(client: &HttpClient, router: &TestRouter) -> (StatusCode, HeaderMap, String) {
+    post(
+        client,
+        &router.url("/v1/chat/completions"),
+        chat_body("chat", false),
+        &[],
+    )
+    .await
+    .unwrap()
+}
+
+/// The router's statistics of every endpoint since the epoch, as GetStats reports them.
+pub fn report(router: &TestRouter) -> Vec<v1::EndpointStats> {
+    let table = router.routes.load();
+    router
+        .routes
+        .stats()
+        .report(&table, std::time::UNIX_EPOCH, None)
+}
+
 /// POSTs `body` to `url` and reads the whole response.
 pub async fn post(
     client: &HttpClient,
