@@ -115,6 +115,28 @@ impl FieldError {
     }
 }
 
+impl FieldError {
+    /// An error when the duration `value` lies outside `range`, naming both
+    /// in the units a configuration file uses (`500ms`, `2m`).
+    pub fn check_duration(
+        key: &str,
+        value: std::time::Duration,
+        range: RangeInclusive<std::time::Duration>,
+    ) -> Option<Self> {
+        (!range.contains(&value)).then(|| {
+            Self::new(
+                key,
+                format!(
+                    "must be within {}..={}, got {}",
+                    humantime::format_duration(*range.start()),
+                    humantime::format_duration(*range.end()),
+                    humantime::format_duration(value)
+                ),
+            )
+        })
+    }
+}
+
 impl fmt::Display for FieldError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "`{}`: {}", self.key, self.message)

@@ -3,10 +3,12 @@
 //! validation), log set-up, the Prometheus recorder, graceful shutdown on
 //! SIGTERM / SIGINT, and a `Secret` wrapper that keeps values out of logs.
 //!
-//! It holds no program's configuration types and no network code: each
+//! The [`http`] module is the accept loop and the proxy rules every HTTP
+//! listener shares. It holds no program's configuration types: each
 //! program owns its `Config` and its listeners.
 
 pub mod config;
+pub mod http;
 pub mod metrics;
 pub mod secret;
 pub mod shutdown;

@@ -29,13 +29,15 @@ use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::retry::budget::{Budget as _, TpsBudget};
 
+use crossfade_common::http::strip_hop_by_hop;
+
 use crate::balance::{choose_deployment, choose_worker};
 use crate::error::RouteError;
 use crate::stats::{Outcome, REJECTED_TOTAL, RequestRecord, RetryReason};
 use crate::table::{Deployment, EjectionPolicy, Endpoint, InFlight, Routes, Worker, now_ms};
 
 /// A boxed error, as bodies and clients report them.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crossfade_common::http::BoxError;
 
 /// The header a gate sets on a 503 that the engine never saw.
 pub const RETRY_HEADER: HeaderName = HeaderName::from_static("x-crossfade-retry");
@@ -450,33 +452,6 @@ struct Forward<'a> {
     body: Bytes,
     path_and_query: &'a str,
     endpoint: &'a Endpoint,
-}
-
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1):
-/// never forwarded in either direction.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named by `Connection` are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-        .collect();
-    for name in HOP_BY_HOP.iter().chain(&named) {
-        headers.remove(name);
-    }
 }
 
 fn upstream_request(

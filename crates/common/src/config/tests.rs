@@ -371,3 +371,21 @@ mod tempfile_lite {
         }
     }
 }
+
+#[test]
+fn a_duration_out_of_range_is_named_in_configuration_units() {
+    let range = Duration::from_millis(100)..=Duration::from_secs(120);
+    assert_eq!(
+        FieldError::check_duration(
+            "engine.ready_timeout",
+            Duration::from_secs(600),
+            range.clone()
+        )
+        .map(|e| e.to_string()),
+        Some("`engine.ready_timeout`: must be within 100ms..=2m, got 10m".to_owned())
+    );
+    assert_eq!(
+        FieldError::check_duration("engine.ready_timeout", Duration::from_secs(1), range),
+        None
+    );
+}

@@ -1,0 +1,242 @@
+//! Serving HTTP the same way in every program: one accept loop (HTTP/1.1
+//! and HTTP/2 with prior knowledge, hyper's header read timeout armed with
+//! a timer), graceful shutdown, a signal that closes every open connection
+//! gracefully while the listener keeps accepting (the agent's gate uses it
+//! when it drains), the hop-by-hop header rules a proxy follows, and the
+//! small plain-text responses of admin endpoints.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use http_body::Body;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+use crate::Shutdown;
+
+/// An error a body may fail with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How a listener serves its connections.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Longest time a client may take to send a request's headers. hyper
+    /// leaves this off unless a timer is set; [`serve`] sets one.
+    pub header_read_timeout: Duration,
+    /// Concurrent streams per HTTP/2 connection.
+    pub h2_max_concurrent_streams: u32,
+    /// How long shutdown waits for open connections to finish the requests
+    /// they carry.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            h2_max_concurrent_streams: 256,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serves `handler` on `listener` until `shutdown` triggers; then stops
+/// accepting, lets open connections finish the requests they carry
+/// (HTTP/1.1 closes after the response in progress, HTTP/2 sends GOAWAY)
+/// for up to `options.shutdown_grace`, and returns.
+pub async fn serve<F, Fut, B>(
+    listener: TcpListener,
+    options: &ServeOptions,
+    shutdown: Shutdown,
+    handler: F,
+) where
+    F: Fn(http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let (_never, close) = watch::channel(0);
+    serve_with_close(listener, options, shutdown, close, handler).await;
+}
+
+/// [`serve`], and every time `close` changes, each open connection is
+/// closed gracefully (an idle HTTP/1.1 connection at once, a busy one after
+/// its response, HTTP/2 with GOAWAY) while the listener keeps accepting.
+/// Clients that keep connections alive reconnect, and so find out where to
+/// go next.
+pub async fn serve_with_close<F, Fut, B>(
+    listener: TcpListener,
+    options: &ServeOptions,
+    shutdown: Shutdown,
+    close: watch::Receiver<u64>,
+    handler: F,
+) where
+    F: Fn(http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        // Without a timer, hyper's header read timeout is silently off.
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(options.h2_max_concurrent_streams);
+    let connections = TaskTracker::new();
+
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off rather
+                    // than spin, and keep serving the connections we have.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.triggered() => break,
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+        let handler = handler.clone();
+        let service = service_fn(move |req| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler(req).await) }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let mut close = close.clone();
+        close.mark_unchanged();
+        let token = shutdown.token();
+        connections.spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                        return;
+                    }
+                    () = token.cancelled(), if !closing => {
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                    changed = close.changed(), if !closing => {
+                        if changed.is_err() {
+                            // Nobody can ask for a close any more; stop watching.
+                            std::future::pending::<()>().await;
+                        }
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    connections.close();
+    if tokio::time::timeout(options.shutdown_grace, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?options.shutdown_grace, "connections still open after the shutdown grace");
+    }
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1):
+/// a proxy never forwards them in either direction.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes the hop-by-hop headers, and those that `Connection` names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(&named) {
+        headers.remove(name);
+    }
+}
+
+/// A plain-text response.
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// The Prometheus text exposition of `handle`, or 404 when metrics are off.
+pub fn metrics(handle: Option<&PrometheusHandle>) -> Response<Full<Bytes>> {
+    match handle {
+        Some(handle) => {
+            let mut response = text(StatusCode::OK, handle.render());
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            response
+        }
+        None => text(StatusCode::NOT_FOUND, "metrics are not enabled\n"),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret-hop"),
+        );
+        headers.insert("x-secret-hop", HeaderValue::from_static("1"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert!(headers.contains_key(header::CONTENT_TYPE));
+    }
+}
