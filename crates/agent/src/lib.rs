@@ -3,10 +3,19 @@
 //! fronts it with a gate that counts and drains in-flight requests, and
 //! reports GPU health and in-flight counts to the coordinator over gRPC.
 //!
-//! Built so far: [`gpu`], the GPU health probe (NVML behind a trait, a fake
-//! for tests) and the classification of what it reads; and
-//! [`supervisor::command`], the engine's command line. The process
-//! supervision, the gate and the gRPC service are the rest of issue 4.
+//! - [`supervisor`]: the engine's lifecycle (launch, readiness, crash
+//!   restarts, drain, stop, adoption after an agent restart).
+//! - [`gate`]: the host's inference port, counting and draining requests.
+//! - [`gpu`]: GPU health (NVML behind a trait, a fake for tests).
+//! - [`status`] and [`service`]: `WorkerStatus` and the Agent gRPC service.
+//! - [`standalone`]: the deployment of `MODEL_NAME` / `VLLM_ARGS` when no
+//!   coordinator drives the agent.
 
+pub mod config;
+pub mod gate;
 pub mod gpu;
+pub mod metrics;
+pub mod service;
+pub mod standalone;
+pub mod status;
 pub mod supervisor;

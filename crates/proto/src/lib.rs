@@ -3,8 +3,10 @@
 //!
 //! The code is generated at build time by a protobuf compiler written in Rust
 //! (protox), so no `protoc` is needed. This crate holds no logic beyond what
-//! the wire needs: the `Debug` of secret-bearing messages, and the descriptor
-//! set that the gRPC servers hand to the reflection service.
+//! the wire needs: the `Debug` of secret-bearing messages, the descriptor
+//! set that the gRPC servers hand to the reflection service, and the
+//! [`server`] helpers every gRPC server shares (coordinator fencing, health
+//! and reflection beside the service).
 
 pub mod v1 {
     #![allow(missing_docs, clippy::all, clippy::pedantic, rust_2018_idioms)]
@@ -12,6 +14,9 @@ pub mod v1 {
 }
 
 mod redact;
+pub mod server;
+
+pub use server::Fence;
 
 /// The encoded `FileDescriptorSet` of every crossfade proto file and its
 /// imports, with source comments: register it with `tonic-reflection` so that

@@ -3,9 +3,9 @@
 //! in one place ([`status`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
+use crossfade_proto::Fence;
 use crossfade_proto::v1::router_control_server::{RouterControl, RouterControlServer};
 use crossfade_proto::v1::{self, TableSource};
 use tonic::{Request, Response, Status};
@@ -17,8 +17,8 @@ use crate::table::{ApplyError, Routes, Source};
 pub struct Control {
     routes: Arc<Routes>,
     router_id: String,
-    /// Highest coordinator epoch obeyed; calls from an older one are refused.
-    epoch: AtomicU64,
+    /// Calls from an older coordinator are refused.
+    fence: Fence,
 }
 
 impl Control {
@@ -27,28 +27,13 @@ impl Control {
         Self {
             routes,
             router_id,
-            epoch: AtomicU64::new(0),
+            fence: Fence::default(),
         }
     }
 
     /// The tonic server for it.
     pub fn into_server(self) -> RouterControlServer<Self> {
         RouterControlServer::new(self)
-    }
-
-    /// Refuses a mutating call from an older coordinator epoch (0 is
-    /// unfenced), and remembers a newer one.
-    fn fence(&self, epoch: u64) -> Result<(), Status> {
-        if epoch == 0 {
-            return Ok(());
-        }
-        let seen = self.epoch.fetch_max(epoch, Ordering::AcqRel);
-        if epoch < seen {
-            return Err(Status::failed_precondition(format!(
-                "coordinator_epoch {epoch} is older than {seen}, which this router already obeys"
-            )));
-        }
-        Ok(())
     }
 }
 
@@ -72,7 +57,7 @@ impl RouterControl for Control {
         let table = request
             .table
             .ok_or_else(|| Status::invalid_argument("table: required"))?;
-        self.fence(request.coordinator_epoch)?;
+        self.fence.check(request.coordinator_epoch, "router")?;
         let applied = self.routes.apply_from_coordinator(&table).map_err(status)?;
         tracing::info!(
             version = applied.version(),
@@ -96,7 +81,7 @@ impl RouterControl for Control {
                 Source::Coordinator => TableSource::Coordinator,
             } as i32,
             applied_at: Some(table.applied_at().into()),
-            coordinator_epoch: self.epoch.load(Ordering::Acquire),
+            coordinator_epoch: self.fence.current(),
         }))
     }
 
@@ -143,19 +128,12 @@ pub async fn serve(
     router_id: String,
     shutdown: crossfade_common::Shutdown,
 ) -> anyhow::Result<()> {
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<RouterControlServer<Control>>()
-        .await;
-    let reflection = crossfade_proto::reflection_service(&[tonic_health::pb::FILE_DESCRIPTOR_SET])?;
-    tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(Control::new(routes, router_id).into_server())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async move { shutdown.triggered().await },
-        )
-        .await?;
+    crossfade_proto::server::serve(
+        listener,
+        Control::new(routes, router_id).into_server(),
+        async move { shutdown.triggered().await },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!(e))?;
     Ok(())
 }

@@ -120,6 +120,26 @@ pub trait GpuProbe: Send + Sync {
     fn read(&self) -> Result<Vec<GpuReading>, ProbeError>;
 }
 
+/// A probe that cannot read any GPU: NVML failed to load, or the
+/// configuration turned the probe off. Reads as `unknown`, never `healthy`.
+#[derive(Debug, Clone)]
+pub struct Unavailable {
+    /// The probe that is missing (`nvml`, `none`).
+    pub kind: &'static str,
+    /// Why.
+    pub reason: String,
+}
+
+impl GpuProbe for Unavailable {
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    fn read(&self) -> Result<Vec<GpuReading>, ProbeError> {
+        Err(ProbeError::Unavailable(self.reason.clone()))
+    }
+}
+
 /// The class of one GPU at `now`, and the reasons, one phrase each.
 pub fn classify(gpu: &GpuReading, now: SystemTime) -> (Health, Vec<String>) {
     let mut health = Health::Healthy;

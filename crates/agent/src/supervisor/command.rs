@@ -15,7 +15,7 @@
 const OWNED: &[(&str, &str)] = &[
     (
         "--served-model-name",
-        "the agent serves the endpoint's name, its aliases and the model's name; \
+        "the agent serves the endpoint's name (SERVED_MODEL_NAME when standalone), its aliases and the model's name; \
          set aliases on the endpoint instead",
     ),
     (

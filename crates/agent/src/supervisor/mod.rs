@@ -1,4 +1,1153 @@
-//! Supervising the inference engine. Built so far: [`command`], the engine's
-//! command line from a deployment.
+//! Supervising the inference engine: one actor owns the engine and its
+//! state; the gRPC service and standalone mode send it commands through a
+//! [`Supervisor`] handle and read what it publishes.
+//!
+//! ```text
+//!            Apply                      ready checks pass
+//! STOPPED ──────────► STARTING ───────────────────────► READY ◄──┐
+//!    ▲                 │  ▲  (crash: back-off, restart)  │       │ Undrain
+//!    │ Stop            │  └──────────────────────────────┤       │
+//!    │                 │ crashes > max_restarts,         │ Drain │
+//!    │                 ▼ ready timeout, launch error     ▼       │
+//!    └─ STOPPING ◄── FAILED                           DRAINING ──┘
+//! ```
+//!
+//! `Apply` of another deployment drains the running one, stops it and
+//! starts the new one; `Apply` of the running deployment changes nothing.
+//! The engine outlives the agent: a restarted agent reads the state file,
+//! checks the process is the one it started, and adopts it.
 
 pub mod command;
+pub mod probe;
+pub mod runtime;
+pub mod state_file;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossfade_common::Shutdown;
+use crossfade_proto::v1::{self, EngineState, StartingPhase};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use self::command::{Launch, engine_args};
+use self::probe::{Check, EngineClient, EngineLoad};
+use self::runtime::{Engine, Exit, LaunchPlan, Runtime, log_tail};
+use self::state_file::{Record, StateFile};
+use crate::config;
+use crate::gate::Gate;
+use crate::metrics as m;
+
+/// How long the engine may take to answer one readiness or metrics request.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the actor looks for an exited engine.
+const EXIT_POLL: Duration = Duration::from_millis(100);
+/// After a drain's deadline cuts SSE streams, how long their final error
+/// events get to leave before the engine is stopped.
+const CUT_FLUSH: Duration = Duration::from_secs(2);
+
+/// What the supervisor publishes about the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineView {
+    /// Its state.
+    pub state: EngineState,
+    /// The deployment it runs (or last ran).
+    pub deployment_id: String,
+    /// While starting: how far it got.
+    pub phase: StartingPhase,
+    /// While starting: what the last check saw.
+    pub phase_detail: String,
+    /// When the state last changed.
+    pub state_since: SystemTime,
+    /// When the current start began (launch or restart).
+    pub starting_since: Option<Instant>,
+    /// Why it is `FAILED`.
+    pub failure_reason: String,
+    /// Its last exit code.
+    pub exit_code: Option<i32>,
+    /// Restarts after crashes, in all.
+    pub restart_count: u32,
+    /// Its process id (0: none).
+    pub pid: u32,
+    /// Its loopback port (0: none).
+    pub port: u16,
+    /// The end of its log, when it failed.
+    pub log_tail: Vec<String>,
+    /// Adopted from an earlier agent rather than launched.
+    pub adopted: bool,
+    /// The last error, whatever the state.
+    pub last_error: String,
+}
+
+impl Default for EngineView {
+    fn default() -> Self {
+        Self {
+            state: EngineState::Stopped,
+            deployment_id: String::new(),
+            phase: StartingPhase::Unspecified,
+            phase_detail: String::new(),
+            state_since: SystemTime::now(),
+            starting_since: None,
+            failure_reason: String::new(),
+            exit_code: None,
+            restart_count: 0,
+            pid: 0,
+            port: 0,
+            log_tail: Vec::new(),
+            adopted: false,
+            last_error: String::new(),
+        }
+    }
+}
+
+impl EngineView {
+    /// Its wire form.
+    pub fn to_proto(&self) -> v1::EngineStatus {
+        let starting = self.state == EngineState::Starting;
+        v1::EngineStatus {
+            state: self.state as i32,
+            deployment_id: self.deployment_id.clone(),
+            phase: if starting { self.phase as i32 } else { 0 },
+            state_since: Some(self.state_since.into()),
+            starting_elapsed: self
+                .starting_since
+                .filter(|_| starting)
+                .and_then(|since| since.elapsed().try_into().ok()),
+            failure_reason: self.failure_reason.clone(),
+            exit_code: self.exit_code,
+            restart_count: self.restart_count,
+            pid: self.pid,
+            container_id: String::new(),
+            engine_port: u32::from(self.port),
+            log_tail: self.log_tail.clone(),
+            adopted: self.adopted,
+        }
+    }
+}
+
+/// The engine's load as last read from its `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scrape {
+    /// Running and waiting requests.
+    pub load: EngineLoad,
+    /// When it was read.
+    pub at: SystemTime,
+}
+
+/// Why a command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SupervisorError {
+    /// The request is wrong; the message names the field.
+    #[error("{0}")]
+    Invalid(String),
+    /// The engine is not in a state that allows it.
+    #[error("{0}")]
+    Precondition(String),
+    /// The supervisor has stopped (the agent is shutting down).
+    #[error("the agent is shutting down")]
+    Gone,
+}
+
+/// What `Apply` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// The deployment was already running (or starting): nothing changed.
+    pub already_applied: bool,
+}
+
+/// What a drain found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Nothing was left in flight.
+    pub drained: bool,
+    /// Requests still in flight at the deadline.
+    pub still_in_flight: u32,
+    /// How long it waited.
+    pub waited: Duration,
+}
+
+/// What `Stop` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped {
+    /// Requests still in flight when the drain's grace ended.
+    pub still_in_flight: u32,
+    /// The engine's exit code, when the agent saw one.
+    pub exit_code: Option<i32>,
+}
+
+enum Command {
+    Apply {
+        spec: Box<v1::EngineSpec>,
+        drain_timeout: Duration,
+        reply: oneshot::Sender<Result<Applied, SupervisorError>>,
+    },
+    Drain {
+        deadline: Duration,
+        reply: oneshot::Sender<Drained>,
+    },
+    Undrain {
+        reply: oneshot::Sender<Result<(), SupervisorError>>,
+    },
+    Stop {
+        grace: Duration,
+        reply: oneshot::Sender<Stopped>,
+    },
+}
+
+/// A handle on the supervisor: cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Supervisor {
+    commands: mpsc::Sender<Command>,
+    view: watch::Receiver<EngineView>,
+    scrape: watch::Receiver<Option<Scrape>>,
+    gate: Arc<Gate>,
+}
+
+impl Supervisor {
+    /// Starts the supervisor: adopts the engine of the state file if it
+    /// still runs, then serves commands until `shutdown`. The engine is
+    /// left running when the agent stops.
+    pub fn start(
+        settings: config::Engine,
+        runtime: Arc<dyn Runtime>,
+        gate: Arc<Gate>,
+        shutdown: &Shutdown,
+    ) -> Self {
+        let (commands, receiver) = mpsc::channel(16);
+        let (view, view_rx) = watch::channel(EngineView::default());
+        let (scrape, scrape_rx) = watch::channel(None);
+        let client = EngineClient::new(PROBE_TIMEOUT);
+        shutdown.spawn(scrape_engine(
+            client.clone(),
+            view_rx.clone(),
+            scrape,
+            settings.metrics_interval,
+            shutdown.clone(),
+        ));
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let mut actor = Actor {
+            state_file: StateFile::new(&settings.state_dir),
+            log_path: settings.state_dir.join("engine.log"),
+            settings,
+            runtime,
+            gate: Arc::clone(&gate),
+            view,
+            client,
+            current: None,
+            events,
+            generation: 0,
+            undrained: watch::Sender::new(0),
+        };
+        actor.adopt();
+        shutdown.spawn(actor.run(receiver, events_rx, shutdown.clone()));
+        Self {
+            commands,
+            view: view_rx,
+            scrape: scrape_rx,
+            gate,
+        }
+    }
+
+    /// The engine now.
+    pub fn view(&self) -> EngineView {
+        self.view.borrow().clone()
+    }
+
+    /// Watches the engine.
+    pub fn subscribe(&self) -> watch::Receiver<EngineView> {
+        self.view.clone()
+    }
+
+    /// The engine's load as last scraped.
+    pub fn scrape(&self) -> watch::Receiver<Option<Scrape>> {
+        self.scrape.clone()
+    }
+
+    /// The gate in front of the engine.
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+
+    /// Runs `spec`: drains and stops another deployment first (waiting up to
+    /// `drain_timeout` for its requests), then launches. Returns once the
+    /// engine is launched; readiness follows in the status.
+    pub async fn apply(
+        &self,
+        spec: v1::EngineSpec,
+        drain_timeout: Duration,
+    ) -> Result<Applied, SupervisorError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Apply {
+            spec: Box::new(spec),
+            drain_timeout,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| SupervisorError::Gone)?
+    }
+
+    /// Refuses new requests and waits up to `deadline` for those in flight;
+    /// at the deadline, open SSE streams end with an error event.
+    pub async fn drain(&self, deadline: Duration) -> Result<Drained, SupervisorError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Drain { deadline, reply }).await?;
+        answer.await.map_err(|_| SupervisorError::Gone)
+    }
+
+    /// Returns a draining engine to service.
+    pub async fn undrain(&self) -> Result<(), SupervisorError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Undrain { reply }).await?;
+        answer.await.map_err(|_| SupervisorError::Gone)?
+    }
+
+    /// Drains for up to `grace`, then stops the engine.
+    pub async fn stop(&self, grace: Duration) -> Result<Stopped, SupervisorError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Stop { grace, reply }).await?;
+        answer.await.map_err(|_| SupervisorError::Gone)
+    }
+
+    async fn send(&self, command: Command) -> Result<(), SupervisorError> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| SupervisorError::Gone)
+    }
+}
+
+/// Builds the launch plan of `spec`, or says which field is wrong.
+pub fn plan(
+    settings: &config::Engine,
+    spec: &v1::EngineSpec,
+    log_path: PathBuf,
+) -> Result<LaunchPlan, SupervisorError> {
+    let invalid = |message: String| Err(SupervisorError::Invalid(message));
+    if spec.deployment_id.trim().is_empty() {
+        return invalid("spec.deployment_id: required".into());
+    }
+    if spec.endpoint.trim().is_empty() {
+        return invalid("spec.endpoint: required (the name the engine serves)".into());
+    }
+    let Some(template) = &spec.template else {
+        return invalid("spec.template: required".into());
+    };
+    match v1::EngineRuntime::try_from(template.runtime) {
+        Ok(v1::EngineRuntime::Unspecified | v1::EngineRuntime::Process) => {}
+        Ok(v1::EngineRuntime::Container) => {
+            return Err(SupervisorError::Precondition(
+                "spec.template.runtime: this agent runs engines as processes; the container runtime is not supported yet".into(),
+            ));
+        }
+        Err(_) => {
+            return invalid(format!(
+                "spec.template.runtime: unknown value {}",
+                template.runtime
+            ));
+        }
+    }
+    let args = engine_args(&Launch {
+        model: &template.model,
+        endpoint: &spec.endpoint,
+        aliases: &spec.aliases,
+        vllm_args: &template.vllm_args,
+        port: settings.port,
+        shutdown_timeout_seconds: template.shutdown_timeout_seconds,
+    })
+    .map_err(|e| SupervisorError::Invalid(format!("spec.template: {e}")))?;
+    let mut env = Vec::with_capacity(template.env.len() + 1);
+    if !settings.cuda_visible_devices.is_empty() {
+        env.push((
+            "CUDA_VISIBLE_DEVICES".to_owned(),
+            settings.cuda_visible_devices.clone(),
+        ));
+    }
+    for (i, var) in template.env.iter().enumerate() {
+        if var.name.is_empty() || var.name.contains(['=', '\0']) {
+            return invalid(format!(
+                "spec.template.env[{i}].name: must be a non-empty name without `=` or NUL"
+            ));
+        }
+        match &var.source {
+            Some(v1::env_var::Source::Value(value)) if !value.contains('\0') => {
+                env.push((var.name.clone(), value.clone()));
+            }
+            Some(v1::env_var::Source::Value(_)) => {
+                return invalid(format!(
+                    "spec.template.env[{i}] ({}): the value may not contain NUL",
+                    var.name
+                ));
+            }
+            Some(v1::env_var::Source::FromCoordinatorEnv(_)) | None => {
+                return invalid(format!(
+                    "spec.template.env[{i}] ({}): needs a value; the coordinator resolves `from_coordinator_env` before it sends a spec",
+                    var.name
+                ));
+            }
+        }
+    }
+    Ok(LaunchPlan {
+        program: settings.command.clone(),
+        args,
+        env,
+        log_path,
+    })
+}
+
+/// The deployment being run.
+struct Current {
+    spec: v1::EngineSpec,
+    plan: LaunchPlan,
+    /// `None` while a restart waits for its back-off.
+    engine: Option<Box<dyn Engine>>,
+    generation: u64,
+    ready_deadline: Instant,
+    probe: Option<JoinHandle<()>>,
+    consecutive_crashes: u32,
+    ready_since: Option<Instant>,
+    restart_at: Option<Instant>,
+    launched_at: Instant,
+}
+
+impl Current {
+    fn stop_probe(&mut self) {
+        if let Some(probe) = self.probe.take() {
+            probe.abort();
+        }
+    }
+}
+
+enum Event {
+    Phase {
+        generation: u64,
+        phase: StartingPhase,
+        detail: String,
+    },
+    Ready {
+        generation: u64,
+    },
+}
+
+struct Actor {
+    settings: config::Engine,
+    runtime: Arc<dyn Runtime>,
+    gate: Arc<Gate>,
+    view: watch::Sender<EngineView>,
+    client: EngineClient,
+    state_file: StateFile,
+    log_path: PathBuf,
+    current: Option<Current>,
+    events: mpsc::UnboundedSender<Event>,
+    generation: u64,
+    /// Bumped by `Undrain`: a drain in progress returns at once.
+    undrained: watch::Sender<u64>,
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut events: mpsc::UnboundedReceiver<Event>,
+        shutdown: Shutdown,
+    ) {
+        let mut tick = tokio::time::interval(EXIT_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.triggered() => break,
+                command = commands.recv() => match command {
+                    Some(command) => self.command(command).await,
+                    None => break,
+                },
+                Some(event) = events.recv() => self.event(event),
+                _ = tick.tick() => self.tick().await,
+            }
+        }
+        if let Some(current) = &mut self.current {
+            current.stop_probe();
+            if current.engine.is_some() {
+                tracing::info!(
+                    pid = self.view.borrow().pid,
+                    "the engine keeps running; a restarted agent adopts it"
+                );
+            }
+        }
+        self.gate.close_for_start();
+    }
+
+    /// Changes the published view; keeps `state_since` and the state gauge
+    /// right.
+    fn set(&self, change: impl FnOnce(&mut EngineView)) {
+        self.view.send_modify(|view| {
+            let before = view.state;
+            change(view);
+            if view.state != before {
+                view.state_since = SystemTime::now();
+                metrics::gauge!(m::ENGINE_STATE, "state" => state_name(before)).set(0.0);
+            }
+            metrics::gauge!(m::ENGINE_STATE, "state" => state_name(view.state)).set(1.0);
+        });
+    }
+
+    fn adopt(&mut self) {
+        let record = match self.state_file.load() {
+            Ok(Some(record)) => record,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring the state file");
+                return;
+            }
+        };
+        let deployment = record.spec.deployment_id.clone();
+        let engine = (record.runtime == self.runtime.kind())
+            .then(|| self.runtime.adopt(record.identity))
+            .flatten();
+        let Some(engine) = engine else {
+            tracing::info!(
+                pid = record.identity.pid,
+                deployment,
+                "the engine of the state file is gone"
+            );
+            if let Err(e) = self.state_file.remove() {
+                tracing::warn!(error = %e, "cannot remove the state file");
+            }
+            return;
+        };
+        let plan = match plan(&self.settings, &record.spec, self.log_path.clone()) {
+            Ok(plan) if record.port == self.settings.port => plan,
+            Ok(_) => {
+                tracing::warn!(
+                    recorded = record.port,
+                    configured = self.settings.port,
+                    "the engine of the state file listens on another port than engine.port; not adopting it"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the deployment of the state file is not valid now; not adopting it");
+                return;
+            }
+        };
+        tracing::info!(
+            pid = record.identity.pid,
+            deployment,
+            port = record.port,
+            "adopting the engine an earlier agent started"
+        );
+        self.generation += 1;
+        let generation = self.generation;
+        let ready_timeout = ready_timeout(&self.settings, &record.spec);
+        let now = Instant::now();
+        self.current = Some(Current {
+            spec: record.spec,
+            plan,
+            engine: Some(engine),
+            generation,
+            ready_deadline: now + ready_timeout,
+            probe: None,
+            consecutive_crashes: 0,
+            ready_since: None,
+            restart_at: None,
+            launched_at: now,
+        });
+        self.set(|view| {
+            *view = EngineView {
+                state: EngineState::Starting,
+                deployment_id: deployment,
+                phase: StartingPhase::HealthCheck,
+                starting_since: Some(now),
+                pid: record.identity.pid,
+                port: record.port,
+                adopted: true,
+                ..EngineView::default()
+            };
+        });
+        self.spawn_probe(StartingPhase::HealthCheck);
+    }
+
+    async fn command(&mut self, command: Command) {
+        match command {
+            Command::Apply {
+                spec,
+                drain_timeout,
+                reply,
+            } => {
+                let result = self.apply(*spec, drain_timeout).await;
+                let _ = reply.send(result);
+            }
+            Command::Drain { deadline, reply } => self.drain(deadline, reply),
+            Command::Undrain { reply } => {
+                let _ = reply.send(self.undrain());
+            }
+            Command::Stop { grace, reply } => {
+                let stopped = self.stop(grace).await;
+                let _ = reply.send(stopped);
+            }
+        }
+    }
+
+    async fn apply(
+        &mut self,
+        spec: v1::EngineSpec,
+        drain_timeout: Duration,
+    ) -> Result<Applied, SupervisorError> {
+        let plan = plan(&self.settings, &spec, self.log_path.clone())?;
+        let state = self.view.borrow().state;
+        if let Some(current) = &self.current
+            && current.spec.deployment_id == spec.deployment_id
+            && matches!(
+                state,
+                EngineState::Starting | EngineState::Ready | EngineState::Draining
+            )
+        {
+            if state == EngineState::Draining {
+                self.undrain()?;
+            }
+            return Ok(Applied {
+                already_applied: true,
+            });
+        }
+        if self.current.is_some() {
+            tracing::info!(
+                from = %self.view.borrow().deployment_id,
+                to = %spec.deployment_id,
+                "swapping deployments: draining the running one"
+            );
+            self.drain_now(drain_timeout).await;
+            self.stop_engine().await;
+        }
+        tracing::info!(deployment = %spec.deployment_id, plan = ?plan, "launching the engine");
+        let ready_timeout = ready_timeout(&self.settings, &spec);
+        let now = Instant::now();
+        self.current = Some(Current {
+            spec,
+            plan,
+            engine: None,
+            generation: 0,
+            ready_deadline: now + ready_timeout,
+            probe: None,
+            consecutive_crashes: 0,
+            ready_since: None,
+            restart_at: None,
+            launched_at: now,
+        });
+        self.set(|view| {
+            *view = EngineView {
+                restart_count: 0,
+                ..EngineView::default()
+            };
+        });
+        self.launch();
+        Ok(Applied {
+            already_applied: false,
+        })
+    }
+
+    /// Launches (or relaunches) the current deployment.
+    fn launch(&mut self) {
+        self.generation += 1;
+        let generation = self.generation;
+        let Some(current) = &mut self.current else {
+            return;
+        };
+        current.stop_probe();
+        current.restart_at = None;
+        current.generation = generation;
+        let deployment_id = current.spec.deployment_id.clone();
+        if let Some(dir) = current.plan.log_path.parent()
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            tracing::warn!(error = %e, dir = %dir.display(), "cannot create the state directory");
+        }
+        let engine = match self.runtime.launch(&current.plan) {
+            Ok(engine) => engine,
+            Err(e) => {
+                // Not a crash: the executable is missing or the log cannot
+                // be written. Restarting would not help.
+                tracing::error!(error = %e, deployment = %deployment_id, "cannot launch the engine");
+                self.current = None;
+                let reason = e.to_string();
+                self.set(|view| {
+                    view.state = EngineState::Failed;
+                    view.deployment_id = deployment_id;
+                    view.failure_reason = reason.clone();
+                    view.last_error = reason;
+                    view.starting_since = None;
+                    view.pid = 0;
+                });
+                return;
+            }
+        };
+        let identity = engine.identity();
+        let now = Instant::now();
+        let ready_timeout = ready_timeout(&self.settings, &current.spec);
+        current.engine = Some(engine);
+        current.ready_deadline = now + ready_timeout;
+        current.launched_at = now;
+        current.ready_since = None;
+        let record = Record {
+            identity,
+            port: self.settings.port,
+            runtime: self.runtime.kind().to_owned(),
+            spec: current.spec.clone(),
+            launched_at_unix: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        if let Err(e) = self.state_file.save(&record) {
+            tracing::warn!(error = %e, "cannot write the state file; a restarted agent will not adopt this engine");
+        }
+        self.gate.close_for_start();
+        let port = self.settings.port;
+        self.set(|view| {
+            view.state = EngineState::Starting;
+            view.deployment_id = deployment_id;
+            view.phase = StartingPhase::Launching;
+            view.phase_detail.clear();
+            view.starting_since = Some(now);
+            view.pid = identity.pid;
+            view.port = port;
+            view.adopted = false;
+            view.failure_reason.clear();
+            view.log_tail.clear();
+        });
+        tracing::info!(pid = identity.pid, port, "engine launched");
+        self.spawn_probe(StartingPhase::Launching);
+    }
+
+    fn spawn_probe(&mut self, from: StartingPhase) {
+        let Some(current) = &mut self.current else {
+            return;
+        };
+        let client = self.client.clone();
+        let events = self.events.clone();
+        let generation = current.generation;
+        let port = self.settings.port;
+        let name = current.spec.endpoint.clone();
+        let interval = self.settings.probe_interval;
+        current.probe = Some(tokio::spawn(async move {
+            let mut phase = from;
+            let mut detail = String::new();
+            loop {
+                match probe::check(&client, port, &name, phase).await {
+                    Check::Ready => {
+                        let _ = events.send(Event::Ready { generation });
+                        return;
+                    }
+                    Check::Phase(now, said) => {
+                        if now != phase || said != detail {
+                            phase = now;
+                            detail.clone_from(&said);
+                            let _ = events.send(Event::Phase {
+                                generation,
+                                phase,
+                                detail: said,
+                            });
+                        }
+                    }
+                }
+                tokio::time::sleep(interval).await;
+            }
+        }));
+    }
+
+    fn event(&mut self, event: Event) {
+        let Some(current) = &mut self.current else {
+            return;
+        };
+        match event {
+            Event::Phase {
+                generation,
+                phase,
+                detail,
+            } if generation == current.generation => {
+                self.set(|view| {
+                    if view.state == EngineState::Starting {
+                        view.phase = phase;
+                        view.phase_detail = detail;
+                    }
+                });
+            }
+            Event::Ready { generation } if generation == current.generation => {
+                current.probe = None;
+                current.ready_since = Some(Instant::now());
+                let took = current.launched_at.elapsed();
+                let adopted = self.view.borrow().adopted;
+                if !adopted {
+                    metrics::histogram!(m::ENGINE_START_SECONDS).record(took.as_secs_f64());
+                }
+                self.gate.open(self.settings.port);
+                tracing::info!(
+                    deployment = %current.spec.deployment_id,
+                    took = ?took,
+                    adopted,
+                    "engine ready"
+                );
+                self.set(|view| {
+                    view.state = EngineState::Ready;
+                    view.phase = StartingPhase::Unspecified;
+                    view.phase_detail.clear();
+                    view.starting_since = None;
+                });
+            }
+            // From an engine since replaced.
+            Event::Phase { .. } | Event::Ready { .. } => {}
+        }
+    }
+
+    async fn tick(&mut self) {
+        let Some(current) = &mut self.current else {
+            return;
+        };
+        let now = Instant::now();
+        if let Some(engine) = &mut current.engine {
+            if let Some(exit) = engine.try_exit() {
+                self.crashed(exit);
+                return;
+            }
+        } else if current.restart_at.is_some_and(|at| at <= now) {
+            self.launch();
+            return;
+        }
+        let state = self.view.borrow().state;
+        if state == EngineState::Starting
+            && current.engine.is_some()
+            && now >= current.ready_deadline
+        {
+            let view = self.view.borrow().clone();
+            let waited = current.ready_deadline - current.launched_at;
+            let reason = format!(
+                "not ready within {} (phase {}{})",
+                humantime::format_duration(waited),
+                view.phase.as_str_name(),
+                if view.phase_detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", view.phase_detail)
+                }
+            );
+            tracing::error!(deployment = %view.deployment_id, %reason, "giving up on the engine");
+            let exit = self.stop_engine().await;
+            let tail = log_tail(&self.log_path, self.settings.log_tail_lines);
+            self.set(|view| {
+                view.state = EngineState::Failed;
+                view.failure_reason = reason.clone();
+                view.last_error = reason;
+                view.exit_code = exit.and_then(|e| e.code);
+                view.log_tail = tail;
+            });
+        }
+    }
+
+    /// The engine exited without being asked to.
+    fn crashed(&mut self, exit: Exit) {
+        let Some(current) = &mut self.current else {
+            return;
+        };
+        current.engine = None;
+        current.stop_probe();
+        self.gate.close_for_start();
+        metrics::counter!(m::ENGINE_RESTARTS_TOTAL).increment(1);
+        if current
+            .ready_since
+            .is_some_and(|since| since.elapsed() >= self.settings.stable_after)
+        {
+            current.consecutive_crashes = 0;
+        }
+        current.consecutive_crashes += 1;
+        let crashes = current.consecutive_crashes;
+        let tail = log_tail(&self.log_path, self.settings.log_tail_lines);
+        let last_line = tail.last().cloned().unwrap_or_default();
+        let deployment = current.spec.deployment_id.clone();
+        if crashes > self.settings.max_restarts {
+            let reason = format!(
+                "the engine exited {crashes} time{} in a row, last with {exit}{}",
+                if crashes == 1 { "" } else { "s" },
+                if last_line.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {last_line}")
+                }
+            );
+            tracing::error!(deployment, %reason, "the engine is failed; not restarting it");
+            self.current = None;
+            if let Err(e) = self.state_file.remove() {
+                tracing::warn!(error = %e, "cannot remove the state file");
+            }
+            self.set(|view| {
+                view.state = EngineState::Failed;
+                view.failure_reason = reason.clone();
+                view.last_error = reason;
+                view.exit_code = exit.code;
+                view.log_tail = tail;
+                view.pid = 0;
+                view.starting_since = None;
+            });
+            return;
+        }
+        let exponent = (crashes - 1).min(20);
+        let backoff = self
+            .settings
+            .restart_backoff
+            .saturating_mul(1 << exponent)
+            .min(self.settings.restart_backoff_max);
+        current.restart_at = Some(Instant::now() + backoff);
+        let error = format!(
+            "the engine exited ({exit}){}; restart {crashes} of {} in {}",
+            if last_line.is_empty() {
+                String::new()
+            } else {
+                format!(": {last_line}")
+            },
+            self.settings.max_restarts,
+            humantime::format_duration(backoff)
+        );
+        tracing::warn!(deployment, "{error}");
+        self.set(|view| {
+            view.state = EngineState::Starting;
+            view.phase = StartingPhase::Launching;
+            view.phase_detail.clear();
+            view.starting_since = Some(Instant::now());
+            view.exit_code = exit.code;
+            view.restart_count += 1;
+            view.last_error = error;
+            view.pid = 0;
+            view.adopted = false;
+        });
+    }
+
+    fn drain(&mut self, deadline: Duration, reply: oneshot::Sender<Drained>) {
+        let state = self.view.borrow().state;
+        if !matches!(state, EngineState::Ready | EngineState::Draining) {
+            // Nothing takes traffic; the gate already refuses it.
+            let _ = reply.send(Drained {
+                drained: true,
+                still_in_flight: 0,
+                waited: Duration::ZERO,
+            });
+            return;
+        }
+        self.gate.start_drain();
+        self.set(|view| view.state = EngineState::Draining);
+        let gate = Arc::clone(&self.gate);
+        let mut undrained = self.undrained.subscribe();
+        undrained.mark_unchanged();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let until = tokio::time::Instant::now() + deadline;
+            let (left, result) = tokio::select! {
+                left = gate.wait_idle(until) => {
+                    if left > 0 {
+                        gate.cut_streams();
+                    }
+                    (left, if left == 0 { "drained" } else { "deadline" })
+                }
+                _ = undrained.changed() => (gate.state().in_flight, "undrained"),
+            };
+            let waited = started.elapsed();
+            metrics::histogram!(m::DRAIN_SECONDS, "result" => result).record(waited.as_secs_f64());
+            let _ = reply.send(Drained {
+                drained: left == 0,
+                still_in_flight: left,
+                waited,
+            });
+        });
+    }
+
+    /// Drains before a stop or a swap, waiting here.
+    async fn drain_now(&mut self, deadline: Duration) -> Drained {
+        let started = Instant::now();
+        let state = self.view.borrow().state;
+        if !matches!(state, EngineState::Ready | EngineState::Draining) {
+            self.gate.close_for_start();
+            return Drained {
+                drained: true,
+                still_in_flight: 0,
+                waited: Duration::ZERO,
+            };
+        }
+        self.gate.start_drain();
+        self.set(|view| view.state = EngineState::Draining);
+        let left = self
+            .gate
+            .wait_idle(tokio::time::Instant::now() + deadline)
+            .await;
+        if left > 0 {
+            tracing::warn!(
+                still_in_flight = left,
+                ?deadline,
+                "drain deadline passed; ending open streams"
+            );
+            self.gate.cut_streams();
+            self.gate
+                .wait_idle(tokio::time::Instant::now() + CUT_FLUSH)
+                .await;
+        }
+        let waited = started.elapsed();
+        metrics::histogram!(m::DRAIN_SECONDS, "result" => if left == 0 { "drained" } else { "deadline" })
+            .record(waited.as_secs_f64());
+        Drained {
+            drained: left == 0,
+            still_in_flight: left,
+            waited,
+        }
+    }
+
+    fn undrain(&mut self) -> Result<(), SupervisorError> {
+        let state = self.view.borrow().state;
+        match state {
+            EngineState::Ready => Ok(()),
+            EngineState::Draining => {
+                self.gate.open(self.settings.port);
+                self.undrained.send_modify(|n| *n += 1);
+                self.set(|view| view.state = EngineState::Ready);
+                tracing::info!("undrained: taking requests again");
+                Ok(())
+            }
+            other => Err(SupervisorError::Precondition(format!(
+                "the engine is {}; only a draining engine can be undrained",
+                other.as_str_name()
+            ))),
+        }
+    }
+
+    async fn stop(&mut self, grace: Duration) -> Stopped {
+        if self.current.is_none() {
+            // Already stopped, or failed: nothing runs.
+            return Stopped {
+                still_in_flight: 0,
+                exit_code: self.view.borrow().exit_code,
+            };
+        }
+        let drained = self.drain_now(grace).await;
+        let exit = self.stop_engine().await;
+        self.current = None;
+        self.set(|view| {
+            view.state = EngineState::Stopped;
+            view.exit_code = exit.and_then(|e| e.code);
+            view.pid = 0;
+            view.starting_since = None;
+        });
+        Stopped {
+            still_in_flight: drained.still_in_flight,
+            exit_code: exit.and_then(|e| e.code),
+        }
+    }
+
+    /// Stops the current engine: SIGTERM, then SIGKILL after
+    /// `stop_timeout`. Forgets it in the state file.
+    async fn stop_engine(&mut self) -> Option<Exit> {
+        self.gate.close_for_start();
+        let current = self.current.as_mut()?;
+        current.stop_probe();
+        current.restart_at = None;
+        let mut engine = current.engine.take()?;
+        self.set(|view| view.state = EngineState::Stopping);
+        engine.terminate();
+        let exit = wait_exit(engine.as_mut(), self.settings.stop_timeout).await;
+        let exit = match exit {
+            Some(exit) => Some(exit),
+            None => {
+                tracing::warn!(
+                    timeout = ?self.settings.stop_timeout,
+                    "the engine did not stop after SIGTERM; killing it"
+                );
+                engine.kill();
+                wait_exit(engine.as_mut(), Duration::from_secs(10)).await
+            }
+        };
+        if let Err(e) = self.state_file.remove() {
+            tracing::warn!(error = %e, "cannot remove the state file");
+        }
+        tracing::info!(exit = ?exit, "engine stopped");
+        exit
+    }
+}
+
+/// The deployment's ready timeout, or the configured one.
+fn ready_timeout(settings: &config::Engine, spec: &v1::EngineSpec) -> Duration {
+    spec.ready_timeout
+        .and_then(|d| Duration::try_from(d).ok())
+        .filter(|d| !d.is_zero())
+        .unwrap_or(settings.ready_timeout)
+}
+
+async fn wait_exit(engine: &mut dyn Engine, timeout: Duration) -> Option<Exit> {
+    let until = Instant::now() + timeout;
+    loop {
+        if let Some(exit) = engine.try_exit() {
+            return Some(exit);
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn state_name(state: EngineState) -> &'static str {
+    match state {
+        EngineState::Unspecified => "unspecified",
+        EngineState::Stopped => "stopped",
+        EngineState::Starting => "starting",
+        EngineState::Ready => "ready",
+        EngineState::Draining => "draining",
+        EngineState::Stopping => "stopping",
+        EngineState::Failed => "failed",
+    }
+}
+
+/// Reads the engine's `/metrics` every `interval` while it takes traffic.
+async fn scrape_engine(
+    client: EngineClient,
+    view: watch::Receiver<EngineView>,
+    scrape: watch::Sender<Option<Scrape>>,
+    interval: Duration,
+    shutdown: Shutdown,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.triggered() => return,
+            _ = tick.tick() => {}
+        }
+        let (state, port) = {
+            let view = view.borrow();
+            (view.state, view.port)
+        };
+        let read = if matches!(state, EngineState::Ready | EngineState::Draining) {
+            match client.call(port, http::Method::GET, "/metrics", None).await {
+                Ok((status, page)) if status.is_success() => {
+                    probe::parse_load(&String::from_utf8_lossy(&page))
+                }
+                Ok((status, _)) => {
+                    tracing::debug!(%status, "the engine's /metrics answered an error");
+                    None
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read the engine's /metrics");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(load) = read {
+            metrics::gauge!(m::ENGINE_REQUESTS_RUNNING).set(f64::from(load.running));
+            metrics::gauge!(m::ENGINE_REQUESTS_WAITING).set(f64::from(load.waiting));
+        }
+        let next = read.map(|load| Scrape {
+            load,
+            at: SystemTime::now(),
+        });
+        // Only a change of the counts (or of having them) is news.
+        scrape.send_if_modified(|old| {
+            let changed = old.map(|s| s.load) != next.map(|s| s.load);
+            *old = next;
+            changed
+        });
+    }
+}

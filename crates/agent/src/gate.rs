@@ -1,0 +1,417 @@
+//! The gate: the host's inference port, a hyper proxy to the engine on
+//! 127.0.0.1 that counts in-flight requests exactly (from admission until
+//! the last byte of the response, or the client going away) and drains them.
+//!
+//! - Not ready (no engine, or one still starting): every request gets 503
+//!   with `x-crossfade-retry: not-ready`, which routers retry elsewhere.
+//! - Draining: new requests get 503 with `x-crossfade-retry: draining`, and
+//!   every open connection is closed gracefully (HTTP/1.1 after its
+//!   response in progress, HTTP/2 with GOAWAY), so clients that keep
+//!   connections alive reconnect elsewhere. Requests admitted before keep
+//!   streaming.
+//! - At a drain's deadline ([`Gate::cut_streams`]), open SSE streams end
+//!   with a final `data:` error event, which OpenAI clients raise as an
+//!   error, instead of a reset connection.
+//!
+//! Admission and the count share one lock with the mode, so a drain that
+//! sees zero in flight can trust that no request is about to slip in.
+
+use std::future::Future as _;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use crossfade_common::http::strip_hop_by_hop;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use crate::metrics as m;
+
+/// The header that tells a router a refused request may go elsewhere.
+pub const RETRY_HEADER: &str = "x-crossfade-retry";
+
+/// Whether the gate lets requests through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// No engine, or one that is not ready: refuse with `not-ready`.
+    NotReady,
+    /// Forward to the engine.
+    Ready,
+    /// Refuse new requests with `draining`; let admitted ones finish.
+    Draining,
+}
+
+/// The gate's state: one lock for the mode, the count and the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GateState {
+    /// Whether requests go through.
+    pub mode: Mode,
+    /// Requests admitted and not yet finished.
+    pub in_flight: u32,
+    /// The engine's loopback port (0: none).
+    pub port: u16,
+}
+
+/// The gate. Cheap to share: handlers hold an `Arc`.
+#[derive(Debug)]
+pub struct Gate {
+    state: watch::Sender<GateState>,
+    /// Bumped to close every open connection gracefully.
+    close: watch::Sender<u64>,
+    /// Cancelled at a drain's deadline to end open SSE streams; replaced
+    /// by a fresh token for the streams that follow.
+    cut: Mutex<CancellationToken>,
+    client: Client<HttpConnector, Incoming>,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Gate {
+    /// A gate with no engine behind it.
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Self {
+            state: watch::Sender::new(GateState {
+                mode: Mode::NotReady,
+                in_flight: 0,
+                port: 0,
+            }),
+            close: watch::Sender::new(0),
+            cut: Mutex::new(CancellationToken::new()),
+            client,
+        }
+    }
+
+    /// The state now.
+    pub fn state(&self) -> GateState {
+        *self.state.borrow()
+    }
+
+    /// Watches the state (mode and count).
+    pub fn subscribe(&self) -> watch::Receiver<GateState> {
+        self.state.subscribe()
+    }
+
+    /// What the accept loop watches to close connections.
+    pub fn close_signal(&self) -> watch::Receiver<u64> {
+        self.close.subscribe()
+    }
+
+    /// Forwards to the engine on `port`.
+    pub fn open(&self, port: u16) {
+        self.state.send_modify(|s| {
+            s.mode = Mode::Ready;
+            s.port = port;
+        });
+    }
+
+    /// Refuses requests with `not-ready` (no engine, or a starting one).
+    pub fn close_for_start(&self) {
+        self.state.send_modify(|s| s.mode = Mode::NotReady);
+    }
+
+    /// Starts draining: new requests are refused with `draining`, and open
+    /// connections are closed gracefully. Returns whether it was already
+    /// draining.
+    pub fn start_drain(&self) -> bool {
+        let already = self.state.borrow().mode == Mode::Draining;
+        self.state.send_modify(|s| s.mode = Mode::Draining);
+        if !already {
+            self.close.send_modify(|n| *n += 1);
+        }
+        already
+    }
+
+    /// Waits until nothing is in flight or `deadline` passes; returns the
+    /// count left (0 when drained).
+    pub async fn wait_idle(&self, deadline: tokio::time::Instant) -> u32 {
+        let mut state = self.state.subscribe();
+        let idle = state.wait_for(|s| s.in_flight == 0);
+        match tokio::time::timeout_at(deadline, idle).await {
+            Ok(_) => 0,
+            Err(_) => self.state().in_flight,
+        }
+    }
+
+    /// Ends every open SSE stream with a final error event (a drain's
+    /// deadline has passed).
+    pub fn cut_streams(&self) {
+        let mut cut = self
+            .cut
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        cut.cancel();
+        *cut = CancellationToken::new();
+    }
+
+    /// Admits a request if the gate is open.
+    fn admit(self: &Arc<Self>) -> Result<(InFlight, u16), Mode> {
+        let mut refused = None;
+        let mut port = 0;
+        self.state.send_if_modified(|s| {
+            if s.mode == Mode::Ready {
+                s.in_flight += 1;
+                port = s.port;
+                true
+            } else {
+                refused = Some(s.mode);
+                false
+            }
+        });
+        match refused {
+            Some(mode) => Err(mode),
+            None => {
+                metrics::gauge!(m::GATE_IN_FLIGHT).increment(1.0);
+                Ok((InFlight(Arc::clone(self)), port))
+            }
+        }
+    }
+
+    /// Handles one request from the host's inference port.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<GateBody> {
+        let http1 = req.version() <= Version::HTTP_11;
+        let (in_flight, port) = match self.admit() {
+            Ok(admitted) => admitted,
+            Err(mode) => {
+                let (retry, message) = match mode {
+                    Mode::Draining => ("draining", "this worker is draining; retry on another"),
+                    _ => (
+                        "not-ready",
+                        "this worker's engine is not ready; retry on another",
+                    ),
+                };
+                metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => format!("refused_{}", retry.replace('-', "_")))
+                    .increment(1);
+                let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, message, retry);
+                response
+                    .headers_mut()
+                    .insert(RETRY_HEADER, HeaderValue::from_static(retry));
+                if mode == Mode::Draining && http1 {
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                return response;
+            }
+        };
+
+        let (mut parts, body) = req.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let uri = match Uri::builder()
+            .scheme("http")
+            .authority(format!("127.0.0.1:{port}"))
+            .path_and_query(path)
+            .build()
+        {
+            Ok(uri) => uri,
+            Err(e) => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("cannot forward this path: {e}"),
+                    "bad_request",
+                );
+            }
+        };
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::HOST);
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        let upstream = Request::from_parts(parts, body);
+
+        match self.client.request(upstream).await {
+            Ok(response) => {
+                metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => "proxied").increment(1);
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                let sse = parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.starts_with("text/event-stream"));
+                let cut = sse.then(|| {
+                    let token = self
+                        .cut
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .clone();
+                    Box::pin(token.cancelled_owned())
+                });
+                Response::from_parts(
+                    parts,
+                    GateBody::Upstream(Upstream {
+                        inner: body,
+                        in_flight: Some(in_flight),
+                        cut,
+                    }),
+                )
+            }
+            Err(e) if e.is_connect() => {
+                // The request never reached the engine: another worker may
+                // take it.
+                metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => "engine_unreachable")
+                    .increment(1);
+                tracing::warn!(error = %e, port, "the engine refused a connection");
+                let mut response = error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "this worker's engine is not reachable; retry on another",
+                    "not-ready",
+                );
+                response
+                    .headers_mut()
+                    .insert(RETRY_HEADER, HeaderValue::from_static("not-ready"));
+                response
+            }
+            Err(e) => {
+                metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => "engine_error").increment(1);
+                tracing::warn!(error = %e, port, "the engine failed a request");
+                error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "the engine failed before it answered",
+                    "engine_error",
+                )
+            }
+        }
+    }
+}
+
+/// One admitted request; the count drops when it is dropped.
+#[derive(Debug)]
+struct InFlight(Arc<Gate>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .state
+            .send_modify(|s| s.in_flight = s.in_flight.saturating_sub(1));
+        metrics::gauge!(m::GATE_IN_FLIGHT).decrement(1.0);
+    }
+}
+
+/// An OpenAI-shaped JSON error.
+fn error_response(status: StatusCode, message: &str, code: &str) -> Response<GateBody> {
+    let body = serde_json::json!({
+        "error": {
+            "message": message,
+            "type": if status.is_server_error() { "server_error" } else { "invalid_request_error" },
+            "code": code,
+        }
+    });
+    let mut response = Response::new(GateBody::Full(Full::new(Bytes::from(body.to_string()))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The SSE event that ends a stream cut at a drain's deadline.
+pub const CUT_EVENT: &str = "data: {\"error\":{\"message\":\"the worker serving this stream was stopped at its drain deadline\",\"type\":\"server_error\",\"code\":\"drain_deadline\"}}\n\n";
+
+/// A response body: the gate's own, or the engine's streamed through.
+#[derive(Debug)]
+pub enum GateBody {
+    /// The gate's own answer.
+    Full(Full<Bytes>),
+    /// The engine's, frame by frame.
+    Upstream(Upstream),
+}
+
+/// The engine's response body, counted until its end.
+pub struct Upstream {
+    inner: Incoming,
+    /// Released at the end of the stream (or when the client goes away and
+    /// hyper drops the body).
+    in_flight: Option<InFlight>,
+    /// For SSE: resolves at a drain's deadline.
+    cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("in_flight", &self.in_flight.is_some())
+            .field("sse", &self.cut.is_some())
+            .finish()
+    }
+}
+
+impl Body for GateBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Self::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+            Self::Upstream(upstream) => {
+                if upstream.in_flight.is_none() {
+                    return Poll::Ready(None);
+                }
+                if let Some(cut) = &mut upstream.cut
+                    && cut.as_mut().poll(cx).is_ready()
+                {
+                    upstream.cut = None;
+                    upstream.in_flight = None;
+                    metrics::counter!(m::GATE_STREAMS_CUT_TOTAL).increment(1);
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+                        CUT_EVENT.as_bytes(),
+                    )))));
+                }
+                let polled = Pin::new(&mut upstream.inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None | Some(Err(_))) => upstream.in_flight = None,
+                    Poll::Ready(Some(Ok(_))) if upstream.inner.is_end_stream() => {
+                        upstream.in_flight = None;
+                    }
+                    _ => {}
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Full(full) => full.is_end_stream(),
+            Self::Upstream(upstream) => upstream.in_flight.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Full(full) => full.size_hint(),
+            Self::Upstream(upstream) if upstream.cut.is_some() => SizeHint::default(),
+            Self::Upstream(upstream) => upstream.inner.size_hint(),
+        }
+    }
+}
