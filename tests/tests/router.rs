@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use crossfade_e2e::{
-    Process, binary, free_port, openai_stream, python_for_test, start_fake_vllm, tokens,
+    Process, TempDir, binary, free_port, openai_stream, python_for_test, start_fake_vllm, tokens,
     wait_for_port,
 };
 use http_body_util::{BodyExt, Full};
@@ -63,7 +63,7 @@ workers = ["{}"]
 }
 
 fn start_router(a: SocketAddr, b: SocketAddr) -> Router {
-    let dir = TempDir::new();
+    let dir = TempDir::new().unwrap();
     let [public, admin, control] =
         [0; 3].map(|_| SocketAddr::from(([127, 0, 0, 1], free_port().unwrap())));
     let config = dir.0.join("router.toml");
@@ -237,28 +237,4 @@ async fn http_get(addr: SocketAddr, path: &str) -> String {
         .unwrap();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     String::from_utf8(body.to_vec()).unwrap()
-}
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "crossfade-e2e-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

@@ -238,9 +238,8 @@ fn systemd_ready(shutdown: &Shutdown) {
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         tracing::warn!(error = %e, "cannot notify systemd");
     }
-    let mut usec = 0;
-    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
-        let every = Duration::from_micros(usec) / 2;
+    if let Some(interval) = watchdog_interval(|name| std::env::var(name).ok()) {
+        let every = interval / 2;
         tracing::info!(?every, "pinging the systemd watchdog");
         let stop = shutdown.clone();
         shutdown.spawn(async move {
@@ -262,6 +261,18 @@ fn systemd_ready(shutdown: &Shutdown) {
         stop.triggered().await;
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     });
+}
+
+/// The watchdog interval systemd asks for, as `sd_watchdog_enabled(3)`
+/// reads it: `WATCHDOG_USEC`, unless `WATCHDOG_PID` names another process.
+fn watchdog_interval(env: impl Fn(&str) -> Option<String>) -> Option<Duration> {
+    let usec: u64 = env("WATCHDOG_USEC")?.parse().ok()?;
+    if let Some(pid) = env("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    (usec > 0).then(|| Duration::from_micros(usec))
 }
 
 /// `/metrics`, `/healthz` (the agent serves), `/readyz` (the gate forwards

@@ -141,6 +141,11 @@ impl Runtime for ProcessRuntime {
         })?;
         let child = Command::new(&plan.program)
             .args(&plan.args)
+            // systemd's notification and watchdog are the agent's, not
+            // the engine's.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .envs(plan.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)

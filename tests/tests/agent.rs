@@ -1,0 +1,741 @@
+//! `crossfade-agent` as a real process supervising `fake-vllm` engines:
+//! standalone start and readiness, drains with a held stream, the drain
+//! deadline, crash restarts and the crash loop, adoption after SIGKILL,
+//! `Apply` swaps, bad `VLLM_ARGS`, and systemd's notifications.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossfade_e2e::{Process, TempDir, binary, free_port, wait_for_port};
+use crossfade_proto::v1::{self, EngineState, agent_client::AgentClient};
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tonic::transport::Channel;
+
+/// A running agent and what a test needs to reach it.
+struct Agent {
+    /// Killed with SIGKILL when dropped.
+    process: Process,
+    gate: SocketAddr,
+    control: SocketAddr,
+    admin: SocketAddr,
+    engine_port: u16,
+}
+
+/// Ports and directory of one agent host; a second agent on the same host
+/// (after the first is killed) reuses them.
+struct Host {
+    dir: TempDir,
+    gate: u16,
+    control: u16,
+    admin: u16,
+    engine: u16,
+}
+
+impl Host {
+    fn new() -> Self {
+        Self {
+            dir: TempDir::new().unwrap(),
+            gate: free_port().unwrap(),
+            control: free_port().unwrap(),
+            admin: free_port().unwrap(),
+            engine: free_port().unwrap(),
+        }
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Starts an agent with `env` (standalone variables, fake-vllm knobs)
+    /// and extra `[engine]` keys.
+    fn start(&self, env: &[(&str, &str)], engine_keys: &str) -> Agent {
+        let config = self.dir.path().join("agent.toml");
+        let text = format!(
+            r#"
+worker_id = "worker-1"
+[labels]
+zone = "test"
+
+[listen]
+gate = "127.0.0.1:{gate}"
+control = "127.0.0.1:{control}"
+admin = "127.0.0.1:{admin}"
+
+[engine]
+command = "{command}"
+port = {engine}
+state_dir = "{state}"
+probe_interval = "50ms"
+metrics_interval = "100ms"
+restart_backoff = "50ms"
+restart_backoff_max = "200ms"
+max_restarts = 2
+stop_timeout = "10s"
+{engine_keys}
+
+[gpu]
+probe = "fake"
+fake_gpus = 2
+
+[status]
+heartbeat = "200ms"
+"#,
+            gate = self.gate,
+            control = self.control,
+            admin = self.admin,
+            command = binary("fake-vllm").unwrap().display(),
+            engine = self.engine,
+            state = self.state_dir().display(),
+        );
+        std::fs::write(&config, text).unwrap();
+        let mut command = Command::new(binary("crossfade-agent").unwrap());
+        command
+            .arg("--config")
+            .arg(&config)
+            .env_remove("MODEL_NAME")
+            .env_remove("VLLM_ARGS")
+            .env_remove("SERVED_MODEL_NAME")
+            .env("FAKE_VLLM_TOKENS_PER_SECOND", "200")
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied());
+        let process = Process::spawn("crossfade-agent", command).unwrap();
+        let localhost = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let agent = Agent {
+            process,
+            gate: localhost(self.gate),
+            control: localhost(self.control),
+            admin: localhost(self.admin),
+            engine_port: self.engine,
+        };
+        wait_for_port(agent.control, Duration::from_secs(30)).unwrap();
+        agent
+    }
+}
+
+/// Kills the engine recorded in a state directory when dropped: the engine
+/// outlives the agent by design, so a test must stop it itself. Declare it
+/// before the agent, so that the agent dies first and cannot restart it.
+struct EngineReaper(PathBuf);
+
+impl Drop for EngineReaper {
+    fn drop(&mut self) {
+        let Ok(text) = std::fs::read_to_string(self.0.join("engine.json")) else {
+            return;
+        };
+        let Ok(record) = serde_json::from_str::<serde_json::Value>(&text) else {
+            return;
+        };
+        if let Some(pid) = record["pid"].as_u64() {
+            // The engine leads its own process group.
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+        }
+    }
+}
+
+impl Agent {
+    async fn client(&self) -> AgentClient<Channel> {
+        AgentClient::connect(format!("http://{}", self.control))
+            .await
+            .unwrap()
+    }
+
+    async fn status(&self) -> v1::WorkerStatus {
+        self.client()
+            .await
+            .get_status(v1::GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Polls the status until `check` holds, for at most `timeout`.
+    async fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&v1::WorkerStatus) -> bool,
+    ) -> v1::WorkerStatus {
+        let deadline = Instant::now() + timeout;
+        let mut client = self.client().await;
+        loop {
+            let status = client
+                .get_status(v1::GetStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            if check(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited {timeout:?} for {what}; last status: {status:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_state(&self, state: EngineState, timeout: Duration) -> v1::WorkerStatus {
+        self.wait_status(&format!("{state:?}"), timeout, |s| {
+            engine(s).state() == state
+        })
+        .await
+    }
+}
+
+fn engine(status: &v1::WorkerStatus) -> &v1::EngineStatus {
+    status.engine.as_ref().unwrap()
+}
+
+fn in_flight(status: &v1::WorkerStatus) -> (u32, u32) {
+    let f = status.in_flight.unwrap();
+    (f.gate, f.engine_running)
+}
+
+fn http() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Sends a chat completion to `addr`; returns the status, headers and
+/// whole body.
+async fn chat(addr: SocketAddr, model: &str, stream: bool) -> (StatusCode, HeaderMap, String) {
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 4,
+        "stream": stream,
+    });
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{addr}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(30), http().request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    let body = tokio::time::timeout(Duration::from_secs(60), body.collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+async fn fake_control(engine_port: u16, action: &str) {
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://127.0.0.1:{engine_port}/_fake/{action}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = http().request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+fn spec(id: &str, model: &str, vllm_args: &str) -> v1::EngineSpec {
+    v1::EngineSpec {
+        deployment_id: id.into(),
+        endpoint: "chat".into(),
+        aliases: vec!["alias".into()],
+        template: Some(v1::Template {
+            runtime: v1::EngineRuntime::Process as i32,
+            model: model.into(),
+            vllm_args: vllm_args.into(),
+            env: vec![v1::EnvVar {
+                name: "HF_TOKEN".into(),
+                source: Some(v1::env_var::Source::Value("hf_secret_value_1234".into())),
+                secret: true,
+                redacted: false,
+            }],
+            ..Default::default()
+        }),
+        ready_timeout: None,
+    }
+}
+
+fn seconds(s: f64) -> Option<prost_types::Duration> {
+    Duration::from_secs_f64(s).try_into().ok()
+}
+
+const STANDALONE: &[(&str, &str)] = &[
+    ("MODEL_NAME", "org/m"),
+    ("VLLM_ARGS", "--max-model-len 4096"),
+    ("FAKE_VLLM_LOAD_TIME", "1500ms"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_refuses_until_ready_then_serves() {
+    let host = Host::new();
+    let _reaper = EngineReaper(host.state_dir());
+    let agent = host.start(STANDALONE, "");
+    wait_for_port(agent.gate, Duration::from_secs(10)).unwrap();
+
+    // Loading: the gate refuses with the retryable not-ready.
+    let starting = agent
+        .wait_status("the engine loading", Duration::from_secs(10), |s| {
+            engine(s).state() == EngineState::Starting
+                && engine(s).phase() == v1::StartingPhase::Loading
+        })
+        .await;
+    assert!(engine(&starting).starting_elapsed.is_some());
+    let (status, headers, body) = chat(agent.gate, "org/m", false).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(headers["x-crossfade-retry"], "not-ready");
+    assert!(body.contains("\"error\""), "{body}");
+
+    let ready = agent
+        .wait_state(EngineState::Ready, Duration::from_secs(30))
+        .await;
+    assert_eq!(ready.worker_id, "worker-1");
+    assert_eq!(ready.labels["zone"], "test");
+    assert_eq!(ready.gpu_probe, "fake");
+    assert_eq!(ready.gpus.len(), 2);
+    assert_eq!(ready.gpu_health(), v1::GpuHealth::Healthy);
+    assert!(engine(&ready).deployment_id.starts_with("standalone-"));
+    assert!(engine(&ready).pid > 0);
+
+    let (status, _, body) = chat(agent.gate, "org/m", false).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("[org/m as org/m]"), "{body}");
+    let (status, _, body) = chat(agent.gate, "org/m", true).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+
+    let metrics = admin_get(agent.admin, "/metrics").await;
+    assert!(
+        metrics.contains("crossfade_agent_engine_state{state=\"ready\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("crossfade_agent_gate_requests_total{outcome=\"refused_not_ready\"}"));
+    assert!(metrics.contains("crossfade_agent_gpu_health{gpu=\"1\"} 1"));
+    assert_eq!(
+        admin_get(agent.admin, "/readyz").await,
+        "ok: the engine is ready\n"
+    );
+}
+
+async fn admin_get(addr: SocketAddr, path: &str) -> String {
+    let request = Request::builder()
+        .uri(format!("http://{addr}{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = http().request(request).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_waits_for_a_held_stream_and_refuses_new_requests() {
+    let host = Host::new();
+    let _reaper = EngineReaper(host.state_dir());
+    let agent = host.start(&[], "");
+    let mut client = agent.client().await;
+    let applied = client
+        .apply(v1::ApplyRequest {
+            coordinator_epoch: 1,
+            spec: Some(spec("dep-a", "org/a", "--max-model-len 4096")),
+            drain_timeout: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!applied.already_applied);
+    agent
+        .wait_state(EngineState::Ready, Duration::from_secs(30))
+        .await;
+
+    fake_control(agent.engine_port, "hold").await;
+    let gate = agent.gate;
+    let stream = tokio::spawn(async move { chat(gate, "chat", true).await });
+    let held = agent
+        .wait_status(
+            "one request in flight at the gate and the engine",
+            Duration::from_secs(10),
+            |s| in_flight(s) == (1, 1),
+        )
+        .await;
+    assert!(held.in_flight.unwrap().engine_scraped_at.is_some());
+
+    let mut drain_client = agent.client().await;
+    let drain = tokio::spawn(async move {
+        drain_client
+            .drain(v1::DrainRequest {
+                coordinator_epoch: 1,
+                deadline: seconds(30.0),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    agent
+        .wait_state(EngineState::Draining, Duration::from_secs(5))
+        .await;
+    let (status, headers, _) = chat(agent.gate, "chat", false).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["x-crossfade-retry"], "draining");
+    assert_eq!(headers["connection"], "close");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !drain.is_finished(),
+        "Drain returned while a stream was held"
+    );
+
+    fake_control(agent.engine_port, "release").await;
+    let (status, _, body) = stream.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    let drained = drain.await.unwrap();
+    assert!(drained.drained);
+    assert_eq!(drained.still_in_flight, 0);
+
+    // Drained, it stays out of service until undrained. An operator's call
+    // (epoch 0) is unfenced; an older coordinator's is refused.
+    assert_eq!(engine(&agent.status().await).state(), EngineState::Draining);
+    client
+        .undrain(v1::UndrainRequest {
+            coordinator_epoch: 0,
+        })
+        .await
+        .unwrap();
+    let drain_again = client
+        .drain(v1::DrainRequest {
+            coordinator_epoch: 2,
+            deadline: seconds(1.0),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(drain_again.drained);
+    let refused = client
+        .undrain(v1::UndrainRequest {
+            coordinator_epoch: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    client
+        .undrain(v1::UndrainRequest {
+            coordinator_epoch: 2,
+        })
+        .await
+        .unwrap();
+    agent
+        .wait_state(EngineState::Ready, Duration::from_secs(5))
+        .await;
+    let (status, _, body) = chat(agent.gate, "alias", false).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Stop: drain, SIGTERM, the exit code.
+    let stopped = client
+        .stop(v1::StopRequest {
+            coordinator_epoch: 2,
+            grace: seconds(5.0),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stopped.still_in_flight, 0);
+    assert_eq!(stopped.exit_code, Some(0));
+    assert_eq!(
+        engine(stopped.status.as_ref().unwrap()).state(),
+        EngineState::Stopped
+    );
+    assert!(!host.state_dir().join("engine.json").exists());
+    let (status, headers, _) = chat(agent.gate, "chat", false).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["x-crossfade-retry"], "not-ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_drain_deadline_a_stream_ends_with_an_error_event() {
+    let host = Host::new();
+    let _reaper = EngineReaper(host.state_dir());
+    let agent = host.start(STANDALONE, "");
+    agent
+        .wait_state(EngineState::Ready, Duration::from_secs(30))
+        .await;
+    fake_control(agent.engine_port, "hold").await;
+    let gate = agent.gate;
+    let stream = tokio::spawn(async move { chat(gate, "org/m", true).await });
+    agent
+        .wait_status("the stream in flight", Duration::from_secs(10), |s| {
+            in_flight(s).0 == 1
+        })
+        .await;
+    let drained = agent
+        .client()
+        .await
+        .drain(v1::DrainRequest {
+            coordinator_epoch: 0,
+            deadline: seconds(0.5),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!drained.drained);
+    assert_eq!(drained.still_in_flight, 1);
+    assert!(Duration::try_from(drained.waited.unwrap()).unwrap() >= Duration::from_millis(500));
+    // The stream ends cleanly, with a final error event, not a reset.
+    let (status, _, body) = stream.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let last = body.trim_end().lines().last().unwrap();
+    assert!(last.starts_with("data: {\"error\""), "{body}");
+    assert!(last.contains("\"code\":\"drain_deadline\""), "{body}");
+    agent
+        .wait_status("the cut stream counted out", Duration::from_secs(5), |s| {
+            in_flight(s).0 == 0
+        })
+        .await;
+    fake_control(agent.engine_port, "release").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_engine_is_restarted_and_a_missing_model_ends_failed() {
+    let host = Host::new();
+    let _reaper = EngineReaper(host.state_dir());
+    let agent = host.start(&[("FAKE_VLLM_FAULT", "crash-after:1")], "");
+    let mut client = agent.client().await;
+    client
+        .apply(v1::ApplyRequest {
+            coordinator_epoch: 0,
+            spec: Some(spec("dep-crash", "org/m", "")),
+            drain_timeout: None,
+        })
+        .await
+        .unwrap();
+    let first = agent
+        .wait_state(EngineState::Ready, Duration::from_secs(30))
+        .await;
+    // The warm-up request was the one allowed; the next crashes it.
+    let _ = chat(agent.gate, "chat", false).await;
+    let restarted = agent
+        .wait_status("a restart", Duration::from_secs(30), |s| {
+            engine(s).restart_count == 1 && engine(s).state() == EngineState::Starting
+        })
+        .await;
+    assert!(
+        restarted.last_error.contains("the engine exited"),
+        "{restarted:#?}"
+    );
+    assert_ne!(engine(&restarted).pid, engine(&first).pid);
+
+    // A model that does not exist: restarts, then FAILED with its error.
+    client
+        .apply(v1::ApplyRequest {
+            coordinator_epoch: 0,
+            spec: Some(spec("dep-missing", "does-not-exist/model", "")),
+            drain_timeout: seconds(1.0),
+        })
+        .await
+        .unwrap();
+    let failed = agent
+        .wait_state(EngineState::Failed, Duration::from_secs(30))
+        .await;
+    let failed_engine = engine(&failed);
+    assert_eq!(failed_engine.deployment_id, "dep-missing");
+    assert_eq!(failed_engine.restart_count, 2, "{failed:#?}");
+    assert!(failed_engine.exit_code.is_some_and(|c| c != 0));
+    assert!(
+        failed_engine.failure_reason.contains("3 times in a row")
+            && failed_engine
+                .failure_reason
+                .contains("does-not-exist/model is not a local folder"),
+        "{failed:#?}"
+    );
+    assert!(!failed_engine.log_tail.is_empty());
+    // It stays failed: no restart loop.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = agent.status().await;
+    assert_eq!(engine(&later).state(), EngineState::Failed);
+    assert_eq!(engine(&later).restart_count, 2);
+    // The secret never shows.
+    let text = format!("{later:?}");
+    assert!(!text.contains("hf_secret_value_1234"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_adopts_the_engine_after_sigkill() {
+    let host = Host::new();
+    let _reaper = EngineReaper(host.state_dir());
+    let first = host.start(STANDALONE, "");
+    let ready = first
+        .wait_state(EngineState::Ready, Duration::from_secs(30))
+        .await;
+    let pid = engine(&ready).pid;
+    let deployment = engine(&ready).deployment_id.clone();
+
+    // SIGKILL: no chance to clean up.
+    drop(first.process);
+    let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
+    assert!(alive(pid), "the engine died with the agent");
+    let (status, _, body) = chat_engine(host.engine).await;
+    assert_eq!(status, StatusCode::OK, "the orphaned engine serves: {body}");
+
+    let second = host.start(STANDALONE, "");
+    let adopted = second
+        .wait_state(EngineState::Ready, Duration::from_secs(30))
+        .await;
+    assert_eq!(engine(&adopted).pid, pid, "a second engine was started");
+    assert!(engine(&adopted).adopted);
+    assert_eq!(engine(&adopted).deployment_id, deployment);
+    let (status, _, body) = chat(second.gate, "org/m", false).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // One load: the engine has served since before the agent died.
+    let stats = admin_get(
+        SocketAddr::from(([127, 0, 0, 1], host.engine)),
+        "/_fake/stats",
+    )
+    .await;
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert!(stats["served"].as_u64().unwrap() >= 3, "{stats}");
+}
+
+async fn chat_engine(port: u16) -> (StatusCode, HeaderMap, String) {
+    chat(SocketAddr::from(([127, 0, 0, 1], port)), "org/m", false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_is_idempotent_and_swaps_deployments() {
+    let host = Host::new();
+    let _reaper = EngineReaper(host.state_dir());
+    let agent = host.start(&[], "");
+    let mut client = agent.client().await;
+    let apply = |id: &'static str, model: &'static str, args: &'static str| v1::ApplyRequest {
+        coordinator_epoch: 5,
+        spec: Some(spec(id, model, args)),
+        drain_timeout: seconds(5.0),
+    };
+    client.apply(apply("dep-a", "org/a", "")).await.unwrap();
+    let a = agent
+        .wait_state(EngineState::Ready, Duration::from_secs(30))
+        .await;
+    let again = client
+        .apply(apply("dep-a", "org/a", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.already_applied);
+    assert_eq!(engine(again.status.as_ref().unwrap()).pid, engine(&a).pid);
+
+    client
+        .apply(apply("dep-b", "org/b", "--max-num-seqs 8"))
+        .await
+        .unwrap();
+    let b = agent
+        .wait_status("dep-b ready", Duration::from_secs(30), |s| {
+            engine(s).deployment_id == "dep-b" && engine(s).state() == EngineState::Ready
+        })
+        .await;
+    assert_ne!(engine(&b).pid, engine(&a).pid);
+    let (status, _, body) = chat(agent.gate, "chat", false).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("[org/b as chat]"), "{body}");
+
+    // Bad input names the field; nothing changes.
+    let bad = client
+        .apply(apply("dep-c", "org/c", "--max-model-len '4096"))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(
+        bad.message().contains("VLLM_ARGS does not split"),
+        "{}",
+        bad.message()
+    );
+    let owned = client
+        .apply(apply("dep-c", "org/c", "--served-model-name other"))
+        .await
+        .unwrap_err();
+    assert!(
+        owned.message().contains("may not set --served-model-name"),
+        "{}",
+        owned.message()
+    );
+    let stale = client
+        .apply(v1::ApplyRequest {
+            coordinator_epoch: 4,
+            ..apply("dep-c", "org/c", "")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(engine(&agent.status().await).deployment_id, "dep-b");
+
+    // WatchStatus: the current status at once, then on changes.
+    let mut watch = client
+        .watch_status(v1::WatchStatusRequest {
+            heartbeat_interval: seconds(0.2),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(second.revision >= first.revision);
+    assert_eq!(second.coordinator_epoch, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbalanced_quotes_in_vllm_args_stop_the_agent_with_a_clear_error() {
+    let host = Host::new();
+    let output = Command::new(binary("crossfade-agent").unwrap())
+        .args([
+            "--set",
+            &format!("engine.state_dir={}", host.state_dir().display()),
+        ])
+        .env("MODEL_NAME", "org/m")
+        .env("VLLM_ARGS", "--max-model-len 4096 --chat-template '{{ x }}")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("MODEL_NAME / VLLM_ARGS")
+            && stderr.contains("VLLM_ARGS does not split into words as a shell would"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_and_watchdog_pings() {
+    let host = Host::new();
+    let socket_path = host.dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let socket_env = socket_path.display().to_string();
+    let _reaper = EngineReaper(host.state_dir());
+    let _agent = host.start(
+        &[("NOTIFY_SOCKET", &socket_env), ("WATCHDOG_USEC", "200000")],
+        "",
+    );
+    let mut heard = Vec::new();
+    let mut buffer = [0u8; 512];
+    while !(heard.iter().any(|m: &String| m.contains("READY=1"))
+        && heard.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2)
+    {
+        let n = socket.recv(&mut buffer).unwrap();
+        heard.push(String::from_utf8_lossy(&buffer[..n]).into_owned());
+        assert!(heard.len() < 100, "{heard:?}");
+    }
+}
