@@ -52,12 +52,12 @@ fn build_binaries() -> anyhow::Result<()> {
         .map(str::to_owned)
         .context("target directory has no profile name")?;
     let mut command = Command::new(cargo);
-    // `cargo test --no-run`, not `cargo build`: it resolves features the way
-    // the test run that called us did (dev-dependencies included), so when
-    // the binaries are fresh it is a no-op instead of a second build.
+    // `cargo build --bins`: `cargo test --no-run` builds a package's
+    // binaries only when the package has integration tests of its own, and
+    // would leave the others stale. Features resolve as a user's build does.
     command
         .current_dir(workspace_root())
-        .args(["test", "--workspace", "--no-run", "--quiet"]);
+        .args(["build", "--workspace", "--bins", "--quiet"]);
     match profile.as_str() {
         "debug" => {}
         "release" => {

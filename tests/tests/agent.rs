@@ -17,6 +17,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::transport::Channel;
 
 /// A running agent and what a test needs to reach it.
@@ -359,6 +360,22 @@ async fn drain_waits_for_a_held_stream_and_refuses_new_requests() {
         .wait_state(EngineState::Ready, Duration::from_secs(30))
         .await;
 
+    // A client that keeps its connection alive, idle when the drain starts.
+    let mut keep_alive = tokio::net::TcpStream::connect(agent.gate).await.unwrap();
+    keep_alive
+        .write_all(b"GET /v1/models HTTP/1.1\r\nhost: gate\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buffer = vec![0u8; 64 * 1024];
+    let n = keep_alive.read(&mut buffer).await.unwrap();
+    assert!(buffer[..n].starts_with(b"HTTP/1.1 200 OK"));
+    let still_open =
+        tokio::time::timeout(Duration::from_millis(300), keep_alive.read(&mut buffer)).await;
+    assert!(
+        still_open.is_err(),
+        "the gate closed a kept-alive connection before any drain"
+    );
+
     fake_control(agent.engine_port, "hold").await;
     let gate = agent.gate;
     let stream = tokio::spawn(async move { chat(gate, "chat", true).await });
@@ -385,6 +402,11 @@ async fn drain_waits_for_a_held_stream_and_refuses_new_requests() {
     agent
         .wait_state(EngineState::Draining, Duration::from_secs(5))
         .await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), keep_alive.read(&mut buffer))
+        .await
+        .expect("the idle kept-alive connection is closed when the drain starts")
+        .unwrap();
+    assert_eq!(closed, 0);
     let (status, headers, _) = chat(agent.gate, "chat", false).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(headers["x-crossfade-retry"], "draining");

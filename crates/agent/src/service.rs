@@ -17,6 +17,9 @@ use crate::supervisor::SupervisorError;
 
 /// Longest drain deadline or stop grace a call may ask for.
 const MAX_DRAIN: Duration = Duration::from_secs(24 * 3600);
+/// Shortest gap between two `WatchStatus` messages: a busy gate changes its
+/// count with every request, and a watcher needs the news, not each step.
+const MIN_GAP: Duration = Duration::from_millis(50);
 /// Shortest and longest `WatchStatus` heartbeat.
 const HEARTBEAT: std::ops::RangeInclusive<Duration> =
     Duration::from_millis(100)..=Duration::from_secs(600);
@@ -126,6 +129,7 @@ impl Agent for AgentService {
                     return; // The caller went away.
                 }
                 tick.reset();
+                tokio::time::sleep(MIN_GAP).await;
                 tokio::select! {
                     () = shutdown.triggered() => {
                         let _ = sender.send(Err(Status::unavailable("the agent is shutting down"))).await;

@@ -1151,3 +1151,99 @@ async fn scrape_engine(
         });
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn spec(env: Vec<v1::EnvVar>) -> v1::EngineSpec {
+        v1::EngineSpec {
+            deployment_id: "dep-1".into(),
+            endpoint: "chat".into(),
+            aliases: vec!["qwen".into()],
+            template: Some(v1::Template {
+                runtime: v1::EngineRuntime::Process as i32,
+                model: "Qwen/Qwen3-8B".into(),
+                vllm_args: "--max-model-len 4096".into(),
+                env,
+                shutdown_timeout_seconds: Some(30),
+                ..Default::default()
+            }),
+            ready_timeout: None,
+        }
+    }
+
+    fn var(name: &str, source: v1::env_var::Source, secret: bool) -> v1::EnvVar {
+        v1::EnvVar {
+            name: name.into(),
+            source: Some(source),
+            secret,
+            redacted: false,
+        }
+    }
+
+    #[test]
+    fn the_plan_carries_the_environment_and_the_gpus_and_prints_no_secret() {
+        let settings = config::Engine {
+            command: "fake-vllm".into(),
+            cuda_visible_devices: "0,1".into(),
+            ..config::Engine::default()
+        };
+        let spec = spec(vec![var(
+            "HF_TOKEN",
+            v1::env_var::Source::Value("hf_abcdef".into()),
+            true,
+        )]);
+        let plan = plan(&settings, &spec, "engine.log".into()).unwrap();
+        assert_eq!(plan.program, "fake-vllm");
+        assert_eq!(
+            plan.env,
+            [
+                ("CUDA_VISIBLE_DEVICES".to_owned(), "0,1".to_owned()),
+                ("HF_TOKEN".to_owned(), "hf_abcdef".to_owned())
+            ]
+        );
+        assert!(
+            plan.args
+                .windows(2)
+                .any(|w| w == ["--shutdown-timeout", "30"])
+        );
+        assert!(!format!("{plan:?}").contains("hf_abcdef"));
+    }
+
+    #[test]
+    fn a_bad_spec_names_its_field() {
+        let settings = config::Engine::default();
+        let error =
+            |spec: &v1::EngineSpec| plan(&settings, spec, "l".into()).unwrap_err().to_string();
+        let mut no_id = spec(Vec::new());
+        no_id.deployment_id.clear();
+        assert_eq!(error(&no_id), "spec.deployment_id: required");
+        let unresolved = spec(vec![var(
+            "HF_TOKEN",
+            v1::env_var::Source::FromCoordinatorEnv("HF_TOKEN".into()),
+            true,
+        )]);
+        assert!(error(&unresolved).starts_with("spec.template.env[0] (HF_TOKEN): needs a value"));
+        let unnamed = spec(vec![var(
+            "A=B",
+            v1::env_var::Source::Value("x".into()),
+            false,
+        )]);
+        assert!(error(&unnamed).starts_with("spec.template.env[0].name: "));
+        let mut quoted = spec(Vec::new());
+        if let Some(t) = quoted.template.as_mut() {
+            t.vllm_args = "--chat-template '{{ x }}".into();
+        }
+        assert!(error(&quoted).starts_with("spec.template: VLLM_ARGS does not split"));
+        let mut container = spec(Vec::new());
+        if let Some(t) = container.template.as_mut() {
+            t.runtime = v1::EngineRuntime::Container as i32;
+        }
+        assert!(matches!(
+            plan(&settings, &container, "l".into()),
+            Err(SupervisorError::Precondition(_))
+        ));
+    }
+}

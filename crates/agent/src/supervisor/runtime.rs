@@ -32,12 +32,29 @@ pub struct LaunchPlan {
     pub log_path: PathBuf,
 }
 
+/// vLLM flags whose value is a credential: [`LaunchPlan`]'s `Debug` hides it.
+const SECRET_FLAGS: &[&str] = &["--api-key", "--hf-token", "--ssl-keyfile-password"];
+
 impl fmt::Debug for LaunchPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names: Vec<&str> = self.env.iter().map(|(name, _)| name.as_str()).collect();
+        let mut args = Vec::with_capacity(self.args.len());
+        let mut hide_next = false;
+        for arg in &self.args {
+            if std::mem::take(&mut hide_next) {
+                args.push("<redacted>".to_owned());
+            } else if let Some((flag, _)) = arg.split_once('=')
+                && SECRET_FLAGS.contains(&flag)
+            {
+                args.push(format!("{flag}=<redacted>"));
+            } else {
+                hide_next = SECRET_FLAGS.contains(&arg.as_str());
+                args.push(arg.clone());
+            }
+        }
         f.debug_struct("LaunchPlan")
             .field("program", &self.program)
-            .field("args", &self.args)
+            .field("args", &args)
             .field("env", &names)
             .field("log_path", &self.log_path)
             .finish()
@@ -300,11 +317,21 @@ mod tests {
                 "-c".into(),
                 "for i in 1 2 3 4 5; do echo line $i; done; echo $SECRET_NAME_ONLY >&2; exit 7"
                     .into(),
+                "--api-key".into(),
+                "sk-flag-value".into(),
+                "--hf-token=hf_flag_value".into(),
             ],
             env: vec![("SECRET_NAME_ONLY".into(), "hunter2".into())],
             log_path: dir.join("engine.log"),
         };
-        assert!(!format!("{plan:?}").contains("hunter2"));
+        let printed = format!("{plan:?}");
+        assert!(
+            !printed.contains("hunter2")
+                && !printed.contains("sk-flag-value")
+                && !printed.contains("hf_flag_value"),
+            "{printed}"
+        );
+        assert!(printed.contains("\"--hf-token=<redacted>\""), "{printed}");
         let mut engine = ProcessRuntime.launch(&plan).unwrap();
         let exit = (0..500)
             .find_map(|_| {
