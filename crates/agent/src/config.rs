@@ -444,6 +444,24 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_loads_and_the_environment_overrides_it() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/config/agent.toml");
+        let config: Config = crossfade_common::config::load(&crossfade_common::config::Sources {
+            file: Some(path),
+            env: vec![("CROSSFADE_ENGINE__PORT".into(), "8200".into())],
+            flags: Vec::new(),
+        })
+        .unwrap();
+        assert_eq!(config.worker_id(), "gpu-host-1");
+        assert_eq!(config.gate_address(), "10.0.0.11:8000");
+        assert_eq!(config.labels["pool"], "h100");
+        assert_eq!(config.engine.port, 8200);
+        assert_eq!(config.engine.ready_timeout, Duration::from_secs(1800));
+        assert!(config.gpu.require);
+    }
+
+    #[test]
     fn the_engine_may_not_take_an_agent_port() {
         let mut config = Config::default();
         config.engine.port = config.listen.gate.port();
