@@ -105,7 +105,11 @@ heartbeat = "200ms"
             .env_remove("VLLM_ARGS")
             .env_remove("SERVED_MODEL_NAME")
             .env("FAKE_VLLM_TOKENS_PER_SECOND", "200")
-            .env("RUST_LOG", "info")
+            // Quiet unless asked: children's output is not captured.
+            .env(
+                "RUST_LOG",
+                std::env::var("E2E_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .envs(env.iter().copied());
         let process = Process::spawn("crossfade-agent", command).unwrap();
         let localhost = |port| SocketAddr::from(([127, 0, 0, 1], port));
@@ -760,4 +764,50 @@ async fn systemd_hears_ready_and_watchdog_pings() {
         heard.push(String::from_utf8_lossy(&buffer[..n]).into_owned());
         assert!(heard.len() < 100, "{heard:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_not_ready_in_time_is_stopped_and_failed() {
+    let host = Host::new();
+    let _reaper = EngineReaper(host.state_dir());
+    // The engine loads, then never answers the warm-up request.
+    let agent = host.start(
+        &[("FAKE_VLLM_FAULT", "hang"), ("FAKE_VLLM_LOAD_TIME", "0s")],
+        "",
+    );
+    let mut hanging = spec("dep-hang", "org/m", "");
+    hanging.ready_timeout = seconds(1.0);
+    agent
+        .client()
+        .await
+        .apply(v1::ApplyRequest {
+            coordinator_epoch: 0,
+            spec: Some(hanging),
+            drain_timeout: None,
+        })
+        .await
+        .unwrap();
+    let warming = agent
+        .wait_status("the warm-up phase", Duration::from_secs(10), |s| {
+            engine(s).phase() == v1::StartingPhase::Warmup
+        })
+        .await;
+    let pid = engine(&warming).pid;
+    let failed = agent
+        .wait_state(EngineState::Failed, Duration::from_secs(30))
+        .await;
+    assert!(
+        engine(&failed)
+            .failure_reason
+            .starts_with("not ready within 1s (phase STARTING_PHASE_WARMUP"),
+        "{failed:#?}"
+    );
+    assert_eq!(engine(&failed).restart_count, 0);
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the engine that never became ready was stopped"
+    );
+    let (status, headers, _) = chat(agent.gate, "chat", false).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["x-crossfade-retry"], "not-ready");
 }

@@ -445,8 +445,8 @@ mod tests {
 
     #[test]
     fn the_shipped_example_loads_and_the_environment_overrides_it() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../deploy/config/agent.toml");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/config/agent.toml");
         let config: Config = crossfade_common::config::load(&crossfade_common::config::Sources {
             file: Some(path),
             env: vec![("CROSSFADE_ENGINE__PORT".into(), "8200".into())],

@@ -731,7 +731,15 @@ impl Actor {
             let mut phase = from;
             let mut detail = String::new();
             loop {
-                match probe::check(&client, port, &name, phase).await {
+                let mut entered = |reached: StartingPhase| {
+                    let _ = events.send(Event::Phase {
+                        generation,
+                        phase: reached,
+                        detail: String::new(),
+                    });
+                };
+                let checked = probe::check(&client, port, &name, phase, &mut entered).await;
+                match checked {
                     Check::Ready => {
                         let _ = events.send(Event::Ready { generation });
                         return;

@@ -95,12 +95,15 @@ pub enum Check {
     Ready,
 }
 
-/// Runs the readiness checks from `phase` on as far as they pass now.
+/// Runs the readiness checks from `phase` on as far as they pass now;
+/// `entered` hears of each phase reached on the way (a warm-up request may
+/// take a while, and the status should say that is where it is).
 pub async fn check(
     client: &EngineClient,
     port: u16,
     served_name: &str,
     mut phase: StartingPhase,
+    entered: &mut (dyn FnMut(StartingPhase) + Send),
 ) -> Check {
     loop {
         match phase {
@@ -109,7 +112,10 @@ pub async fn check(
                     Err(ProbeError::Closed) => {
                         return Check::Phase(StartingPhase::Loading, String::new());
                     }
-                    Ok((StatusCode::OK, _)) => phase = StartingPhase::ModelsCheck,
+                    Ok((StatusCode::OK, _)) => {
+                        phase = StartingPhase::ModelsCheck;
+                        entered(phase);
+                    }
                     Ok((status, _)) => {
                         return Check::Phase(
                             StartingPhase::HealthCheck,
@@ -121,7 +127,10 @@ pub async fn check(
             }
             StartingPhase::HealthCheck => {
                 match client.call(port, Method::GET, "/health", None).await {
-                    Ok((StatusCode::OK, _)) => phase = StartingPhase::ModelsCheck,
+                    Ok((StatusCode::OK, _)) => {
+                        phase = StartingPhase::ModelsCheck;
+                        entered(phase);
+                    }
                     Ok((status, _)) => {
                         return Check::Phase(phase, format!("/health: {status}"));
                     }
@@ -132,6 +141,7 @@ pub async fn check(
                 match client.call(port, Method::GET, "/v1/models", None).await {
                     Ok((StatusCode::OK, body)) if lists_model(&body, served_name) => {
                         phase = StartingPhase::Warmup;
+                        entered(phase);
                     }
                     Ok((StatusCode::OK, _)) => {
                         return Check::Phase(
@@ -271,12 +281,24 @@ vllm:gpu_cache_usage_perc 0.5
         let engine = fake_vllm::Handle::bind(config).await.unwrap();
         let port = engine.addr().port();
         let client = EngineClient::new(Duration::from_secs(5));
+        let mut seen = Vec::new();
         assert_eq!(
-            check(&client, port, "chat", StartingPhase::Launching).await,
+            check(&client, port, "chat", StartingPhase::Launching, &mut |p| {
+                seen.push(p)
+            })
+            .await,
             Check::Ready
         );
+        assert_eq!(seen, [StartingPhase::ModelsCheck, StartingPhase::Warmup]);
         assert_eq!(
-            check(&client, port, "other", StartingPhase::Launching).await,
+            check(
+                &client,
+                port,
+                "other",
+                StartingPhase::Launching,
+                &mut |_| {}
+            )
+            .await,
             Check::Phase(
                 StartingPhase::ModelsCheck,
                 "/v1/models does not list \"other\"".into()
@@ -292,7 +314,14 @@ vllm:gpu_cache_usage_perc 0.5
             Some(EngineLoad::default())
         );
         let _ = engine.abort().await;
-        let closed = check(&client, dead_port(), "chat", StartingPhase::Launching).await;
+        let closed = check(
+            &client,
+            dead_port(),
+            "chat",
+            StartingPhase::Launching,
+            &mut |_| {},
+        )
+        .await;
         assert_eq!(closed, Check::Phase(StartingPhase::Loading, String::new()));
     }
 
