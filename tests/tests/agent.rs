@@ -811,3 +811,118 @@ async fn an_engine_not_ready_in_time_is_stopped_and_failed() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(headers["x-crossfade-retry"], "not-ready");
 }
+
+/// A router with one endpoint, `chat`, whose one deployment has `workers`.
+fn start_router(dir: &TempDir, workers: &[SocketAddr]) -> (Process, SocketAddr) {
+    let public = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let [admin, control] = [0; 2].map(|_| free_port().unwrap());
+    let workers: Vec<String> = workers.iter().map(|w| format!("\"{w}\"")).collect();
+    let config = dir.path().join("router.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[listen]
+public = "{public}"
+admin = "127.0.0.1:{admin}"
+control = "127.0.0.1:{control}"
+
+[[endpoint]]
+name = "chat"
+[[endpoint.deployment]]
+id = "v1"
+weight = 1
+workers = [{}]
+"#,
+            workers.join(", ")
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(binary("crossfade-router").unwrap());
+    command.arg("--config").arg(&config).env("RUST_LOG", "warn");
+    let process = Process::spawn("crossfade-router", command).unwrap();
+    wait_for_port(public, Duration::from_secs(20)).unwrap();
+    (process, public)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_a_worker_behind_the_router_loses_no_request() {
+    let env = [
+        ("MODEL_NAME", "org/m"),
+        ("SERVED_MODEL_NAME", "chat"),
+        ("FAKE_VLLM_LOAD_TIME", "0s"),
+        ("FAKE_VLLM_TOKENS_PER_SECOND", "100"),
+        ("FAKE_VLLM_MAX_TOKENS", "10"),
+    ];
+    let (host_a, host_b) = (Host::new(), Host::new());
+    let _reapers = (
+        EngineReaper(host_a.state_dir()),
+        EngineReaper(host_b.state_dir()),
+    );
+    let (a, b) = (host_a.start(&env, ""), host_b.start(&env, ""));
+    a.wait_state(EngineState::Ready, Duration::from_secs(30))
+        .await;
+    b.wait_state(EngineState::Ready, Duration::from_secs(30))
+        .await;
+    let (_router, public) = start_router(&host_a.dir, &[a.gate, b.gate]);
+
+    // Eight clients stream back to back while worker A drains.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let stop = std::sync::Arc::clone(&stop);
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && outcomes.len() < 500 {
+                    let (status, _, body) = chat(public, "chat", true).await;
+                    outcomes.push((status, body.trim_end().ends_with("data: [DONE]"), body));
+                }
+                outcomes
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let drained = a
+        .client()
+        .await
+        .drain(v1::DrainRequest {
+            coordinator_epoch: 0,
+            deadline: seconds(30.0),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(drained.drained, "{drained:?}");
+    // Drained means nothing is left: stopping the engine at once (SIGTERM
+    // aborts whatever vLLM still runs) must break no stream.
+    let stopped = a
+        .client()
+        .await
+        .stop(v1::StopRequest {
+            coordinator_epoch: 0,
+            grace: seconds(0.0),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stopped.still_in_flight, 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let mut total = 0;
+    for client in clients {
+        for (status, done, body) in client.await.unwrap() {
+            total += 1;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert!(done, "a stream ended early: {body}");
+        }
+    }
+    assert!(total >= 16, "only {total} requests were sent");
+    // A's gate refused requests while draining; the router sent them to B.
+    let metrics = admin_get(a.admin, "/metrics").await;
+    assert!(
+        metrics.contains("crossfade_agent_gate_requests_total{outcome=\"refused_draining\"}"),
+        "{metrics}"
+    );
+    assert_eq!(in_flight(&a.status().await).0, 0);
+}

@@ -201,8 +201,11 @@ impl Gate {
                         "this worker's engine is not ready; retry on another",
                     ),
                 };
-                metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => format!("refused_{}", retry.replace('-', "_")))
-                    .increment(1);
+                let outcome = match mode {
+                    Mode::Draining => "refused_draining",
+                    _ => "refused_not_ready",
+                };
+                metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => outcome).increment(1);
                 let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, message, retry);
                 response
                     .headers_mut()
@@ -216,6 +219,13 @@ impl Gate {
             }
         };
 
+        // The drain deadline that ends this request's stream is the one in
+        // force when it was admitted, however long its first byte takes.
+        let cut = self
+            .cut
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let (mut parts, body) = req.into_parts();
         let path = parts
             .uri
@@ -253,14 +263,7 @@ impl Gate {
                     .get(header::CONTENT_TYPE)
                     .and_then(|v| v.to_str().ok())
                     .is_some_and(|v| v.starts_with("text/event-stream"));
-                let cut = sse.then(|| {
-                    let token = self
-                        .cut
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .clone();
-                    Box::pin(token.cancelled_owned())
-                });
+                let cut = sse.then(|| Box::pin(cut.cancelled_owned()));
                 Response::from_parts(
                     parts,
                     GateBody::Upstream(Upstream {

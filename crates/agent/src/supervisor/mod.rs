@@ -857,6 +857,23 @@ impl Actor {
         current.engine = None;
         current.stop_probe();
         self.gate.close_for_start();
+        if self.view.borrow().state == EngineState::Draining {
+            // It was on its way out: a restart would put it back in
+            // service behind the coordinator's back.
+            let error = format!("the engine exited ({exit}) while draining; not restarting it");
+            tracing::warn!(deployment = %current.spec.deployment_id, "{error}");
+            self.current = None;
+            if let Err(e) = self.state_file.remove() {
+                tracing::warn!(error = %e, "cannot remove the state file");
+            }
+            self.set(|view| {
+                view.state = EngineState::Stopped;
+                view.exit_code = exit.code;
+                view.last_error = error;
+                view.pid = 0;
+            });
+            return;
+        }
         metrics::counter!(m::ENGINE_RESTARTS_TOTAL).increment(1);
         if current
             .ready_since
