@@ -57,27 +57,8 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(EXIT_BAD_INPUT);
     }
-    if let Err(e) = telemetry::init(&config.log, std::env::var("RUST_LOG").ok().as_deref()) {
-        eprintln!("crossfade-agent: {e}");
-        return ExitCode::FAILURE;
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the Tokio runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(config, standalone)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let log = config.log.clone();
+    telemetry::run_program("crossfade-agent", &log, run(config, standalone))
 }
 
 async fn run(

@@ -94,6 +94,38 @@ pub fn init(config: &LogConfig, rust_log: Option<&str>) -> Result<(), TelemetryE
     .map_err(TelemetryError::AlreadyInstalled)
 }
 
+/// The body of every program's `main`: sets up logs (`RUST_LOG` wins over
+/// `log`), starts a multi-threaded Tokio runtime, runs `program` on it, and
+/// turns the outcome into an exit status, logging the error chain of a
+/// failure.
+pub fn run_program<F>(name: &str, log: &LogConfig, program: F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    use std::process::ExitCode;
+    if let Err(e) = init(log, std::env::var("RUST_LOG").ok().as_deref()) {
+        eprintln!("{name}: {e}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the Tokio runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(program) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

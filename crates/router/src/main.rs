@@ -27,27 +27,8 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config: Config = config::load_or_exit("crossfade-router", &cli.common);
-    if let Err(e) = telemetry::init(&config.log, std::env::var("RUST_LOG").ok().as_deref()) {
-        eprintln!("crossfade-router: {e}");
-        return ExitCode::FAILURE;
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the Tokio runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli, config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let log = config.log.clone();
+    telemetry::run_program("crossfade-router", &log, run(cli, config))
 }
 
 async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {

@@ -411,6 +411,23 @@ struct Current {
 }
 
 impl Current {
+    /// A deployment about to be launched (or adopted) now.
+    fn new(settings: &config::Engine, spec: v1::EngineSpec, plan: LaunchPlan) -> Self {
+        let now = Instant::now();
+        Self {
+            ready_deadline: now + ready_timeout(settings, &spec),
+            spec,
+            plan,
+            engine: None,
+            generation: 0,
+            probe: None,
+            consecutive_crashes: 0,
+            ready_since: None,
+            restart_at: None,
+            launched_at: now,
+        }
+    }
+
     fn stop_probe(&mut self) {
         if let Some(probe) = self.probe.take() {
             probe.abort();
@@ -538,20 +555,11 @@ impl Actor {
         );
         self.generation += 1;
         let generation = self.generation;
-        let ready_timeout = ready_timeout(&self.settings, &record.spec);
         let now = Instant::now();
-        self.current = Some(Current {
-            spec: record.spec,
-            plan,
-            engine: Some(engine),
-            generation,
-            ready_deadline: now + ready_timeout,
-            probe: None,
-            consecutive_crashes: 0,
-            ready_since: None,
-            restart_at: None,
-            launched_at: now,
-        });
+        let mut current = Current::new(&self.settings, record.spec, plan);
+        current.engine = Some(engine);
+        current.generation = generation;
+        self.current = Some(current);
         self.set(|view| {
             *view = EngineView {
                 state: EngineState::Starting,
@@ -619,20 +627,7 @@ impl Actor {
             self.stop_engine().await;
         }
         tracing::info!(deployment = %spec.deployment_id, plan = ?plan, "launching the engine");
-        let ready_timeout = ready_timeout(&self.settings, &spec);
-        let now = Instant::now();
-        self.current = Some(Current {
-            spec,
-            plan,
-            engine: None,
-            generation: 0,
-            ready_deadline: now + ready_timeout,
-            probe: None,
-            consecutive_crashes: 0,
-            ready_since: None,
-            restart_at: None,
-            launched_at: now,
-        });
+        self.current = Some(Current::new(&self.settings, spec, plan));
         self.set(|view| {
             *view = EngineView {
                 restart_count: 0,
