@@ -1,0 +1,4 @@
+//! Scenarios, then random interleavings against a simulated fleet.
+
+mod scenarios;
+mod simulation;

@@ -1,0 +1,259 @@
+//! Promotions step by step, by hand.
+
+use std::collections::BTreeMap;
+
+use super::super::*;
+
+fn fleet(replicas: usize, idle: usize) -> (BTreeMap<String, Worker>, BTreeMap<String, String>) {
+    let mut workers = BTreeMap::new();
+    let mut routed = BTreeMap::new();
+    for i in 0..replicas + idle {
+        let id = format!("w{i}");
+        let serving = i < replicas;
+        workers.insert(
+            id.clone(),
+            Worker {
+                deployment: serving.then(|| "old".to_owned()),
+                engine: if serving { Engine::Ready } else { Engine::Idle },
+                eligible: true,
+            },
+        );
+        if serving {
+            routed.insert(id, "old".to_owned());
+        }
+    }
+    (workers, routed)
+}
+
+fn ready(worker: &str, deployment: &str) -> Event {
+    Event::Worker {
+        id: worker.into(),
+        worker: Worker {
+            deployment: Some(deployment.into()),
+            engine: Engine::Ready,
+            eligible: true,
+        },
+    }
+}
+
+fn applies(actions: &[Action]) -> Vec<(String, String)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Apply { worker, deployment } => Some((worker.clone(), deployment.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn tables(actions: &[Action]) -> Vec<(u64, Vec<Route>)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::PushTable { seq, routes } => Some((*seq, routes.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn drains(actions: &[Action]) -> Vec<String> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Drain { worker } => Some(worker.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn rolling_surge() -> PromotionSettings {
+    PromotionSettings {
+        rolling_deploy: true,
+        max_surge_percent: 25,
+        ..PromotionSettings::default()
+    }
+}
+
+#[test]
+fn a_surge_step_starts_on_an_idle_worker_shifts_then_drains_after_the_ack() {
+    let (workers, routed) = fleet(4, 1);
+    let mut r = Rollout::new("old", "new", rolling_surge(), 4, workers, routed);
+    let start = r.start();
+    assert_eq!(applies(&start), [("w4".to_owned(), "new".to_owned())]);
+    assert_eq!(r.status, Status::Releasing);
+    assert_eq!(r.phase, Phase::WaitingReady);
+
+    let shifted = r.handle(ready("w4", "new"));
+    let pushed = tables(&shifted);
+    assert_eq!(pushed.len(), 1);
+    let (seq, routes) = &pushed[0];
+    // One of four replicas is new: 25 %, and one old one is out.
+    assert_eq!(routes[0].deployment, "new");
+    assert_eq!(routes[0].weight, 2500);
+    assert_eq!(routes[1].workers.len(), 3);
+    assert_eq!(r.status, Status::RampingUp);
+    assert_eq!(r.percent_to_candidate(), 25);
+    assert!(
+        drains(&shifted).is_empty(),
+        "drained before the routers acknowledged"
+    );
+
+    let acked = r.handle(Event::TableAcked { seq: *seq });
+    assert_eq!(drains(&acked), ["w0"]);
+    let stopped = r.handle(Event::Drained {
+        worker: "w0".into(),
+    });
+    assert_eq!(
+        stopped,
+        [Action::Stop {
+            worker: "w0".into()
+        }]
+    );
+    let next = r.handle(Event::Stopped {
+        worker: "w0".into(),
+    });
+    // No stabilization time: the next step starts on the freed worker.
+    assert_eq!(r.step, 2);
+    assert_eq!(applies(&next), [("w0".to_owned(), "new".to_owned())]);
+}
+
+#[test]
+fn unavailable_mode_updates_in_place_behind_the_table() {
+    let (workers, routed) = fleet(4, 0);
+    let settings = PromotionSettings {
+        rolling_deploy: true,
+        max_surge_percent: 0,
+        max_unavailable_percent: 50,
+        ..PromotionSettings::default()
+    };
+    let mut r = Rollout::new("old", "new", settings, 4, workers, routed);
+    let start = r.start();
+    // Two old replicas out of the table first, one table each; nothing
+    // drains yet.
+    let pushed = tables(&start);
+    assert_eq!(pushed.len(), 2);
+    assert_eq!(pushed[1].1[0].workers, ["w2", "w3"]);
+    assert!(drains(&start).is_empty() && applies(&start).is_empty());
+    let acked = r.handle(Event::TableAcked { seq: 2 });
+    assert_eq!(drains(&acked), ["w0", "w1"]);
+    let started = r.handle(Event::Drained {
+        worker: "w0".into(),
+    });
+    assert_eq!(applies(&started), [("w0".to_owned(), "new".to_owned())]);
+    r.handle(Event::Drained {
+        worker: "w1".into(),
+    });
+    r.handle(ready("w0", "new"));
+    let shifted = r.handle(ready("w1", "new"));
+    let (_, routes) = &tables(&shifted)[0];
+    assert_eq!(r.percent_to_candidate(), 50);
+    assert_eq!(routes.iter().map(|r| r.workers.len()).sum::<usize>(), 4);
+}
+
+#[test]
+fn not_rolling_switches_all_traffic_at_once_when_every_candidate_is_ready() {
+    let (workers, routed) = fleet(2, 2);
+    let mut r = Rollout::new(
+        "old",
+        "new",
+        PromotionSettings::default(),
+        2,
+        workers,
+        routed,
+    );
+    let start = r.start();
+    assert_eq!(applies(&start).len(), 2);
+    assert!(tables(&r.handle(ready("w2", "new"))).is_empty());
+    let switched = r.handle(ready("w3", "new"));
+    let (seq, routes) = tables(&switched)[0].clone();
+    assert_eq!(routes.len(), 1);
+    assert_eq!(
+        (routes[0].deployment.as_str(), routes[0].weight),
+        ("new", TOTAL_WEIGHT)
+    );
+    let acked = r.handle(Event::TableAcked { seq });
+    assert_eq!(drains(&acked), ["w0", "w1"]);
+    r.handle(Event::Drained {
+        worker: "w0".into(),
+    });
+    r.handle(Event::Drained {
+        worker: "w1".into(),
+    });
+    r.handle(Event::Stopped {
+        worker: "w0".into(),
+    });
+    r.handle(Event::Stopped {
+        worker: "w1".into(),
+    });
+    assert_eq!(r.status, Status::Succeeded);
+    assert!(r.is_settled());
+}
+
+#[test]
+fn pause_holds_the_split_between_steps_and_resume_goes_on() {
+    let (workers, routed) = fleet(4, 1);
+    let mut r = Rollout::new("old", "new", rolling_surge(), 4, workers, routed);
+    r.start();
+    r.handle(Event::Command(Command::Pause));
+    assert_eq!(r.status, Status::Paused);
+    // The step under way finishes...
+    let shifted = r.handle(ready("w4", "new"));
+    let (seq, _) = tables(&shifted)[0].clone();
+    r.handle(Event::TableAcked { seq });
+    r.handle(Event::Drained {
+        worker: "w0".into(),
+    });
+    let held = r.handle(Event::Stopped {
+        worker: "w0".into(),
+    });
+    // ...and no new one starts.
+    assert!(applies(&held).is_empty());
+    assert_eq!(r.step, 1);
+    assert_eq!(r.percent_to_candidate(), 25);
+    let resumed = r.handle(Event::Command(Command::Resume));
+    assert_eq!(r.status, Status::RampingUp);
+    assert_eq!(applies(&resumed), [("w0".to_owned(), "new".to_owned())]);
+}
+
+#[test]
+fn a_failed_candidate_fails_the_promotion_with_traffic_on_the_old_deployment() {
+    let (workers, routed) = fleet(2, 1);
+    let mut r = Rollout::new("old", "new", rolling_surge(), 2, workers, routed);
+    r.start();
+    let failed = r.handle(Event::Worker {
+        id: "w2".into(),
+        worker: Worker {
+            deployment: Some("new".into()),
+            engine: Engine::Failed,
+            eligible: true,
+        },
+    });
+    assert_eq!(r.status, Status::Failed);
+    assert_eq!(r.percent_to_candidate(), 0);
+    assert!(tables(&failed).is_empty(), "the table never changed");
+    assert!(failed.contains(&Action::Stop {
+        worker: "w2".into()
+    }));
+    assert!(r.reason.contains("w2"));
+}
+
+#[test]
+fn force_roll_forward_puts_all_traffic_on_a_ready_candidate_at_once() {
+    let (workers, routed) = fleet(4, 1);
+    let mut r = Rollout::new("old", "new", rolling_surge(), 4, workers, routed);
+    r.start();
+    let shifted = r.handle(ready("w4", "new"));
+    let (seq, _) = tables(&shifted)[0].clone();
+    r.handle(Event::TableAcked { seq });
+    let forced = r.handle(Event::Command(Command::ForceRollForward));
+    assert_eq!(r.status, Status::Succeeded);
+    let (_, routes) = tables(&forced).last().cloned().unwrap();
+    assert_eq!(
+        routes,
+        [Route {
+            deployment: "new".into(),
+            weight: TOTAL_WEIGHT,
+            workers: vec!["w4".into()]
+        }]
+    );
+}
