@@ -250,8 +250,12 @@ pub struct Rollout {
     pub step: u32,
     /// The current step's phase.
     pub phase: Phase,
-    /// Why it is where it is (failure, pause, waiting for workers).
+    /// Why it failed or paused.
     pub reason: String,
+    /// What the current step waits for (an idle worker), if anything.
+    pub waiting: String,
+    /// The reason a resume brings back.
+    reason_before_pause: String,
     /// Every worker the agents report.
     pub workers: BTreeMap<String, Worker>,
     /// The table the machine wants in force: worker → deployment.
@@ -309,6 +313,8 @@ impl Rollout {
             step: 0,
             phase: Phase::StartingReplicas,
             reason: String::new(),
+            waiting: String::new(),
+            reason_before_pause: String::new(),
             workers,
             routed,
             seq: 0,
@@ -374,8 +380,7 @@ impl Rollout {
             }
             Event::Health(Verdict::Undecided(reason)) => {
                 if !self.status.is_terminal() && !self.paused {
-                    self.reason = format!("health gate undecided: {reason}");
-                    self.pause(&mut out);
+                    self.pause(format!("health gate undecided: {reason}"), &mut out);
                 }
             }
         }
@@ -522,15 +527,14 @@ impl Rollout {
         match command {
             Command::Pause => {
                 if !self.paused {
-                    self.reason = "paused by the operator".into();
-                    self.pause(out);
+                    self.pause("paused by the operator".into(), out);
                 }
             }
             Command::Resume => {
                 if self.paused {
                     self.paused = false;
                     self.status = self.resume_to;
-                    self.reason.clear();
+                    self.reason = std::mem::take(&mut self.reason_before_pause);
                     out.push(record("resumed", "promotion resumed".into()));
                 }
             }
@@ -558,7 +562,8 @@ impl Rollout {
         }
     }
 
-    fn pause(&mut self, out: &mut Vec<Action>) {
+    fn pause(&mut self, reason: String, out: &mut Vec<Action>) {
+        self.reason_before_pause = std::mem::replace(&mut self.reason, reason);
         self.paused = true;
         self.resume_to = self.status;
         self.status = Status::Paused;
@@ -568,6 +573,8 @@ impl Rollout {
     /// Moves back to `from`, step by step; `end` once there.
     fn turn_back(&mut self, end: Status, out: &mut Vec<Action>) {
         self.abandon_step(out);
+        // Workers where the candidate failed can run the old deployment.
+        self.failed.clear();
         self.backward = true;
         self.end_backward = end;
         self.paused = false;
@@ -1059,14 +1066,14 @@ impl Rollout {
             }
         };
         if fresh.is_empty() && in_place.is_empty() && adds > 0 {
-            let reason = format!("waiting for an eligible idle worker to start {new}");
-            if self.reason != reason {
-                self.reason = reason.clone();
-                out.push(record("waiting", reason));
+            let waiting = format!("waiting for an eligible idle worker to start {new}");
+            if self.waiting != waiting {
+                self.waiting = waiting.clone();
+                out.push(record("waiting", waiting));
             }
             return;
         }
-        self.reason.clear();
+        self.waiting.clear();
         self.step += 1;
         // Old replicas that leave without replacement: as many as the fresh
         // ones, or every one left at the last step.

@@ -34,6 +34,8 @@ struct Fleet {
     /// The highest table number acknowledged.
     acked: u64,
     now_ms: u64,
+    /// Every candidate replica fails to start (a model that does not exist).
+    candidate_fails: bool,
 }
 
 impl Fleet {
@@ -74,6 +76,7 @@ impl Fleet {
             tables,
             acked: 0,
             now_ms: 0,
+            candidate_fails: false,
         };
         (fleet, actions)
     }
@@ -169,10 +172,15 @@ impl Fleet {
     fn answer(&mut self, index: usize) -> Event {
         match self.replies.remove(index) {
             Reply::Ready(worker) => {
+                let fails = self.candidate_fails;
                 if let Some(w) = self.workers.get_mut(&worker)
                     && w.engine == Engine::Starting
                 {
-                    w.engine = Engine::Ready;
+                    w.engine = if fails && w.deployment.as_deref() == Some("new") {
+                        Engine::Failed
+                    } else {
+                        Engine::Ready
+                    };
                 }
                 self.report(&worker)
             }
@@ -228,6 +236,85 @@ fn settings_strategy() -> impl Strategy<Value = PromotionSettings> {
         )
 }
 
+/// Plays `choices` against a fleet: answers in any order, ticks, and (with
+/// `commands`) the operator's commands; then lets everything settle.
+/// Returns the fleet and the last decisive command given while the
+/// promotion ran.
+fn play(
+    settings: PromotionSettings,
+    replicas: usize,
+    idle: usize,
+    choices: &[u32],
+    commands: bool,
+    candidate_fails: bool,
+) -> (Fleet, Option<Command>) {
+    let (mut fleet, first) = Fleet::new(settings, replicas, idle);
+    fleet.candidate_fails = candidate_fails;
+    let mut queue = Vec::new();
+    for action in first {
+        queue.extend(fleet.perform(action));
+    }
+    for event in queue {
+        fleet.feed(event);
+    }
+    let mut decisive: Option<Command> = None;
+    for &choice in choices {
+        let pick = choice % 100;
+        if pick < 4 && !fleet.rollout.status.is_terminal() {
+            let command = match choice / 100 % 5 {
+                0 => Command::Pause,
+                1 => Command::Resume,
+                2 if commands => Command::Cancel,
+                3 if commands => Command::ForceCancel,
+                4 if commands => Command::ForceRollForward,
+                _ => Command::Resume,
+            };
+            if matches!(
+                command,
+                Command::Cancel | Command::ForceCancel | Command::ForceRollForward
+            ) {
+                decisive = Some(command);
+            }
+            fleet.feed(Event::Command(command));
+        } else if pick < 14 {
+            fleet.now_ms += 700;
+            let now_ms = fleet.now_ms;
+            fleet.feed(Event::Tick { now_ms });
+        } else if !fleet.replies.is_empty() {
+            let index = (choice as usize / 100) % fleet.replies.len();
+            let event = fleet.answer(index);
+            fleet.feed(event);
+        }
+    }
+    // Then the world answers everything, the operator resumes, time passes.
+    fleet.feed(Event::Command(Command::Resume));
+    for _ in 0..10_000 {
+        if fleet.rollout.is_settled() && fleet.replies.is_empty() {
+            break;
+        }
+        if fleet.replies.is_empty() {
+            fleet.now_ms += 1000;
+            let now_ms = fleet.now_ms;
+            fleet.feed(Event::Tick { now_ms });
+        } else {
+            let event = fleet.answer(0);
+            fleet.feed(event);
+        }
+    }
+    (fleet, decisive)
+}
+
+/// The weight on `deployment` in the last table pushed.
+fn weight_on(fleet: &Fleet, deployment: &str) -> u32 {
+    fleet.tables.values().next_back().map_or(0, |routes| {
+        routes
+            .iter()
+            .filter(|r| r.deployment == deployment)
+            .map(|r| r.weight)
+            .sum()
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -238,55 +325,7 @@ proptest! {
         idle in 0usize..=3,
         choices in prop::collection::vec(any::<u32>(), 0..300),
     ) {
-        let (mut fleet, first) = Fleet::new(settings, replicas, idle);
-        let mut queue = Vec::new();
-        for action in first {
-            queue.extend(fleet.perform(action));
-        }
-        for event in queue {
-            fleet.feed(event);
-        }
-        // What the operator asked last, while the promotion still ran.
-        let mut decisive: Option<Command> = None;
-        for choice in choices {
-            let pick = choice % 100;
-            if pick < 4 && !fleet.rollout.status.is_terminal() {
-                let command = match choice / 100 % 5 {
-                    0 => Command::Pause,
-                    1 => Command::Resume,
-                    2 => Command::Cancel,
-                    3 => Command::ForceCancel,
-                    _ => Command::ForceRollForward,
-                };
-                if matches!(command, Command::Cancel | Command::ForceCancel | Command::ForceRollForward) {
-                    decisive = Some(command);
-                }
-                fleet.feed(Event::Command(command));
-            } else if pick < 14 {
-                fleet.now_ms += 700;
-                let now_ms = fleet.now_ms;
-                fleet.feed(Event::Tick { now_ms });
-            } else if !fleet.replies.is_empty() {
-                let index = (choice as usize / 100) % fleet.replies.len();
-                let event = fleet.answer(index);
-                fleet.feed(event);
-            }
-        }
-        // Then the world answers everything, the operator resumes, time passes.
-        fleet.feed(Event::Command(Command::Resume));
-        for _ in 0..10_000 {
-            if fleet.rollout.is_settled() && fleet.replies.is_empty() {
-                break;
-            }
-            if fleet.replies.is_empty() {
-                fleet.now_ms += 1000;
-                let now_ms = fleet.now_ms;
-                fleet.feed(Event::Tick { now_ms });
-            } else {
-                let event = fleet.answer(0);
-                fleet.feed(event);
-            }
-        }
+        let (fleet, decisive) = play(settings, replicas, idle, &choices, true, false);
         let rollout = &fleet.rollout;
         prop_assert!(rollout.is_settled(), "not settled: {rollout:#?}");
         let expected = match decisive {
@@ -295,12 +334,11 @@ proptest! {
         };
         prop_assert_eq!(rollout.status, expected, "{:#?}", rollout);
         let last = fleet.tables.values().next_back().cloned().unwrap_or_default();
-        let on = |deployment: &str| last.iter().filter(|r| r.deployment == deployment).map(|r| r.weight).sum::<u32>();
         if expected == Status::Succeeded {
-            prop_assert_eq!(on("new"), TOTAL_WEIGHT, "{:?}", last);
+            prop_assert_eq!(weight_on(&fleet, "new"), TOTAL_WEIGHT, "{:?}", last);
             prop_assert_eq!(rollout.percent_to_candidate(), 100);
         } else {
-            prop_assert_eq!(on("old"), TOTAL_WEIGHT, "{:?}", last);
+            prop_assert_eq!(weight_on(&fleet, "old"), TOTAL_WEIGHT, "{:?}", last);
         }
         // Every engine still running is in the table (or kept warm).
         for (id, worker) in &fleet.workers {
@@ -310,6 +348,28 @@ proptest! {
                     "{id} runs {worker:?} outside the table: {last:?}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn a_candidate_that_never_starts_fails_with_traffic_on_the_old_deployment(
+        settings in settings_strategy(),
+        replicas in 1usize..=5,
+        idle in 0usize..=3,
+        choices in prop::collection::vec(any::<u32>(), 0..300),
+    ) {
+        let (fleet, _) = play(settings, replicas, idle, &choices, false, true);
+        let rollout = &fleet.rollout;
+        prop_assert!(rollout.is_settled(), "not settled: {rollout:#?}");
+        prop_assert_eq!(rollout.status, Status::Failed, "{:#?}", rollout);
+        prop_assert_eq!(weight_on(&fleet, "old"), TOTAL_WEIGHT, "{:?}", fleet.tables);
+        prop_assert!(!rollout.reason.is_empty());
+        // No candidate engine is left running.
+        for (id, worker) in &fleet.workers {
+            prop_assert!(
+                worker.deployment.as_deref() != Some("new") || worker.engine == Engine::Idle || worker.engine == Engine::Failed,
+                "{id}: {worker:?}"
+            );
         }
     }
 }
