@@ -7,9 +7,14 @@
 //!   DESIGN §4, refused with the field's name and range.
 //! - [`rollout`]: the rollout logic as a pure state machine,
 //!   `(state, event) -> (state, actions)`, tested without I/O.
+//! - [`state`] and [`store`]: the desired state (endpoints, deployments,
+//!   promotions, workers, routers) and its embedded file-backed store,
+//!   replaced atomically at every change.
 //!
-//! The store, the shell that performs the actions, the gRPC service and the
-//! binary come next.
+//! The shell that performs the actions, the gRPC service and the binary
+//! come next.
 
 pub mod rollout;
 pub mod settings;
+pub mod state;
+pub mod store;

@@ -1,0 +1,424 @@
+//! The coordinator's desired state: endpoints, their deployments and
+//! promotions, workers and routers. One value, owned by the coordinator's
+//! actor, written to the [`crate::store`] before anything is acted on.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crossfade_proto::v1;
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+
+use crate::rollout::Rollout;
+use crate::settings::{PromotionSettings, Scaling};
+
+/// Events kept per endpoint; older ones are dropped.
+pub const MAX_EVENTS: usize = 500;
+
+/// Everything the coordinator owns.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// Bumped at every start: agents and routers refuse an older one.
+    pub epoch: u64,
+    /// The last routing table version pushed.
+    pub table_version: u64,
+    /// For ids: deployments, promotions.
+    pub next_id: u64,
+    /// By name.
+    pub endpoints: BTreeMap<String, Endpoint>,
+    /// By id.
+    pub deployments: BTreeMap<String, Deployment>,
+    /// Agents, by control address.
+    pub workers: BTreeMap<String, WorkerRecord>,
+    /// Routers, by control address.
+    pub routers: BTreeMap<String, RouterRecord>,
+}
+
+/// An endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// The `model` name clients send.
+    pub name: String,
+    /// Other names clients may send.
+    pub aliases: Vec<String>,
+    /// How many replicas.
+    pub scaling: Scaling,
+    /// How promotions move.
+    pub settings: PromotionSettings,
+    /// Where replicas may go.
+    pub selector: Selector,
+    /// The deployment that takes traffic.
+    pub active: Option<String>,
+    /// The deployment a promotion moves to.
+    pub candidate: Option<String>,
+    /// The promotion under way.
+    pub promotion: Option<Promotion>,
+    /// The last one that ended.
+    pub last_promotion: Option<Promotion>,
+    /// The history, newest last.
+    pub events: VecDeque<EventRecord>,
+    /// The last event's number.
+    pub event_seq: u64,
+    /// Milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+    /// Milliseconds since the Unix epoch.
+    pub updated_at_ms: u64,
+}
+
+/// One promotion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Promotion {
+    /// Its id.
+    pub id: String,
+    /// The rollout's state.
+    pub rollout: Rollout,
+    /// Milliseconds since the Unix epoch.
+    pub started_at_ms: u64,
+    /// Milliseconds since the Unix epoch.
+    pub updated_at_ms: u64,
+    /// When it ended.
+    pub finished_at_ms: Option<u64>,
+    /// A force command ended it.
+    pub forced: bool,
+    /// It moves back to a deployment that ran before.
+    pub rollback: bool,
+}
+
+/// What a deployment is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeploymentState {
+    /// Takes the endpoint's traffic.
+    Active,
+    /// A promotion moves to it.
+    Candidate,
+    /// Kept for a promotion back (`SCALE_TO_ZERO`, `KEEP`).
+    Kept,
+    /// Unusable (`DEACTIVATE`).
+    Deactivated,
+    /// A candidate that failed or was canceled.
+    Retired,
+}
+
+/// An immutable template of an endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deployment {
+    /// Its id.
+    pub id: String,
+    /// Its endpoint.
+    pub endpoint: String,
+    /// The `Template`, protobuf-encoded in hex (its secrets included: the
+    /// store file is private to the coordinator).
+    pub template: String,
+    /// What it is now.
+    pub state: DeploymentState,
+    /// Milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+}
+
+impl Deployment {
+    /// Its template.
+    pub fn template(&self) -> v1::Template {
+        from_hex(&self.template)
+            .and_then(|bytes| v1::Template::decode(bytes.as_slice()).ok())
+            .unwrap_or_default()
+    }
+
+    /// Stores `template`.
+    pub fn encode(template: &v1::Template) -> String {
+        template
+            .encode_to_vec()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// Its wire form, secret values redacted.
+    pub fn to_proto(&self) -> v1::Deployment {
+        v1::Deployment {
+            id: self.id.clone(),
+            endpoint: self.endpoint.clone(),
+            template: Some(redacted(self.template())),
+            state: match self.state {
+                DeploymentState::Active => v1::DeploymentState::Active,
+                DeploymentState::Candidate => v1::DeploymentState::Candidate,
+                DeploymentState::Kept => v1::DeploymentState::Kept,
+                DeploymentState::Deactivated => v1::DeploymentState::Deactivated,
+                DeploymentState::Retired => v1::DeploymentState::Retired,
+            } as i32,
+            created_at: Some(timestamp(self.created_at_ms)),
+        }
+    }
+}
+
+/// `template` with every secret value removed and marked redacted.
+pub fn redacted(mut template: v1::Template) -> v1::Template {
+    for var in &mut template.env {
+        if var.secret && matches!(var.source, Some(v1::env_var::Source::Value(_))) {
+            var.source = None;
+            var.redacted = true;
+        }
+    }
+    template
+}
+
+/// Where an endpoint's replicas may go.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Selector {
+    /// Every one of these labels, with this value.
+    pub labels: BTreeMap<String, String>,
+    /// A GPU name containing this (case-insensitive), when set.
+    pub gpu_name_contains: String,
+    /// At least this much memory on each GPU.
+    pub min_gpu_memory_bytes: u64,
+    /// At least this many GPUs.
+    pub min_gpu_count: u32,
+}
+
+impl Selector {
+    /// From the wire.
+    pub fn from_proto(selector: &v1::WorkerSelector) -> Self {
+        Self {
+            labels: selector
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            gpu_name_contains: selector.gpu_name_contains.clone(),
+            min_gpu_memory_bytes: selector.min_gpu_memory_bytes,
+            min_gpu_count: selector.min_gpu_count,
+        }
+    }
+
+    /// The wire form.
+    pub fn to_proto(&self) -> v1::WorkerSelector {
+        v1::WorkerSelector {
+            labels: self
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            gpu_name_contains: self.gpu_name_contains.clone(),
+            min_gpu_memory_bytes: self.min_gpu_memory_bytes,
+            min_gpu_count: self.min_gpu_count,
+        }
+    }
+
+    /// Whether a worker reporting `status` may host the endpoint.
+    pub fn matches(&self, status: &v1::WorkerStatus) -> bool {
+        let labels = self
+            .labels
+            .iter()
+            .all(|(k, v)| status.labels.get(k) == Some(v));
+        let needle = self.gpu_name_contains.to_lowercase();
+        let fitting = status
+            .gpus
+            .iter()
+            .filter(|g| needle.is_empty() || g.name.to_lowercase().contains(&needle))
+            .filter(|g| g.memory_total_bytes >= self.min_gpu_memory_bytes)
+            .count();
+        let needs_gpu = !needle.is_empty() || self.min_gpu_memory_bytes > 0;
+        labels
+            && (!needs_gpu || fitting > 0)
+            && u32::try_from(fitting).unwrap_or(u32::MAX) >= self.min_gpu_count
+    }
+}
+
+/// An agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    /// Its control address.
+    pub address: String,
+    /// Kept out of new assignments.
+    pub cordoned: bool,
+    /// Why.
+    pub cordon_reason: String,
+}
+
+/// A router.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterRecord {
+    /// Its control address.
+    pub address: String,
+    /// The table version it last acknowledged.
+    pub acknowledged_version: u64,
+}
+
+/// One entry of an endpoint's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Its number in the endpoint's history.
+    pub sequence: u64,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// A short kind (`promotion-started`, `step-done`, ...).
+    pub kind: String,
+    /// What happened.
+    pub message: String,
+    /// The promotion it belongs to.
+    pub promotion_id: String,
+}
+
+impl Endpoint {
+    /// A new endpoint.
+    pub fn new(name: &str, now_ms: u64) -> Self {
+        Self {
+            name: name.into(),
+            aliases: Vec::new(),
+            scaling: Scaling::default(),
+            settings: PromotionSettings::default(),
+            selector: Selector::default(),
+            active: None,
+            candidate: None,
+            promotion: None,
+            last_promotion: None,
+            events: VecDeque::new(),
+            event_seq: 0,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+        }
+    }
+
+    /// Appends to the history, dropping the oldest past [`MAX_EVENTS`].
+    pub fn record(&mut self, now_ms: u64, kind: &str, message: String, promotion_id: &str) {
+        self.event_seq += 1;
+        self.events.push_back(EventRecord {
+            sequence: self.event_seq,
+            at_ms: now_ms,
+            kind: kind.into(),
+            message,
+            promotion_id: promotion_id.into(),
+        });
+        while self.events.len() > MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.updated_at_ms = now_ms;
+    }
+}
+
+impl State {
+    /// A fresh id with `prefix`.
+    pub fn new_id(&mut self, prefix: &str) -> String {
+        self.next_id += 1;
+        format!("{prefix}-{}", self.next_id)
+    }
+}
+
+/// A protobuf timestamp from milliseconds since the Unix epoch.
+pub fn timestamp(ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
+        nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn status(labels: &[(&str, &str)], gpus: &[(&str, u64)]) -> v1::WorkerStatus {
+        v1::WorkerStatus {
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            gpus: gpus
+                .iter()
+                .map(|(name, memory)| v1::GpuDevice {
+                    name: (*name).into(),
+                    memory_total_bytes: *memory,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_selector_matches_labels_and_gpus() {
+        let h100 = status(&[("zone", "a")], &[("NVIDIA H100 80GB HBM3", 80 << 30); 2]);
+        let l4 = status(&[("zone", "a")], &[("NVIDIA L4", 24 << 30)]);
+        assert!(Selector::default().matches(&h100));
+        let selector = Selector {
+            labels: [("zone".to_owned(), "a".to_owned())].into(),
+            gpu_name_contains: "h100".into(),
+            min_gpu_memory_bytes: 40 << 30,
+            min_gpu_count: 2,
+        };
+        assert!(selector.matches(&h100));
+        assert!(!selector.matches(&l4));
+        let elsewhere = Selector {
+            labels: [("zone".to_owned(), "b".to_owned())].into(),
+            ..Selector::default()
+        };
+        assert!(!elsewhere.matches(&h100));
+        assert!(
+            !Selector {
+                min_gpu_count: 3,
+                ..Selector::default()
+            }
+            .matches(&h100)
+        );
+    }
+
+    #[test]
+    fn a_template_round_trips_and_its_secrets_never_leave() {
+        let template = v1::Template {
+            model: "org/m".into(),
+            vllm_args: "--max-model-len 4096".into(),
+            env: vec![
+                v1::EnvVar {
+                    name: "HF_TOKEN".into(),
+                    source: Some(v1::env_var::Source::Value("hf_secret".into())),
+                    secret: true,
+                    redacted: false,
+                },
+                v1::EnvVar {
+                    name: "LOG".into(),
+                    source: Some(v1::env_var::Source::Value("debug".into())),
+                    secret: false,
+                    redacted: false,
+                },
+            ],
+            ..Default::default()
+        };
+        let deployment = Deployment {
+            id: "d-1".into(),
+            endpoint: "chat".into(),
+            template: Deployment::encode(&template),
+            state: DeploymentState::Active,
+            created_at_ms: 1_700_000_000_123,
+        };
+        assert_eq!(deployment.template(), template);
+        let wire = deployment.to_proto();
+        let text = format!("{wire:?}");
+        assert!(!text.contains("hf_secret"), "{text}");
+        let env = &wire.template.as_ref().unwrap().env;
+        assert!(env[0].redacted && env[0].source.is_none());
+        assert_eq!(
+            env[1].source,
+            Some(v1::env_var::Source::Value("debug".into()))
+        );
+        assert_eq!(wire.created_at.unwrap().nanos, 123_000_000);
+    }
+
+    #[test]
+    fn the_history_is_bounded() {
+        let mut endpoint = Endpoint::new("chat", 0);
+        for i in 0..MAX_EVENTS + 10 {
+            endpoint.record(u64::try_from(i).unwrap(), "tick", String::new(), "");
+        }
+        assert_eq!(endpoint.events.len(), MAX_EVENTS);
+        assert_eq!(endpoint.events.front().unwrap().sequence, 11);
+        assert_eq!(endpoint.event_seq, u64::try_from(MAX_EVENTS + 10).unwrap());
+    }
+}
