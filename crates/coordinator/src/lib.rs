@@ -14,7 +14,10 @@
 //! The shell that performs the actions, the gRPC service and the binary
 //! come next.
 
+pub mod actor;
+pub mod config;
 pub mod rollout;
+pub mod service;
 pub mod settings;
 pub mod state;
 pub mod store;

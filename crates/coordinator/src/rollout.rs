@@ -410,6 +410,68 @@ impl Rollout {
         self.status.is_terminal() && self.leaving.is_empty() && self.acked == self.seq
     }
 
+    /// Every worker this promotion uses: in the table, starting, ready,
+    /// or on its way out. No other endpoint may take them.
+    pub fn claimed(&self) -> BTreeSet<String> {
+        self.routed
+            .keys()
+            .chain(&self.starting)
+            .chain(&self.ready)
+            .chain(self.leaving.keys())
+            .cloned()
+            .collect()
+    }
+
+    /// Replicas per deployment: (ready in the table, starting, draining).
+    pub fn replicas(&self, deployment: &str) -> (u32, u32, u32) {
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let ready = count(self.routed.values().filter(|d| *d == deployment).count());
+        let starting = count(
+            self.starting
+                .iter()
+                .chain(&self.ready)
+                .filter(|w| {
+                    self.workers.get(*w).and_then(|v| v.deployment.as_deref()) == Some(deployment)
+                })
+                .count(),
+        );
+        let draining = count(
+            self.leaving
+                .keys()
+                .filter(|w| {
+                    self.workers.get(*w).and_then(|v| v.deployment.as_deref()) == Some(deployment)
+                })
+                .count(),
+        );
+        (ready, starting, draining)
+    }
+
+    /// After a restart of the coordinator: the actions under way, sent
+    /// again (each is idempotent at the agent), and the current table,
+    /// which every router must acknowledge again.
+    pub fn resume(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.push_table(&mut out);
+        for worker in &self.starting {
+            out.push(Action::Apply {
+                worker: worker.clone(),
+                deployment: self.starting_deployment(),
+            });
+        }
+        for (worker, retirement) in &self.leaving {
+            match retirement.stage {
+                Leaving::AwaitAck(_) => {}
+                Leaving::Draining => out.push(Action::Drain {
+                    worker: worker.clone(),
+                }),
+                Leaving::Stopping => out.push(Action::Stop {
+                    worker: worker.clone(),
+                }),
+            }
+        }
+        out
+    }
+
     /// The table wanted now, weights proportional to replicas.
     pub fn routes(&self) -> Vec<Route> {
         let mut by_deployment: BTreeMap<&str, Vec<String>> = BTreeMap::new();

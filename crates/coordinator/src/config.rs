@@ -1,0 +1,140 @@
+//! `coordinator.toml`: listeners, the store, and the agents and routers
+//! known from the start (more can be added at run time).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crossfade_common::FieldError;
+use crossfade_common::config::Validate;
+use crossfade_common::telemetry::LogConfig;
+use serde::{Deserialize, Serialize};
+
+/// The coordinator's whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listening addresses.
+    pub listen: Listen,
+    /// Logging.
+    pub log: LogConfig,
+    /// The embedded store.
+    pub store: StoreConfig,
+    /// Agents' control addresses (`host:port`).
+    pub agents: Vec<String>,
+    /// Routers' control addresses (`host:port`).
+    pub routers: Vec<String>,
+    /// How long a router may take to acknowledge a table before a drain
+    /// goes ahead without it (1s ..= 10m).
+    #[serde(with = "humantime_serde")]
+    pub router_ack_timeout: Duration,
+}
+
+/// `[listen]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// The Coordinator gRPC API, for the CLI and CI/CD.
+    pub api: SocketAddr,
+    /// Prometheus `/metrics` and `/healthz`.
+    pub admin: SocketAddr,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// The state file, replaced atomically at every change.
+    pub path: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: Listen::default(),
+            log: LogConfig::default(),
+            store: StoreConfig::default(),
+            agents: Vec::new(),
+            routers: Vec::new(),
+            router_ack_timeout: crate::actor::ROUTER_ACK_BOUND,
+        }
+    }
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        let parse = |s: &str| s.parse().expect("the default addresses are valid");
+        Self {
+            api: parse("0.0.0.0:7000"),
+            admin: parse("127.0.0.1:9403"),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: "/var/lib/crossfade-coordinator/state.json".into(),
+        }
+    }
+}
+
+impl Validate for Config {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = self.log.validate("log");
+        if self.listen.api == self.listen.admin {
+            errors.push(FieldError::new(
+                "listen.admin",
+                format!("{} is also listen.api", self.listen.admin),
+            ));
+        }
+        if self.store.path.as_os_str().is_empty() {
+            errors.push(FieldError::new("store.path", "must name a file"));
+        }
+        for (key, list) in [("agents", &self.agents), ("routers", &self.routers)] {
+            for (i, address) in list.iter().enumerate() {
+                let ok = address.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+                });
+                if !ok {
+                    errors.push(FieldError::new(
+                        format!("{key}[{i}]"),
+                        format!("`{address}` must be host:port"),
+                    ));
+                }
+            }
+        }
+        errors.extend(FieldError::check_duration(
+            "router_ack_timeout",
+            self.router_ack_timeout,
+            Duration::from_secs(1)..=Duration::from_secs(600),
+        ));
+        errors
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_addresses_and_bounds_are_named() {
+        let config = Config {
+            agents: vec!["10.0.0.1:7002".into(), "nohost".into()],
+            routers: vec![":7001".into()],
+            router_ack_timeout: Duration::from_millis(10),
+            ..Config::default()
+        };
+        let errors: Vec<String> = config.validate().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            [
+                "`agents[1]`: `nohost` must be host:port",
+                "`routers[0]`: `:7001` must be host:port",
+                "`router_ack_timeout`: must be within 1s..=10m, got 10ms",
+            ]
+        );
+        assert_eq!(Config::default().validate(), Vec::new());
+    }
+}

@@ -1,0 +1,282 @@
+//! `crossfade-coordinator` driving real agents (each supervising a
+//! `fake-vllm`) and a real router: an endpoint is created, then promoted
+//! step by step under a load of streaming requests, and no request fails.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crossfade_e2e::{Process, TempDir, binary, free_port, wait_for_port};
+use crossfade_proto::v1::{self, coordinator_client::CoordinatorClient};
+use http::StatusCode;
+use tonic::transport::Channel;
+
+use support::*;
+
+/// Dropped in this order: the coordinator (so it starts nothing more),
+/// the agents, then their engines (which outlive agents by design), the
+/// router, and last the directories that hold the engines' state files.
+struct Fleet {
+    _coordinator: Process,
+    agents: Vec<Agent>,
+    _reapers: Vec<EngineReaper>,
+    _router: Process,
+    hosts: Vec<Host>,
+    public: SocketAddr,
+    api: SocketAddr,
+    _dir: TempDir,
+}
+
+const KNOBS: &[(&str, &str)] = &[
+    ("FAKE_VLLM_LOAD_TIME", "300ms"),
+    ("FAKE_VLLM_TOKENS_PER_SECOND", "100"),
+    ("FAKE_VLLM_MAX_TOKENS", "8"),
+];
+
+fn start_fleet(workers: usize) -> Fleet {
+    let dir = TempDir::new().unwrap();
+    let hosts: Vec<Host> = (0..workers).map(|_| Host::new()).collect();
+    let reapers = hosts.iter().map(|h| EngineReaper(h.state_dir())).collect();
+    let agents: Vec<Agent> = hosts.iter().map(|h| h.start(KNOBS, "")).collect();
+
+    let public = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let router_control = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let router_config = dir.path().join("router.toml");
+    std::fs::write(
+        &router_config,
+        format!(
+            "[listen]\npublic = \"{public}\"\nadmin = \"127.0.0.1:{}\"\ncontrol = \"{router_control}\"\n",
+            free_port().unwrap()
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(binary("crossfade-router").unwrap());
+    command
+        .arg("--config")
+        .arg(&router_config)
+        .env("RUST_LOG", "warn");
+    let router = Process::spawn("crossfade-router", command).unwrap();
+    wait_for_port(router_control, Duration::from_secs(20)).unwrap();
+
+    let api = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let config = dir.path().join("coordinator.toml");
+    let agents_list: Vec<String> = agents
+        .iter()
+        .map(|a| format!("\"{}\"", a.control))
+        .collect();
+    std::fs::write(
+        &config,
+        format!(
+            "agents = [{}]\nrouters = [\"{router_control}\"]\nrouter_ack_timeout = \"5s\"\n[listen]\napi = \"{api}\"\nadmin = \"127.0.0.1:{}\"\n[store]\npath = \"{}\"\n",
+            agents_list.join(", "),
+            free_port().unwrap(),
+            dir.path().join("state.json").display()
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(binary("crossfade-coordinator").unwrap());
+    command.arg("--config").arg(&config).env(
+        "RUST_LOG",
+        std::env::var("E2E_COORDINATOR_LOG").unwrap_or_else(|_| "warn".into()),
+    );
+    let coordinator = Process::spawn("crossfade-coordinator", command).unwrap();
+    wait_for_port(api, Duration::from_secs(20)).unwrap();
+    Fleet {
+        hosts,
+        agents,
+        _reapers: reapers,
+        _router: router,
+        public,
+        _coordinator: coordinator,
+        api,
+        _dir: dir,
+    }
+}
+
+impl Fleet {
+    async fn client(&self) -> CoordinatorClient<Channel> {
+        CoordinatorClient::connect(format!("http://{}", self.api))
+            .await
+            .unwrap()
+    }
+
+    /// Polls the endpoint until `check` holds; returns every promotion
+    /// percentage seen on the way.
+    async fn wait_endpoint(
+        &self,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&v1::Endpoint) -> bool,
+    ) -> (v1::Endpoint, Vec<u32>) {
+        let mut client = self.client().await;
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let endpoint = client
+                .get_endpoint(v1::GetEndpointRequest {
+                    name: "chat".into(),
+                    event_limit: 100,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if let Some(p) = &endpoint.in_progress_promotion
+                && seen.last() != Some(&p.percent_traffic_to_new_version)
+            {
+                seen.push(p.percent_traffic_to_new_version);
+            }
+            if check(&endpoint) {
+                return (endpoint, seen);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited {timeout:?} for {what}; last: {endpoint:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn template(model: &str) -> v1::Template {
+    v1::Template {
+        runtime: v1::EngineRuntime::Process as i32,
+        model: model.into(),
+        vllm_args: "--max-model-len 4096".into(),
+        ..Default::default()
+    }
+}
+
+fn last_status(endpoint: &v1::Endpoint) -> Option<v1::PromotionStatus> {
+    endpoint
+        .last_promotion
+        .as_ref()
+        .filter(|_| endpoint.in_progress_promotion.is_none())
+        .map(|p| p.status())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_surge_promotion_under_load_fails_no_request() {
+    let fleet = start_fleet(4);
+    let mut client = fleet.client().await;
+    client
+        .create_endpoint(v1::CreateEndpointRequest {
+            name: "chat".into(),
+            aliases: vec![],
+            template: Some(template("org/v1")),
+            scaling: Some(v1::ScalingSettings {
+                min_replicas: 2,
+                max_replicas: 2,
+                target_in_flight_per_replica: 8,
+                scale_down_delay_seconds: 60,
+            }),
+            promotion_settings: Some(v1::PromotionSettingsUpdate {
+                rolling_deploy: Some(true),
+                max_surge_percent: Some(50),
+                ..Default::default()
+            }),
+            selector: None,
+        })
+        .await
+        .unwrap();
+    let (created, _) = fleet
+        .wait_endpoint("the first deployment", Duration::from_secs(60), |e| {
+            last_status(e) == Some(v1::PromotionStatus::Succeeded)
+        })
+        .await;
+    let v1_id = created.active_deployment.as_ref().unwrap().id.clone();
+    // Routers have the table: a request goes through.
+    let (status, _, body) = chat(fleet.public, "chat", false).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("[org/v1 as chat]"), "{body}");
+
+    // Load: streams back to back while the promotion runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let public = fleet.public;
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                while !stop.load(Ordering::Relaxed) && outcomes.len() < 2000 {
+                    let (status, _, body) = chat(public, "chat", true).await;
+                    outcomes.push((status, body));
+                }
+                outcomes
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let promoted = client
+        .promote(v1::PromoteRequest {
+            endpoint: "chat".into(),
+            target: Some(v1::promote_request::Target::Template(template("org/v2"))),
+            settings: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (done, seen) = fleet
+        .wait_endpoint("the promotion", Duration::from_secs(90), |e| {
+            last_status(e).is_some()
+                && e.last_promotion.as_ref().unwrap().id == promoted.promotion_id
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let last = done.last_promotion.as_ref().unwrap();
+    assert_eq!(last.status(), v1::PromotionStatus::Succeeded, "{done:#?}");
+    assert_eq!(last.percent_traffic_to_new_version, 100);
+    assert!(
+        seen.iter().any(|p| *p > 0 && *p < 100),
+        "no intermediate step seen: {seen:?}"
+    );
+    assert_eq!(
+        done.active_deployment.as_ref().unwrap().id,
+        promoted.deployment_id
+    );
+    assert!(
+        done.events.iter().any(|e| e.kind == "step-done"),
+        "{:#?}",
+        done.events
+    );
+
+    let mut total = 0;
+    let mut v2 = 0;
+    for client in clients {
+        for (status, body) in client.await.unwrap() {
+            total += 1;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert!(
+                body.trim_end().ends_with("data: [DONE]"),
+                "a stream broke: {body}"
+            );
+            if body.contains("[org/v2 as chat]") {
+                v2 += 1;
+            }
+        }
+    }
+    assert!(total > 20, "only {total} requests");
+    assert!(v2 > 0, "no request reached v2");
+    let (_, _, body) = chat(fleet.public, "chat", false).await;
+    assert!(body.contains("[org/v2 as chat]"), "{body}");
+
+    // The old deployment is kept for a promotion back.
+    let history = client
+        .history(v1::HistoryRequest {
+            endpoint: "chat".into(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let old = history.deployments.iter().find(|d| d.id == v1_id).unwrap();
+    assert_eq!(old.state(), v1::DeploymentState::Kept);
+    let _ = (&fleet.hosts, &fleet.agents);
+}
