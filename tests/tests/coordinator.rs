@@ -22,7 +22,8 @@ use support::*;
 /// the agents, then their engines (which outlive agents by design), the
 /// router, and last the directories that hold the engines' state files.
 struct Fleet {
-    _coordinator: Process,
+    coordinator: Option<Process>,
+    coordinator_config: std::path::PathBuf,
     agents: Vec<Agent>,
     _reapers: Vec<EngineReaper>,
     _router: Process,
@@ -79,26 +80,39 @@ fn start_fleet(workers: usize) -> Fleet {
         ),
     )
     .unwrap();
-    let mut command = Command::new(binary("crossfade-coordinator").unwrap());
-    command.arg("--config").arg(&config).env(
-        "RUST_LOG",
-        std::env::var("E2E_COORDINATOR_LOG").unwrap_or_else(|_| "warn".into()),
-    );
-    let coordinator = Process::spawn("crossfade-coordinator", command).unwrap();
-    wait_for_port(api, Duration::from_secs(20)).unwrap();
+    let coordinator = start_coordinator(&config, api);
     Fleet {
         hosts,
         agents,
         _reapers: reapers,
         _router: router,
         public,
-        _coordinator: coordinator,
+        coordinator: Some(coordinator),
+        coordinator_config: config,
         api,
         _dir: dir,
     }
 }
 
+fn start_coordinator(config: &std::path::Path, api: SocketAddr) -> Process {
+    let mut command = Command::new(binary("crossfade-coordinator").unwrap());
+    command.arg("--config").arg(config).env(
+        "RUST_LOG",
+        std::env::var("E2E_COORDINATOR_LOG").unwrap_or_else(|_| "warn".into()),
+    );
+    let coordinator = Process::spawn("crossfade-coordinator", command).unwrap();
+    wait_for_port(api, Duration::from_secs(20)).unwrap();
+    coordinator
+}
+
 impl Fleet {
+    /// SIGKILL, then a new coordinator on the same store.
+    fn kill_and_restart_coordinator(&mut self, down_for: Duration) {
+        drop(self.coordinator.take());
+        std::thread::sleep(down_for);
+        self.coordinator = Some(start_coordinator(&self.coordinator_config, self.api));
+    }
+
     async fn client(&self) -> CoordinatorClient<Channel> {
         CoordinatorClient::connect(format!("http://{}", self.api))
             .await
@@ -142,6 +156,87 @@ impl Fleet {
     }
 }
 
+type Outcomes = Vec<tokio::task::JoinHandle<Vec<(StatusCode, String)>>>;
+
+/// Six clients streaming back to back through the router until `stop`.
+fn load(public: SocketAddr, stop: &Arc<AtomicBool>) -> Outcomes {
+    (0..6)
+        .map(|_| {
+            let stop = Arc::clone(stop);
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                while !stop.load(Ordering::Relaxed) && outcomes.len() < 5000 {
+                    let (status, _, body) = chat(public, "chat", true).await;
+                    outcomes.push((status, body));
+                }
+                outcomes
+            })
+        })
+        .collect()
+}
+
+/// Every request succeeded and streamed to its end; returns how many there
+/// were and how many `model` answered.
+async fn no_failures(outcomes: Outcomes, model: &str) -> (usize, usize) {
+    let mut total = 0;
+    let mut by_model = 0;
+    for client in outcomes {
+        for (status, body) in client.await.unwrap() {
+            total += 1;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert!(
+                body.trim_end().ends_with("data: [DONE]"),
+                "a stream broke: {body}"
+            );
+            if body.contains(&format!("[{model} as chat]")) {
+                by_model += 1;
+            }
+        }
+    }
+    (total, by_model)
+}
+
+async fn create_chat(fleet: &Fleet, settings: v1::PromotionSettingsUpdate) -> String {
+    fleet
+        .client()
+        .await
+        .create_endpoint(v1::CreateEndpointRequest {
+            name: "chat".into(),
+            aliases: vec![],
+            template: Some(template("org/v1")),
+            scaling: Some(v1::ScalingSettings {
+                min_replicas: 2,
+                max_replicas: 2,
+                target_in_flight_per_replica: 8,
+                scale_down_delay_seconds: 60,
+            }),
+            promotion_settings: Some(settings),
+            selector: None,
+        })
+        .await
+        .unwrap();
+    let (created, _) = fleet
+        .wait_endpoint("the first deployment", Duration::from_secs(60), |e| {
+            last_status(e) == Some(v1::PromotionStatus::Succeeded)
+        })
+        .await;
+    created.active_deployment.as_ref().unwrap().id.clone()
+}
+
+async fn promote_v2(fleet: &Fleet) -> v1::PromoteResponse {
+    fleet
+        .client()
+        .await
+        .promote(v1::PromoteRequest {
+            endpoint: "chat".into(),
+            target: Some(v1::promote_request::Target::Template(template("org/v2"))),
+            settings: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn template(model: &str) -> v1::Template {
     v1::Template {
         runtime: v1::EngineRuntime::Process as i32,
@@ -162,65 +257,24 @@ fn last_status(endpoint: &v1::Endpoint) -> Option<v1::PromotionStatus> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_surge_promotion_under_load_fails_no_request() {
     let fleet = start_fleet(4);
-    let mut client = fleet.client().await;
-    client
-        .create_endpoint(v1::CreateEndpointRequest {
-            name: "chat".into(),
-            aliases: vec![],
-            template: Some(template("org/v1")),
-            scaling: Some(v1::ScalingSettings {
-                min_replicas: 2,
-                max_replicas: 2,
-                target_in_flight_per_replica: 8,
-                scale_down_delay_seconds: 60,
-            }),
-            promotion_settings: Some(v1::PromotionSettingsUpdate {
-                rolling_deploy: Some(true),
-                max_surge_percent: Some(50),
-                ..Default::default()
-            }),
-            selector: None,
-        })
-        .await
-        .unwrap();
-    let (created, _) = fleet
-        .wait_endpoint("the first deployment", Duration::from_secs(60), |e| {
-            last_status(e) == Some(v1::PromotionStatus::Succeeded)
-        })
-        .await;
-    let v1_id = created.active_deployment.as_ref().unwrap().id.clone();
+    let v1_id = create_chat(
+        &fleet,
+        v1::PromotionSettingsUpdate {
+            rolling_deploy: Some(true),
+            max_surge_percent: Some(50),
+            ..Default::default()
+        },
+    )
+    .await;
     // Routers have the table: a request goes through.
     let (status, _, body) = chat(fleet.public, "chat", false).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.contains("[org/v1 as chat]"), "{body}");
 
-    // Load: streams back to back while the promotion runs.
     let stop = Arc::new(AtomicBool::new(false));
-    let public = fleet.public;
-    let clients: Vec<_> = (0..6)
-        .map(|_| {
-            let stop = Arc::clone(&stop);
-            tokio::spawn(async move {
-                let mut outcomes = Vec::new();
-                while !stop.load(Ordering::Relaxed) && outcomes.len() < 2000 {
-                    let (status, _, body) = chat(public, "chat", true).await;
-                    outcomes.push((status, body));
-                }
-                outcomes
-            })
-        })
-        .collect();
+    let outcomes = load(fleet.public, &stop);
     tokio::time::sleep(Duration::from_millis(300)).await;
-
-    let promoted = client
-        .promote(v1::PromoteRequest {
-            endpoint: "chat".into(),
-            target: Some(v1::promote_request::Target::Template(template("org/v2"))),
-            settings: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let promoted = promote_v2(&fleet).await;
     let (done, seen) = fleet
         .wait_endpoint("the promotion", Duration::from_secs(90), |e| {
             last_status(e).is_some()
@@ -246,29 +300,16 @@ async fn a_rolling_surge_promotion_under_load_fails_no_request() {
         "{:#?}",
         done.events
     );
-
-    let mut total = 0;
-    let mut v2 = 0;
-    for client in clients {
-        for (status, body) in client.await.unwrap() {
-            total += 1;
-            assert_eq!(status, StatusCode::OK, "{body}");
-            assert!(
-                body.trim_end().ends_with("data: [DONE]"),
-                "a stream broke: {body}"
-            );
-            if body.contains("[org/v2 as chat]") {
-                v2 += 1;
-            }
-        }
-    }
+    let (total, v2) = no_failures(outcomes, "org/v2").await;
     assert!(total > 20, "only {total} requests");
     assert!(v2 > 0, "no request reached v2");
     let (_, _, body) = chat(fleet.public, "chat", false).await;
     assert!(body.contains("[org/v2 as chat]"), "{body}");
 
     // The old deployment is kept for a promotion back.
-    let history = client
+    let history = fleet
+        .client()
+        .await
         .history(v1::HistoryRequest {
             endpoint: "chat".into(),
             limit: 0,
@@ -278,5 +319,48 @@ async fn a_rolling_surge_promotion_under_load_fails_no_request() {
         .into_inner();
     let old = history.deployments.iter().find(|d| d.id == v1_id).unwrap();
     assert_eq!(old.state(), v1::DeploymentState::Kept);
-    let _ = (&fleet.hosts, &fleet.agents);
+    assert_eq!(fleet.agents.len(), fleet.hosts.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_mid_promotion_finishes_it_after_a_restart() {
+    let mut fleet = start_fleet(4);
+    create_chat(
+        &fleet,
+        v1::PromotionSettingsUpdate {
+            rolling_deploy: Some(true),
+            max_surge_percent: Some(50),
+            stabilization_time_seconds: Some(2),
+            ..Default::default()
+        },
+    )
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes = load(fleet.public, &stop);
+    let promoted = promote_v2(&fleet).await;
+    fleet
+        .wait_endpoint("the first step", Duration::from_secs(60), |e| {
+            e.in_progress_promotion
+                .as_ref()
+                .is_some_and(|p| p.percent_traffic_to_new_version == 50)
+        })
+        .await;
+    // kill -9 in the middle of the promotion; routers keep their table.
+    fleet.kill_and_restart_coordinator(Duration::from_millis(500));
+    let (done, _) = fleet
+        .wait_endpoint(
+            "the promotion after the restart",
+            Duration::from_secs(90),
+            |e| last_status(e).is_some(),
+        )
+        .await;
+    stop.store(true, Ordering::Relaxed);
+    let last = done.last_promotion.as_ref().unwrap();
+    assert_eq!(last.id, promoted.promotion_id);
+    assert_eq!(last.status(), v1::PromotionStatus::Succeeded, "{done:#?}");
+    assert_eq!(last.percent_traffic_to_new_version, 100);
+    let (total, _) = no_failures(outcomes, "org/v2").await;
+    assert!(total > 20, "only {total} requests");
+    let (_, _, body) = chat(fleet.public, "chat", false).await;
+    assert!(body.contains("[org/v2 as chat]"), "{body}");
 }

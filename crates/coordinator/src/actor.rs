@@ -34,6 +34,19 @@ const TICK: Duration = Duration::from_millis(200);
 
 type Reply<T> = oneshot::Sender<Result<T, Status>>;
 
+/// An answer waiting for its change to be stored and published.
+type Answer = Box<dyn FnOnce() + Send>;
+
+fn answer<T: Send + 'static>(
+    answers: &mut Vec<Answer>,
+    reply: Reply<T>,
+    result: Result<T, Status>,
+) {
+    answers.push(Box::new(move || {
+        let _ = reply.send(result);
+    }));
+}
+
 /// What gRPC handlers ask of the actor.
 #[derive(Debug)]
 pub enum Request {
@@ -210,7 +223,6 @@ pub fn start(
         pending: Vec::new(),
         pushed_at: BTreeMap::new(),
         shutdown: shutdown.clone(),
-        started: Instant::now(),
     };
     let addresses: Vec<String> = actor.state.workers.keys().cloned().collect();
     for address in addresses {
@@ -236,7 +248,6 @@ struct Actor {
     /// When each version was pushed.
     pushed_at: BTreeMap<u64, Instant>,
     shutdown: Shutdown,
-    started: Instant,
 }
 
 fn now_ms() -> u64 {
@@ -255,32 +266,41 @@ impl Actor {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let mut actions = Vec::new();
+            let mut answers = Vec::new();
             tokio::select! {
                 () = self.shutdown.triggered() => return,
                 request = requests.recv() => match request {
-                    Some(request) => self.request(request, &mut actions),
+                    Some(request) => self.request(request, &mut actions, &mut answers),
                     None => return,
                 },
                 Some(event) = internal.recv() => self.internal(event, &mut actions),
                 _ = tick.tick() => self.tick(&mut actions),
             }
-            self.commit(actions);
+            // An unstored change is not answered: the caller hears that the
+            // coordinator is shutting down.
+            if self.commit(actions) {
+                for answer in answers {
+                    answer();
+                }
+            }
         }
     }
 
-    /// Writes the state, then acts, then publishes.
-    fn commit(&mut self, actions: Vec<(String, Action)>) {
+    /// Writes the state, then acts, then publishes; false when the state
+    /// could not be written.
+    fn commit(&mut self, actions: Vec<(String, Action)>) -> bool {
         if let Err(e) = self.store.save(&self.state) {
             // Acting on a state that is not written would break the
             // promise to carry on after a crash: stop instead.
             tracing::error!(error = %e, "cannot write the store; shutting down");
             self.shutdown.trigger();
-            return;
+            return false;
         }
         for (endpoint, action) in actions {
             self.perform(&endpoint, action);
         }
         self.publish();
+        true
     }
 
     fn publish(&self) {
@@ -293,13 +313,20 @@ impl Actor {
 
     // === requests ===
 
-    fn request(&mut self, request: Request, actions: &mut Vec<(String, Action)>) {
+    /// Handles a request; its answer is sent once the change is stored and
+    /// published (`answers`), so a caller that reads right after sees it.
+    fn request(
+        &mut self,
+        request: Request,
+        actions: &mut Vec<(String, Action)>,
+        answers: &mut Vec<Answer>,
+    ) {
         match request {
             Request::CreateEndpoint(r, reply) => {
-                let _ = reply.send(self.create_endpoint(r, actions));
+                answer(answers, reply, self.create_endpoint(r, actions));
             }
             Request::DeleteEndpoint(r, reply) => {
-                let _ = reply.send(self.delete_endpoint(&r, actions));
+                answer(answers, reply, self.delete_endpoint(&r, actions));
             }
             Request::UpdateScaling(r, reply) => {
                 let result = self.with_endpoint(&r.name, |e, _| {
@@ -310,7 +337,7 @@ impl Actor {
                     e.scaling = Scaling::from_proto(scaling, "scaling").map_err(invalid)?;
                     Ok(())
                 });
-                let _ = reply.send(result);
+                answer(answers, reply, result);
             }
             Request::UpdatePromotionSettings(r, reply) => {
                 let result = self.with_endpoint(&r.name, |e, _| {
@@ -318,14 +345,14 @@ impl Actor {
                     e.settings = e.settings.updated(&update, "settings").map_err(invalid)?;
                     Ok(())
                 });
-                let _ = reply.send(result);
+                answer(answers, reply, result);
             }
             Request::UpdateWorkerSelector(r, reply) => {
                 let result = self.with_endpoint(&r.name, |e, _| {
                     e.selector = Selector::from_proto(&r.selector.clone().unwrap_or_default());
                     Ok(())
                 });
-                let _ = reply.send(result);
+                answer(answers, reply, result);
             }
             Request::UpdateAliases(r, reply) => {
                 let result = validate_names("aliases", &r.aliases).and_then(|()| {
@@ -337,13 +364,13 @@ impl Actor {
                 if result.is_ok() {
                     self.push_tables(actions);
                 }
-                let _ = reply.send(result);
+                answer(answers, reply, result);
             }
             Request::Promote(r, reply) => {
-                let _ = reply.send(self.promote(r, actions));
+                answer(answers, reply, self.promote(r, actions));
             }
             Request::Control(command, r, reply) => {
-                let _ = reply.send(self.control(command, &r, actions));
+                answer(answers, reply, self.control(command, &r, actions));
             }
             Request::AddWorker(address, reply) => {
                 let result = check_address("control_address", &address).map(|()| {
@@ -358,7 +385,7 @@ impl Actor {
                         self.watch_agent(&address);
                     }
                 });
-                let _ = reply.send(result);
+                answer(answers, reply, result);
             }
             Request::RemoveWorker(address, reply) => {
                 let claimed = self.claims().contains_key(&address);
@@ -373,7 +400,7 @@ impl Actor {
                 } else {
                     Err(Status::not_found(format!("worker_id: no worker {address}")))
                 };
-                let _ = reply.send(result);
+                answer(answers, reply, result);
             }
             Request::Cordon(address, cordon, reason, reply) => {
                 let result = match self.state.workers.get_mut(&address) {
@@ -385,7 +412,7 @@ impl Actor {
                     None => Err(Status::not_found(format!("worker_id: no worker {address}"))),
                 };
                 self.refresh_workers(actions);
-                let _ = reply.send(result);
+                answer(answers, reply, result);
             }
             Request::AddRouter(address, reply) => {
                 let result = check_address("control_address", &address).map(|()| {
@@ -400,7 +427,7 @@ impl Actor {
                 if result.is_ok() {
                     self.push_tables(actions);
                 }
-                let _ = reply.send(result);
+                answer(answers, reply, result);
             }
             Request::RemoveRouter(address, reply) => {
                 let result = match self.state.routers.remove(&address) {
@@ -412,7 +439,7 @@ impl Actor {
                         "control_address: no router {address}"
                     ))),
                 };
-                let _ = reply.send(result);
+                answer(answers, reply, result);
             }
         }
     }
@@ -673,6 +700,13 @@ impl Actor {
                 let observed = self.observed.entry(address.clone()).or_default();
                 match status {
                     Some(status) => {
+                        // Kept in the store: a restarted coordinator builds
+                        // the same table before the agent reports again.
+                        if let Some(record) = self.state.workers.get_mut(&address)
+                            && record.gate_address != status.gate_address
+                        {
+                            record.gate_address.clone_from(&status.gate_address);
+                        }
                         observed.status = Some(*status);
                         observed.reachable = true;
                         observed.last_seen = Some(SystemTime::now());
@@ -733,7 +767,9 @@ impl Actor {
     }
 
     fn tick(&mut self, actions: &mut Vec<(String, Action)>) {
-        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        // Wall-clock time: a stabilization wait started before a restart
+        // ends when it would have.
+        let now = now_ms();
         let names: Vec<String> = self
             .state
             .endpoints
@@ -742,9 +778,6 @@ impl Actor {
             .map(|(n, _)| n.clone())
             .collect();
         for name in names {
-            // The rollout's clock only moves forward; restarts begin again
-            // from the elapsed time of this process, which is fine for
-            // stabilization waits measured in seconds.
             self.feed(&name, Event::Tick { now_ms: now }, actions);
         }
         self.settle_acks(actions);
@@ -833,8 +866,11 @@ impl Actor {
             let Some(rollout) = current_rollout(endpoint) else {
                 continue;
             };
+            // A worker that has not reported since this coordinator started
+            // is unknown, not idle: the rollout keeps what it knew.
             let changed: Vec<(String, rollout::Worker)> = workers
                 .into_iter()
+                .filter(|(id, _)| self.observed.get(id).is_some_and(|o| o.status.is_some()))
                 .filter(|(id, w)| rollout.workers.get(id) != Some(w))
                 .collect();
             for (id, worker) in changed {
@@ -1123,6 +1159,13 @@ impl Actor {
                 .and_then(|o| o.status.as_ref())
                 .map(|s| s.gate_address.clone())
                 .filter(|g| !g.is_empty())
+                .or_else(|| {
+                    self.state
+                        .workers
+                        .get(worker)
+                        .map(|r| r.gate_address.clone())
+                        .filter(|g| !g.is_empty())
+                })
         };
         v1::RoutingTable {
             version,

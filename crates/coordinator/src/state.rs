@@ -231,6 +231,9 @@ pub struct WorkerRecord {
     pub cordoned: bool,
     /// Why.
     pub cordon_reason: String,
+    /// Its gate, as it last reported it.
+    #[serde(default)]
+    pub gate_address: String,
 }
 
 /// A router.

@@ -159,6 +159,7 @@ mod tests {
                 address: "10.0.0.1:7002".into(),
                 cordoned: true,
                 cordon_reason: "GPU unhealthy".into(),
+                gate_address: "10.0.0.1:8000".into(),
             },
         );
         state.routers.insert(
