@@ -26,12 +26,18 @@ struct Fleet {
     coordinator_config: std::path::PathBuf,
     agents: Vec<Agent>,
     _reapers: Vec<EngineReaper>,
-    _router: Process,
+    _routers: Vec<Process>,
     hosts: Vec<Host>,
-    public: SocketAddr,
+    /// The routers' public addresses.
+    publics: Vec<SocketAddr>,
     api: SocketAddr,
     _dir: TempDir,
+    /// One fleet at a time: each is a dozen processes, and these machines
+    /// have two cores.
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
+
+static FLEETS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 const KNOBS: &[(&str, &str)] = &[
     ("FAKE_VLLM_LOAD_TIME", "300ms"),
@@ -40,29 +46,19 @@ const KNOBS: &[(&str, &str)] = &[
 ];
 
 fn start_fleet(workers: usize) -> Fleet {
+    // A test that failed still leaves the lock usable.
+    let one_at_a_time = FLEETS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = TempDir::new().unwrap();
     let hosts: Vec<Host> = (0..workers).map(|_| Host::new()).collect();
     let reapers = hosts.iter().map(|h| EngineReaper(h.state_dir())).collect();
     let agents: Vec<Agent> = hosts.iter().map(|h| h.start(KNOBS, "")).collect();
 
-    let public = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
-    let router_control = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
-    let router_config = dir.path().join("router.toml");
-    std::fs::write(
-        &router_config,
-        format!(
-            "[listen]\npublic = \"{public}\"\nadmin = \"127.0.0.1:{}\"\ncontrol = \"{router_control}\"\n",
-            free_port().unwrap()
-        ),
-    )
-    .unwrap();
-    let mut command = Command::new(binary("crossfade-router").unwrap());
-    command
-        .arg("--config")
-        .arg(&router_config)
-        .env("RUST_LOG", "warn");
-    let router = Process::spawn("crossfade-router", command).unwrap();
-    wait_for_port(router_control, Duration::from_secs(20)).unwrap();
+    // Two routers: every table must reach both before a worker drains.
+    let routers: Vec<(Process, SocketAddr, SocketAddr)> =
+        (0..2).map(|i| start_router(&dir, i)).collect();
+    let routers_list: Vec<String> = routers.iter().map(|r| format!("\"{}\"", r.2)).collect();
 
     let api = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
     let config = dir.path().join("coordinator.toml");
@@ -73,8 +69,9 @@ fn start_fleet(workers: usize) -> Fleet {
     std::fs::write(
         &config,
         format!(
-            "agents = [{}]\nrouters = [\"{router_control}\"]\nrouter_ack_timeout = \"5s\"\n[listen]\napi = \"{api}\"\nadmin = \"127.0.0.1:{}\"\n[store]\npath = \"{}\"\n",
+            "agents = [{}]\nrouters = [{}]\nrouter_ack_timeout = \"60s\"\n[listen]\napi = \"{api}\"\nadmin = \"127.0.0.1:{}\"\n[store]\npath = \"{}\"\n",
             agents_list.join(", "),
+            routers_list.join(", "),
             free_port().unwrap(),
             dir.path().join("state.json").display()
         ),
@@ -85,13 +82,34 @@ fn start_fleet(workers: usize) -> Fleet {
         hosts,
         agents,
         _reapers: reapers,
-        _router: router,
-        public,
+        publics: routers.iter().map(|r| r.1).collect(),
+        _routers: routers.into_iter().map(|r| r.0).collect(),
         coordinator: Some(coordinator),
         coordinator_config: config,
         api,
         _dir: dir,
+        _one_at_a_time: one_at_a_time,
     }
+}
+
+/// A router with an empty table: (process, public, control).
+fn start_router(dir: &TempDir, i: usize) -> (Process, SocketAddr, SocketAddr) {
+    let public = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let control = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let config = dir.path().join(format!("router-{i}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\npublic = \"{public}\"\nadmin = \"127.0.0.1:{}\"\ncontrol = \"{control}\"\n",
+            free_port().unwrap()
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(binary("crossfade-router").unwrap());
+    command.arg("--config").arg(&config).env("RUST_LOG", "warn");
+    let process = Process::spawn("crossfade-router", command).unwrap();
+    wait_for_port(control, Duration::from_secs(20)).unwrap();
+    (process, public, control)
 }
 
 fn start_coordinator(config: &std::path::Path, api: SocketAddr) -> Process {
@@ -158,10 +176,11 @@ impl Fleet {
 
 type Outcomes = Vec<tokio::task::JoinHandle<Vec<(StatusCode, String)>>>;
 
-/// Six clients streaming back to back through the router until `stop`.
-fn load(public: SocketAddr, stop: &Arc<AtomicBool>) -> Outcomes {
+/// Six clients streaming back to back through the routers until `stop`.
+fn load(publics: &[SocketAddr], stop: &Arc<AtomicBool>) -> Outcomes {
     (0..6)
-        .map(|_| {
+        .map(|i| {
+            let public = publics[i % publics.len()];
             let stop = Arc::clone(stop);
             tokio::spawn(async move {
                 let mut outcomes = Vec::new();
@@ -267,12 +286,12 @@ async fn a_rolling_surge_promotion_under_load_fails_no_request() {
     )
     .await;
     // Routers have the table: a request goes through.
-    let (status, _, body) = chat(fleet.public, "chat", false).await;
+    let (status, _, body) = chat(fleet.publics[0], "chat", false).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.contains("[org/v1 as chat]"), "{body}");
 
     let stop = Arc::new(AtomicBool::new(false));
-    let outcomes = load(fleet.public, &stop);
+    let outcomes = load(&fleet.publics, &stop);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let promoted = promote_v2(&fleet).await;
     let (done, seen) = fleet
@@ -303,7 +322,7 @@ async fn a_rolling_surge_promotion_under_load_fails_no_request() {
     let (total, v2) = no_failures(outcomes, "org/v2").await;
     assert!(total > 20, "only {total} requests");
     assert!(v2 > 0, "no request reached v2");
-    let (_, _, body) = chat(fleet.public, "chat", false).await;
+    let (_, _, body) = chat(fleet.publics[0], "chat", false).await;
     assert!(body.contains("[org/v2 as chat]"), "{body}");
 
     // The old deployment is kept for a promotion back.
@@ -336,7 +355,7 @@ async fn a_coordinator_killed_mid_promotion_finishes_it_after_a_restart() {
     )
     .await;
     let stop = Arc::new(AtomicBool::new(false));
-    let outcomes = load(fleet.public, &stop);
+    let outcomes = load(&fleet.publics, &stop);
     let promoted = promote_v2(&fleet).await;
     fleet
         .wait_endpoint("the first step", Duration::from_secs(60), |e| {
@@ -361,6 +380,191 @@ async fn a_coordinator_killed_mid_promotion_finishes_it_after_a_restart() {
     assert_eq!(last.percent_traffic_to_new_version, 100);
     let (total, _) = no_failures(outcomes, "org/v2").await;
     assert!(total > 20, "only {total} requests");
-    let (_, _, body) = chat(fleet.public, "chat", false).await;
+    let (_, _, body) = chat(fleet.publics[0], "chat", false).await;
+    assert!(body.contains("[org/v2 as chat]"), "{body}");
+}
+
+fn rolling(surge: u32, unavailable: u32, stabilization: u32) -> v1::PromotionSettingsUpdate {
+    v1::PromotionSettingsUpdate {
+        rolling_deploy: Some(true),
+        max_surge_percent: Some(surge),
+        max_unavailable_percent: Some(unavailable),
+        stabilization_time_seconds: Some(stabilization),
+        ..Default::default()
+    }
+}
+
+/// One of the five promotion controls, as a call on a client.
+type ControlCall = fn(
+    &mut CoordinatorClient<Channel>,
+    v1::PromotionControlRequest,
+) -> std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<tonic::Response<v1::Promotion>, tonic::Status>>
+            + Send
+            + '_,
+    >,
+>;
+
+async fn control(fleet: &Fleet, which: ControlCall) -> v1::Promotion {
+    let mut client = fleet.client().await;
+    which(
+        &mut client,
+        v1::PromotionControlRequest {
+            endpoint: "chat".into(),
+            promotion_id: String::new(),
+            reason: "test".into(),
+        },
+    )
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+async fn at_half(fleet: &Fleet) {
+    fleet
+        .wait_endpoint("the first step", Duration::from_secs(60), |e| {
+            e.in_progress_promotion
+                .as_ref()
+                .is_some_and(|p| p.percent_traffic_to_new_version == 50)
+        })
+        .await;
+}
+
+async fn ended(fleet: &Fleet, id: &str) -> v1::Promotion {
+    let (done, _) = fleet
+        .wait_endpoint("the end of the promotion", Duration::from_secs(90), |e| {
+            last_status(e).is_some() && e.last_promotion.as_ref().unwrap().id == id
+        })
+        .await;
+    done.last_promotion.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_promotion_updates_in_place_under_load() {
+    let fleet = start_fleet(2);
+    create_chat(&fleet, rolling(0, 50, 1)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes = load(&fleet.publics, &stop);
+    let promoted = promote_v2(&fleet).await;
+    let (_, seen) = fleet
+        .wait_endpoint("the promotion", Duration::from_secs(90), |e| {
+            last_status(e).is_some()
+        })
+        .await;
+    stop.store(true, Ordering::Relaxed);
+    let last = ended(&fleet, &promoted.promotion_id).await;
+    assert_eq!(last.status(), v1::PromotionStatus::Succeeded);
+    assert!(seen.contains(&50), "{seen:?}");
+    let (total, v2) = no_failures(outcomes, "org/v2").await;
+    assert!(total > 20 && v2 > 0, "{total} requests, {v2} on v2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_resume_goes_on_and_cancel_returns_all_traffic() {
+    let fleet = start_fleet(4);
+    create_chat(&fleet, rolling(50, 0, 1)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes = load(&fleet.publics, &stop);
+
+    // Pause holds the split; cancel ramps it back down.
+    let first = promote_v2(&fleet).await;
+    at_half(&fleet).await;
+    let paused = control(&fleet, |c, r| Box::pin(c.pause_promotion(r))).await;
+    assert_eq!(paused.status(), v1::PromotionStatus::Paused);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held = fleet
+        .client()
+        .await
+        .get_endpoint(v1::GetEndpointRequest {
+            name: "chat".into(),
+            event_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let held = held.in_progress_promotion.unwrap();
+    assert_eq!(held.status(), v1::PromotionStatus::Paused);
+    assert_eq!(
+        (held.percent_traffic_to_new_version, held.current_step),
+        (50, paused.current_step)
+    );
+    let canceling = control(&fleet, |c, r| Box::pin(c.cancel_promotion(r))).await;
+    assert_eq!(canceling.status(), v1::PromotionStatus::RampingDown);
+    let canceled = ended(&fleet, &first.promotion_id).await;
+    assert_eq!(canceled.status(), v1::PromotionStatus::Canceled);
+    assert_eq!(canceled.percent_traffic_to_new_version, 0);
+
+    // Resume goes on to the end.
+    let second = promote_v2(&fleet).await;
+    at_half(&fleet).await;
+    control(&fleet, |c, r| Box::pin(c.pause_promotion(r))).await;
+    let resumed = control(&fleet, |c, r| Box::pin(c.resume_promotion(r))).await;
+    assert_eq!(resumed.status(), v1::PromotionStatus::RampingUp);
+    let done = ended(&fleet, &second.promotion_id).await;
+    assert_eq!(done.status(), v1::PromotionStatus::Succeeded);
+    stop.store(true, Ordering::Relaxed);
+    let (total, _) = no_failures(outcomes, "org/v2").await;
+    assert!(total > 20, "only {total} requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forcing_acts_at_once_and_a_missing_model_fails_with_traffic_untouched() {
+    let fleet = start_fleet(4);
+    create_chat(&fleet, rolling(50, 0, 30)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes = load(&fleet.publics, &stop);
+
+    // A 30 s stabilization would hold each step; force roll forward does not wait.
+    let forward = promote_v2(&fleet).await;
+    at_half(&fleet).await;
+    let started = Instant::now();
+    control(&fleet, |c, r| Box::pin(c.force_roll_forward_promotion(r))).await;
+    let done = ended(&fleet, &forward.promotion_id).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(done.status(), v1::PromotionStatus::Succeeded);
+    assert_eq!(done.percent_traffic_to_new_version, 100);
+    assert!(done.forced);
+
+    // Force cancel: back to v2 (now the active one) at once.
+    let mut client = fleet.client().await;
+    let back = client
+        .promote(v1::PromoteRequest {
+            endpoint: "chat".into(),
+            target: Some(v1::promote_request::Target::Template(template("org/v3"))),
+            settings: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    at_half(&fleet).await;
+    control(&fleet, |c, r| Box::pin(c.force_cancel_promotion(r))).await;
+    let canceled = ended(&fleet, &back.promotion_id).await;
+    assert_eq!(canceled.status(), v1::PromotionStatus::Canceled);
+    assert_eq!(canceled.percent_traffic_to_new_version, 0);
+
+    // A model that does not exist: FAILED, traffic never moved.
+    let missing = client
+        .promote(v1::PromoteRequest {
+            endpoint: "chat".into(),
+            target: Some(v1::promote_request::Target::Template(template(
+                "does-not-exist/model",
+            ))),
+            settings: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let failed = ended(&fleet, &missing.promotion_id).await;
+    assert_eq!(failed.status(), v1::PromotionStatus::Failed);
+    assert_eq!(failed.percent_traffic_to_new_version, 0);
+    assert!(!failed.reason.is_empty());
+    stop.store(true, Ordering::Relaxed);
+    no_failures(outcomes, "org/v2").await;
+    let (_, _, body) = chat(fleet.publics[1], "chat", false).await;
     assert!(body.contains("[org/v2 as chat]"), "{body}");
 }

@@ -634,8 +634,17 @@ impl Actor {
         let Some(endpoint) = self.state.endpoints.get_mut(name) else {
             return Err(Status::not_found(format!("endpoint: no endpoint `{name}`")));
         };
-        let settings = settings.unwrap_or(endpoint.settings);
         let from = endpoint.active.clone().unwrap_or_default();
+        let settings = if from.is_empty() {
+            // The first deployment has no traffic to protect: all at once.
+            PromotionSettings {
+                rolling_deploy: false,
+                stabilization_time_seconds: 0,
+                ..endpoint.settings
+            }
+        } else {
+            settings.unwrap_or(endpoint.settings)
+        };
         let routed = current_rollout(endpoint)
             .map(|r| r.routed.clone())
             .unwrap_or_default();

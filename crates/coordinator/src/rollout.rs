@@ -1138,7 +1138,8 @@ impl Rollout {
         self.waiting.clear();
         self.step += 1;
         // Old replicas that leave without replacement: as many as the fresh
-        // ones, or every one left at the last step.
+        // ones (while that keeps the target), or every one left at the last
+        // step.
         let last = new_routed + u32::try_from(fresh.len() + in_place.len()).unwrap_or(u32::MAX)
             >= self.target;
         let remaining_old: Vec<String> = self
@@ -1147,10 +1148,18 @@ impl Rollout {
             .filter(|(w, d)| d.as_str() == old && !in_place.contains(w))
             .map(|(w, _)| w.clone())
             .collect();
+        // Not at the last step, the replicas after the step stay at the
+        // target: an endpoint left short (a force roll forward, a lost
+        // worker) gets its capacity back before old replicas leave.
+        let after = new_routed as usize + fresh.len() + old_routed as usize;
+        let surplus = after.saturating_sub(self.target as usize);
         let removes: BTreeSet<String> = if last {
             remaining_old.into_iter().collect()
         } else {
-            remaining_old.into_iter().take(fresh.len()).collect()
+            remaining_old
+                .into_iter()
+                .take(fresh.len().min(surplus))
+                .collect()
         };
         out.push(record(
             "step-started",
