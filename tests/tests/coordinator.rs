@@ -31,6 +31,8 @@ struct Fleet {
     /// The routers' public addresses.
     publics: Vec<SocketAddr>,
     api: SocketAddr,
+    /// The coordinator's `/metrics`.
+    admin: SocketAddr,
     _dir: TempDir,
     /// One fleet at a time: each is a dozen processes, and these machines
     /// have two cores.
@@ -61,6 +63,7 @@ fn start_fleet(workers: usize) -> Fleet {
     let routers_list: Vec<String> = routers.iter().map(|r| format!("\"{}\"", r.2)).collect();
 
     let api = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
     let config = dir.path().join("coordinator.toml");
     let agents_list: Vec<String> = agents
         .iter()
@@ -69,10 +72,9 @@ fn start_fleet(workers: usize) -> Fleet {
     std::fs::write(
         &config,
         format!(
-            "agents = [{}]\nrouters = [{}]\nrouter_ack_timeout = \"60s\"\n[listen]\napi = \"{api}\"\nadmin = \"127.0.0.1:{}\"\n[store]\npath = \"{}\"\n",
+            "agents = [{}]\nrouters = [{}]\nrouter_ack_timeout = \"60s\"\n[listen]\napi = \"{api}\"\nadmin = \"{admin}\"\n[store]\npath = \"{}\"\n",
             agents_list.join(", "),
             routers_list.join(", "),
-            free_port().unwrap(),
             dir.path().join("state.json").display()
         ),
     )
@@ -87,6 +89,7 @@ fn start_fleet(workers: usize) -> Fleet {
         coordinator: Some(coordinator),
         coordinator_config: config,
         api,
+        admin,
         _dir: dir,
         _one_at_a_time: one_at_a_time,
     }
@@ -338,6 +341,35 @@ async fn a_rolling_surge_promotion_under_load_fails_no_request() {
         .into_inner();
     let old = history.deployments.iter().find(|d| d.id == v1_id).unwrap();
     assert_eq!(old.state(), v1::DeploymentState::Kept);
+
+    let metrics = admin_get(fleet.admin, "/metrics").await;
+    for line in [
+        "crossfade_coordinator_promotion_status{endpoint=\"chat\",status=\"succeeded\"} 1",
+        "crossfade_coordinator_candidate_traffic_percent{endpoint=\"chat\"} 100",
+        "crossfade_coordinator_promotions_total{outcome=\"succeeded\"} 2",
+    ] {
+        assert!(metrics.contains(line), "{line} not in {metrics}");
+    }
+    assert!(metrics.contains("crossfade_coordinator_step_duration_seconds_bucket"));
+
+    // An out-of-range setting is refused, naming it.
+    let refused = fleet
+        .client()
+        .await
+        .update_promotion_settings(v1::UpdatePromotionSettingsRequest {
+            name: "chat".into(),
+            settings: Some(v1::PromotionSettingsUpdate {
+                max_surge_percent: Some(60),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        refused.message(),
+        "`settings.max_surge_percent`: must be within 0..=50, got 60"
+    );
     assert_eq!(fleet.agents.len(), fleet.hosts.len());
 }
 

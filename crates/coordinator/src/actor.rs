@@ -223,6 +223,7 @@ pub fn start(
         pending: Vec::new(),
         pushed_at: BTreeMap::new(),
         shutdown: shutdown.clone(),
+        step_started: BTreeMap::new(),
     };
     let addresses: Vec<String> = actor.state.workers.keys().cloned().collect();
     for address in addresses {
@@ -248,6 +249,8 @@ struct Actor {
     /// When each version was pushed.
     pushed_at: BTreeMap<u64, Instant>,
     shutdown: Shutdown,
+    /// When each endpoint's current step started, for its duration.
+    step_started: BTreeMap<String, Instant>,
 }
 
 fn now_ms() -> u64 {
@@ -304,11 +307,13 @@ impl Actor {
     }
 
     fn publish(&self) {
-        self.view.send_replace(Arc::new(View {
+        let view = Arc::new(View {
             state: self.state.clone(),
             workers: self.observed.clone(),
             routers: self.routers.clone(),
-        }));
+        });
+        crate::metrics::record(&view);
+        self.view.send_replace(view);
     }
 
     // === requests ===
@@ -822,6 +827,18 @@ impl Actor {
                 && let Action::Record { kind, message } = action
             {
                 endpoint.record(now, kind, message.clone(), &promotion_id);
+                match kind.as_str() {
+                    "step-started" => {
+                        self.step_started.insert(name.to_owned(), Instant::now());
+                    }
+                    "step-done" => {
+                        if let Some(started) = self.step_started.remove(name) {
+                            metrics::histogram!(crate::metrics::STEP_SECONDS, "endpoint" => name.to_owned())
+                                .record(started.elapsed().as_secs_f64());
+                        }
+                    }
+                    _ => {}
+                }
             }
         }
         let Some(promotion) = &mut endpoint.promotion else {
@@ -833,6 +850,8 @@ impl Actor {
             return;
         }
         promotion.finished_at_ms = Some(now);
+        metrics::counter!(crate::metrics::PROMOTIONS_TOTAL, "outcome" => crate::metrics::status_label(status))
+            .increment(1);
         let Some(promotion) = endpoint.promotion.take() else {
             return;
         };

@@ -16,6 +16,7 @@
 
 pub mod actor;
 pub mod config;
+pub mod metrics;
 pub mod rollout;
 pub mod service;
 pub mod settings;

@@ -36,8 +36,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     shutdown
         .trigger_on_signals()
         .context("installing the SIGTERM and SIGINT handlers")?;
-    let metrics = crossfade_common::metrics::install(&[], &shutdown)
-        .context("installing the Prometheus recorder")?;
+    let metrics =
+        crossfade_common::metrics::install(crossfade_coordinator::metrics::HISTOGRAMS, &shutdown)
+            .context("installing the Prometheus recorder")?;
+    crossfade_coordinator::metrics::describe();
     let api = TcpListener::bind(config.listen.api)
         .await
         .with_context(|| format!("binding the API listener on {}", config.listen.api))?;
