@@ -137,4 +137,19 @@ mod tests {
         );
         assert_eq!(Config::default().validate(), Vec::new());
     }
+
+    #[test]
+    fn the_shipped_example_loads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/config/coordinator.toml");
+        let config: Config = crossfade_common::config::load(&crossfade_common::config::Sources {
+            file: Some(path),
+            env: Vec::new(),
+            flags: Vec::new(),
+        })
+        .unwrap();
+        assert_eq!(config.agents.len(), 4);
+        assert_eq!(config.routers, ["10.0.0.9:7001"]);
+        assert_eq!(config.router_ack_timeout, Duration::from_secs(10));
+    }
 }
