@@ -600,3 +600,62 @@ async fn forcing_acts_at_once_and_a_missing_model_fails_with_traffic_untouched()
     let (_, _, body) = chat(fleet.publics[1], "chat", false).await;
     assert!(body.contains("[org/v2 as chat]"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_that_answers_errors_fails_its_health_gate() {
+    let fleet = start_fleet(4);
+    create_chat(&fleet, rolling(50, 0, 30)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes = load(&fleet.publics, &stop);
+    let promoted = promote_v2(&fleet).await;
+    at_half(&fleet).await;
+
+    // The candidate's engine starts answering 500.
+    let workers = fleet
+        .client()
+        .await
+        .list_workers(v1::ListWorkersRequest {
+            endpoint: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    let candidate = workers
+        .iter()
+        .find(|w| w.assigned_deployment_id == promoted.deployment_id)
+        .unwrap();
+    let agent = fleet
+        .agents
+        .iter()
+        .find(|a| a.control.to_string() == candidate.control_address)
+        .unwrap();
+    let request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(format!(
+            "http://127.0.0.1:{}/_fake/fault",
+            agent.engine_port
+        ))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"error-500:1000000",
+        )))
+        .unwrap();
+    let answer = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http()
+        .request(request)
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+
+    let failed = ended(&fleet, &promoted.promotion_id).await;
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(failed.status(), v1::PromotionStatus::Failed, "{failed:#?}");
+    assert!(failed.reason.contains("health gate"), "{}", failed.reason);
+    assert_eq!(failed.percent_traffic_to_new_version, 0);
+    for client in outcomes {
+        client.await.unwrap();
+    }
+    let (status, _, body) = chat(fleet.publics[0], "chat", false).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("[org/v1 as chat]"), "{body}");
+}

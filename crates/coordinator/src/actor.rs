@@ -163,7 +163,23 @@ enum Internal {
         address: String,
         version: Option<u64>,
     },
+    /// Requests per deployment since a promotion started, summed over the
+    /// routers that answered: (total, failed).
+    Stats {
+        endpoint: String,
+        promotion_id: String,
+        by_deployment: BTreeMap<String, (u64, u64)>,
+    },
 }
+
+/// The health gate: a candidate that has served at least this many requests
+/// may be judged.
+pub const GATE_MIN_REQUESTS: u64 = 20;
+/// The health gate: the candidate fails when its failure rate exceeds the
+/// old deployment's by more than this.
+pub const GATE_MARGIN: f64 = 0.05;
+/// How often the health gate reads the routers' stats.
+const GATE_EVERY: Duration = Duration::from_secs(2);
 
 /// Settings of the actor.
 #[derive(Debug, Clone)]
@@ -224,6 +240,7 @@ pub fn start(
         pushed_at: BTreeMap::new(),
         shutdown: shutdown.clone(),
         step_started: BTreeMap::new(),
+        last_gate: Instant::now(),
     };
     let addresses: Vec<String> = actor.state.workers.keys().cloned().collect();
     for address in addresses {
@@ -251,6 +268,8 @@ struct Actor {
     shutdown: Shutdown,
     /// When each endpoint's current step started, for its duration.
     step_started: BTreeMap<String, Instant>,
+    /// When the health gate last read the routers' stats.
+    last_gate: Instant,
 }
 
 fn now_ms() -> u64 {
@@ -763,6 +782,48 @@ impl Actor {
                     actions,
                 );
             }
+            Internal::Stats {
+                endpoint,
+                promotion_id,
+                by_deployment,
+            } => {
+                let Some(e) = self.state.endpoints.get(&endpoint) else {
+                    return;
+                };
+                let Some(promotion) = e.promotion.as_ref().filter(|p| p.id == promotion_id) else {
+                    return;
+                };
+                let r = &promotion.rollout;
+                let rate = |(total, failed): (u64, u64)| {
+                    if total == 0 {
+                        0.0
+                    } else {
+                        failed as f64 / total as f64
+                    }
+                };
+                let new = by_deployment.get(&r.to).copied().unwrap_or_default();
+                let old = by_deployment.get(&r.from).copied().unwrap_or_default();
+                if new.0 >= GATE_MIN_REQUESTS && rate(new) > rate(old) + GATE_MARGIN {
+                    let reason = format!(
+                        "{} failed {} of {} requests ({:.0} %), {} {:.0} %",
+                        r.to,
+                        new.1,
+                        new.0,
+                        rate(new) * 100.0,
+                        if r.from.is_empty() {
+                            "no old deployment"
+                        } else {
+                            r.from.as_str()
+                        },
+                        rate(old) * 100.0
+                    );
+                    self.feed(
+                        &endpoint,
+                        Event::Health(rollout::Verdict::Fail(reason)),
+                        actions,
+                    );
+                }
+            }
             Internal::RouterAck { address, version } => {
                 let router = self.routers.entry(address.clone()).or_default();
                 match version {
@@ -791,10 +852,16 @@ impl Actor {
             .filter(|(_, e)| e.promotion.is_some())
             .map(|(n, _)| n.clone())
             .collect();
-        for name in names {
-            self.feed(&name, Event::Tick { now_ms: now }, actions);
+        for name in &names {
+            self.feed(name, Event::Tick { now_ms: now }, actions);
         }
         self.settle_acks(actions);
+        if self.last_gate.elapsed() >= GATE_EVERY {
+            self.last_gate = Instant::now();
+            for name in names {
+                self.read_stats(&name);
+            }
+        }
     }
 
     /// Feeds an event to an endpoint's rollout and collects its actions.
@@ -903,6 +970,33 @@ impl Actor {
                 .collect();
             for (id, worker) in changed {
                 self.feed(&name, Event::Worker { id, worker }, actions);
+            }
+            // A fatal GPU condition on a candidate replica fails the gate.
+            let candidate = self
+                .state
+                .endpoints
+                .get(&name)
+                .and_then(|e| e.promotion.as_ref())
+                .filter(|p| !p.rollout.status.is_terminal())
+                .map(|p| (p.rollout.to.clone(), p.rollout.claimed()));
+            if let Some((to, claimed)) = candidate {
+                let sick = claimed.into_iter().find(|address| {
+                    self.observed
+                        .get(address)
+                        .and_then(|o| o.status.as_ref())
+                        .is_some_and(|s| {
+                            s.gpu_health() == v1::GpuHealth::Unhealthy
+                                && s.engine.as_ref().is_some_and(|e| e.deployment_id == to)
+                        })
+                });
+                if let Some(address) = sick {
+                    let reason = format!("a GPU of {address}, which runs {to}, is unhealthy");
+                    self.feed(
+                        &name,
+                        Event::Health(rollout::Verdict::Fail(reason)),
+                        actions,
+                    );
+                }
             }
         }
     }
@@ -1176,6 +1270,53 @@ impl Actor {
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
+        });
+    }
+
+    /// Reads every router's stats for a promotion's endpoint since it
+    /// started, for the health gate.
+    fn read_stats(&self, name: &str) {
+        let Some(promotion) = self
+            .state
+            .endpoints
+            .get(name)
+            .and_then(|e| e.promotion.as_ref())
+            .filter(|p| !p.rollout.status.is_terminal() && p.rollout.candidate_weight() > 0)
+        else {
+            return;
+        };
+        let routers: Vec<String> = self.state.routers.keys().cloned().collect();
+        let internal = self.internal.clone();
+        let endpoint = name.to_owned();
+        let promotion_id = promotion.id.clone();
+        let since = crate::state::timestamp(promotion.started_at_ms);
+        tokio::spawn(async move {
+            let mut by_deployment: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+            for address in routers {
+                let mut client = RouterControlClient::new(lazy_channel(&address));
+                let request = v1::GetStatsRequest {
+                    since: Some(since),
+                    endpoint: endpoint.clone(),
+                };
+                let Ok(Ok(answer)) =
+                    tokio::time::timeout(Duration::from_secs(2), client.get_stats(request)).await
+                else {
+                    continue;
+                };
+                for stats in answer.into_inner().endpoints {
+                    for deployment in stats.deployments {
+                        let counts = deployment.requests.unwrap_or_default();
+                        let entry = by_deployment.entry(deployment.deployment_id).or_default();
+                        entry.0 += counts.total;
+                        entry.1 += counts.server_errors + counts.aborted_streams;
+                    }
+                }
+            }
+            let _ = internal.send(Internal::Stats {
+                endpoint,
+                promotion_id,
+                by_deployment,
+            });
         });
     }
 
