@@ -246,17 +246,31 @@ async fn create_chat(fleet: &Fleet, settings: v1::PromotionSettingsUpdate) -> St
 }
 
 async fn promote_v2(fleet: &Fleet) -> v1::PromoteResponse {
-    fleet
-        .client()
-        .await
-        .promote(v1::PromoteRequest {
-            endpoint: "chat".into(),
-            target: Some(v1::promote_request::Target::Template(template("org/v2"))),
-            settings: None,
-        })
-        .await
-        .unwrap()
-        .into_inner()
+    promote(fleet, "org/v2").await
+}
+
+/// Promotes a template of `model`, waiting while the last promotion still
+/// retires replicas (the coordinator refuses until then).
+async fn promote(fleet: &Fleet, model: &str) -> v1::PromoteResponse {
+    let mut client = fleet.client().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = client
+            .promote(v1::PromoteRequest {
+                endpoint: "chat".into(),
+                target: Some(v1::promote_request::Target::Template(template(model))),
+                settings: None,
+            })
+            .await;
+        match answer {
+            Ok(answer) => return answer.into_inner(),
+            Err(e) if e.code() == tonic::Code::FailedPrecondition && Instant::now() < deadline => {
+                assert!(e.message().contains("still retiring"), "{}", e.message());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("promote {model}: {e}"),
+        }
+    }
 }
 
 fn template(model: &str) -> v1::Template {
@@ -563,16 +577,7 @@ async fn forcing_acts_at_once_and_a_missing_model_fails_with_traffic_untouched()
     assert!(done.forced);
 
     // Force cancel: back to v2 (now the active one) at once.
-    let mut client = fleet.client().await;
-    let back = client
-        .promote(v1::PromoteRequest {
-            endpoint: "chat".into(),
-            target: Some(v1::promote_request::Target::Template(template("org/v3"))),
-            settings: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let back = promote(&fleet, "org/v3").await;
     at_half(&fleet).await;
     control(&fleet, |c, r| Box::pin(c.force_cancel_promotion(r))).await;
     let canceled = ended(&fleet, &back.promotion_id).await;
@@ -580,17 +585,7 @@ async fn forcing_acts_at_once_and_a_missing_model_fails_with_traffic_untouched()
     assert_eq!(canceled.percent_traffic_to_new_version, 0);
 
     // A model that does not exist: FAILED, traffic never moved.
-    let missing = client
-        .promote(v1::PromoteRequest {
-            endpoint: "chat".into(),
-            target: Some(v1::promote_request::Target::Template(template(
-                "does-not-exist/model",
-            ))),
-            settings: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let missing = promote(&fleet, "does-not-exist/model").await;
     let failed = ended(&fleet, &missing.promotion_id).await;
     assert_eq!(failed.status(), v1::PromotionStatus::Failed);
     assert_eq!(failed.percent_traffic_to_new_version, 0);
@@ -658,4 +653,132 @@ async fn a_candidate_that_answers_errors_fails_its_health_gate() {
     let (status, _, body) = chat(fleet.publics[0], "chat", false).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.contains("[org/v1 as chat]"), "{body}");
+}
+
+async fn scale(fleet: &Fleet, min: u32, max: u32, target: u32, delay: u32) {
+    fleet
+        .client()
+        .await
+        .update_scaling(v1::UpdateScalingRequest {
+            name: "chat".into(),
+            scaling: Some(v1::ScalingSettings {
+                min_replicas: min,
+                max_replicas: max,
+                target_in_flight_per_replica: target,
+                scale_down_delay_seconds: delay,
+            }),
+        })
+        .await
+        .unwrap();
+}
+
+fn ready_replicas(endpoint: &v1::Endpoint) -> u32 {
+    endpoint.replicas.iter().map(|r| r.ready).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_follows_the_load_and_zero_stops_everything() {
+    let fleet = start_fleet(4);
+    create_chat(&fleet, rolling(50, 0, 0)).await;
+    // Two in flight per replica: six streams want three replicas.
+    scale(&fleet, 1, 3, 2, 1).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes = load(&fleet.publics, &stop);
+    fleet
+        .wait_endpoint("three replicas under load", Duration::from_secs(60), |e| {
+            ready_replicas(e) == 3
+        })
+        .await;
+    stop.store(true, Ordering::Relaxed);
+    no_failures(outcomes, "org/v1").await;
+    // Idle: down to the minimum after the delay.
+    fleet
+        .wait_endpoint("one replica when idle", Duration::from_secs(60), |e| {
+            ready_replicas(e) == 1
+        })
+        .await;
+
+    // min = max = 0: every replica drains and stops.
+    scale(&fleet, 0, 0, 2, 0).await;
+    fleet
+        .wait_endpoint("no replica", Duration::from_secs(60), |e| {
+            ready_replicas(e) == 0
+        })
+        .await;
+    // Out of the tables first, then drained and stopped.
+    for agent in &fleet.agents {
+        agent
+            .wait_state(v1::EngineState::Stopped, Duration::from_secs(60))
+            .await;
+    }
+    scale(&fleet, 1, 1, 2, 0).await;
+    fleet
+        .wait_endpoint("a replica again", Duration::from_secs(60), |e| {
+            ready_replicas(e) == 1
+        })
+        .await;
+    let (status, _, body) = chat(fleet.publics[0], "chat", false).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cordoned_worker_is_replaced_before_it_drains() {
+    let fleet = start_fleet(4);
+    create_chat(&fleet, rolling(50, 0, 0)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes = load(&fleet.publics, &stop);
+    let mut client = fleet.client().await;
+    let workers = client
+        .list_workers(v1::ListWorkersRequest {
+            endpoint: "chat".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    let victim = workers
+        .iter()
+        .find(|w| !w.assigned_deployment_id.is_empty())
+        .unwrap();
+    let cordoned = client
+        .cordon_worker(v1::CordonWorkerRequest {
+            worker_id: victim.control_address.clone(),
+            reason: "maintenance".into(),
+            evacuate: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cordoned.cordoned);
+    let address = victim.control_address.clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let workers = client
+            .list_workers(v1::ListWorkersRequest {
+                endpoint: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .workers;
+        let moved = workers
+            .iter()
+            .find(|w| w.control_address == address)
+            .is_some_and(|w| w.assigned_endpoint.is_empty());
+        let serving = workers
+            .iter()
+            .filter(|w| !w.assigned_deployment_id.is_empty())
+            .count();
+        if moved && serving == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica never moved: {workers:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (total, _) = no_failures(outcomes, "org/v1").await;
+    assert!(total > 10, "only {total} requests");
 }

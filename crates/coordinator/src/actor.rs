@@ -241,6 +241,7 @@ pub fn start(
         shutdown: shutdown.clone(),
         step_started: BTreeMap::new(),
         last_gate: Instant::now(),
+        low_since: BTreeMap::new(),
     };
     let addresses: Vec<String> = actor.state.workers.keys().cloned().collect();
     for address in addresses {
@@ -270,6 +271,8 @@ struct Actor {
     step_started: BTreeMap<String, Instant>,
     /// When the health gate last read the routers' stats.
     last_gate: Instant,
+    /// Since when each endpoint has wanted fewer replicas.
+    low_since: BTreeMap<String, Instant>,
 }
 
 fn now_ms() -> u64 {
@@ -584,6 +587,15 @@ impl Actor {
                 r.endpoint
             )));
         }
+        if current_rollout(endpoint).is_some_and(|r| !r.is_quiet()) {
+            // A promotion that began now would not know the workers still
+            // draining or starting, and could update the last serving
+            // replica in place.
+            return Err(Status::failed_precondition(format!(
+                "endpoint `{}` is still retiring or starting replicas after its last promotion or scaling; try again in a few seconds",
+                r.endpoint
+            )));
+        }
         let settings = match &r.settings {
             Some(update) => endpoint
                 .settings
@@ -687,8 +699,9 @@ impl Actor {
             forced: false,
             rollback,
         });
+        let start = actions.len();
         actions.extend(first.into_iter().map(|a| (name.to_owned(), a)));
-        self.settle(name, actions);
+        self.settle(name, &actions[start..]);
         Ok((promotion_id, deployment_id))
     }
 
@@ -772,6 +785,7 @@ impl Actor {
                     deployment: Some(deployment),
                     engine: Engine::Failed,
                     eligible: false,
+                    evict: false,
                 };
                 self.feed(
                     &endpoint,
@@ -856,6 +870,7 @@ impl Actor {
             self.feed(name, Event::Tick { now_ms: now }, actions);
         }
         self.settle_acks(actions);
+        self.autoscale(actions);
         if self.last_gate.elapsed() >= GATE_EVERY {
             self.last_gate = Instant::now();
             for name in names {
@@ -874,12 +889,14 @@ impl Actor {
             (None, None) => return,
         };
         let produced = rollout.handle(event);
+        let start = actions.len();
         actions.extend(produced.into_iter().map(|a| (name.to_owned(), a)));
-        self.settle(name, actions);
+        self.settle(name, &actions[start..]);
     }
 
-    /// After a rollout moved: records, ends promotions, moves deployments.
-    fn settle(&mut self, name: &str, actions: &mut [(String, Action)]) {
+    /// After a rollout moved (`actions` are the ones it just produced):
+    /// records, ends promotions, moves deployments.
+    fn settle(&mut self, name: &str, actions: &[(String, Action)]) {
         let now = now_ms();
         let Some(endpoint) = self.state.endpoints.get_mut(name) else {
             return;
@@ -1063,6 +1080,8 @@ impl Actor {
                         deployment,
                         engine,
                         eligible,
+                        // Its replica moves: add first, then drain.
+                        evict: record.cordoned || !healthy,
                     },
                 )
             })
@@ -1271,6 +1290,63 @@ impl Actor {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         });
+    }
+
+    /// Outside promotions: replicas = clamp(ceil(in-flight / target per
+    /// replica), min, max), down only after the scale-down delay (at once
+    /// when `max_replicas` is 0: that drains and stops everything).
+    fn autoscale(&mut self, actions: &mut Vec<(String, Action)>) {
+        let names: Vec<String> = self
+            .state
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.promotion.is_none() && e.last_promotion.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            let Some(endpoint) = self.state.endpoints.get(&name) else {
+                continue;
+            };
+            let Some(rollout) = current_rollout(endpoint) else {
+                continue;
+            };
+            let in_flight: u64 = rollout
+                .routed
+                .keys()
+                .filter_map(|w| self.observed.get(w))
+                .filter_map(|o| o.status.as_ref())
+                .filter_map(|s| s.in_flight.as_ref())
+                .map(|f| u64::from(f.gate))
+                .sum();
+            let desired = endpoint.scaling.desired(in_flight);
+            let current = rollout.target;
+            let delay = Duration::from_secs(u64::from(endpoint.scaling.scale_down_delay_seconds));
+            let now = Instant::now();
+            let go = if desired > current || endpoint.scaling.max_replicas == 0 && desired < current
+            {
+                true
+            } else if desired < current {
+                let since = *self.low_since.entry(name.clone()).or_insert(now);
+                now.duration_since(since) >= delay
+            } else {
+                self.low_since.remove(&name);
+                false
+            };
+            if !go || desired == current {
+                continue;
+            }
+            self.low_since.remove(&name);
+            let Some(endpoint) = self.state.endpoints.get_mut(&name) else {
+                continue;
+            };
+            let Some(promotion) = endpoint.last_promotion.as_mut() else {
+                continue;
+            };
+            let produced = promotion.rollout.rescale(desired);
+            let start = actions.len();
+            actions.extend(produced.into_iter().map(|a| (name.clone(), a)));
+            self.settle(&name, &actions[start..]);
+        }
     }
 
     /// Reads every router's stats for a promotion's endpoint since it

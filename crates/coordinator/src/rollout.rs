@@ -57,6 +57,10 @@ pub struct Worker {
     /// It may host this endpoint: matches the selector, not cordoned,
     /// reachable, GPUs not unhealthy.
     pub eligible: bool,
+    /// Its replica must move elsewhere: cordoned, or a GPU is unhealthy.
+    /// A replacement starts first; then it drains.
+    #[serde(default)]
+    pub evict: bool,
 }
 
 /// A promotion's status.
@@ -335,6 +339,37 @@ impl Rollout {
         }
     }
 
+    /// Outside a promotion (this one has ended): runs `target` replicas of
+    /// the deployment that serves, starting or retiring the difference, the
+    /// same way the steps do (a replica leaves the table, the routers
+    /// acknowledge, then it drains and stops). Target 0 stops them all.
+    pub fn rescale(&mut self, target: u32) -> Vec<Action> {
+        let mut out = Vec::new();
+        if !self.status.is_terminal() || target == self.target {
+            return out;
+        }
+        out.push(record(
+            "scaled",
+            format!(
+                "{} → {target} replica(s) of {}",
+                self.target,
+                self.serving()
+            ),
+        ));
+        self.target = target;
+        self.advance(&mut out);
+        out
+    }
+
+    /// The deployment that serves once the promotion has ended.
+    pub fn serving(&self) -> String {
+        if self.status == Status::Succeeded {
+            self.to.clone()
+        } else {
+            self.from.clone()
+        }
+    }
+
     /// Starts the promotion: the first actions.
     pub fn start(&mut self) -> Vec<Action> {
         let mut out = vec![record(
@@ -470,6 +505,12 @@ impl Rollout {
             }
         }
         out
+    }
+
+    /// Ended, settled, and no replica starting: a new promotion may begin
+    /// without a worker in transition that it would not know about.
+    pub fn is_quiet(&self) -> bool {
+        self.is_settled() && self.starting.is_empty() && self.ready.is_empty()
     }
 
     /// The table wanted now, weights proportional to replicas.
@@ -744,6 +785,9 @@ impl Rollout {
     /// What a starting worker was asked to run (overhead replicas run the
     /// old deployment).
     fn starting_deployment(&self) -> String {
+        if self.status.is_terminal() {
+            return self.serving();
+        }
         if !self.overhead_done && !self.backward {
             return self.from.clone();
         }
@@ -755,10 +799,9 @@ impl Rollout {
     }
 
     fn is_idle(&self, id: &str) -> bool {
-        self.workers
-            .get(id)
-            .is_some_and(|w| w.eligible && matches!(w.engine, Engine::Idle | Engine::Failed))
-            && !self.routed.contains_key(id)
+        self.workers.get(id).is_some_and(|w| {
+            w.eligible && !w.evict && matches!(w.engine, Engine::Idle | Engine::Failed)
+        }) && !self.routed.contains_key(id)
             && !self.starting.contains(id)
             && !self.ready.contains(id)
             && !self.leaving.contains_key(id)
@@ -835,7 +878,9 @@ impl Rollout {
         for _ in 0..64 {
             let before = (self.clone_key(), out.len());
             self.progress_retirements(out);
-            if !self.status.is_terminal() {
+            if self.status.is_terminal() {
+                self.progress_steady(out);
+            } else {
                 self.progress_step(out);
             }
             if (self.clone_key(), out.len()) == before {
@@ -905,6 +950,58 @@ impl Rollout {
                     r.stage = Leaving::Draining;
                     out.push(Action::Drain { worker });
                 }
+            }
+        }
+    }
+
+    /// After the end: keeps `target` healthy replicas of the serving
+    /// deployment; a replica to evict is replaced before it drains.
+    fn progress_steady(&mut self, out: &mut Vec<Action>) {
+        let serving = self.serving();
+        if serving.is_empty() {
+            return;
+        }
+        if !self.ready.is_empty() {
+            for worker in std::mem::take(&mut self.ready) {
+                self.routed.insert(worker, serving.clone());
+            }
+            self.push_table(out);
+        }
+        let evicted = |w: &String| self.workers.get(w).is_some_and(|v| v.evict);
+        let routed: Vec<String> = self
+            .routed
+            .iter()
+            .filter(|(_, d)| **d == serving)
+            .map(|(w, _)| w.clone())
+            .collect();
+        let (leaving, staying): (Vec<String>, Vec<String>) =
+            routed.into_iter().partition(|w| evicted(w));
+        let target = self.target as usize;
+        let serving_count = staying.len() + self.starting.len();
+        if serving_count < target {
+            let starts: Vec<String> = self
+                .idle_workers()
+                .into_iter()
+                .take(target - serving_count)
+                .collect();
+            for worker in starts {
+                self.starting.insert(worker.clone());
+                out.push(Action::Apply {
+                    worker,
+                    deployment: serving.clone(),
+                });
+            }
+        } else if self.starting.is_empty() && staying.len() > target {
+            for worker in staying.iter().skip(target) {
+                self.retire(worker, false, out);
+            }
+        }
+        // Evicted replicas leave once their replacements serve (or when
+        // no replacement can ever start, or none is wanted).
+        let replaced = staying.len() >= target || self.idle_workers().is_empty();
+        if replaced && self.starting.is_empty() {
+            for worker in leaving {
+                self.retire(&worker, false, out);
             }
         }
     }

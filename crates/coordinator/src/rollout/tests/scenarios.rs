@@ -16,6 +16,7 @@ fn fleet(replicas: usize, idle: usize) -> (BTreeMap<String, Worker>, BTreeMap<St
                 deployment: serving.then(|| "old".to_owned()),
                 engine: if serving { Engine::Ready } else { Engine::Idle },
                 eligible: true,
+                evict: false,
             },
         );
         if serving {
@@ -32,6 +33,7 @@ fn ready(worker: &str, deployment: &str) -> Event {
             deployment: Some(deployment.into()),
             engine: Engine::Ready,
             eligible: true,
+            evict: false,
         },
     }
 }
@@ -226,6 +228,7 @@ fn a_failed_candidate_fails_the_promotion_with_traffic_on_the_old_deployment() {
             deployment: Some("new".into()),
             engine: Engine::Failed,
             eligible: true,
+            evict: false,
         },
     });
     assert_eq!(r.status, Status::Failed);
@@ -256,4 +259,75 @@ fn force_roll_forward_puts_all_traffic_on_a_ready_candidate_at_once() {
             workers: vec!["w4".into()]
         }]
     );
+}
+
+/// A promotion of two replicas on four workers, run to its end.
+fn succeeded() -> Rollout {
+    let (workers, routed) = fleet(2, 2);
+    let mut r = Rollout::new(
+        "old",
+        "new",
+        PromotionSettings::default(),
+        2,
+        workers,
+        routed,
+    );
+    r.start();
+    r.handle(ready("w2", "new"));
+    let switched = r.handle(ready("w3", "new"));
+    let (seq, _) = tables(&switched)[0].clone();
+    r.handle(Event::TableAcked { seq });
+    for w in ["w0", "w1"] {
+        r.handle(Event::Drained { worker: w.into() });
+        r.handle(Event::Stopped { worker: w.into() });
+    }
+    assert_eq!(r.status, Status::Succeeded);
+    r
+}
+
+#[test]
+fn after_a_promotion_scaling_starts_and_retires_replicas_behind_the_table() {
+    let mut r = succeeded();
+    let up = r.rescale(3);
+    assert_eq!(applies(&up), [("w0".to_owned(), "new".to_owned())]);
+    let joined = r.handle(ready("w0", "new"));
+    assert_eq!(tables(&joined)[0].1[0].workers.len(), 3);
+
+    let down = r.rescale(1);
+    let (seq, routes) = tables(&down).last().cloned().unwrap();
+    assert_eq!(routes[0].workers.len(), 1);
+    assert!(
+        drains(&down).is_empty(),
+        "drained before the acknowledgement"
+    );
+    let acked = r.handle(Event::TableAcked { seq });
+    assert_eq!(drains(&acked).len(), 2);
+
+    // min = max = 0: everything leaves the table, then drains.
+    let zero = r.rescale(0);
+    let (_, routes) = tables(&zero).last().cloned().unwrap();
+    assert!(routes.is_empty());
+    assert_eq!(r.percent_to_candidate(), 0);
+}
+
+#[test]
+fn an_evicted_replica_is_replaced_before_it_drains() {
+    let mut r = succeeded();
+    let cordoned = r.handle(Event::Worker {
+        id: "w2".into(),
+        worker: Worker {
+            deployment: Some("new".into()),
+            engine: Engine::Ready,
+            eligible: false,
+            evict: true,
+        },
+    });
+    // The replacement starts first; w2 stays in the table meanwhile.
+    assert_eq!(applies(&cordoned), [("w0".to_owned(), "new".to_owned())]);
+    assert!(tables(&cordoned).is_empty());
+    let replaced = r.handle(ready("w0", "new"));
+    let (seq, routes) = tables(&replaced).last().cloned().unwrap();
+    assert_eq!(routes[0].workers, ["w0", "w3"]);
+    let acked = r.handle(Event::TableAcked { seq });
+    assert_eq!(drains(&acked), ["w2"]);
 }

@@ -50,6 +50,7 @@ impl Fleet {
                     deployment: Some("old".into()),
                     engine: Engine::Ready,
                     eligible: true,
+                    evict: false,
                 },
             );
             routed.insert(id, "old".to_owned());
@@ -61,6 +62,7 @@ impl Fleet {
                     deployment: None,
                     engine: Engine::Idle,
                     eligible: true,
+                    evict: false,
                 },
             );
         }
