@@ -488,7 +488,7 @@ async fn ended(fleet: &Fleet, id: &str) -> v1::Promotion {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unavailable_promotion_updates_in_place_under_load() {
-    let fleet = start_fleet(2);
+    let fleet = start_fleet(4);
     create_chat(&fleet, rolling(0, 50, 1)).await;
     let stop = Arc::new(AtomicBool::new(false));
     let outcomes = load(&fleet.publics, &stop);

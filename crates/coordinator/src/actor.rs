@@ -1080,8 +1080,12 @@ impl Actor {
                         deployment,
                         engine,
                         eligible,
-                        // Its replica moves: add first, then drain.
-                        evict: record.cordoned || !healthy,
+                        // Its replica moves (add first, then drain) when the
+                        // worker is cordoned, its GPU is unhealthy, or it no
+                        // longer matches the endpoint's selector.
+                        evict: record.cordoned
+                            || !healthy
+                            || status.is_some_and(|s| !selector.matches(s)),
                     },
                 )
             })
@@ -1300,7 +1304,7 @@ impl Actor {
             .state
             .endpoints
             .iter()
-            .filter(|(_, e)| e.promotion.is_none() && e.last_promotion.is_some())
+            .filter(|(_, e)| e.promotion.is_some() || e.last_promotion.is_some())
             .map(|(n, _)| n.clone())
             .collect();
         for name in names {
@@ -1320,6 +1324,22 @@ impl Actor {
                 .sum();
             let desired = endpoint.scaling.desired(in_flight);
             let current = rollout.target;
+            if endpoint.promotion.is_some() {
+                // During a promotion: only up.
+                if desired > current
+                    && let Some(promotion) = self
+                        .state
+                        .endpoints
+                        .get_mut(&name)
+                        .and_then(|e| e.promotion.as_mut())
+                {
+                    let produced = promotion.rollout.raise_target(desired);
+                    let start = actions.len();
+                    actions.extend(produced.into_iter().map(|a| (name.clone(), a)));
+                    self.settle(&name, &actions[start..]);
+                }
+                continue;
+            }
             let delay = Duration::from_secs(u64::from(endpoint.scaling.scale_down_delay_seconds));
             let now = Instant::now();
             let go = if desired > current || endpoint.scaling.max_replicas == 0 && desired < current

@@ -361,6 +361,26 @@ impl Rollout {
         out
     }
 
+    /// During a promotion, autoscaling only adds: the replica target rises
+    /// (never falls) and the remaining steps start the extra replicas, so
+    /// the new capacity follows the traffic as it moves to the candidate.
+    pub fn raise_target(&mut self, target: u32) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.status.is_terminal() || target <= self.target {
+            return out;
+        }
+        out.push(record(
+            "scaled",
+            format!(
+                "replica target {} → {target} during the promotion",
+                self.target
+            ),
+        ));
+        self.target = target;
+        self.advance(&mut out);
+        out
+    }
+
     /// The deployment that serves once the promotion has ended.
     pub fn serving(&self) -> String {
         if self.status == Status::Succeeded {
@@ -1174,7 +1194,19 @@ impl Rollout {
             }
         }
 
-        if new_routed >= self.target && old_routed == 0 {
+        // Done: every old replica is gone and the target is met, or no
+        // worker will ever free up to get closer to it.
+        let stuck = self.idle_workers().is_empty() && self.leaving.is_empty();
+        if old_routed == 0 && (new_routed >= self.target || (new_routed > 0 && stuck)) {
+            if new_routed < self.target {
+                out.push(record(
+                    "short",
+                    format!(
+                        "{new_routed} of {} replicas: no more eligible workers",
+                        self.target
+                    ),
+                ));
+            }
             let end = if self.backward {
                 self.end_backward
             } else {

@@ -278,6 +278,17 @@ fn play(
                 decisive = Some(command);
             }
             fleet.feed(Event::Command(command));
+        } else if pick < 6 && fleet.rollout.target < 6 {
+            // Autoscaling during the promotion: only up.
+            let target = fleet.rollout.target + 1;
+            let actions = fleet.rollout.raise_target(target);
+            let mut queue = Vec::new();
+            for action in actions {
+                queue.extend(fleet.perform(action));
+            }
+            for event in queue {
+                fleet.feed(event);
+            }
         } else if pick < 14 {
             fleet.now_ms += 700;
             let now_ms = fleet.now_ms;
