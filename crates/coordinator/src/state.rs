@@ -117,18 +117,14 @@ pub struct Deployment {
 impl Deployment {
     /// Its template.
     pub fn template(&self) -> v1::Template {
-        from_hex(&self.template)
+        crossfade_common::files::unhex(&self.template)
             .and_then(|bytes| v1::Template::decode(bytes.as_slice()).ok())
             .unwrap_or_default()
     }
 
     /// Stores `template`.
     pub fn encode(template: &v1::Template) -> String {
-        template
-            .encode_to_vec()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        crossfade_common::files::hex(&template.encode_to_vec())
     }
 
     /// Its wire form, secret values redacted.
@@ -311,16 +307,6 @@ pub fn timestamp(ms: u64) -> prost_types::Timestamp {
         seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
         nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
     }
-}
-
-fn from_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 #[cfg(test)]

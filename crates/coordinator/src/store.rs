@@ -4,9 +4,6 @@
 //! finds either the state before a change or the state after it, never a
 //! mix. Written with mode 0600: templates may hold secrets.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -93,12 +90,6 @@ impl Store {
             path: self.path.clone(),
             source,
         };
-        let dir = self
-            .path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(io)?;
         let text = serde_json::to_vec(&OnDisk {
             format: FORMAT,
             state,
@@ -107,21 +98,7 @@ impl Store {
             path: self.path.clone(),
             reason: e.to_string(),
         })?;
-        let temporary = self.path.with_extension("tmp");
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temporary)
-            .map_err(io)?;
-        file.write_all(&text).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        drop(file);
-        std::fs::rename(&temporary, &self.path).map_err(io)?;
-        // The rename itself is durable once the directory is synced.
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-        Ok(())
+        crossfade_common::files::write_private(&self.path, &text).map_err(io)
     }
 }
 
@@ -176,7 +153,9 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(!store.path().with_extension("tmp").exists());
+        let mut temporary = store.path().as_os_str().to_owned();
+        temporary.push(".tmp");
+        assert!(!PathBuf::from(temporary).exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -6,8 +6,6 @@
 //! crash), secrets included, so it is written with mode 0600, atomically
 //! (a temporary file renamed over the old one).
 
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use crossfade_proto::v1;
@@ -110,7 +108,8 @@ impl StateFile {
                 disk.format
             )));
         }
-        let bytes = from_hex(&disk.spec).ok_or_else(|| corrupt("`spec` is not hex".into()))?;
+        let bytes = crossfade_common::files::unhex(&disk.spec)
+            .ok_or_else(|| corrupt("`spec` is not hex".into()))?;
         let spec = v1::EngineSpec::decode(bytes.as_slice()).map_err(|e| corrupt(e.to_string()))?;
         if spec.deployment_id != disk.deployment_id {
             return Err(corrupt("`spec` is of another deployment".into()));
@@ -133,9 +132,6 @@ impl StateFile {
             path: self.path.clone(),
             source,
         };
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
         let disk = OnDisk {
             format: FORMAT,
             pid: record.identity.pid,
@@ -144,23 +140,13 @@ impl StateFile {
             runtime: record.runtime.clone(),
             deployment_id: record.spec.deployment_id.clone(),
             launched_at_unix: record.launched_at_unix,
-            spec: to_hex(&record.spec.encode_to_vec()),
+            spec: crossfade_common::files::hex(&record.spec.encode_to_vec()),
         };
         let text = serde_json::to_string_pretty(&disk).map_err(|e| StateError::Corrupt {
             path: self.path.clone(),
             reason: e.to_string(),
         })?;
-        let temporary = self.path.with_extension("json.tmp");
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temporary)
-            .map_err(io)?;
-        file.write_all(text.as_bytes()).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&temporary, &self.path).map_err(io)
+        crossfade_common::files::write_private(&self.path, text.as_bytes()).map_err(io)
     }
 
     /// Forgets the engine (it was stopped).
@@ -174,20 +160,6 @@ impl StateFile {
             }),
         }
     }
-}
-
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn from_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 #[cfg(test)]
