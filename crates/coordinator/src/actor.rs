@@ -1099,7 +1099,11 @@ impl Actor {
             Action::Record { .. } => {}
             Action::PushTable { seq, .. } => {
                 // Routes are read back from every rollout: one table for all.
-                self.state.table_version += 1;
+                // Versions carry the epoch in their high bits, so a table
+                // pushed after a restart is newer than any pushed before,
+                // even one the store did not record before the crash.
+                self.state.table_version =
+                    (self.state.table_version + 1).max(self.state.epoch << 32);
                 let version = self.state.table_version;
                 self.pending.push((version, endpoint.to_owned(), seq));
                 self.pushed_at.insert(version, Instant::now());
@@ -1518,12 +1522,17 @@ impl Actor {
         }
     }
 
-    /// A table change not tied to a rollout (aliases, a router added).
-    fn push_tables(&mut self, _actions: &mut [(String, Action)]) {
-        self.state.table_version += 1;
-        let version = self.state.table_version;
-        self.pushed_at.insert(version, Instant::now());
-        self.push_table_now(version);
+    /// A table change not tied to a rollout (aliases, a router added, an
+    /// endpoint deleted): pushed after the change is stored, like the
+    /// rollouts' own.
+    fn push_tables(&mut self, actions: &mut Vec<(String, Action)>) {
+        actions.push((
+            String::new(),
+            Action::PushTable {
+                seq: 0,
+                routes: Vec::new(),
+            },
+        ));
     }
 
     /// Tells rollouts which of their tables every router has acknowledged
