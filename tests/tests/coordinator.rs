@@ -366,6 +366,62 @@ async fn a_rolling_surge_promotion_under_load_fails_no_request() {
     }
     assert!(metrics.contains("crossfade_coordinator_step_duration_seconds_bucket"));
 
+    // A rollback is a promotion of the kept deployment, watched as it goes.
+    let mut watch = fleet
+        .client()
+        .await
+        .watch_endpoint(v1::WatchEndpointRequest {
+            name: "chat".into(),
+            event_limit: 5,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.active_deployment.unwrap().id, promoted.deployment_id);
+    let mut client = fleet.client().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let back = loop {
+        match client
+            .promote(v1::PromoteRequest {
+                endpoint: "chat".into(),
+                target: Some(v1::promote_request::Target::DeploymentId(v1_id.clone())),
+                settings: None,
+            })
+            .await
+        {
+            Ok(answer) => break answer.into_inner(),
+            Err(e) if e.code() == tonic::Code::FailedPrecondition && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("rollback: {e}"),
+        }
+    };
+    assert_eq!(back.deployment_id, v1_id);
+    assert!(back.promotion.as_ref().unwrap().rollback);
+    let watched = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let update = watch.message().await.unwrap().unwrap();
+            if update.in_progress_promotion.is_none()
+                && update
+                    .last_promotion
+                    .as_ref()
+                    .is_some_and(|p| p.id == back.promotion_id)
+            {
+                return update;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        watched.last_promotion.unwrap().status(),
+        v1::PromotionStatus::Succeeded
+    );
+    assert_eq!(watched.active_deployment.unwrap().id, v1_id);
+    let (_, _, body) = chat(fleet.publics[1], "chat", false).await;
+    assert!(body.contains("[org/v1 as chat]"), "{body}");
+
     // An out-of-range setting is refused, naming it.
     let refused = fleet
         .client()
