@@ -355,6 +355,9 @@ async fn a_rolling_surge_promotion_under_load_fails_no_request() {
         .into_inner();
     let old = history.deployments.iter().find(|d| d.id == v1_id).unwrap();
     assert_eq!(old.state(), v1::DeploymentState::Kept);
+    // Both promotions: the one just done, then the first deployment's.
+    assert_eq!(history.promotions.len(), 2);
+    assert_eq!(history.promotions[0].id, promoted.promotion_id);
 
     let metrics = admin_get(fleet.admin, "/metrics").await;
     for line in [

@@ -942,7 +942,12 @@ impl Actor {
         let from = promotion.rollout.from.clone();
         let to = promotion.rollout.to.clone();
         let cleanup = promotion.rollout.settings.cleanup;
-        endpoint.last_promotion = Some(promotion);
+        if let Some(previous) = endpoint.last_promotion.replace(promotion) {
+            endpoint.past_promotions.push_back(previous);
+            while endpoint.past_promotions.len() > crate::state::MAX_PROMOTIONS {
+                endpoint.past_promotions.pop_front();
+            }
+        }
         endpoint.candidate = None;
         match status {
             rollout::Status::Succeeded => {
@@ -968,6 +973,27 @@ impl Actor {
     /// Workers changed (a status, a cordon): every rollout hears how each
     /// worker looks to its endpoint.
     fn refresh_workers(&mut self, actions: &mut Vec<(String, Action)>) {
+        // A worker whose GPU is unhealthy is cordoned (its replica then
+        // moves: add first, then drain); an operator uncordons it.
+        for (address, record) in &mut self.state.workers {
+            let sick = self
+                .observed
+                .get(address)
+                .and_then(|o| o.status.as_ref())
+                .filter(|s| s.gpu_health() == v1::GpuHealth::Unhealthy);
+            if let Some(status) = sick
+                && !record.cordoned
+            {
+                let reasons: Vec<String> = status
+                    .gpus
+                    .iter()
+                    .flat_map(|g| g.health_reasons.iter().cloned())
+                    .collect();
+                record.cordoned = true;
+                record.cordon_reason = format!("GPU unhealthy: {}", reasons.join("; "));
+                tracing::warn!(worker = address, reason = record.cordon_reason, "cordoned");
+            }
+        }
         let claims = self.claims();
         let names: Vec<String> = self.state.endpoints.keys().cloned().collect();
         for name in names {

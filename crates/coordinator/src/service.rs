@@ -411,10 +411,13 @@ impl CoordinatorRpc for CoordinatorService {
             .collect();
         deployments.reverse();
         deployments.truncate(limit);
+        // Newest first: the one under way, the last, then older ones.
         let promotions = endpoint
             .promotion
             .iter()
             .chain(endpoint.last_promotion.iter())
+            .chain(endpoint.past_promotions.iter().rev())
+            .take(limit)
             .map(|p| promotion_proto(&endpoint.name, p))
             .collect();
         Ok(Response::new(v1::HistoryResponse {

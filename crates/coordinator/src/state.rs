@@ -13,6 +13,8 @@ use crate::settings::{PromotionSettings, Scaling};
 
 /// Events kept per endpoint; older ones are dropped.
 pub const MAX_EVENTS: usize = 500;
+/// Ended promotions kept per endpoint beside the last one.
+pub const MAX_PROMOTIONS: usize = 50;
 
 /// Everything the coordinator owns.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -54,6 +56,10 @@ pub struct Endpoint {
     pub promotion: Option<Promotion>,
     /// The last one that ended.
     pub last_promotion: Option<Promotion>,
+    /// Promotions that ended before the last one, newest last, at most
+    /// [`MAX_PROMOTIONS`].
+    #[serde(default)]
+    pub past_promotions: VecDeque<Promotion>,
     /// The history, newest last.
     pub events: VecDeque<EventRecord>,
     /// The last event's number.
@@ -269,6 +275,7 @@ impl Endpoint {
             candidate: None,
             promotion: None,
             last_promotion: None,
+            past_promotions: VecDeque::new(),
             events: VecDeque::new(),
             event_seq: 0,
             created_at_ms: now_ms,
