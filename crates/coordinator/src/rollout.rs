@@ -896,21 +896,21 @@ impl Rollout {
     fn advance(&mut self, out: &mut Vec<Action>) {
         // A bound: each pass either acts or stops.
         for _ in 0..64 {
-            let before = (self.clone_key(), out.len());
+            let before = (self.fingerprint(), out.len());
             self.progress_retirements(out);
             if self.status.is_terminal() {
                 self.progress_steady(out);
             } else {
                 self.progress_step(out);
             }
-            if (self.clone_key(), out.len()) == before {
+            if (self.fingerprint(), out.len()) == before {
                 return;
             }
         }
     }
 
     /// A cheap fingerprint of what `advance` may change.
-    fn clone_key(
+    fn fingerprint(
         &self,
     ) -> (
         Status,
