@@ -11,6 +11,7 @@
 //! - [`standalone`]: the deployment of `MODEL_NAME` / `VLLM_ARGS` when no
 //!   coordinator drives the agent.
 
+pub mod cli;
 pub mod config;
 pub mod gate;
 pub mod gpu;

@@ -15,6 +15,7 @@
 //! come next.
 
 pub mod actor;
+pub mod cli;
 pub mod config;
 pub mod metrics;
 pub mod rollout;

@@ -42,6 +42,7 @@ pub use metrics::{FinishReason, Stats};
 pub use server::{Exit, FakeVllm, Handle, ServeError, Shutdown};
 
 /// The names of fake-vllm's environment knobs.
+pub mod cli;
 pub mod knobs {
     pub use crate::args::{FAULT, LOAD_TIME, MAX_TOKENS, TOKENS_PER_SECOND, TTFT};
 }

@@ -8,6 +8,7 @@
 //! routes well enough to route by `model`, and it never rewrites bodies.
 
 pub mod balance;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod error;

@@ -1,0 +1,93 @@
+//! `crossfade-coordinator --config coordinator.toml`
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::actor::{self, Options};
+use crate::config::Config;
+use crate::service;
+use crate::store::Store;
+use anyhow::Context as _;
+use clap::Parser;
+use crossfade_common::config::{self, CommonArgs};
+use crossfade_common::http::{self as common_http, ServeOptions};
+use crossfade_common::{Shutdown, telemetry};
+use http::{Method, StatusCode};
+use tokio::net::TcpListener;
+
+/// crossfade's coordinator: owns the desired state of every endpoint and
+/// runs rolling promotions across agents and routers.
+#[derive(Parser)]
+#[command(name = "crossfade-coordinator", version)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+/// Runs the program with `args` (the program name first, as in
+/// `std::env::args_os`).
+pub fn main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
+    let cli = Cli::parse_from(args);
+    let config: Config = config::load_or_exit("crossfade-coordinator", &cli.common);
+    let log = config.log.clone();
+    telemetry::run_program("crossfade-coordinator", &log, run(config))
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let shutdown = Shutdown::new();
+    shutdown
+        .trigger_on_signals()
+        .context("installing the SIGTERM and SIGINT handlers")?;
+    let metrics = crossfade_common::metrics::install(crate::metrics::HISTOGRAMS, &shutdown)
+        .context("installing the Prometheus recorder")?;
+    crate::metrics::describe();
+    let api = TcpListener::bind(config.listen.api)
+        .await
+        .with_context(|| format!("binding the API listener on {}", config.listen.api))?;
+    let admin = TcpListener::bind(config.listen.admin)
+        .await
+        .with_context(|| format!("binding the admin listener on {}", config.listen.admin))?;
+    let coordinator = actor::start(
+        Store::new(&config.store.path),
+        Options {
+            agents: config.agents.clone(),
+            routers: config.routers.clone(),
+            router_ack_bound: config.router_ack_timeout,
+        },
+        &shutdown,
+    )
+    .context("opening the store")?;
+    tracing::info!(
+        api = %config.listen.api,
+        admin = %config.listen.admin,
+        agents = config.agents.len(),
+        routers = config.routers.len(),
+        "crossfade-coordinator serving"
+    );
+    let admin_options = ServeOptions {
+        shutdown_grace: Duration::from_secs(1),
+        ..ServeOptions::default()
+    };
+    let admin_server = common_http::serve(admin, &admin_options, shutdown.clone(), move |req| {
+        let metrics = metrics.clone();
+        async move {
+            if req.method() != Method::GET {
+                return common_http::text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+            }
+            match req.uri().path() {
+                "/metrics" => common_http::metrics(Some(&metrics)),
+                "/healthz" => common_http::text(StatusCode::OK, "ok\n"),
+                _ => common_http::text(StatusCode::NOT_FOUND, "not found\n"),
+            }
+        }
+    });
+    let api_server = service::serve(api, coordinator, shutdown.clone());
+    let ((), api) = tokio::join!(admin_server, api_server);
+    if let Err(e) = api {
+        tracing::error!("the API listener failed: {e}");
+        shutdown.trigger();
+    }
+    shutdown.wait_for_tasks(Duration::from_secs(5)).await;
+    tracing::info!("crossfade-coordinator stopped");
+    Ok(())
+}

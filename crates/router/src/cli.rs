@@ -1,0 +1,117 @@
+//! `crossfade-router --config router.toml`
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::proxy::Proxy;
+use crate::table::Routes;
+use crate::{server, stats};
+use anyhow::Context as _;
+use clap::Parser;
+use crossfade_common::config::{self, CommonArgs, Sources};
+use crossfade_common::{Shutdown, telemetry};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// crossfade's public, OpenAI-compatible entrypoint: routes each request by
+/// its `model` to a deployment by weight and a worker by load, and streams
+/// the response back.
+#[derive(Parser)]
+#[command(name = "crossfade-router", version)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+/// Runs the program with `args` (the program name first, as in
+/// `std::env::args_os`).
+pub fn main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
+    let cli = Cli::parse_from(args);
+    let config: Config = config::load_or_exit("crossfade-router", &cli.common);
+    let log = config.log.clone();
+    telemetry::run_program("crossfade-router", &log, run(cli, config))
+}
+
+async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
+    let shutdown = Shutdown::new();
+    shutdown
+        .trigger_on_signals()
+        .context("installing the SIGTERM and SIGINT handlers")?;
+    let metrics = crossfade_common::metrics::install(stats::HISTOGRAMS, &shutdown)
+        .context("installing the Prometheus recorder")?;
+    stats::describe();
+    let routes = Arc::new(
+        Routes::new(&config.routing_table()).context("building the configured routing table")?,
+    );
+    let proxy = Arc::new(Proxy::new(Arc::clone(&routes), config.proxy_settings()));
+
+    let public = TcpListener::bind(config.listen.public)
+        .await
+        .with_context(|| format!("binding the public listener on {}", config.listen.public))?;
+    let admin = TcpListener::bind(config.listen.admin)
+        .await
+        .with_context(|| format!("binding the admin listener on {}", config.listen.admin))?;
+    let control = TcpListener::bind(config.listen.control)
+        .await
+        .with_context(|| format!("binding the control listener on {}", config.listen.control))?;
+    tracing::info!(
+        public = %config.listen.public,
+        admin = %config.listen.admin,
+        control = %config.listen.control,
+        endpoints = config.endpoint.len(),
+        "crossfade-router serving"
+    );
+
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let reload_shutdown = shutdown.clone();
+    let reload_routes = Arc::clone(&routes);
+    shutdown.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => reload(&cli.common, &reload_routes),
+                () = reload_shutdown.triggered() => return,
+            }
+        }
+    });
+
+    let router_id = if config.router_id.is_empty() {
+        config.listen.control.to_string()
+    } else {
+        config.router_id.clone()
+    };
+    let control_server =
+        crate::control::serve(control, Arc::clone(&routes), router_id, shutdown.clone());
+    let admin_proxy = Arc::clone(&proxy);
+    let admin_server = server::serve(admin, &config.limits, shutdown.clone(), move |req| {
+        server::admin(req, Arc::clone(&admin_proxy), Some(metrics.clone()))
+    });
+    let public_server = server::serve(
+        public,
+        &config.limits,
+        shutdown.clone(),
+        server::public_handler(proxy),
+    );
+    let ((), (), control) = tokio::join!(admin_server, public_server, control_server);
+    if let Err(e) = control {
+        // The proxy kept serving; the coordinator could not reach us.
+        tracing::error!("the control listener failed: {e:#}");
+        shutdown.trigger();
+    }
+    shutdown.wait_for_tasks(config.limits.shutdown_grace).await;
+    tracing::info!("crossfade-router stopped");
+    Ok(())
+}
+
+/// SIGHUP: re-read the configuration file and swap its table in. A bad file
+/// changes nothing and says why.
+fn reload(args: &CommonArgs, routes: &Routes) {
+    let loaded = config::load::<Config>(&Sources::new(args, config::process_env()));
+    match loaded {
+        Ok(config) => match routes.apply_from_config(&config.routing_table()) {
+            Ok(applied) => tracing::info!(version = applied.version(), "routing table reloaded"),
+            Err(e) => tracing::warn!(error = %e, "routing table not reloaded"),
+        },
+        Err(e) => tracing::warn!(error = %e, "configuration not reloaded"),
+    }
+}
