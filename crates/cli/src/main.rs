@@ -1,0 +1,545 @@
+//! `crossfade [--coordinator URL] [-o json] <command>`: the command line
+//! over the Coordinator service, and `crossfade demo`, a whole fleet on
+//! 127.0.0.1.
+//!
+//! The same binary carries the other programs for the demo (hidden
+//! commands: `serve` is fake-vllm, `__router`, `__agent`, `__coordinator`),
+//! so that `cargo run --bin crossfade -- demo` needs nothing else built.
+
+mod demo;
+mod output;
+mod template;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use crossfade_proto::v1;
+use crossfade_proto::v1::coordinator_client::CoordinatorClient;
+use tonic::transport::Channel;
+
+use crate::output::{Output, print_endpoint, print_message};
+
+/// crossfade: move a live LLM endpoint from one model or vLLM configuration
+/// to the next without dropping a request.
+#[derive(Parser)]
+#[command(name = "crossfade", version)]
+struct Cli {
+    /// The coordinator's API.
+    #[arg(
+        long,
+        env = "CROSSFADE_COORDINATOR",
+        default_value = "http://127.0.0.1:7000",
+        global = true
+    )]
+    coordinator: String,
+    /// `text` (tables, live views) or `json` (for scripts and pipelines).
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create, show, list or delete endpoints.
+    Endpoint {
+        #[command(subcommand)]
+        command: EndpointCommand,
+    },
+    /// Promote a new template (or a kept deployment: a rollback).
+    Promote {
+        /// The endpoint.
+        endpoint: String,
+        /// A template file (TOML: runtime, model, vllm_args, [env]).
+        #[arg(
+            long,
+            conflicts_with = "deployment",
+            required_unless_present = "deployment"
+        )]
+        template: Option<PathBuf>,
+        /// A kept deployment's id, to roll back to it.
+        #[arg(long)]
+        deployment: Option<String>,
+        /// Draw the promotion live; exit with its outcome.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// An endpoint's deployments, promotion, replicas and events.
+    Status {
+        /// The endpoint.
+        endpoint: String,
+        /// Redraw on every change; exit with the promotion's outcome.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Take no new step (a step under way finishes).
+    Pause { endpoint: String },
+    /// Take steps again.
+    Resume { endpoint: String },
+    /// Move traffic back step by step, then CANCELED.
+    Cancel { endpoint: String },
+    /// All traffic back to the old deployment at once.
+    ForceCancel { endpoint: String },
+    /// All traffic to the candidate at once.
+    ForceRollForward { endpoint: String },
+    /// Set the replica bounds and the autoscaling target.
+    Scale {
+        endpoint: String,
+        /// Fewest replicas.
+        #[arg(long)]
+        min: u32,
+        /// Most replicas.
+        #[arg(long)]
+        max: u32,
+        /// In-flight requests one replica should carry.
+        #[arg(long, default_value_t = 32)]
+        target_in_flight: u32,
+        /// Seconds of low load before replicas are removed.
+        #[arg(long, default_value_t = 300)]
+        scale_down_delay_seconds: u32,
+    },
+    /// Change promotion settings (Baseten's names).
+    Settings {
+        endpoint: String,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+    /// Deployments and promotions, with their outcomes.
+    History { endpoint: String },
+    /// Agents, with their state and assignment.
+    Workers,
+    /// Keep a worker out of new assignments; its replica moves.
+    Cordon {
+        /// Worker id or control address.
+        worker: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Return a cordoned worker to service.
+    Uncordon { worker: String },
+    /// A whole fleet on 127.0.0.1, promoted v1 → v2 under load.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum EndpointCommand {
+    /// Create an endpoint and start its first deployment.
+    Create {
+        name: String,
+        /// The first deployment's template file.
+        #[arg(long)]
+        template: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        min: u32,
+        #[arg(long, default_value_t = 1)]
+        max: u32,
+        #[arg(long, default_value_t = 32)]
+        target_in_flight: u32,
+        /// Other names clients may send as `model`.
+        #[arg(long = "alias")]
+        aliases: Vec<String>,
+        /// Only workers with this label (KEY=VALUE), repeatable.
+        #[arg(long = "selector", value_parser = parse_label)]
+        selector: Vec<(String, String)>,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+    /// One endpoint.
+    Get { name: String },
+    /// Every endpoint.
+    List,
+    /// Delete an endpoint, stopping its replicas.
+    Delete {
+        name: String,
+        /// Even with a promotion under way.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(clap::Args, Default)]
+struct SettingsArgs {
+    /// Step by step (true) or all at once (false).
+    #[arg(long)]
+    rolling_deploy: Option<bool>,
+    /// 0..=50.
+    #[arg(long)]
+    max_surge_percent: Option<u32>,
+    /// 0..=50.
+    #[arg(long)]
+    max_unavailable_percent: Option<u32>,
+    /// 0..=3600.
+    #[arg(long)]
+    stabilization_time_seconds: Option<u32>,
+    /// 0..=500.
+    #[arg(long)]
+    replica_overhead_percent: Option<u32>,
+    /// What happens to old replicas at success.
+    #[arg(long, value_enum)]
+    promotion_cleanup_strategy: Option<Cleanup>,
+    /// 1..=86400.
+    #[arg(long)]
+    drain_timeout_seconds: Option<u32>,
+    /// 1..=86400.
+    #[arg(long)]
+    ready_timeout_seconds: Option<u32>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+#[value(rename_all = "SCREAMING_SNAKE_CASE")]
+enum Cleanup {
+    ScaleToZero,
+    Keep,
+    Deactivate,
+}
+
+impl SettingsArgs {
+    fn update(&self) -> v1::PromotionSettingsUpdate {
+        v1::PromotionSettingsUpdate {
+            rolling_deploy: self.rolling_deploy,
+            max_surge_percent: self.max_surge_percent,
+            max_unavailable_percent: self.max_unavailable_percent,
+            stabilization_time_seconds: self.stabilization_time_seconds,
+            replica_overhead_percent: self.replica_overhead_percent,
+            promotion_cleanup_strategy: self.promotion_cleanup_strategy.map(|c| {
+                let strategy = match c {
+                    Cleanup::ScaleToZero => v1::CleanupStrategy::ScaleToZero,
+                    Cleanup::Keep => v1::CleanupStrategy::Keep,
+                    Cleanup::Deactivate => v1::CleanupStrategy::Deactivate,
+                };
+                strategy as i32
+            }),
+            drain_timeout_seconds: self.drain_timeout_seconds,
+            ready_timeout_seconds: self.ready_timeout_seconds,
+        }
+    }
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("`{text}` is not KEY=VALUE"))
+}
+
+fn main() -> ExitCode {
+    // The programs the demo spawns from this same binary.
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match args.get(1).and_then(|a| a.to_str()) {
+        Some("serve") => {
+            let rest = args
+                .iter()
+                .skip(1)
+                .filter_map(|a| a.to_str().map(str::to_owned));
+            return fake_vllm::cli::main_from(std::iter::once("fake-vllm".to_owned()).chain(rest));
+        }
+        Some(program @ ("__router" | "__agent" | "__coordinator")) => {
+            let program = program.to_owned();
+            args.remove(1);
+            return match program.as_str() {
+                "__router" => crossfade_router::cli::main_from(args),
+                "__agent" => crossfade_agent::cli::main_from(args),
+                _ => crossfade_coordinator::cli::main_from(args),
+            };
+        }
+        _ => {}
+    }
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("crossfade: cannot start the Tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("crossfade: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .with_context(|| format!("--coordinator: `{url}` is not a URL"))?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the coordinator at {url} (set --coordinator or CROSSFADE_COORDINATOR)"
+            )
+        })?;
+    Ok(CoordinatorClient::new(channel))
+}
+
+/// A gRPC error as a user reads it: the coordinator's message names the
+/// field and its range.
+fn rpc(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", e.message())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Demo(args) = cli.command {
+        return demo::run(args, cli.output).await;
+    }
+    let mut client = connect(&cli.coordinator).await?;
+    let out = cli.output;
+    let control = |endpoint: String| v1::PromotionControlRequest {
+        endpoint,
+        promotion_id: String::new(),
+        reason: String::new(),
+    };
+    match cli.command {
+        // Handled above: it needs no coordinator.
+        Command::Demo(_) => {}
+        Command::Endpoint { command } => match command {
+            EndpointCommand::Create {
+                name,
+                template,
+                min,
+                max,
+                target_in_flight,
+                aliases,
+                selector,
+                settings,
+            } => {
+                let template = template.map(|t| template::load(&t)).transpose()?;
+                let endpoint = client
+                    .create_endpoint(v1::CreateEndpointRequest {
+                        name,
+                        aliases,
+                        template,
+                        scaling: Some(v1::ScalingSettings {
+                            min_replicas: min,
+                            max_replicas: max,
+                            target_in_flight_per_replica: target_in_flight,
+                            scale_down_delay_seconds: 300,
+                        }),
+                        promotion_settings: Some(settings.update()),
+                        selector: Some(v1::WorkerSelector {
+                            labels: selector.into_iter().collect(),
+                            ..Default::default()
+                        }),
+                    })
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                print_endpoint(out, &endpoint)?;
+            }
+            EndpointCommand::Get { name } => {
+                let endpoint = client
+                    .get_endpoint(v1::GetEndpointRequest {
+                        name,
+                        event_limit: 10,
+                    })
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                print_endpoint(out, &endpoint)?;
+            }
+            EndpointCommand::List => {
+                let list = client
+                    .list_endpoints(v1::ListEndpointsRequest {})
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                match out {
+                    Output::Json => print_message("crossfade.v1.ListEndpointsResponse", &list)?,
+                    Output::Text => output::endpoints_table(&list.endpoints),
+                }
+            }
+            EndpointCommand::Delete { name, force } => {
+                let deleted = client
+                    .delete_endpoint(v1::DeleteEndpointRequest { name, force })
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                match out {
+                    Output::Json => print_message("crossfade.v1.DeleteEndpointResponse", &deleted)?,
+                    Output::Text => {
+                        println!("deleted; {} replica(s) stopping", deleted.replicas_stopped)
+                    }
+                }
+            }
+        },
+        Command::Promote {
+            endpoint,
+            template,
+            deployment,
+            watch,
+        } => {
+            let target = match (template, deployment) {
+                (Some(path), _) => v1::promote_request::Target::Template(template::load(&path)?),
+                (None, Some(id)) => v1::promote_request::Target::DeploymentId(id),
+                (None, None) => anyhow::bail!("--template or --deployment is required"),
+            };
+            let promoted = client
+                .promote(v1::PromoteRequest {
+                    endpoint: endpoint.clone(),
+                    target: Some(target),
+                    settings: None,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            if watch {
+                return output::watch(&mut client, &endpoint, out, Some(&promoted.promotion_id))
+                    .await;
+            }
+            match out {
+                Output::Json => print_message("crossfade.v1.PromoteResponse", &promoted)?,
+                Output::Text => println!(
+                    "promotion {} to deployment {} started; `crossfade status {endpoint} --watch` follows it",
+                    promoted.promotion_id, promoted.deployment_id
+                ),
+            }
+        }
+        Command::Status { endpoint, watch } => {
+            if watch {
+                return output::watch(&mut client, &endpoint, out, None).await;
+            }
+            let e = client
+                .get_endpoint(v1::GetEndpointRequest {
+                    name: endpoint,
+                    event_limit: 10,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            print_endpoint(out, &e)?;
+        }
+        Command::Pause { endpoint } => {
+            let p = client
+                .pause_promotion(control(endpoint))
+                .await
+                .map_err(rpc)?;
+            output::print_promotion(out, &p.into_inner())?;
+        }
+        Command::Resume { endpoint } => {
+            let p = client
+                .resume_promotion(control(endpoint))
+                .await
+                .map_err(rpc)?;
+            output::print_promotion(out, &p.into_inner())?;
+        }
+        Command::Cancel { endpoint } => {
+            let p = client
+                .cancel_promotion(control(endpoint))
+                .await
+                .map_err(rpc)?;
+            output::print_promotion(out, &p.into_inner())?;
+        }
+        Command::ForceCancel { endpoint } => {
+            let p = client
+                .force_cancel_promotion(control(endpoint))
+                .await
+                .map_err(rpc)?;
+            output::print_promotion(out, &p.into_inner())?;
+        }
+        Command::ForceRollForward { endpoint } => {
+            let p = client
+                .force_roll_forward_promotion(control(endpoint))
+                .await
+                .map_err(rpc)?;
+            output::print_promotion(out, &p.into_inner())?;
+        }
+        Command::Scale {
+            endpoint,
+            min,
+            max,
+            target_in_flight,
+            scale_down_delay_seconds,
+        } => {
+            let e = client
+                .update_scaling(v1::UpdateScalingRequest {
+                    name: endpoint,
+                    scaling: Some(v1::ScalingSettings {
+                        min_replicas: min,
+                        max_replicas: max,
+                        target_in_flight_per_replica: target_in_flight,
+                        scale_down_delay_seconds,
+                    }),
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            print_endpoint(out, &e)?;
+        }
+        Command::Settings { endpoint, settings } => {
+            let e = client
+                .update_promotion_settings(v1::UpdatePromotionSettingsRequest {
+                    name: endpoint,
+                    settings: Some(settings.update()),
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            print_endpoint(out, &e)?;
+        }
+        Command::History { endpoint } => {
+            let history = client
+                .history(v1::HistoryRequest { endpoint, limit: 0 })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            match out {
+                Output::Json => print_message("crossfade.v1.HistoryResponse", &history)?,
+                Output::Text => output::history_table(&history),
+            }
+        }
+        Command::Workers => {
+            let workers = client
+                .list_workers(v1::ListWorkersRequest {
+                    endpoint: String::new(),
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            match out {
+                Output::Json => print_message("crossfade.v1.ListWorkersResponse", &workers)?,
+                Output::Text => output::workers_table(&workers.workers),
+            }
+        }
+        Command::Cordon { worker, reason } => {
+            let w = client
+                .cordon_worker(v1::CordonWorkerRequest {
+                    worker_id: worker,
+                    reason,
+                    evacuate: true,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            match out {
+                Output::Json => print_message("crossfade.v1.Worker", &w)?,
+                Output::Text => output::workers_table(std::slice::from_ref(&w)),
+            }
+        }
+        Command::Uncordon { worker } => {
+            let w = client
+                .uncordon_worker(v1::UncordonWorkerRequest { worker_id: worker })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            match out {
+                Output::Json => print_message("crossfade.v1.Worker", &w)?,
+                Output::Text => output::workers_table(std::slice::from_ref(&w)),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

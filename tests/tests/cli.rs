@@ -1,0 +1,101 @@
+//! `crossfade`, the CLI, as a user runs it: the demo end to end, and the
+//! errors a user meets first.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use crossfade_e2e::{Process, TempDir, binary, free_port, wait_for_port};
+
+#[test]
+fn the_demo_promotes_under_load_without_a_failed_request() {
+    let output = Command::new(binary("crossfade").unwrap())
+        .args([
+            "demo",
+            "-o",
+            "json",
+            "--before",
+            "2",
+            "--after",
+            "1",
+            "--clients",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert_eq!(summary["promotion_status"], "SUCCEEDED");
+    let sent = summary["requests_sent"].as_u64().unwrap();
+    assert!(sent > 10, "{summary}");
+    assert_eq!(summary["succeeded"].as_u64().unwrap(), sent);
+    // Both versions answered: the promotion happened under the load.
+    let by = summary["by_deployment"].as_object().unwrap();
+    assert_eq!(by.len(), 2, "{summary}");
+    assert!(summary["promotion_seconds"].as_f64().unwrap() > 0.0);
+}
+
+fn crossfade(coordinator: &str, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(binary("crossfade").unwrap())
+        .arg("--coordinator")
+        .arg(coordinator)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn errors_name_the_coordinator_or_the_setting() {
+    let (ok, _, stderr) = crossfade("http://127.0.0.1:1", &["status", "chat"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("cannot reach the coordinator at http://127.0.0.1:1"),
+        "{stderr}"
+    );
+
+    // A coordinator with no agent is enough for the API.
+    let dir = TempDir::new().unwrap();
+    let api = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\napi = \"{api}\"\nadmin = \"127.0.0.1:{}\"\n[store]\npath = \"{}\"\n",
+            free_port().unwrap(),
+            dir.path().join("state.json").display()
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(binary("crossfade-coordinator").unwrap());
+    command.arg("--config").arg(&config).env("RUST_LOG", "warn");
+    let _coordinator = Process::spawn("crossfade-coordinator", command).unwrap();
+    wait_for_port(api, Duration::from_secs(20)).unwrap();
+    let url = format!("http://{api}");
+
+    let (ok, stdout, stderr) = crossfade(&url, &["endpoint", "create", "chat"]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("endpoint   chat"), "{stdout}");
+    let (ok, _, stderr) = crossfade(&url, &["settings", "chat", "--max-surge-percent", "60"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("`settings.max_surge_percent`: must be within 0..=50, got 60"),
+        "{stderr}"
+    );
+    let (ok, stdout, _) = crossfade(&url, &["-o", "json", "endpoint", "get", "chat"]);
+    assert!(ok);
+    let endpoint: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(endpoint["name"], "chat");
+    assert_eq!(endpoint["promotion_settings"]["max_surge_percent"], 10);
+    let (ok, _, stderr) = crossfade(&url, &["promote", "chat"]);
+    assert!(!ok);
+    assert!(stderr.contains("--template"), "{stderr}");
+}
