@@ -82,17 +82,33 @@ enum Command {
         watch: bool,
     },
     /// Take no new step (a step under way finishes).
-    Pause { endpoint: String },
+    Pause {
+        /// The endpoint.
+        endpoint: String,
+    },
     /// Take steps again.
-    Resume { endpoint: String },
+    Resume {
+        /// The endpoint.
+        endpoint: String,
+    },
     /// Move traffic back step by step, then CANCELED.
-    Cancel { endpoint: String },
+    Cancel {
+        /// The endpoint.
+        endpoint: String,
+    },
     /// All traffic back to the old deployment at once.
-    ForceCancel { endpoint: String },
+    ForceCancel {
+        /// The endpoint.
+        endpoint: String,
+    },
     /// All traffic to the candidate at once.
-    ForceRollForward { endpoint: String },
+    ForceRollForward {
+        /// The endpoint.
+        endpoint: String,
+    },
     /// Set the replica bounds and the autoscaling target.
     Scale {
+        /// The endpoint.
         endpoint: String,
         /// Fewest replicas.
         #[arg(long)]
@@ -109,23 +125,31 @@ enum Command {
     },
     /// Change promotion settings (Baseten's names).
     Settings {
+        /// The endpoint.
         endpoint: String,
         #[command(flatten)]
         settings: SettingsArgs,
     },
     /// Deployments and promotions, with their outcomes.
-    History { endpoint: String },
+    History {
+        /// The endpoint.
+        endpoint: String,
+    },
     /// Agents, with their state and assignment.
     Workers,
     /// Keep a worker out of new assignments; its replica moves.
     Cordon {
         /// Worker id or control address.
         worker: String,
+        /// Why, for the event history.
         #[arg(long, default_value = "")]
         reason: String,
     },
     /// Return a cordoned worker to service.
-    Uncordon { worker: String },
+    Uncordon {
+        /// Worker id or control address.
+        worker: String,
+    },
     /// A whole fleet on 127.0.0.1, promoted v1 → v2 under load.
     Demo(demo::DemoArgs),
 }
@@ -134,14 +158,18 @@ enum Command {
 enum EndpointCommand {
     /// Create an endpoint and start its first deployment.
     Create {
+        /// The name clients send as `model`.
         name: String,
         /// The first deployment's template file.
         #[arg(long)]
         template: Option<PathBuf>,
+        /// Fewest replicas.
         #[arg(long, default_value_t = 1)]
         min: u32,
+        /// Most replicas.
         #[arg(long, default_value_t = 1)]
         max: u32,
+        /// In-flight requests one replica should carry.
         #[arg(long, default_value_t = 32)]
         target_in_flight: u32,
         /// Other names clients may send as `model`.
@@ -154,11 +182,15 @@ enum EndpointCommand {
         settings: SettingsArgs,
     },
     /// One endpoint.
-    Get { name: String },
+    Get {
+        /// The endpoint.
+        name: String,
+    },
     /// Every endpoint.
     List,
     /// Delete an endpoint, stopping its replicas.
     Delete {
+        /// The endpoint.
         name: String,
         /// Even with a promotion under way.
         #[arg(long)]
