@@ -26,7 +26,8 @@ struct Fleet {
     coordinator_config: std::path::PathBuf,
     agents: Vec<Agent>,
     _reapers: Vec<EngineReaper>,
-    _routers: Vec<Process>,
+    /// (process, config, control address) of each router.
+    routers: Vec<(Option<Process>, std::path::PathBuf, SocketAddr)>,
     hosts: Vec<Host>,
     /// The routers' public addresses.
     publics: Vec<SocketAddr>,
@@ -61,6 +62,9 @@ fn start_fleet(workers: usize) -> Fleet {
     let routers: Vec<(Process, SocketAddr, SocketAddr)> =
         (0..2).map(|i| start_router(&dir, i)).collect();
     let routers_list: Vec<String> = routers.iter().map(|r| format!("\"{}\"", r.2)).collect();
+    let router_configs: Vec<std::path::PathBuf> = (0..2)
+        .map(|i| dir.path().join(format!("router-{i}.toml")))
+        .collect();
 
     let api = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
@@ -85,7 +89,11 @@ fn start_fleet(workers: usize) -> Fleet {
         agents,
         _reapers: reapers,
         publics: routers.iter().map(|r| r.1).collect(),
-        _routers: routers.into_iter().map(|r| r.0).collect(),
+        routers: routers
+            .into_iter()
+            .zip(router_configs)
+            .map(|((process, _, control), config)| (Some(process), config, control))
+            .collect(),
         coordinator: Some(coordinator),
         coordinator_config: config,
         api,
@@ -840,4 +848,154 @@ async fn a_cordoned_worker_is_replaced_before_it_drains() {
     stop.store(true, Ordering::Relaxed);
     let (total, _) = no_failures(outcomes, "org/v1").await;
     assert!(total > 10, "only {total} requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_router_leaves_the_other_serving_and_gets_the_table_back() {
+    let mut fleet = start_fleet(2);
+    create_chat(&fleet, rolling(50, 0, 0)).await;
+    // kill -9 of router 0; router 1 keeps serving.
+    drop(fleet.routers[0].0.take());
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes = load(&fleet.publics[1..], &stop);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Restarted, it serves its (empty) configured table until the
+    // coordinator notices and pushes the current one.
+    let mut command = Command::new(binary("crossfade-router").unwrap());
+    command
+        .arg("--config")
+        .arg(&fleet.routers[0].1)
+        .env("RUST_LOG", "warn");
+    fleet.routers[0].0 = Some(Process::spawn("crossfade-router", command).unwrap());
+    wait_for_port(fleet.routers[0].2, Duration::from_secs(20)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, _, body) = chat(fleet.publics[0], "chat", false).await;
+        if status == StatusCode::OK {
+            assert!(body.contains("[org/v1 as chat]"), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted router never got the table: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (total, _) = no_failures(outcomes, "org/v1").await;
+    assert!(total > 10, "only {total} requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_moves_to_the_new_version_once() {
+    let fleet = start_fleet(4);
+    // Two steps with 2 s at 50 %: without stickiness, sessions would flip.
+    create_chat(&fleet, rolling(50, 0, 2)).await;
+    // Sessions: each client keeps its own x-session-id.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sessions: Vec<_> = (0..6)
+        .map(|i| {
+            let stop = Arc::clone(&stop);
+            let public = fleet.publics[i % 2];
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::Relaxed) && seen.len() < 5000 {
+                    let (status, headers, body) =
+                        chat_with_session(public, &format!("session-{i}")).await;
+                    assert_eq!(status, StatusCode::OK, "{body}");
+                    let deployment = headers["x-crossfade-deployment"]
+                        .to_str()
+                        .unwrap()
+                        .to_owned();
+                    if seen.last() != Some(&deployment) {
+                        seen.push(deployment);
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let promoted = promote_v2(&fleet).await;
+    let (done, seen) = fleet
+        .wait_endpoint("the promotion", Duration::from_secs(60), |e| {
+            last_status(e).is_some()
+                && e.last_promotion.as_ref().unwrap().id == promoted.promotion_id
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(
+        done.last_promotion.unwrap().status(),
+        v1::PromotionStatus::Succeeded
+    );
+    assert!(seen.contains(&50), "{seen:?}");
+    for session in sessions {
+        let order = session.await.unwrap();
+        assert!(order.len() <= 2, "a session went back and forth: {order:?}");
+        if order.len() == 2 {
+            assert_eq!(order[1], promoted.deployment_id, "{order:?}");
+        }
+    }
+}
+
+/// A streaming chat completion with a session key.
+async fn chat_with_session(
+    addr: SocketAddr,
+    session: &str,
+) -> (StatusCode, http::HeaderMap, String) {
+    use http_body_util::BodyExt as _;
+    let body = serde_json::json!({
+        "model": "chat",
+        "messages": [{"role": "user", "content": "hello"}],
+        "stream": true,
+    });
+    let request = http::Request::post(format!("http://{addr}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("x-session-id", session)
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_rolling_promotion_switches_all_traffic_at_once() {
+    let fleet = start_fleet(4);
+    create_chat(
+        &fleet,
+        v1::PromotionSettingsUpdate {
+            rolling_deploy: Some(false),
+            ..Default::default()
+        },
+    )
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes = load(&fleet.publics, &stop);
+    let promoted = promote_v2(&fleet).await;
+    let (_, seen) = fleet
+        .wait_endpoint("the promotion", Duration::from_secs(60), |e| {
+            last_status(e).is_some()
+        })
+        .await;
+    stop.store(true, Ordering::Relaxed);
+    let done = ended(&fleet, &promoted.promotion_id).await;
+    assert_eq!(done.status(), v1::PromotionStatus::Succeeded);
+    // The candidate fully up, then 100 % at once: nothing in between.
+    assert!(seen.iter().all(|p| *p == 0 || *p == 100), "{seen:?}");
+    let (total, v2) = no_failures(outcomes, "org/v2").await;
+    assert!(total > 10 && v2 > 0, "{total} requests, {v2} on v2");
 }

@@ -163,6 +163,11 @@ enum Internal {
         address: String,
         version: Option<u64>,
     },
+    /// A router serves an older table than the last one pushed (it
+    /// restarted): it gets the current one again.
+    RouterBehind {
+        address: String,
+    },
     /// Requests per deployment since a promotion started, summed over the
     /// routers that answered: (total, failed).
     Stats {
@@ -838,6 +843,13 @@ impl Actor {
                     );
                 }
             }
+            Internal::RouterBehind { address } => {
+                tracing::info!(
+                    router = address,
+                    "a router serves an older table; pushing the current one"
+                );
+                self.push_table_to(&address, self.state.table_version);
+            }
             Internal::RouterAck { address, version } => {
                 let router = self.routers.entry(address.clone()).or_default();
                 match version {
@@ -876,6 +888,7 @@ impl Actor {
             for name in names {
                 self.read_stats(&name);
             }
+            self.check_routers();
         }
     }
 
@@ -1498,54 +1511,89 @@ impl Actor {
 
     /// Pushes the table as `version` to every router.
     fn push_table_now(&mut self, version: u64) {
-        let table = self.table(version);
-        let epoch = self.state.epoch;
         let routers: Vec<String> = self.state.routers.keys().cloned().collect();
         for address in routers {
+            self.push_table_to(&address, version);
+        }
+    }
+
+    /// Asks every router which table it serves; one behind the last pushed
+    /// (restarted with its configuration's table) gets the current one.
+    fn check_routers(&self) {
+        let version = self.state.table_version;
+        if version == 0 {
+            return;
+        }
+        for address in self.state.routers.keys() {
             let internal = self.internal.clone();
-            let table = table.clone();
+            let address = address.clone();
             let mut client = RouterControlClient::new(lazy_channel(&address));
-            let bound = self.options.router_ack_bound;
             tokio::spawn(async move {
-                let deadline = Instant::now() + bound * 6;
-                let mut backoff = Duration::from_millis(50);
-                loop {
-                    let request = v1::ApplyTableRequest {
-                        coordinator_epoch: epoch,
-                        table: Some(table.clone()),
-                    };
-                    match client.apply_table(request).await {
-                        Ok(answer) => {
-                            let _ = internal.send(Internal::RouterAck {
-                                address,
-                                version: Some(answer.into_inner().version_in_force),
-                            });
-                            return;
-                        }
-                        Err(e) if e.code() == tonic::Code::FailedPrecondition => {
-                            // A newer table is in force there already.
-                            let _ = internal.send(Internal::RouterAck {
-                                address,
-                                version: Some(version),
-                            });
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::debug!(address, error = %e, "router unreachable");
-                            let _ = internal.send(Internal::RouterAck {
-                                address: address.clone(),
-                                version: None,
-                            });
-                            if Instant::now() >= deadline {
-                                return;
-                            }
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(2));
-                        }
-                    }
+                let answer = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    client.get_table(v1::GetTableRequest {}),
+                )
+                .await;
+                if let Ok(Ok(answer)) = answer
+                    && answer
+                        .into_inner()
+                        .table
+                        .is_none_or(|t| t.version < version)
+                {
+                    let _ = internal.send(Internal::RouterBehind { address });
                 }
             });
         }
+    }
+
+    /// Pushes the table as `version` to one router, retrying while it is
+    /// unreachable, for a bounded time.
+    fn push_table_to(&self, address: &str, version: u64) {
+        let table = self.table(version);
+        let epoch = self.state.epoch;
+        let internal = self.internal.clone();
+        let address = address.to_owned();
+        let mut client = RouterControlClient::new(lazy_channel(&address));
+        let bound = self.options.router_ack_bound;
+        tokio::spawn(async move {
+            let deadline = Instant::now() + bound * 6;
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                let request = v1::ApplyTableRequest {
+                    coordinator_epoch: epoch,
+                    table: Some(table.clone()),
+                };
+                match client.apply_table(request).await {
+                    Ok(answer) => {
+                        let _ = internal.send(Internal::RouterAck {
+                            address,
+                            version: Some(answer.into_inner().version_in_force),
+                        });
+                        return;
+                    }
+                    Err(e) if e.code() == tonic::Code::FailedPrecondition => {
+                        // A newer table is in force there already.
+                        let _ = internal.send(Internal::RouterAck {
+                            address,
+                            version: Some(version),
+                        });
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(address, error = %e, "router unreachable");
+                        let _ = internal.send(Internal::RouterAck {
+                            address: address.clone(),
+                            version: None,
+                        });
+                        if Instant::now() >= deadline {
+                            return;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        });
     }
 
     /// A table change not tied to a rollout (aliases, a router added, an
