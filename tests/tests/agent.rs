@@ -137,11 +137,21 @@ async fn drain_waits_for_a_held_stream_and_refuses_new_requests() {
     agent
         .wait_state(EngineState::Draining, Duration::from_secs(5))
         .await;
-    let closed = tokio::time::timeout(Duration::from_secs(5), keep_alive.read(&mut buffer))
+    // The kept-alive HTTP/1.1 connection's next request is refused with
+    // `Connection: close`, and the connection ends after it.
+    keep_alive
+        .write_all(b"GET /v1/models HTTP/1.1\r\nhost: gate\r\n\r\n")
         .await
-        .expect("the idle kept-alive connection is closed when the drain starts")
         .unwrap();
-    assert_eq!(closed, 0);
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), keep_alive.read_to_end(&mut answer))
+        .await
+        .expect("the kept-alive connection closes after its next response")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..closed]);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("x-crossfade-retry: draining"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
     let (status, headers, _) = chat(agent.gate, "chat", false).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(headers["x-crossfade-retry"], "draining");

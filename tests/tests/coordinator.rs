@@ -999,3 +999,59 @@ async fn a_non_rolling_promotion_switches_all_traffic_at_once() {
     let (total, v2) = no_failures(outcomes, "org/v2").await;
     assert!(total > 10 && v2 > 0, "{total} requests, {v2} on v2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_killed_mid_stream_gives_a_clean_error_and_is_replaced() {
+    let fleet = start_fleet(4);
+    create_chat(&fleet, rolling(50, 0, 0)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes = load(&fleet.publics, &stop);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // kill -9 of a serving engine while streams run through it.
+    let mut victim = None;
+    for agent in &fleet.agents {
+        let status = agent.status().await;
+        let engine = status.engine.unwrap();
+        if engine.state() == v1::EngineState::Ready {
+            victim = Some(engine.pid);
+            break;
+        }
+    }
+    let pid = victim.unwrap();
+    let killed = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fleet
+        .wait_endpoint("two ready replicas again", Duration::from_secs(60), |e| {
+            e.replicas.iter().map(|r| r.ready).sum::<u32>() == 2
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    // Every request either streamed to its end, or ended with the gate's
+    // clean error event (the engine died under it), or, if the engine died
+    // before answering, got an error status; none hung or broke off.
+    let mut whole = 0;
+    let mut cut = 0;
+    for client in outcomes {
+        for (status, body) in client.await.unwrap() {
+            if status == StatusCode::OK && body.trim_end().ends_with("data: [DONE]") {
+                whole += 1;
+            } else if status == StatusCode::OK {
+                assert!(body.contains("\"code\":\"engine_failed\""), "{body}");
+                cut += 1;
+            } else {
+                assert!(status.is_server_error(), "{status} {body}");
+                cut += 1;
+            }
+        }
+    }
+    assert!(whole > 10, "{whole} whole, {cut} cut");
+    assert!(
+        cut <= 6,
+        "more requests failed ({cut}) than were in flight on one engine"
+    );
+}

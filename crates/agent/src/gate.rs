@@ -5,9 +5,10 @@
 //! - Not ready (no engine, or one still starting): every request gets 503
 //!   with `x-crossfade-retry: not-ready`, which routers retry elsewhere.
 //! - Draining: new requests get 503 with `x-crossfade-retry: draining`, and
-//!   every open connection is closed gracefully (HTTP/1.1 after its
-//!   response in progress, HTTP/2 with GOAWAY), so clients that keep
-//!   connections alive reconnect elsewhere. Requests admitted before keep
+//!   kept-alive connections close: HTTP/2 at once with GOAWAY, HTTP/1.1
+//!   after its next response, which carries `Connection: close` (closing an
+//!   idle HTTP/1.1 connection would race with a request already on its
+//!   way). Clients reconnect elsewhere. Requests admitted before keep
 //!   streaming.
 //! - At a drain's deadline ([`Gate::cut_streams`]), open SSE streams end
 //!   with a final `data:` error event, which OpenAI clients raise as an
@@ -132,8 +133,8 @@ impl Gate {
     }
 
     /// Starts draining: new requests are refused with `draining`, and open
-    /// connections are closed gracefully. Returns whether it was already
-    /// draining.
+    /// connections close (see the module's notes). Returns whether it was
+    /// already draining.
     pub fn start_drain(&self) -> bool {
         let already = self.state.borrow().mode == Mode::Draining;
         self.state.send_modify(|s| s.mode = Mode::Draining);
@@ -336,6 +337,9 @@ fn error_response(status: StatusCode, message: &str, code: &str) -> Response<Gat
 /// The SSE event that ends a stream cut at a drain's deadline.
 pub const CUT_EVENT: &str = "data: {\"error\":{\"message\":\"the worker serving this stream was stopped at its drain deadline\",\"type\":\"server_error\",\"code\":\"drain_deadline\"}}\n\n";
 
+/// The SSE event that ends a stream whose engine died under it.
+pub const ENGINE_FAILED_EVENT: &str = "data: {\"error\":{\"message\":\"the engine serving this stream stopped\",\"type\":\"server_error\",\"code\":\"engine_failed\"}}\n\n";
+
 /// A response body: the gate's own, or the engine's streamed through.
 #[derive(Debug)]
 pub enum GateBody {
@@ -391,6 +395,18 @@ impl Body for GateBody {
                     )))));
                 }
                 let polled = Pin::new(&mut upstream.inner).poll_frame(cx);
+                if let Poll::Ready(Some(Err(e))) = &polled
+                    && upstream.cut.is_some()
+                {
+                    // The engine died mid-stream: the client gets a final
+                    // error event and a clean end, not a broken connection.
+                    tracing::warn!(error = %e, "the engine broke off a stream");
+                    upstream.cut = None;
+                    upstream.in_flight = None;
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+                        ENGINE_FAILED_EVENT.as_bytes(),
+                    )))));
+                }
                 match &polled {
                     Poll::Ready(None | Some(Err(_))) => upstream.in_flight = None,
                     Poll::Ready(Some(Ok(_))) if upstream.inner.is_end_stream() => {

@@ -70,11 +70,12 @@ pub async fn serve<F, Fut, B>(
     serve_with_close(listener, options, shutdown, close, handler).await;
 }
 
-/// [`serve`], and every time `close` changes, each open connection is
-/// closed gracefully (an idle HTTP/1.1 connection at once, a busy one after
-/// its response, HTTP/2 with GOAWAY) while the listener keeps accepting.
-/// Clients that keep connections alive reconnect, and so find out where to
-/// go next.
+/// [`serve`], and every time `close` changes, each open HTTP/2 connection
+/// is closed gracefully with GOAWAY while the listener keeps accepting.
+/// HTTP/1.1 connections are left to the handler, which answers the next
+/// request with `Connection: close` (closing an idle HTTP/1.1 connection
+/// would race with a request already sent on it). Clients that keep
+/// connections alive reconnect, and so find out where to go next.
 pub async fn serve_with_close<F, Fut, B>(
     listener: TcpListener,
     options: &ServeOptions,
@@ -117,7 +118,13 @@ pub async fn serve_with_close<F, Fut, B>(
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
         let handler = handler.clone();
-        let service = service_fn(move |req| {
+        // Whether the connection speaks HTTP/2, learnt from its first request.
+        let http2 = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = std::sync::Arc::clone(&http2);
+        let service = service_fn(move |req: http::Request<Incoming>| {
+            if req.version() == http::Version::HTTP_2 {
+                seen.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler(req).await) }
         });
@@ -147,8 +154,16 @@ pub async fn serve_with_close<F, Fut, B>(
                             // Nobody can ask for a close any more; stop watching.
                             std::future::pending::<()>().await;
                         }
-                        closing = true;
-                        connection.as_mut().graceful_shutdown();
+                        // HTTP/2: GOAWAY tells the client which streams were
+                        // taken, so none is lost. HTTP/1.1 has no such
+                        // signal: closing an idle connection races with a
+                        // request already on its way. Its next response
+                        // carries `Connection: close` instead (the handler
+                        // sets it), and the connection ends after it.
+                        if http2.load(std::sync::atomic::Ordering::Relaxed) {
+                            closing = true;
+                            connection.as_mut().graceful_shutdown();
+                        }
                     }
                 }
             }

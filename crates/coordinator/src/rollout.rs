@@ -987,6 +987,30 @@ impl Rollout {
             }
             self.push_table(out);
         }
+        // An engine of the serving deployment that no step started (its
+        // agent restarted it after a crash) is counted, not orphaned.
+        let strays: Vec<(String, Engine)> = self
+            .workers
+            .iter()
+            .filter(|(id, w)| {
+                w.deployment.as_deref() == Some(serving.as_str())
+                    && matches!(w.engine, Engine::Starting | Engine::Ready)
+                    && w.eligible
+                    && !w.evict
+                    && !self.routed.contains_key(*id)
+                    && !self.starting.contains(*id)
+                    && !self.leaving.contains_key(*id)
+            })
+            .map(|(id, w)| (id.clone(), w.engine))
+            .collect();
+        for (id, engine) in strays {
+            if engine == Engine::Ready {
+                self.routed.insert(id, serving.clone());
+                self.push_table(out);
+            } else {
+                self.starting.insert(id);
+            }
+        }
         let evicted = |w: &String| self.workers.get(w).is_some_and(|v| v.evict);
         let routed: Vec<String> = self
             .routed
