@@ -330,11 +330,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     let mut client = connect(&cli.coordinator).await?;
     let out = cli.output;
-    let control = |endpoint: String| v1::PromotionControlRequest {
-        endpoint,
-        promotion_id: String::new(),
-        reason: String::new(),
-    };
     match cli.command {
         // Handled above: it needs no coordinator.
         Command::Demo(_) => {}
@@ -454,40 +449,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .into_inner();
             print_endpoint(out, &e)?;
         }
-        Command::Pause { endpoint } => {
-            let p = client
-                .pause_promotion(control(endpoint))
-                .await
-                .map_err(rpc)?;
-            output::print_promotion(out, &p.into_inner())?;
-        }
-        Command::Resume { endpoint } => {
-            let p = client
-                .resume_promotion(control(endpoint))
-                .await
-                .map_err(rpc)?;
-            output::print_promotion(out, &p.into_inner())?;
-        }
-        Command::Cancel { endpoint } => {
-            let p = client
-                .cancel_promotion(control(endpoint))
-                .await
-                .map_err(rpc)?;
-            output::print_promotion(out, &p.into_inner())?;
-        }
-        Command::ForceCancel { endpoint } => {
-            let p = client
-                .force_cancel_promotion(control(endpoint))
-                .await
-                .map_err(rpc)?;
-            output::print_promotion(out, &p.into_inner())?;
-        }
-        Command::ForceRollForward { endpoint } => {
-            let p = client
-                .force_roll_forward_promotion(control(endpoint))
-                .await
-                .map_err(rpc)?;
-            output::print_promotion(out, &p.into_inner())?;
+        command @ (Command::Pause { .. }
+        | Command::Resume { .. }
+        | Command::Cancel { .. }
+        | Command::ForceCancel { .. }
+        | Command::ForceRollForward { .. }) => {
+            let promotion = promotion_control(&mut client, command).await?;
+            output::print_promotion(out, &promotion)?;
         }
         Command::Scale {
             endpoint,
@@ -574,4 +542,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Pause, resume, cancel, force cancel or force roll forward.
+async fn promotion_control(
+    client: &mut CoordinatorClient<Channel>,
+    command: Command,
+) -> anyhow::Result<v1::Promotion> {
+    let request = |endpoint: String| v1::PromotionControlRequest {
+        endpoint,
+        promotion_id: String::new(),
+        reason: String::new(),
+    };
+    let answer = match command {
+        Command::Pause { endpoint } => client.pause_promotion(request(endpoint)).await,
+        Command::Resume { endpoint } => client.resume_promotion(request(endpoint)).await,
+        Command::Cancel { endpoint } => client.cancel_promotion(request(endpoint)).await,
+        Command::ForceCancel { endpoint } => client.force_cancel_promotion(request(endpoint)).await,
+        Command::ForceRollForward { endpoint } => {
+            client.force_roll_forward_promotion(request(endpoint)).await
+        }
+        _ => anyhow::bail!("not a promotion control"),
+    };
+    Ok(answer.map_err(rpc)?.into_inner())
 }
