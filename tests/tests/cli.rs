@@ -95,6 +95,12 @@ fn errors_name_the_coordinator_or_the_setting() {
     let endpoint: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(endpoint["name"], "chat");
     assert_eq!(endpoint["promotion_settings"]["max_surge_percent"], 10);
+    let (ok, _, stderr) = crossfade(&url, &["pause", "chat"]);
+    assert!(!ok);
+    assert!(stderr.contains("has no promotion under way"), "{stderr}");
+    let (ok, stdout, _) = crossfade(&url, &["endpoint", "list"]);
+    assert!(ok);
+    assert!(stdout.lines().any(|l| l.starts_with("chat ")), "{stdout}");
     let (ok, _, stderr) = crossfade(&url, &["promote", "chat"]);
     assert!(!ok);
     assert!(stderr.contains("--template"), "{stderr}");
