@@ -30,7 +30,22 @@ fn pool() -> anyhow::Result<&'static DescriptorPool> {
     Ok(POOL.get_or_init(|| pool))
 }
 
-/// A message as JSON text (`name`: its full proto name).
+/// The prefixes of crossfade's enum values, which JSON output leaves out:
+/// DESIGN §10 writes `"status": "RAMPING_UP"`.
+const ENUM_PREFIXES: &[&str] = &[
+    "PROMOTION_STATUS_",
+    "STEP_PHASE_",
+    "DEPLOYMENT_STATE_",
+    "ENGINE_STATE_",
+    "STARTING_PHASE_",
+    "ENGINE_RUNTIME_",
+    "GPU_HEALTH_",
+    "CLEANUP_STRATEGY_",
+    "TABLE_SOURCE_",
+];
+
+/// A message as JSON text (`name`: its full proto name), with the protos'
+/// snake_case field names and enum values by their short names.
 pub fn json<M: prost::Message>(name: &str, message: &M) -> anyhow::Result<String> {
     let descriptor = pool()?
         .get_message_by_name(name)
@@ -39,10 +54,48 @@ pub fn json<M: prost::Message>(name: &str, message: &M) -> anyhow::Result<String
     let options = SerializeOptions::new()
         .use_proto_field_name(true)
         .stringify_64_bit_integers(false);
-    let mut out = Vec::new();
-    let mut serializer = serde_json::Serializer::pretty(&mut out);
-    dynamic.serialize_with_options(&mut serializer, &options)?;
-    Ok(String::from_utf8(out)?)
+    let mut value = dynamic.serialize_with_options(serde_json::value::Serializer, &options)?;
+    shorten_enums(&mut value, &dynamic);
+    Ok(serde_json::to_string_pretty(&value)?)
+}
+
+/// Replaces each enum field's full value name by its short one, walking the
+/// message's descriptor so that only enum fields change.
+fn shorten_enums(value: &mut serde_json::Value, message: &DynamicMessage) {
+    use prost_reflect::{Kind, ReflectMessage as _, Value};
+    let serde_json::Value::Object(object) = value else {
+        return;
+    };
+    for field in message.descriptor().fields() {
+        let Some(json) = object.get_mut(field.name()) else {
+            continue;
+        };
+        let shorten = |v: &mut serde_json::Value| {
+            if let serde_json::Value::String(text) = v
+                && let Some(prefix) = ENUM_PREFIXES.iter().find(|p| text.starts_with(**p))
+            {
+                *text = text[prefix.len()..].to_owned();
+            }
+        };
+        match (field.kind(), json) {
+            (Kind::Enum(_), serde_json::Value::Array(items)) => items.iter_mut().for_each(shorten),
+            (Kind::Enum(_), json) => shorten(json),
+            (Kind::Message(_), json) => match message.get_field(&field).as_ref() {
+                Value::Message(inner) => shorten_enums(json, inner),
+                Value::List(items) => {
+                    if let serde_json::Value::Array(values) = json {
+                        for (item, value) in items.iter().zip(values) {
+                            if let Value::Message(inner) = item {
+                                shorten_enums(value, inner);
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
 }
 
 /// Prints a message as JSON.
@@ -328,6 +381,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn nested_and_repeated_enums_are_shortened_and_strings_are_not() {
+        let endpoint = v1::Endpoint {
+            name: "PROMOTION_STATUS_looks_like_an_enum".into(),
+            in_progress_promotion: Some(v1::Promotion {
+                status: v1::PromotionStatus::Paused as i32,
+                step_phase: v1::StepPhase::Draining as i32,
+                ..Default::default()
+            }),
+            active_deployment: Some(v1::Deployment {
+                state: v1::DeploymentState::Active as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(&json("crossfade.v1.Endpoint", &endpoint).unwrap()).unwrap();
+        assert_eq!(value["name"], "PROMOTION_STATUS_looks_like_an_enum");
+        assert_eq!(value["in_progress_promotion"]["status"], "PAUSED");
+        assert_eq!(value["in_progress_promotion"]["step_phase"], "DRAINING");
+        assert_eq!(value["active_deployment"]["state"], "ACTIVE");
+    }
+
+    #[test]
     fn the_bar_fills_with_the_candidate_share() {
         assert_eq!(bar(0, 10), "[..........]");
         assert_eq!(bar(50, 10), "[#####.....]");
@@ -344,7 +420,7 @@ mod tests {
         };
         let text = json("crossfade.v1.Promotion", &promotion).unwrap();
         let value: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(value["status"], "PROMOTION_STATUS_RAMPING_UP");
+        assert_eq!(value["status"], "RAMPING_UP");
         assert_eq!(value["percent_traffic_to_new_version"], 40);
     }
 
