@@ -5,7 +5,7 @@
 //! uses at run time. Every wait is bounded, every process is killed when
 //! its guard drops, and only loopback addresses are used.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -103,30 +103,10 @@ impl Drop for TempDir {
     }
 }
 
-/// A free port on 127.0.0.1 for a program that binds its own listener.
-///
-/// The port is released before the program binds it, so it is picked below
-/// Linux's ephemeral range (32768 and up), where the kernel never hands out
-/// the source port of an outgoing connection: under a load of client
-/// connections a port from `bind(0)` is soon taken again. Ports are tried
-/// in a random order from 20000 to 32767, and each is checked free.
+/// A free port on 127.0.0.1 for a program that binds its own listener
+/// (see [`crossfade_common::net::free_loopback_port`]).
 pub fn free_port() -> anyhow::Result<u16> {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let seed = (std::process::id() % 12_768)
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos() % 12_768);
-    for _ in 0..1000 {
-        // A stride coprime with the range's size visits every port once.
-        let step = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = 20_000 + (seed.wrapping_add(step.wrapping_mul(7_919)) % 12_768);
-        let port = u16::try_from(port).context("port in range")?;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    bail!("no free port on 127.0.0.1 between 20000 and 32767")
+    crossfade_common::net::free_loopback_port().context("picking a port on 127.0.0.1")
 }
 
 /// A child process that is killed (SIGKILL) and reaped when dropped, so a

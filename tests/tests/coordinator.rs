@@ -116,11 +116,7 @@ fn start_router(dir: &TempDir, i: usize) -> (Process, SocketAddr, SocketAddr) {
         ),
     )
     .unwrap();
-    let mut command = Command::new(binary("crossfade-router").unwrap());
-    command.arg("--config").arg(&config).env("RUST_LOG", "warn");
-    let process = Process::spawn("crossfade-router", command).unwrap();
-    wait_for_port(control, Duration::from_secs(20)).unwrap();
-    (process, public, control)
+    (spawn_router(&config, control), public, control)
 }
 
 fn start_coordinator(config: &std::path::Path, api: SocketAddr) -> Process {
@@ -861,13 +857,7 @@ async fn a_killed_router_leaves_the_other_serving_and_gets_the_table_back() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     // Restarted, it serves its (empty) configured table until the
     // coordinator notices and pushes the current one.
-    let mut command = Command::new(binary("crossfade-router").unwrap());
-    command
-        .arg("--config")
-        .arg(&fleet.routers[0].1)
-        .env("RUST_LOG", "warn");
-    fleet.routers[0].0 = Some(Process::spawn("crossfade-router", command).unwrap());
-    wait_for_port(fleet.routers[0].2, Duration::from_secs(20)).unwrap();
+    fleet.routers[0].0 = Some(spawn_router(&fleet.routers[0].1, fleet.routers[0].2));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (status, _, body) = chat(fleet.publics[0], "chat", false).await;

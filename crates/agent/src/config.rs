@@ -291,11 +291,7 @@ impl Validate for Config {
             ("listen.control", self.listen.control),
             ("listen.admin", self.listen.admin),
         ];
-        for (i, (key, addr)) in listen.iter().enumerate() {
-            if let Some((other, _)) = listen[..i].iter().find(|(_, a)| a == addr) {
-                errors.push(FieldError::new(*key, format!("{addr} is also {other}")));
-            }
-        }
+        errors.extend(FieldError::distinct_listeners(&listen));
         let engine = &self.engine;
         errors.extend(FieldError::check_range(
             "engine.port",

@@ -133,15 +133,16 @@ impl Gate {
     }
 
     /// Starts draining: new requests are refused with `draining`, and open
-    /// connections close (see the module's notes). Returns whether it was
-    /// already draining.
-    pub fn start_drain(&self) -> bool {
-        let already = self.state.borrow().mode == Mode::Draining;
-        self.state.send_modify(|s| s.mode = Mode::Draining);
-        if !already {
+    /// connections close (see the module's notes).
+    pub fn start_drain(&self) {
+        let started = self.state.send_if_modified(|s| {
+            let started = s.mode != Mode::Draining;
+            s.mode = Mode::Draining;
+            started
+        });
+        if started {
             self.close.send_modify(|n| *n += 1);
         }
-        already
     }
 
     /// Waits until nothing is in flight or `deadline` passes; returns the

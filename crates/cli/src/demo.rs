@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -100,22 +100,9 @@ impl Drop for Fleet {
     }
 }
 
-/// A port on 127.0.0.1 below the ephemeral range, free now.
+/// A free port on 127.0.0.1.
 fn port() -> anyhow::Result<u16> {
-    let seed = std::process::id()
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    for _ in 0..1000 {
-        let step = NEXT.fetch_add(1, Ordering::Relaxed);
-        let candidate = 20_000 + (seed.wrapping_add(step.wrapping_mul(7_919)) % 12_768);
-        let candidate = u16::try_from(candidate)?;
-        if TcpListener::bind(("127.0.0.1", candidate)).is_ok() {
-            return Ok(candidate);
-        }
-    }
-    bail!("no free port on 127.0.0.1")
+    Ok(crossfade_common::net::free_loopback_port()?)
 }
 
 fn local(port: u16) -> SocketAddr {

@@ -524,10 +524,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
                 .map_err(rpc)?
                 .into_inner();
-            match out {
-                Output::Json => print_message("crossfade.v1.Worker", &w)?,
-                Output::Text => output::workers_table(std::slice::from_ref(&w)),
-            }
+            output::print_worker(out, &w)?;
         }
         Command::Uncordon { worker } => {
             let w = client
@@ -535,10 +532,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
                 .map_err(rpc)?
                 .into_inner();
-            match out {
-                Output::Json => print_message("crossfade.v1.Worker", &w)?,
-                Output::Text => output::workers_table(std::slice::from_ref(&w)),
-            }
+            output::print_worker(out, &w)?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -271,6 +271,17 @@ pub fn history_table(history: &v1::HistoryResponse) {
     }
 }
 
+/// One worker, after `cordon` or `uncordon`.
+pub fn print_worker(out: Output, worker: &v1::Worker) -> anyhow::Result<()> {
+    match out {
+        Output::Json => print_message("crossfade.v1.Worker", worker),
+        Output::Text => {
+            workers_table(std::slice::from_ref(worker));
+            Ok(())
+        }
+    }
+}
+
 /// `workers`.
 pub fn workers_table(workers: &[v1::Worker]) {
     println!(

@@ -116,6 +116,21 @@ impl FieldError {
 }
 
 impl FieldError {
+    /// An error for each listener whose address another one, named before
+    /// it, already has.
+    pub fn distinct_listeners(listeners: &[(&str, std::net::SocketAddr)]) -> Vec<Self> {
+        listeners
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (key, addr))| {
+                listeners[..i]
+                    .iter()
+                    .find(|(_, a)| a == addr)
+                    .map(|(other, _)| Self::new(*key, format!("{addr} is also {other}")))
+            })
+            .collect()
+    }
+
     /// An error when the duration `value` lies outside `range`, naming both
     /// in the units a configuration file uses (`500ms`, `2m`).
     pub fn check_duration(

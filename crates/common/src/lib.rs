@@ -11,6 +11,7 @@ pub mod config;
 pub mod files;
 pub mod http;
 pub mod metrics;
+pub mod net;
 pub mod secret;
 pub mod shutdown;
 pub mod telemetry;

@@ -82,12 +82,10 @@ impl Default for StoreConfig {
 impl Validate for Config {
     fn validate(&self) -> Vec<FieldError> {
         let mut errors = self.log.validate("log");
-        if self.listen.api == self.listen.admin {
-            errors.push(FieldError::new(
-                "listen.admin",
-                format!("{} is also listen.api", self.listen.admin),
-            ));
-        }
+        errors.extend(FieldError::distinct_listeners(&[
+            ("listen.api", self.listen.api),
+            ("listen.admin", self.listen.admin),
+        ]));
         if self.store.path.as_os_str().is_empty() {
             errors.push(FieldError::new("store.path", "must name a file"));
         }

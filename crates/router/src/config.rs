@@ -230,11 +230,7 @@ impl Validate for Config {
             ("listen.admin", self.listen.admin),
             ("listen.control", self.listen.control),
         ];
-        for (i, (key, addr)) in listen.iter().enumerate() {
-            if let Some((other, _)) = listen[..i].iter().find(|(_, a)| a == addr) {
-                errors.push(FieldError::new(*key, format!("{addr} is also {other}")));
-            }
-        }
+        errors.extend(FieldError::distinct_listeners(&listen));
         errors.extend(FieldError::check_range(
             "limits.max_body_bytes",
             self.limits.max_body_bytes,

@@ -310,9 +310,15 @@ workers = [{}]
         ),
     )
     .unwrap();
+    (spawn_router(&config, public), public)
+}
+
+/// Runs `crossfade-router --config CONFIG` and waits until `listening`
+/// (one of its listeners) accepts connections.
+pub fn spawn_router(config: &std::path::Path, listening: SocketAddr) -> Process {
     let mut command = Command::new(binary("crossfade-router").unwrap());
-    command.arg("--config").arg(&config).env("RUST_LOG", "warn");
+    command.arg("--config").arg(config).env("RUST_LOG", "warn");
     let process = Process::spawn("crossfade-router", command).unwrap();
-    wait_for_port(public, Duration::from_secs(20)).unwrap();
-    (process, public)
+    wait_for_port(listening, Duration::from_secs(20)).unwrap();
+    process
 }
