@@ -18,10 +18,15 @@ const SPAN: u32 = 12_768;
 /// in a scattered order (a stride coprime with the range visits each once).
 pub fn free_loopback_port() -> std::io::Result<u16> {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let seed = (std::process::id() % SPAN)
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos() % SPAN);
+    // One starting point per process: with it the stride never repeats a
+    // port within the process; across processes it differs.
+    static SEED: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let seed = *SEED.get_or_init(|| {
+        (std::process::id() % SPAN)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos() % SPAN)
+    });
     for _ in 0..1000 {
         let step = NEXT.fetch_add(1, Ordering::Relaxed);
         let port = LOW + seed.wrapping_add(step.wrapping_mul(7_919)) % SPAN;
