@@ -1,0 +1,395 @@
+//! The systems measured, each configured for the same job: endpoint `chat`
+//! with two deployments at 80/20, two workers each, least-outstanding
+//! balancing among a deployment's workers, keep-alive pools to the
+//! workers, no response buffering, one worker thread, on the SUT core.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use http::Uri;
+
+use crate::load::{self, Target};
+use crate::system::{Guard, free_port, on_core, wait_for_port};
+
+/// The deployments' weights, in the order of the backend's workers (two
+/// workers each).
+pub const WEIGHTS: [u32; 2] = [80, 20];
+
+/// What every system is started with.
+pub struct Setup {
+    /// The backend's worker ports: deployment v1 is the first two, v2 the
+    /// last two.
+    pub workers: [u16; 4],
+    /// The core the system runs on.
+    pub core: usize,
+    /// A scratch directory for configuration files and logs.
+    pub dir: PathBuf,
+    /// This program (it carries the router: `__router`).
+    pub exe: PathBuf,
+    /// The virtual environment with the Python routers.
+    pub venv: PathBuf,
+    /// The file-descriptor limit the systems inherit.
+    pub fd_limit: u64,
+}
+
+/// A system measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The client picks a worker itself: the baseline.
+    Direct,
+    /// crossfade-router.
+    Crossfade,
+    /// nginx.
+    Nginx,
+    /// HAProxy.
+    Haproxy,
+    /// sglang-router (Python wheel, Rust inside).
+    Sglang,
+    /// vllm-router (Python wheel, Rust inside).
+    Vllm,
+}
+
+impl Kind {
+    /// Every system, the baseline first.
+    pub const ALL: [Kind; 6] = [
+        Kind::Direct,
+        Kind::Crossfade,
+        Kind::Nginx,
+        Kind::Haproxy,
+        Kind::Sglang,
+        Kind::Vllm,
+    ];
+
+    /// Its name in tables, JSON and `--only`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::Crossfade => "crossfade",
+            Kind::Nginx => "nginx",
+            Kind::Haproxy => "haproxy",
+            Kind::Sglang => "sglang-router",
+            Kind::Vllm => "vllm-router",
+        }
+    }
+}
+
+/// A system started and ready.
+pub struct Running {
+    /// Where requests go.
+    pub target: Target,
+    /// Its version, as it reports it.
+    pub version: String,
+    /// The processes (empty for the baseline).
+    pub processes: Vec<Guard>,
+    /// Its RouterControl address (crossfade only).
+    pub control: Option<u16>,
+    /// How it was configured, for the report.
+    pub notes: String,
+}
+
+impl Running {
+    /// Resident memory of its processes, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        self.processes
+            .iter()
+            .map(|p| crate::system::tree_rss_kib(p.pid()))
+            .sum()
+    }
+}
+
+/// Why a system was not measured.
+pub type Skip = String;
+
+fn url(port: u16) -> Uri {
+    format!("http://127.0.0.1:{port}/v1/chat/completions")
+        .parse()
+        .expect("a valid URL")
+}
+
+fn version_of(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines().next().map(|l| l.trim().to_owned())
+}
+
+/// Starts `kind`; `Err` says why it was skipped.
+pub async fn start(kind: Kind, setup: &Setup) -> Result<Running, Skip> {
+    let running = match kind {
+        Kind::Direct => Ok(Running {
+            target: Target::weighted(
+                setup
+                    .workers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &port)| (url(port), WEIGHTS[i / 2] / 2))
+                    .collect(),
+            ),
+            version: "-".into(),
+            processes: Vec::new(),
+            control: None,
+            notes: "the client picks a worker by the weights itself".into(),
+        }),
+        Kind::Crossfade => crossfade(setup),
+        Kind::Nginx => nginx(setup),
+        Kind::Haproxy => haproxy(setup),
+        Kind::Sglang => python_router(setup, "sglang-router", "sglang_router"),
+        Kind::Vllm => python_router(setup, "vllm-router", "vllm_router"),
+    }?;
+    ready(kind, running).await
+}
+
+/// Waits (up to 60 s) until a chat completion comes back through it.
+async fn ready(kind: Kind, mut running: Running) -> Result<Running, Skip> {
+    let client = load::client();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        for process in &mut running.processes {
+            process
+                .check_alive()
+                .map_err(|e| format!("{e:#} ({last})"))?;
+        }
+        match load::send(&client, &running.target, load::completion_body()).await {
+            Ok(_) => return Ok(running),
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("{} did not serve within 60 s: {last}", kind.name()))
+}
+
+fn port() -> Result<u16, Skip> {
+    free_port().map_err(|e| format!("no free port: {e}"))
+}
+
+fn write(path: &Path, text: &str) -> Result<(), Skip> {
+    std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+fn spawn(name: &str, command: Command, setup: &Setup) -> Result<Guard, Skip> {
+    Guard::spawn(name, command, &setup.dir.join(format!("{name}.log")))
+        .map_err(|e| format!("{e:#}"))
+}
+
+fn crossfade(setup: &Setup) -> Result<Running, Skip> {
+    let (public, admin, control) = (port()?, port()?, port()?);
+    let [w1, w2, w3, w4] = setup.workers;
+    let config = format!(
+        r#"# crossfade-router, as the benchmark runs it.
+[listen]
+public = "127.0.0.1:{public}"
+admin = "127.0.0.1:{admin}"
+control = "127.0.0.1:{control}"
+
+[log]
+filter = "warn"
+
+[limits]
+max_concurrent_requests = 100000
+
+[[endpoint]]
+name = "chat"
+
+[[endpoint.deployment]]
+id = "v1"
+weight = {v1}
+workers = ["127.0.0.1:{w1}", "127.0.0.1:{w2}"]
+
+[[endpoint.deployment]]
+id = "v2"
+weight = {v2}
+workers = ["127.0.0.1:{w3}", "127.0.0.1:{w4}"]
+"#,
+        v1 = WEIGHTS[0],
+        v2 = WEIGHTS[1],
+    );
+    let path = setup.dir.join("router.toml");
+    write(&path, &config)?;
+    let mut command = on_core(setup.core, &setup.exe.to_string_lossy());
+    command
+        .arg("__router")
+        .arg("--config")
+        .arg(&path)
+        .env("TOKIO_WORKER_THREADS", "1");
+    let process = spawn("crossfade-router", command, setup)?;
+    Ok(Running {
+        target: Target::proxy(url(public)),
+        version: format!("crossfade-router {}", env!("CARGO_PKG_VERSION")),
+        processes: vec![process],
+        control: Some(control),
+        notes: "TOKIO_WORKER_THREADS=1; weights 80/20; power of two choices on in-flight counts"
+            .into(),
+    })
+}
+
+fn nginx(setup: &Setup) -> Result<Running, Skip> {
+    let program = "nginx";
+    let version =
+        version_of(program, &["-v"]).ok_or("nginx is not installed (bench/install-peers.sh)")?;
+    let port = port()?;
+    let dir = setup.dir.join("nginx");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let d = dir.display();
+    let [w1, w2, w3, w4] = setup.workers;
+    let config = format!(
+        r#"# nginx, as the benchmark runs it: one worker process.
+daemon off;
+worker_processes 1;
+worker_rlimit_nofile {fd_limit};
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections {connections}; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    keepalive_requests 1000000;
+    split_clients "${{request_id}}" $deployment {{
+        {v1}% v1;
+        *   v2;
+    }}
+    upstream v1 {{ least_conn; server 127.0.0.1:{w1}; server 127.0.0.1:{w2}; keepalive 256; keepalive_requests 1000000; }}
+    upstream v2 {{ least_conn; server 127.0.0.1:{w3}; server 127.0.0.1:{w4}; keepalive 256; keepalive_requests 1000000; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://$deployment;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 300s;
+        }}
+    }}
+}}
+"#,
+        v1 = WEIGHTS[0],
+        fd_limit = setup.fd_limit,
+        connections = setup.fd_limit.saturating_sub(100),
+    );
+    let path = dir.join("nginx.conf");
+    write(&path, &config)?;
+    let mut command = on_core(setup.core, program);
+    command
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-p")
+        .arg(&dir)
+        .arg("-c")
+        .arg(&path);
+    let process = spawn("nginx", command, setup)?;
+    wait_for_port(port, Duration::from_secs(10)).map_err(|e| format!("{e:#}"))?;
+    Ok(Running {
+        target: Target::proxy(url(port)),
+        version,
+        processes: vec![process],
+        control: None,
+        notes: "worker_processes 1; split_clients 80%/*; least_conn; keepalive 256; proxy_buffering off".into(),
+    })
+}
+
+fn haproxy(setup: &Setup) -> Result<Running, Skip> {
+    let program = "haproxy";
+    let version =
+        version_of(program, &["-v"]).ok_or("HAProxy is not installed (bench/install-peers.sh)")?;
+    let port = port()?;
+    let [w1, w2, w3, w4] = setup.workers;
+    let config = format!(
+        r#"# HAProxy, as the benchmark runs it: one thread.
+global
+    nbthread 1
+    # Two descriptors a connection, within the inherited limit.
+    maxconn {maxconn}
+
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 300s
+    timeout server 300s
+    option http-no-delay
+    http-reuse always
+
+frontend chat
+    bind 127.0.0.1:{port}
+    use_backend v1 if {{ rand(100) lt {v1} }}
+    default_backend v2
+
+backend v1
+    balance leastconn
+    server a 127.0.0.1:{w1}
+    server b 127.0.0.1:{w2}
+
+backend v2
+    balance leastconn
+    server a 127.0.0.1:{w3}
+    server b 127.0.0.1:{w4}
+"#,
+        v1 = WEIGHTS[0],
+        maxconn = setup.fd_limit.saturating_sub(100) / 2,
+    );
+    let path = setup.dir.join("haproxy.cfg");
+    write(&path, &config)?;
+    let mut command = on_core(setup.core, program);
+    command.arg("-db").arg("-f").arg(&path);
+    let process = spawn("haproxy", command, setup)?;
+    wait_for_port(port, Duration::from_secs(10)).map_err(|e| format!("{e:#}"))?;
+    Ok(Running {
+        target: Target::proxy(url(port)),
+        version,
+        processes: vec![process],
+        control: None,
+        notes: "nbthread 1; rand(100) lt 80; balance leastconn; http-reuse always; option http-no-delay".into(),
+    })
+}
+
+fn python_router(setup: &Setup, name: &str, module: &str) -> Result<Running, Skip> {
+    let python = setup.venv.join("bin/python");
+    let version = Command::new(setup.venv.join("bin/pip"))
+        .args(["show", name])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .find_map(|l| l.strip_prefix("Version: ").map(|v| format!("{name} {v}")))
+        })
+        .ok_or_else(|| {
+            format!(
+                "{name} is not installed in {} (bench/install-peers.sh)",
+                setup.venv.display()
+            )
+        })?;
+    let port = port()?;
+    let mut command = on_core(setup.core, &python.to_string_lossy());
+    command
+        .arg("-m")
+        .arg(format!("{module}.launch_router"))
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .arg("--worker-urls");
+    let mut workers = String::new();
+    for port in setup.workers {
+        command.arg(format!("http://127.0.0.1:{port}"));
+        let _ = write!(workers, " {port}");
+    }
+    command
+        .args(["--policy", "power_of_two", "--log-level", "warn"])
+        .env("TOKIO_WORKER_THREADS", "1");
+    let process = spawn(name, command, setup)?;
+    Ok(Running {
+        target: Target::proxy(url(port)),
+        version,
+        processes: vec![process],
+        control: None,
+        notes: "power_of_two over the four workers (no weighted split between deployments)".into(),
+    })
+}
