@@ -43,7 +43,8 @@ const IDLE_INTERVAL: Duration = Duration::from_secs(60);
 /// The served model name every worker reports.
 pub const MODEL: &str = "chat";
 
-/// `crossfade-bench __backend PORT...`: serves until killed.
+/// `crossfade-bench __backend [--chunk-interval-us N] PORT[:INDEX]...`:
+/// serves until killed.
 pub fn main(args: &[String]) -> anyhow::Result<()> {
     let mut interval = Duration::from_millis(10);
     let mut ports = Vec::new();
@@ -54,20 +55,22 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
                 .next()
                 .ok_or_else(|| anyhow::anyhow!("--chunk-interval-us needs a value"))?;
             interval = Duration::from_micros(value.parse()?);
+        } else if let Some((port, index)) = arg.split_once(':') {
+            ports.push((port.parse::<u16>()?, index.parse::<usize>()?));
         } else {
-            ports.push(arg.parse::<u16>()?);
+            ports.push((arg.parse::<u16>()?, ports.len()));
         }
     }
     anyhow::ensure!(
         !ports.is_empty(),
-        "usage: __backend [--chunk-interval-us N] PORT..."
+        "usage: __backend [--chunk-interval-us N] PORT[:INDEX]..."
     );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
         let mut tasks = Vec::new();
-        for (index, port) in ports.into_iter().enumerate() {
+        for (port, index) in ports {
             let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
             tasks.push(tokio::spawn(serve(listener, index, interval)));
         }
@@ -133,13 +136,6 @@ async fn respond(
         (&Method::GET, "/v1/models") => Response::new(json(
             r#"{"object":"list","data":[{"id":"chat","object":"model","created":0,"owned_by":"bench","root":"chat","max_model_len":4096}]}"#,
         )),
-        (&Method::GET, "/get_model_info" | "/model_info") => Response::new(json(
-            r#"{"model_path":"chat","tokenizer_path":"chat","is_generation":true}"#,
-        )),
-        (&Method::GET, "/get_server_info" | "/server_info") => Response::new(json(
-            r#"{"model_path":"chat","served_model_name":"chat","dp_size":1,"tp_size":1}"#,
-        )),
-        (&Method::GET, "/get_load" | "/load") => Response::new(json(r#"{"load":0}"#)),
         _ => {
             let mut response = Response::new(json(r#"{"error":"not found"}"#));
             *response.status_mut() = StatusCode::NOT_FOUND;

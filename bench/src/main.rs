@@ -271,24 +271,28 @@ fn measure(
     fd_limit: u64,
 ) -> anyhow::Result<Results> {
     let exe = std::env::current_exe()?;
-    let workers = [
-        system::free_port()?,
-        system::free_port()?,
-        system::free_port()?,
-        system::free_port()?,
-    ];
+    let ports = system::free_ports::<10>()?;
+    let workers = [ports[0], ports[1], ports[2], ports[3]];
+    let aliases = [ports[4], ports[5], ports[6], ports[7], ports[8], ports[9]];
     let mut backend = system::on_core(SUT_CORE, &exe.to_string_lossy());
     backend
         .arg("__backend")
         .arg("--chunk-interval-us")
         .arg(profile.sse_interval_us.to_string())
-        .args(workers.map(|p| p.to_string()));
+        .args(workers.map(|p| p.to_string()))
+        .args(
+            aliases
+                .iter()
+                .enumerate()
+                .map(|(i, p)| format!("{p}:{}", i % 2)),
+        );
     let mut backend = Guard::spawn("backend", backend, &dir.join("backend.log"))?;
-    for port in workers {
+    for port in workers.into_iter().chain(aliases) {
         system::wait_for_port(port, Duration::from_secs(10))?;
     }
     let setup = Setup {
         workers,
+        aliases,
         core: SUT_CORE,
         dir: dir.to_owned(),
         exe,

@@ -22,6 +22,9 @@ pub struct Setup {
     /// The backend's worker ports: deployment v1 is the first two, v2 the
     /// last two.
     pub workers: [u16; 4],
+    /// More ports of v1's two workers (three each), for the routers that
+    /// cannot weigh: with them, v1 is 8 of 10 listed workers.
+    pub aliases: [u16; 6],
     /// The core the system runs on.
     pub core: usize,
     /// A scratch directory for configuration files and logs.
@@ -138,8 +141,7 @@ pub async fn start(kind: Kind, setup: &Setup) -> Result<Running, Skip> {
         Kind::Crossfade => crossfade(setup),
         Kind::Nginx => nginx(setup),
         Kind::Haproxy => haproxy(setup),
-        Kind::Sglang => python_router(setup, "sglang-router", "sglang_router"),
-        Kind::Vllm => python_router(setup, "vllm-router", "vllm_router"),
+        Kind::Sglang | Kind::Vllm => python_router(setup, kind),
     }?;
     ready(kind, running).await
 }
@@ -351,8 +353,8 @@ backend v2
     })
 }
 
-fn python_router(setup: &Setup, name: &str, module: &str) -> Result<Running, Skip> {
-    let python = setup.venv.join("bin/python");
+fn python_router(setup: &Setup, kind: Kind) -> Result<Running, Skip> {
+    let name = kind.name();
     let version = Command::new(setup.venv.join("bin/pip"))
         .args(["show", name])
         .output()
@@ -369,27 +371,76 @@ fn python_router(setup: &Setup, name: &str, module: &str) -> Result<Running, Ski
                 setup.venv.display()
             )
         })?;
-    let port = port()?;
-    let mut command = on_core(setup.core, &python.to_string_lossy());
+    let (port, metrics) = (port()?, port()?);
+    let mut command = if kind == Kind::Sglang {
+        let mut command = on_core(setup.core, &setup.venv.join("bin/python").to_string_lossy());
+        command.args(["-m", "sglang_router.launch_router"]);
+        command
+    } else {
+        on_core(
+            setup.core,
+            &setup.venv.join("bin/vllm-router").to_string_lossy(),
+        )
+    };
     command
-        .arg("-m")
-        .arg(format!("{module}.launch_router"))
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        // Neither can turn its Prometheus listener off; each gets its own.
+        .args([
+            "--prometheus-host",
+            "127.0.0.1",
+            "--prometheus-port",
+            &metrics.to_string(),
+        ])
+        .args(["--disable-retries", "--disable-circuit-breaker"])
         .arg("--worker-urls");
+    let [w1, w2, w3, w4] = setup.workers;
+    // v1's workers four times each (their own port and three more), v2's
+    // once: 80/20 when the load is even.
+    let listed = [w1, w2].into_iter().chain(setup.aliases).chain([w3, w4]);
     let mut workers = String::new();
-    for port in setup.workers {
+    for port in listed {
         command.arg(format!("http://127.0.0.1:{port}"));
         let _ = write!(workers, " {port}");
     }
-    command
-        .args(["--policy", "power_of_two", "--log-level", "warn"])
-        .env("TOKIO_WORKER_THREADS", "1");
+    let notes = if kind == Kind::Sglang {
+        // `power_of_two` reads loads from the workers' `/get_load`, every
+        // 30 s; `cache_aware` with these thresholds sends each request to
+        // the worker with the fewest in flight, by the router's own count.
+        command.args([
+            "--policy",
+            "cache_aware",
+            "--balance-abs-threshold",
+            "0",
+            "--balance-rel-threshold",
+            "1.0",
+            "--disable-health-check",
+            "--log-level",
+            "warn",
+        ]);
+        "cache_aware with balance thresholds 0/1.0 (fewest in flight); 10 worker URLs, v1's listed 4× (no weights)"
+    } else {
+        command.args([
+            "--policy",
+            "power_of_two",
+            "--health-check-interval-secs",
+            "86400",
+            // It waits for every worker's /health before it listens,
+            // checking this often (30 s by default).
+            "--worker-startup-check-interval",
+            "1",
+            // It ignores `warning` and logs every request at `info`.
+            "--log-level",
+            "error",
+        ]);
+        "power_of_two on its own in-flight counts; 10 worker URLs, v1's listed 4× (no weights)"
+    };
+    command.env("TOKIO_WORKER_THREADS", "1");
     let process = spawn(name, command, setup)?;
     Ok(Running {
         target: Target::proxy(url(port)),
         version,
         processes: vec![process],
         control: None,
-        notes: "power_of_two over the four workers (no weighted split between deployments)".into(),
+        notes: notes.into(),
     })
 }

@@ -42,9 +42,18 @@ impl Swaps {
     }
 }
 
-/// The table of the `n`th swap.
+/// The table of a swap: 70/30 for even versions, 90/10 for odd ones.
 pub fn table(version: u64, workers: [u16; 4]) -> v1::RoutingTable {
-    let v1_weight = if version.is_multiple_of(2) { 7000 } else { 9000 };
+    let v1_weight = if version.is_multiple_of(2) {
+        7000
+    } else {
+        9000
+    };
+    table_with(version, v1_weight, workers)
+}
+
+/// A table giving v1 `v1_weight` basis points.
+fn table_with(version: u64, v1_weight: u32, workers: [u16; 4]) -> v1::RoutingTable {
     let deployment = |id: &str, weight: u32, ports: &[u16]| v1::DeploymentRoute {
         id: id.into(),
         weight,
@@ -146,5 +155,19 @@ async fn run(
     }
     swaps.seconds = started.elapsed().as_secs_f64();
     swaps.rate = swaps.applied as f64 / swaps.seconds;
+    // Leave 80/20 in force, as the configuration has it, for the next run.
+    let request = v1::ApplyTableRequest {
+        coordinator_epoch: 1,
+        table: Some(table_with(first + n, 8000, workers)),
+    };
+    match client.apply_table(request).await {
+        Ok(response) => swaps.final_version = response.into_inner().version_in_force,
+        Err(status) => {
+            swaps.failed += 1;
+            swaps
+                .first_error
+                .get_or_insert_with(|| status.message().to_owned());
+        }
+    }
     swaps
 }

@@ -136,9 +136,20 @@ pub fn raise_fd_limit() -> u64 {
 
 /// A loopback port nothing listens on now.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?
-        .local_addr()?
-        .port())
+    Ok(free_ports::<1>()?[0])
+}
+
+/// `N` distinct loopback ports nothing listens on now (held together while
+/// they are picked, so none is handed out twice).
+pub fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+    let listeners = (0..N)
+        .map(|_| TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut ports = [0; N];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 /// Waits until something accepts connections on `port`.

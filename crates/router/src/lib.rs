@@ -16,3 +16,4 @@ pub mod proxy;
 pub mod server;
 pub mod stats;
 pub mod table;
+pub mod upstream;

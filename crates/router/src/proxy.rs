@@ -18,13 +18,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
+use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::retry::budget::{Budget as _, TpsBudget};
@@ -35,6 +33,7 @@ use crate::balance::{choose_deployment, choose_worker};
 use crate::error::RouteError;
 use crate::stats::{Outcome, REJECTED_TOTAL, RequestRecord, RetryReason};
 use crate::table::{Deployment, EjectionPolicy, Endpoint, InFlight, Routes, Worker, now_ms};
+use crate::upstream::{self, Checkout, PoolSettings};
 
 /// A boxed error, as bodies and clients report them.
 pub use crossfade_common::http::BoxError;
@@ -85,11 +84,11 @@ impl Default for ProxySettings {
     }
 }
 
-/// The proxy: routes, a pooled client to the gates, and a retry budget.
+/// The proxy: routes, connections to the gates, and a retry budget.
 #[derive(Debug)]
 pub struct Proxy {
     routes: Arc<Routes>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    pool: PoolSettings,
     settings: ProxySettings,
     /// Retries may add at most 20 % to the request rate (plus 10 a second),
     /// so that a fleet-wide failure is not multiplied by the routers.
@@ -112,17 +111,12 @@ struct Peek<'a> {
 impl Proxy {
     /// A proxy over `routes`.
     pub fn new(routes: Arc<Routes>, settings: ProxySettings) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            .build(connector);
         Self {
             routes,
-            client,
+            pool: PoolSettings {
+                connect_timeout: settings.connect_timeout,
+                idle_timeout: settings.pool_idle_timeout,
+            },
             capacity: Arc::new(Semaphore::new(settings.max_concurrent_requests as usize)),
             settings,
             budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
@@ -179,9 +173,18 @@ impl Proxy {
                 path: path.to_owned(),
             });
         }
-        let upstream_path_and_query = match parts.uri.query() {
-            Some(query) => format!("{upstream_path}?{query}"),
-            None => upstream_path.to_owned(),
+        // Unchanged, the client's own path is forwarded (a cheap clone of
+        // what hyper parsed); only `/endpoints/{name}/...` is rewritten.
+        let upstream_path_and_query = match (path_endpoint, parts.uri.path_and_query()) {
+            (None, Some(pq)) => pq.clone(),
+            _ => {
+                let rewritten = match parts.uri.query() {
+                    Some(query) => format!("{upstream_path}?{query}"),
+                    None => upstream_path.to_owned(),
+                };
+                PathAndQuery::try_from(rewritten)
+                    .map_err(|e| RouteError::BadRequest(format!("cannot forward this path: {e}")))?
+            }
         };
 
         let bytes = self.read_body(&parts.headers, body).await?;
@@ -227,7 +230,7 @@ impl Proxy {
         let request = Forward {
             parts: &parts,
             body: bytes.clone(),
-            path_and_query: &upstream_path_and_query,
+            path_and_query: upstream_path_and_query,
             endpoint,
         };
         Ok(self.forward(request, deployment, permit, &mut rng).await)
@@ -270,9 +273,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let mut record = deployment.stats().start();
         match self.attempts(&request, deployment, rng, &mut record).await {
-            Ok((response, in_flight, answered_by)) => {
-                self.respond(response, in_flight, answered_by, record, permit)
-            }
+            Ok(answer) => self.respond(answer, record, permit),
             Err(error) => {
                 record.finish(match error {
                     RouteError::Timeout(_) => Outcome::Timeout,
@@ -291,12 +292,17 @@ impl Proxy {
         mut deployment: &'t Deployment,
         rng: &mut fastrand::Rng,
         record: &mut RequestRecord,
-    ) -> Result<(Response<Incoming>, InFlight, &'t Deployment), RouteError> {
+    ) -> Result<Answer<'t>, RouteError> {
         let endpoint = request.endpoint;
         self.budget.deposit();
+        // Workers that failed this request, and deployments fallen back
+        // from. Both stay empty (unallocated) on the usual path.
         let mut tried: Vec<Arc<Worker>> = Vec::new();
-        let mut tried_deployments: Vec<&str> = vec![deployment.id()];
-        let mut last_error = RouteError::NoCapacity {
+        let first_deployment = deployment.id();
+        let mut tried_deployments: Vec<&str> = Vec::new();
+        // Why the last attempt failed; built only when one does.
+        let mut last_error = None;
+        let no_capacity = || RouteError::NoCapacity {
             endpoint: endpoint.name().to_owned(),
         };
         // Why the previous attempt failed; counted once a retry really starts.
@@ -316,17 +322,20 @@ impl Proxy {
                 let next = endpoint
                     .deployments()
                     .iter()
-                    .filter(|d| d.weight() > 0 && !tried_deployments.contains(&d.id()))
+                    .filter(|d| {
+                        d.weight() > 0
+                            && d.id() != first_deployment
+                            && !tried_deployments.contains(&d.id())
+                    })
                     .max_by_key(|d| d.weight());
                 match next {
                     Some(next) => {
                         tried_deployments.push(next.id());
                         deployment = next;
                     }
-                    None => return Err(last_error),
+                    None => return Err(last_error.unwrap_or_else(no_capacity)),
                 }
             };
-            tried.push(Arc::clone(&worker));
             if let Some(reason) = retry_reason.take() {
                 record.stats().retried(reason);
             }
@@ -335,15 +344,15 @@ impl Proxy {
                 request.parts,
                 request.body.clone(),
                 &worker,
-                request.path_and_query,
+                &request.path_and_query,
             )?;
             let in_flight = worker.start_request();
             let sent = tokio::time::timeout(
                 self.settings.response_header_timeout,
-                self.client.request(upstream),
+                upstream::send(&worker, upstream, &self.pool),
             )
             .await;
-            let response = match sent {
+            let (response, connection) = match sent {
                 Err(_) => {
                     worker.counts().record(Outcome::Timeout);
                     return Err(RouteError::Timeout(self.settings.response_header_timeout));
@@ -354,16 +363,17 @@ impl Proxy {
                     worker.counts().record(Outcome::Unreachable);
                     record.stats().ejected();
                     retry_reason = Some(RetryReason::ConnectError);
-                    last_error = RouteError::Unreachable {
+                    tried.push(worker);
+                    last_error = Some(RouteError::Unreachable {
                         endpoint: endpoint.name().to_owned(),
-                    };
+                    });
                     continue;
                 }
                 Ok(Err(e)) => {
                     worker.counts().record(Outcome::ServerError);
                     return Err(RouteError::Upstream(e.to_string()));
                 }
-                Ok(Ok(response)) => response,
+                Ok(Ok(answer)) => answer,
             };
             worker.record_success();
             if response.status() == StatusCode::SERVICE_UNAVAILABLE
@@ -381,24 +391,32 @@ impl Proxy {
                 } else {
                     RetryReason::NotReady
                 });
-                last_error = RouteError::NoCapacity {
-                    endpoint: endpoint.name().to_owned(),
-                };
+                last_error = Some(no_capacity());
+                tried.push(worker);
                 continue;
             }
-            return Ok((response, in_flight, deployment));
+            return Ok(Answer {
+                response,
+                connection,
+                in_flight,
+                deployment,
+            });
         }
-        Err(last_error)
+        Err(last_error.unwrap_or_else(no_capacity))
     }
 
     fn respond(
         &self,
-        response: Response<Incoming>,
-        in_flight: InFlight,
-        deployment: &Deployment,
+        answer: Answer<'_>,
         mut record: RequestRecord,
         permit: OwnedSemaphorePermit,
     ) -> Response<ProxyBody> {
+        let Answer {
+            response,
+            connection,
+            in_flight,
+            deployment,
+        } = answer;
         record.first_byte(in_flight.worker());
         let (mut parts, body) = response.into_parts();
         let outcome = if parts.status.is_server_error() {
@@ -415,6 +433,7 @@ impl Proxy {
         let body = ProxyBody::Upstream(UpstreamBody {
             inner: body,
             in_flight,
+            connection: Some((connection, self.pool)),
             record: Some((record, outcome)),
             _permit: permit,
             idle_timeout: self.settings.idle_chunk_timeout,
@@ -445,12 +464,22 @@ impl Proxy {
     }
 }
 
+/// A worker's response, with what it holds until the body's end.
+struct Answer<'t> {
+    response: Response<Incoming>,
+    /// The connection it came on, reused once the body has been read.
+    connection: Checkout,
+    in_flight: InFlight,
+    /// The deployment that answered (a fallback's, when one served).
+    deployment: &'t Deployment,
+}
+
 /// A request on its way to a deployment, everything but the choice of worker.
 struct Forward<'a> {
     parts: &'a Parts,
     /// The whole body, kept so that a retry can send it again.
     body: Bytes,
-    path_and_query: &'a str,
+    path_and_query: PathAndQuery,
     endpoint: &'a Endpoint,
 }
 
@@ -458,13 +487,14 @@ fn upstream_request(
     parts: &Parts,
     body: Bytes,
     worker: &Worker,
-    path_and_query: &str,
+    path_and_query: &PathAndQuery,
 ) -> Result<Request<Full<Bytes>>, RouteError> {
-    let uri = Uri::builder()
-        .scheme("http")
-        .authority(worker.authority().clone())
-        .path_and_query(path_and_query)
-        .build()
+    // From parts already parsed: nothing is parsed again per attempt.
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(worker.authority().clone());
+    uri.path_and_query = Some(path_and_query.clone());
+    let uri = Uri::from_parts(uri)
         .map_err(|e| RouteError::BadRequest(format!("cannot forward this path: {e}")))?;
     let mut request = Request::new(Full::new(body));
     *request.method_mut() = parts.method.clone();
@@ -502,6 +532,9 @@ impl From<Bytes> for ProxyBody {
 pub struct UpstreamBody {
     inner: Incoming,
     in_flight: InFlight,
+    /// The connection it comes on: back to the worker's idle list at the
+    /// end, closed if the body is dropped before.
+    connection: Option<(Checkout, PoolSettings)>,
     /// Finished with its outcome at the last byte; dropped before that, it
     /// counts the request as aborted.
     record: Option<(RequestRecord, Outcome)>,
@@ -521,6 +554,9 @@ pub struct IdleTimeout {
 
 impl UpstreamBody {
     fn finish(&mut self) {
+        if let Some((connection, settings)) = self.connection.take() {
+            connection.release(&settings);
+        }
         if let Some((record, outcome)) = self.record.take() {
             record.finish(outcome);
         }

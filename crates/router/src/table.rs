@@ -85,6 +85,8 @@ pub struct Worker {
     ejected_until_ms: AtomicU64,
     /// Attempts at it, by outcome, for `GetStats`.
     counts: WorkerCounts,
+    /// Kept-alive connections to it.
+    connections: crate::upstream::Connections,
 }
 
 /// Why a table was refused. The message names the endpoint, deployment or
@@ -386,7 +388,13 @@ impl Worker {
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             counts: WorkerCounts::default(),
+            connections: crate::upstream::Connections::default(),
         })
+    }
+
+    /// Its idle connections.
+    pub fn connections(&self) -> &crate::upstream::Connections {
+        &self.connections
     }
 
     /// Its gate address, `host:port`.

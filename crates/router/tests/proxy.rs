@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use crossfade_router::proxy::ProxySettings;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -487,4 +488,62 @@ async fn time_outs_bound_the_first_byte_and_idle_gaps_never_a_whole_stream() {
         "the stalled stream fails: {outcome:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_to_gates_are_reused_once_a_response_ends_and_never_mid_response() {
+    let gate = CountingGate::start().await;
+    let router = TestRouter::start(
+        table(0, vec![deployment("v1", 1, &[gate.addr])]),
+        ProxySettings::default(),
+    )
+    .await;
+    let client = client();
+    let body = chat_body("chat", false);
+    for _ in 0..10 {
+        let (status, _, text) = post(
+            &client,
+            &router.url("/v1/chat/completions"),
+            body.clone(),
+            &[],
+        )
+        .await
+        .unwrap();
+        assert_eq!((status, text.as_str()), (StatusCode::OK, r#"{"ok":true}"#));
+    }
+    assert_eq!(
+        gate.connections(),
+        1,
+        "ten requests in a row share one connection"
+    );
+
+    // A response abandoned mid-body leaves its connection unusable: the
+    // next request must not queue behind it.
+    let request = Request::post(router.url("/v1/slow"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.clone())))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let mut slow = response.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), slow.frame())
+        .await
+        .unwrap();
+    assert!(first.is_some());
+    drop(slow);
+    for _ in 0..3 {
+        let answered = tokio::time::timeout(
+            Duration::from_secs(5),
+            post(
+                &client,
+                &router.url("/v1/chat/completions"),
+                body.clone(),
+                &[],
+            ),
+        )
+        .await
+        .expect("not stuck behind the abandoned response")
+        .unwrap();
+        assert_eq!(answered.0, StatusCode::OK);
+    }
+    assert_eq!(gate.connections(), 2, "one new connection, reused after");
 }

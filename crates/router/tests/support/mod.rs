@@ -215,3 +215,60 @@ pub async fn dead_address() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     listener.local_addr().unwrap()
 }
+
+/// A test double of a gate that counts the connections it accepts. It
+/// answers `POST /v1/slow` with one chunk and then nothing (until the client
+/// goes away), anything else with a small JSON body.
+pub struct CountingGate {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicU64>,
+}
+
+impl CountingGate {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&connections);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        |req: Request<hyper::body::Incoming>| async move {
+                            let slow = req.uri().path() == "/v1/slow";
+                            let _ = req.into_body().collect().await;
+                            let body: http_body_util::combinators::BoxBody<Bytes, Infallible> =
+                                if slow {
+                                    let first = futures_util::stream::once(async {
+                                        Ok::<_, Infallible>(hyper::body::Frame::data(
+                                            Bytes::from_static(b"data: {}\n\n"),
+                                        ))
+                                    });
+                                    let never = futures_util::stream::pending();
+                                    http_body_util::StreamBody::new(futures_util::StreamExt::chain(
+                                        first, never,
+                                    ))
+                                    .boxed()
+                                } else {
+                                    Full::new(Bytes::from_static(br#"{"ok":true}"#)).boxed()
+                                };
+                            Ok::<_, Infallible>(Response::new(body))
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, connections }
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+}

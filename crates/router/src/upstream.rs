@@ -1,0 +1,196 @@
+//! Connections to the gates: HTTP/1.1, kept alive, one idle list per
+//! worker.
+//!
+//! Each worker (which outlives table swaps) owns its idle connections, so
+//! finding one is a pop from a short list under an uncontended lock, with
+//! no lookup by host. A connection goes back to its list only when the
+//! response it carried has been read to the end; one whose response was
+//! abandoned is dropped, and with it the connection. Idle connections older
+//! than the idle timeout are closed when the list is next used.
+//!
+//! This replaced hyper-util's pooled client, which hashes the scheme and
+//! authority on every checkout and return and wraps each request in several
+//! layers of futures: the benchmark's profile (bench/RESULTS.md) put that
+//! at a sixth of the router's instructions per request.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// A connection's sending half.
+type Sender = http1::SendRequest<Full<Bytes>>;
+
+/// How connections to the gates are made and kept.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    /// Longest time to establish a connection.
+    pub connect_timeout: Duration,
+    /// How long an idle connection is kept.
+    pub idle_timeout: Duration,
+}
+
+/// One worker's idle connections, the most recently used last.
+#[derive(Debug, Default)]
+pub struct Connections {
+    idle: Mutex<Vec<(Sender, Instant)>>,
+}
+
+/// Why a request could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be made: the gate cannot have seen the request.
+    #[error("connecting to {address}: {reason}")]
+    Connect {
+        /// The gate.
+        address: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The request was sent, or may have been, and failed.
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+impl SendError {
+    /// Whether the connection failed before anything was sent.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect { .. })
+    }
+}
+
+/// A connection carrying a response. Give it back with
+/// [`Checkout::release`] once the response has been read to the end;
+/// dropped, it closes.
+#[derive(Debug)]
+pub struct Checkout {
+    sender: Sender,
+    home: Arc<super::table::Worker>,
+}
+
+impl Checkout {
+    /// The response was read to the end: the connection may carry another.
+    pub fn release(self, settings: &PoolSettings) {
+        self.home.connections().put(self.sender, settings);
+    }
+}
+
+impl Connections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Sender, Instant)>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn put(&self, sender: Sender, settings: &PoolSettings) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.lock();
+        evict_expired(&mut idle, now, settings.idle_timeout);
+        idle.push((sender, now));
+    }
+
+    /// The most recently used live connection, if any.
+    fn take(&self, settings: &PoolSettings) -> Option<Sender> {
+        let mut idle = self.lock();
+        evict_expired(&mut idle, Instant::now(), settings.idle_timeout);
+        while let Some((sender, _)) = idle.pop() {
+            if !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    /// Idle connections now (for tests).
+    #[cfg(test)]
+    pub fn idle_count(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Drops the connections idle for longer than `timeout` (the oldest are
+/// first).
+fn evict_expired(idle: &mut Vec<(Sender, Instant)>, now: Instant, timeout: Duration) {
+    let expired = idle
+        .iter()
+        .take_while(|(_, since)| now.duration_since(*since) > timeout)
+        .count();
+    if expired > 0 {
+        idle.drain(..expired);
+    }
+}
+
+/// Sends `request` to `worker` on an idle connection, or a new one.
+///
+/// A kept-alive connection can be closed by the gate just as a request is
+/// given to it; when hyper hands the request back unsent, it goes on a new
+/// connection (the gate cannot have seen it).
+pub async fn send(
+    worker: &Arc<super::table::Worker>,
+    mut request: Request<Full<Bytes>>,
+    settings: &PoolSettings,
+) -> Result<(Response<Incoming>, Checkout), SendError> {
+    while let Some(mut sender) = worker.connections().take(settings) {
+        // A connection whose last response just ended may still be
+        // finishing it; it is ready within a turn of its task.
+        if sender.ready().await.is_err() {
+            continue;
+        }
+        match sender.try_send_request(request).await {
+            Ok(response) => {
+                let home = Arc::clone(worker);
+                return Ok((response, Checkout { sender, home }));
+            }
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => request = unsent,
+                None => return Err(SendError::Http(e.into_error())),
+            },
+        }
+    }
+    let mut sender = connect(worker, settings).await?;
+    let response = sender.send_request(request).await?;
+    let home = Arc::clone(worker);
+    Ok((response, Checkout { sender, home }))
+}
+
+async fn connect(
+    worker: &super::table::Worker,
+    settings: &PoolSettings,
+) -> Result<Sender, SendError> {
+    let failed = |reason: String| SendError::Connect {
+        address: worker.address().to_owned(),
+        reason,
+    };
+    let stream = tokio::time::timeout(
+        settings.connect_timeout,
+        TcpStream::connect(worker.address()),
+    )
+    .await
+    .map_err(|_| {
+        failed(format!(
+            "no connection within {:?}",
+            settings.connect_timeout
+        ))
+    })?
+    .map_err(|e| failed(e.to_string()))?;
+    // Small writes (SSE chunks, request heads) go out at once.
+    stream
+        .set_nodelay(true)
+        .map_err(|e| failed(e.to_string()))?;
+    let (sender, connection) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "connection to a gate ended with an error");
+        }
+    });
+    Ok(sender)
+}
