@@ -46,6 +46,10 @@ struct Cli {
     /// Only these scenarios (comma-separated: requests, sse, swaps, idle).
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
+    /// Exit with status 1 if any system measured had an error (a failed
+    /// request or stream, a process that died); timings are never judged.
+    #[arg(long)]
+    strict: bool,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -94,7 +98,7 @@ impl Profile {
         Self {
             name: "quick",
             sequential_requests: 2_000,
-            rate: 1_000,
+            rate: 2_000,
             rate_seconds: 3,
             saturation_clients: 32,
             saturation_seconds: 2,
@@ -112,7 +116,7 @@ impl Profile {
         Self {
             name: "full",
             sequential_requests: 20_000,
-            rate: 2_000,
+            rate: 5_000,
             rate_seconds: 10,
             saturation_clients: 64,
             saturation_seconds: 5,
@@ -142,6 +146,30 @@ pub struct SystemResult {
     idle: Option<IdleRun>,
     /// crossfade only: the fixed rate again, with the split swapped.
     swaps: Vec<SwapRun>,
+}
+
+impl SystemResult {
+    /// What went wrong in its runs, if anything did (skipped systems are
+    /// not failures, unless they died during the run).
+    fn failure(&self) -> Option<String> {
+        if let Some(skipped) = self.skipped.as_ref().filter(|s| s.starts_with("it died")) {
+            return Some(format!("{}: {skipped}", self.name));
+        }
+        let runs = [&self.sequential, &self.fixed_rate, &self.saturation];
+        let mut errors: u64 = runs
+            .iter()
+            .filter_map(|r| r.as_ref())
+            .map(|r| r.errors)
+            .sum();
+        errors += self
+            .swaps
+            .iter()
+            .map(|s| s.run.errors + s.swaps.failed)
+            .sum::<u64>();
+        errors += self.sse.as_ref().map_or(0, |r| r.streams_failed);
+        errors += self.idle.as_ref().map_or(0, |r| r.wanted - r.opened);
+        (errors > 0).then(|| format!("{}: {errors} errors", self.name))
+    }
 }
 
 /// A fixed-rate run while the split is swapped `per_second` times a second.
@@ -258,6 +286,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     if let Some(path) = &cli.json {
         std::fs::write(path, serde_json::to_string_pretty(&results)? + "\n")?;
         eprintln!("wrote {}", path.display());
+    }
+    if cli.strict {
+        let failed: Vec<String> = results
+            .systems
+            .iter()
+            .filter_map(SystemResult::failure)
+            .collect();
+        anyhow::ensure!(failed.is_empty(), "--strict: {}", failed.join("; "));
     }
     Ok(())
 }
@@ -459,16 +495,18 @@ async fn measure_all(
                 continue;
             };
             eprintln!(
-                "== {} with its split swapped, {rounds} rounds",
-                l.result.name
+                "== {} with its split swapped, {} rounds",
+                l.result.name, profile.swap_seconds
             );
             let per_second = [0, 1_000, 10_000];
             let mut runs: Vec<_> = per_second.iter().map(|_| load::Recorder::new()).collect();
             let mut swaps: Vec<swaps::Swaps> =
                 per_second.iter().map(|_| swaps::Swaps::default()).collect();
-            let slice = Duration::from_secs_f64(profile.swap_seconds as f64 / rounds as f64);
+            // One-second slices, the three rates in turn: the p99s compared
+            // come from the same stretches of the machine's time.
+            let slice = Duration::from_secs(1);
             let mut first_version = 1_000_000_000;
-            for _ in 0..rounds {
+            for _ in 0..profile.swap_seconds {
                 for (i, &rate) in per_second.iter().enumerate() {
                     let stop = Arc::new(AtomicBool::new(false));
                     let swapper = (rate > 0).then(|| {

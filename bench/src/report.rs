@@ -69,7 +69,7 @@ pub fn print(results: &Results) {
         "Non-streamed requests (latency in µs; \"+\" is added over direct; CPU in µs per request)"
     );
     println!(
-        "{:<14} {:>8} {:>7} {:>8} {:>7} | {:>8} {:>8} | {:>7} {:>7} {:>6} | {:>8} {:>6}",
+        "{:<14} {:>8} {:>7} {:>8} {:>7} | {:>8} {:>8} | {:>7} {:>7} {:>6} | {:>8} {:>7} {:>6}",
         "system",
         "c1 p50",
         "+p50",
@@ -81,6 +81,7 @@ pub fn print(results: &Results) {
         "net",
         "×nginx",
         "max rps",
+        "CPU@max",
         "errors"
     );
     for s in &results.systems {
@@ -103,7 +104,7 @@ pub fn print(results: &Results) {
             .map(|(a, b)| a / b);
         let errors: u64 = [seq, rate, sat].iter().flatten().map(|r| r.errors).sum();
         println!(
-            "{:<14} {:>8} {:>7} {:>8} {:>7} | {:>8} {:>8} | {:>7} {:>7} {:>6} | {:>8} {:>6}",
+            "{:<14} {:>8} {:>7} {:>8} {:>7} | {:>8} {:>8} | {:>7} {:>7} {:>6} | {:>8} {:>7} {:>6}",
             s.name,
             opt(seq.map(|r| r.latency.p50_us), 1),
             opt(added(|l| l.p50_us).filter(|_| s.name != "direct"), 1),
@@ -115,11 +116,12 @@ pub fn print(results: &Results) {
             opt(net.filter(|_| s.name != "direct"), 1),
             opt(ratio, 2),
             opt(sat.map(|r| r.ok as f64 / r.seconds), 0),
+            opt(sat.map(|r| r.cpu_us_per_request), 1),
             errors,
         );
     }
     println!(
-        "(c1: concurrency 1, {} requests; rate: {} requests/s for {} s, latency from the intended send time; max rps: {} closed-loop clients)",
+        "(c1: concurrency 1, {} requests; rate: {} requests/s for {} s, latency from the intended send time; CPU: core 1 per request at that rate, net of direct's; max rps and CPU@max: {} closed-loop clients)",
         results.profile.sequential_requests,
         results.profile.rate,
         results.profile.rate_seconds,

@@ -438,6 +438,7 @@ impl Proxy {
             _permit: permit,
             idle_timeout: self.settings.idle_chunk_timeout,
             idle: Box::pin(tokio::time::sleep(self.settings.idle_chunk_timeout)),
+            last_data: tokio::time::Instant::now(),
         });
         Response::from_parts(parts, body)
     }
@@ -541,7 +542,11 @@ pub struct UpstreamBody {
     /// The router-wide concurrency slot, freed with the body.
     _permit: OwnedSemaphorePermit,
     idle_timeout: Duration,
+    /// Fires at the idle bound counted from some earlier chunk; when it
+    /// does, it is moved to the bound counted from `last_data`, so a chunk
+    /// costs a clock read rather than a timer update.
     idle: Pin<Box<tokio::time::Sleep>>,
+    last_data: tokio::time::Instant,
 }
 
 /// The upstream sent nothing for longer than the idle bound.
@@ -583,8 +588,7 @@ impl Body for ProxyBody {
                         // `Ready(None)` may follow.
                         up.finish();
                     } else {
-                        let deadline = tokio::time::Instant::now() + up.idle_timeout;
-                        up.idle.as_mut().reset(deadline);
+                        up.last_data = tokio::time::Instant::now();
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
@@ -593,12 +597,19 @@ impl Body for ProxyBody {
                     up.finish();
                     Poll::Ready(None)
                 }
-                Poll::Pending => match up.idle.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(IdleTimeout {
-                        worker: up.in_flight.worker().address().to_owned(),
-                        timeout: up.idle_timeout,
-                    })))),
-                    Poll::Pending => Poll::Pending,
+                Poll::Pending => loop {
+                    if up.idle.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    let deadline = up.last_data + up.idle_timeout;
+                    if deadline <= tokio::time::Instant::now() {
+                        return Poll::Ready(Some(Err(Box::new(IdleTimeout {
+                            worker: up.in_flight.worker().address().to_owned(),
+                            timeout: up.idle_timeout,
+                        }))));
+                    }
+                    // Chunks came since it was set: the silence is shorter.
+                    up.idle.as_mut().reset(deadline);
                 },
             },
         }
