@@ -239,6 +239,13 @@ impl Recorder {
         }
     }
 
+    /// The 99th percentile so far, in microseconds.
+    pub fn p99_us(&self) -> f64 {
+        self.hist
+            .as_ref()
+            .map_or(0.0, |h| h.value_at_quantile(0.99) as f64 / 1000.0)
+    }
+
     /// The figures.
     pub fn finish(self) -> Run {
         let hist = self.hist.unwrap_or_else(histogram);

@@ -15,10 +15,9 @@ mod system;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::Parser;
 use serde::Serialize;
 
@@ -148,6 +147,17 @@ pub struct SystemResult {
     swaps: Vec<SwapRun>,
 }
 
+/// The median of `values` (0 when there are none).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
 impl SystemResult {
     /// What went wrong in its runs, if anything did (skipped systems are
     /// not failures, unless they died during the run).
@@ -176,8 +186,15 @@ impl SystemResult {
 #[derive(Debug, Serialize)]
 pub struct SwapRun {
     per_second: u64,
+    /// False for the control run: calls that leave the table as it is.
+    changes_table: bool,
     swaps: swaps::Swaps,
     run: Run,
+    /// The p99 of each one-second slice, in µs.
+    slice_p99s_us: Vec<f64>,
+    /// Their median: a noisy second on a shared machine moves the pooled
+    /// p99 of a ten-second run, not this.
+    slice_p99_median_us: f64,
 }
 
 /// The whole run.
@@ -200,6 +217,15 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("backend: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some("__swapper") => {
+            return match swaps::main(&args[2..]) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("swapper: {e:#}");
                     ExitCode::FAILURE
                 }
             };
@@ -498,7 +524,10 @@ async fn measure_all(
                 "== {} with its split swapped, {} rounds",
                 l.result.name, profile.swap_seconds
             );
-            let per_second = [0, 1_000, 10_000];
+            // (calls a second, whether each changes the table): none; a
+            // thousand calls that change nothing (the cost of the calls
+            // alone); a thousand swaps; ten thousand.
+            let per_second = [(0, true), (1_000, false), (1_000, true), (10_000, true)];
             let mut runs: Vec<_> = per_second.iter().map(|_| load::Recorder::new()).collect();
             let mut swaps: Vec<swaps::Swaps> =
                 per_second.iter().map(|_| swaps::Swaps::default()).collect();
@@ -506,40 +535,61 @@ async fn measure_all(
             // come from the same stretches of the machine's time.
             let slice = Duration::from_secs(1);
             let mut first_version = 1_000_000_000;
+            let mut slice_p99s: Vec<Vec<f64>> = per_second.iter().map(|_| Vec::new()).collect();
             for _ in 0..profile.swap_seconds {
-                for (i, &rate) in per_second.iter().enumerate() {
-                    let stop = Arc::new(AtomicBool::new(false));
-                    let swapper = (rate > 0).then(|| {
-                        swaps::spawn(
+                for (i, &(rate, changes)) in per_second.iter().enumerate() {
+                    let swapper = if rate > 0 {
+                        let plan = swaps::Plan {
                             control,
                             rate,
                             first_version,
-                            setup.workers,
-                            Arc::clone(&stop),
-                        )
-                    });
+                            changes,
+                            duration: slice,
+                            workers: setup.workers,
+                        };
+                        let started = swaps::Swapper::start(&setup.exe, SUT_CORE, &plan);
+                        Some(started.context("starting the swapper")?)
+                    } else {
+                        None
+                    };
                     let run =
                         load::open_loop(&client, &l.running.target, profile.rate, slice, &cpu)
                             .await;
-                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
                     if let Some(swapper) = swapper {
-                        let done = swapper.join().unwrap_or_default();
+                        let done = tokio::task::spawn_blocking(move || swapper.finish())
+                            .await
+                            .unwrap_or_default();
                         first_version = done.final_version.max(first_version) + 1;
                         swaps[i].merge(done);
                     }
+                    slice_p99s[i].push(run.p99_us());
                     runs[i].merge(run);
                 }
             }
-            for ((rate, run), swaps) in per_second.into_iter().zip(runs).zip(swaps) {
+            let runs = per_second.into_iter().zip(runs).zip(swaps).zip(slice_p99s);
+            for ((((rate, changes_table), run), swaps), slice_p99s_us) in runs {
                 let run = run.finish();
+                let slice_p99_median_us = median(&slice_p99s_us);
                 eprintln!(
-                    "   {rate} swaps/s (achieved {:.0}): p50 {:.1} µs, p99 {:.1} µs, {} errors, shares {:?}",
-                    swaps.rate, run.latency.p50_us, run.latency.p99_us, run.errors, run.shares
+                    "   {rate} {}/s (achieved {:.0}): p50 {:.1} µs, p99 {:.1} µs (median of slices {slice_p99_median_us:.1}), {} errors, shares {:?}",
+                    if changes_table {
+                        "swaps"
+                    } else {
+                        "no-op calls"
+                    },
+                    swaps.rate,
+                    run.latency.p50_us,
+                    run.latency.p99_us,
+                    run.errors,
+                    run.shares
                 );
                 l.result.swaps.push(SwapRun {
                     per_second: rate,
+                    changes_table,
                     swaps,
                     run,
+                    slice_p99s_us,
+                    slice_p99_median_us,
                 });
             }
         }

@@ -1,7 +1,8 @@
 //! Swapping the router's split as fast as a coordinator could: a new table
 //! over RouterControl `ApplyTable`, `rate` times a second, alternating
 //! 70/30 and 90/10 so that the shares still average 80/20 and a router
-//! that ignored the swaps or mixed tables up would show it.
+//! that ignored the swaps or mixed tables up would show it. The swapper is
+//! a process of its own (`__swapper`); see [`main`] for where it runs.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +13,7 @@ use crossfade_proto::v1::router_control_client::RouterControlClient;
 use serde::Serialize;
 
 /// What the swapper did.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct Swaps {
     /// Tables the router took.
     pub applied: u64,
@@ -78,40 +79,116 @@ fn table_with(version: u64, v1_weight: u32, workers: [u16; 4]) -> v1::RoutingTab
     }
 }
 
-/// Swaps on a thread of its own (on the client's core) until `stop`.
+/// `crossfade-bench __swapper CONTROL RATE FIRST_VERSION MILLIS W1 W2 W3 W4
+/// [same]`: swaps for `MILLIS` milliseconds, then prints what it did as one
+/// line of JSON. With `same`, every call sends the same table, version
+/// `FIRST_VERSION` at 80/20: after the first, the router answers without
+/// building or swapping anything, which measures what the calls cost apart
+/// from the swaps.
 ///
-/// Versions start at `first_version`, which must be above every version the
-/// router has seen. Between calls the thread sleeps (nanosleep is precise to
-/// tens of microseconds) rather than spinning, so that it takes from the
-/// load generator on the same core only what its calls cost.
-pub fn spawn(
-    control: u16,
-    rate: u64,
-    first_version: u64,
-    workers: [u16; 4],
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<Swaps> {
+/// The benchmark runs it on the system-under-test core at `SCHED_IDLE`
+/// priority (`chrt --idle`): it then takes only time that core would
+/// otherwise spend idle, and what the run measures is the router's own
+/// handling of the tables. On the client's core it would preempt the load
+/// generator instead, and the latency it measures (from the intended send
+/// times) would rise by the swapper's own cost: a swapper sending to a
+/// second router on the client's core, with nothing on the router under
+/// test, raised the p99 as much as real swaps did.
+pub fn main(args: &[String]) -> anyhow::Result<()> {
+    let number = |i: usize| -> anyhow::Result<u64> {
+        let arg = args.get(i).ok_or_else(|| {
+            anyhow::anyhow!("usage: __swapper CONTROL RATE FIRST_VERSION MILLIS W1 W2 W3 W4 [same]")
+        })?;
+        Ok(arg.parse()?)
+    };
+    let control = u16::try_from(number(0)?)?;
+    let rate = number(1)?.max(1);
+    let first = number(2)?;
+    let duration = Duration::from_millis(number(3)?);
+    let mut workers = [0u16; 4];
+    for (i, worker) in workers.iter_mut().enumerate() {
+        *worker = u16::try_from(number(4 + i)?)?;
+    }
+    let changes = args.get(8).map(String::as_str) != Some("same");
+    let stop = Arc::new(AtomicBool::new(false));
+    let timer = Arc::clone(&stop);
     std::thread::spawn(move || {
-        let runtime = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(runtime) => runtime,
-            Err(e) => {
-                return Swaps {
-                    first_error: Some(e.to_string()),
-                    ..Swaps::default()
-                };
-            }
-        };
-        runtime.block_on(run(control, rate, first_version, workers, stop))
-    })
+        std::thread::sleep(duration);
+        timer.store(true, Ordering::Relaxed);
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let swaps = runtime.block_on(run(control, rate, first, changes, workers, stop));
+    println!("{}", serde_json::to_string(&swaps)?);
+    Ok(())
+}
+
+/// What a swapper does.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// The router's RouterControl port.
+    pub control: u16,
+    /// Calls a second.
+    pub rate: u64,
+    /// The first version sent, above every version the router has seen.
+    pub first_version: u64,
+    /// Whether each call changes the table (false: the same table each time).
+    pub changes: bool,
+    /// For how long.
+    pub duration: Duration,
+    /// The backend's four worker ports.
+    pub workers: [u16; 4],
+}
+
+/// Runs [`main`] as a process: on `core`, at idle priority, for the plan's
+/// duration. Wait for it with [`Swapper::finish`].
+pub struct Swapper(std::process::Child);
+
+impl Swapper {
+    /// Starts it.
+    pub fn start(exe: &std::path::Path, core: usize, plan: &Plan) -> anyhow::Result<Self> {
+        let mut command = std::process::Command::new("taskset");
+        command
+            .args(["-c", &core.to_string(), "chrt", "--idle", "0"])
+            .arg(exe)
+            .arg("__swapper")
+            .arg(plan.control.to_string())
+            .arg(plan.rate.to_string())
+            .arg(plan.first_version.to_string())
+            .arg(plan.duration.as_millis().to_string())
+            .args(plan.workers.map(|w| w.to_string()))
+            .args((!plan.changes).then_some("same"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped());
+        Ok(Self(command.spawn()?))
+    }
+
+    /// Waits for it to end and reads what it did.
+    pub fn finish(self) -> Swaps {
+        match self.0.wait_with_output() {
+            Ok(output) => serde_json::from_slice(&output.stdout).unwrap_or_else(|e| Swaps {
+                failed: 1,
+                first_error: Some(format!(
+                    "the swapper ({}) printed no result: {e}",
+                    output.status
+                )),
+                ..Swaps::default()
+            }),
+            Err(e) => Swaps {
+                failed: 1,
+                first_error: Some(format!("waiting for the swapper: {e}")),
+                ..Swaps::default()
+            },
+        }
+    }
 }
 
 async fn run(
     control: u16,
     rate: u64,
     first: u64,
+    changes: bool,
     workers: [u16; 4],
     stop: Arc<AtomicBool>,
 ) -> Swaps {
@@ -137,7 +214,11 @@ async fn run(
         }
         let request = v1::ApplyTableRequest {
             coordinator_epoch: 1,
-            table: Some(table(first + n, workers)),
+            table: Some(if changes {
+                table(first + n, workers)
+            } else {
+                table_with(first, 8000, workers)
+            }),
         };
         match client.apply_table(request).await {
             Ok(response) => {
@@ -156,9 +237,10 @@ async fn run(
     swaps.seconds = started.elapsed().as_secs_f64();
     swaps.rate = swaps.applied as f64 / swaps.seconds;
     // Leave 80/20 in force, as the configuration has it, for the next run.
+    let last = if changes { first + n } else { first };
     let request = v1::ApplyTableRequest {
         coordinator_epoch: 1,
-        table: Some(table_with(first + n, 8000, workers)),
+        table: Some(table_with(last, 8000, workers)),
     };
     match client.apply_table(request).await {
         Ok(response) => swaps.final_version = response.into_inner().version_in_force,

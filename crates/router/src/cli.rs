@@ -52,8 +52,8 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     let admin = TcpListener::bind(config.listen.admin)
         .await
         .with_context(|| format!("binding the admin listener on {}", config.listen.admin))?;
-    let control = TcpListener::bind(config.listen.control)
-        .await
+    let control = std::net::TcpListener::bind(config.listen.control)
+        .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
         .with_context(|| format!("binding the control listener on {}", config.listen.control))?;
     tracing::info!(
         public = %config.listen.public,
@@ -80,8 +80,7 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     } else {
         config.router_id.clone()
     };
-    let control_server =
-        crate::control::serve(control, Arc::clone(&routes), router_id, shutdown.clone());
+    let control_server = control_plane(control, Arc::clone(&routes), router_id, shutdown.clone());
     let admin_proxy = Arc::clone(&proxy);
     let admin_server = server::serve(admin, &config.limits, shutdown.clone(), move |req| {
         server::admin(req, Arc::clone(&admin_proxy), Some(metrics.clone()))
@@ -101,6 +100,42 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     shutdown.wait_for_tasks(config.limits.shutdown_grace).await;
     tracing::info!("crossfade-router stopped");
     Ok(())
+}
+
+/// Serves RouterControl on a thread and runtime of its own, so that a
+/// coordinator swapping tables (decoding HTTP/2, building the table) never
+/// holds up the proxy's worker threads, whatever their number (as
+/// linkerd2-proxy runs its admin server on a thread of its own). The table
+/// itself is shared: a swap is one atomic store.
+fn control_plane(
+    listener: std::net::TcpListener,
+    routes: Arc<Routes>,
+    router_id: String,
+    shutdown: crossfade_common::Shutdown,
+) -> impl std::future::Future<Output = anyhow::Result<()>> {
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            let serve = || -> anyhow::Result<()> {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting the control plane's runtime")?;
+                runtime.block_on(async move {
+                    let listener = TcpListener::from_std(listener)
+                        .context("registering the control listener")?;
+                    crate::control::serve(listener, routes, router_id, shutdown).await
+                })
+            };
+            let _ = done.send(serve());
+        });
+    async move {
+        thread.context("starting the control plane's thread")?;
+        finished
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the control plane's thread panicked")))
+    }
 }
 
 /// SIGHUP: re-read the configuration file and swap its table in. A bad file
