@@ -145,6 +145,39 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("valid histogram bounds")
 }
 
+/// What both recorders keep: latencies in nanoseconds, the first error,
+/// and the busy time of the system-under-test core.
+struct Common {
+    hist: Histogram<u64>,
+    first_error: Option<String>,
+    busy_us: f64,
+}
+
+impl Default for Common {
+    fn default() -> Self {
+        Self {
+            hist: histogram(),
+            first_error: None,
+            busy_us: 0.0,
+        }
+    }
+}
+
+impl Common {
+    fn merge(&mut self, other: Common) {
+        // Both histograms have the same bounds; adding cannot fail.
+        let _ = self.hist.add(&other.hist);
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+        self.busy_us += other.busy_us;
+    }
+
+    fn error(&mut self, error: String) {
+        self.first_error.get_or_insert(error);
+    }
+}
+
 impl Latency {
     fn of(h: &Histogram<u64>) -> Self {
         let us = |ns: u64| ns as f64 / 1000.0;
@@ -181,43 +214,32 @@ pub struct Run {
 /// Outcomes of non-streamed requests, added up over one or more runs.
 #[derive(Default)]
 pub struct Recorder {
-    hist: Option<Histogram<u64>>,
+    common: Common,
     ok: u64,
     errors: u64,
-    first_error: Option<String>,
     shares: [u64; 2],
     seconds: f64,
-    busy_us: f64,
 }
 
 impl Recorder {
     /// Nothing recorded yet.
     pub fn new() -> Self {
-        Self {
-            hist: Some(histogram()),
-            ..Self::default()
-        }
+        Self::default()
     }
 
     /// Adds `other`'s outcomes to these.
     pub fn merge(&mut self, other: Recorder) {
-        if let (Some(h), Some(o)) = (self.hist.as_mut(), other.hist.as_ref()) {
-            let _ = h.add(o);
-        }
+        self.common.merge(other.common);
         self.ok += other.ok;
         self.errors += other.errors;
-        if self.first_error.is_none() {
-            self.first_error = other.first_error;
-        }
         self.shares[0] += other.shares[0];
         self.shares[1] += other.shares[1];
         self.seconds += other.seconds;
-        self.busy_us += other.busy_us;
     }
 
     fn timed(mut self, started: Instant, busy_us: f64) -> Self {
         self.seconds = started.elapsed().as_secs_f64();
-        self.busy_us = busy_us;
+        self.common.busy_us = busy_us;
         self
     }
 
@@ -225,38 +247,35 @@ impl Recorder {
         match result {
             Ok(worker) => {
                 self.ok += 1;
-                if let Some(h) = self.hist.as_mut() {
-                    h.saturating_record(latency.as_nanos() as u64);
-                }
+                self.common
+                    .hist
+                    .saturating_record(latency.as_nanos() as u64);
                 if let Some(w) = worker {
                     self.shares[usize::from(w >= 2)] += 1;
                 }
             }
             Err(e) => {
                 self.errors += 1;
-                self.first_error.get_or_insert(e);
+                self.common.error(e);
             }
         }
     }
 
     /// The 99th percentile so far, in microseconds.
     pub fn p99_us(&self) -> f64 {
-        self.hist
-            .as_ref()
-            .map_or(0.0, |h| h.value_at_quantile(0.99) as f64 / 1000.0)
+        self.common.hist.value_at_quantile(0.99) as f64 / 1000.0
     }
 
     /// The figures.
     pub fn finish(self) -> Run {
-        let hist = self.hist.unwrap_or_else(histogram);
         Run {
             ok: self.ok,
             errors: self.errors,
-            first_error: self.first_error,
-            latency: Latency::of(&hist),
+            first_error: self.common.first_error,
+            latency: Latency::of(&self.common.hist),
             shares: self.shares,
             seconds: self.seconds,
-            cpu_us_per_request: self.busy_us / self.ok.max(1) as f64,
+            cpu_us_per_request: self.common.busy_us / self.ok.max(1) as f64,
         }
     }
 }
@@ -341,7 +360,7 @@ pub async fn open_loop(
                 tasks.abort_all();
                 let mut r = lock(&recorder);
                 r.errors += open;
-                r.first_error.get_or_insert_with(|| format!("{open} requests unanswered after 30 s"));
+                r.common.error(format!("{open} requests unanswered after 30 s"));
                 break;
             }
         }
@@ -450,37 +469,26 @@ pub fn take_events(buffer: &mut BytesMut) -> (Vec<u64>, bool) {
 /// Outcomes of SSE streams, added up over one or more runs.
 #[derive(Default)]
 pub struct SseRecorder {
-    hist: Option<Histogram<u64>>,
+    common: Common,
     ok: u64,
     failed: u64,
-    first_error: Option<String>,
     chunks: u64,
     merged: u64,
-    busy_us: f64,
 }
 
 impl SseRecorder {
     /// Nothing recorded yet.
     pub fn new() -> Self {
-        Self {
-            hist: Some(histogram()),
-            ..Self::default()
-        }
+        Self::default()
     }
 
     /// Adds `other`'s outcomes to these.
     pub fn merge(&mut self, other: SseRecorder) {
-        if let (Some(h), Some(o)) = (self.hist.as_mut(), other.hist.as_ref()) {
-            let _ = h.add(o);
-        }
+        self.common.merge(other.common);
         self.ok += other.ok;
         self.failed += other.failed;
-        if self.first_error.is_none() {
-            self.first_error = other.first_error;
-        }
         self.chunks += other.chunks;
         self.merged += other.merged;
-        self.busy_us += other.busy_us;
     }
 
     /// The figures.
@@ -488,11 +496,11 @@ impl SseRecorder {
         SseRun {
             streams_ok: self.ok,
             streams_failed: self.failed,
-            first_error: self.first_error,
+            first_error: self.common.first_error,
             chunks: self.chunks,
             merged: self.merged,
-            chunk_latency: Latency::of(&self.hist.unwrap_or_else(histogram)),
-            cpu_us_per_chunk: self.busy_us / self.chunks.max(1) as f64,
+            chunk_latency: Latency::of(&self.common.hist),
+            cpu_us_per_chunk: self.common.busy_us / self.chunks.max(1) as f64,
         }
     }
 }
@@ -526,7 +534,7 @@ pub async fn sse(
                 Ok(()) => r.ok += 1,
                 Err(e) => {
                     r.failed += 1;
-                    r.first_error.get_or_insert(e);
+                    r.common.error(e);
                 }
             }
         });
@@ -534,7 +542,7 @@ pub async fn sse(
     while tasks.join_next().await.is_some() {}
     let busy = usage.busy_us();
     let mut r = std::mem::take(&mut *lock(&recorder));
-    r.busy_us = busy;
+    r.common.busy_us = busy;
     r
 }
 
@@ -566,10 +574,10 @@ async fn one_stream(
         let mut r = lock(recorder);
         r.chunks += stamps.len() as u64;
         r.merged += stamps.len().saturating_sub(1) as u64;
-        if let Some(h) = r.hist.as_mut() {
-            for stamp in stamps {
-                h.saturating_record(arrived.saturating_sub(stamp).max(1));
-            }
+        for stamp in stamps {
+            r.common
+                .hist
+                .saturating_record(arrived.saturating_sub(stamp).max(1));
         }
         drop(r);
         if done {

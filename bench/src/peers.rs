@@ -288,14 +288,28 @@ http {{
         .arg(&dir)
         .arg("-c")
         .arg(&path);
-    let process = spawn("nginx", command, setup)?;
+    let notes =
+        "worker_processes 1; split_clients 80%/*; least_conn; keepalive 256; proxy_buffering off";
+    listening("nginx", command, setup, port, version, notes)
+}
+
+/// Starts a proxy that listens on `port` and waits until it does.
+fn listening(
+    name: &str,
+    command: Command,
+    setup: &Setup,
+    port: u16,
+    version: String,
+    notes: &str,
+) -> Result<Running, Skip> {
+    let process = spawn(name, command, setup)?;
     wait_for_port(port, Duration::from_secs(10)).map_err(|e| format!("{e:#}"))?;
     Ok(Running {
         target: Target::proxy(url(port)),
         version,
         processes: vec![process],
         control: None,
-        notes: "worker_processes 1; split_clients 80%/*; least_conn; keepalive 256; proxy_buffering off".into(),
+        notes: notes.into(),
     })
 }
 
@@ -342,15 +356,9 @@ backend v2
     write(&path, &config)?;
     let mut command = on_core(setup.core, program);
     command.arg("-db").arg("-f").arg(&path);
-    let process = spawn("haproxy", command, setup)?;
-    wait_for_port(port, Duration::from_secs(10)).map_err(|e| format!("{e:#}"))?;
-    Ok(Running {
-        target: Target::proxy(url(port)),
-        version,
-        processes: vec![process],
-        control: None,
-        notes: "nbthread 1; rand(100) lt 80; balance leastconn; http-reuse always; option http-no-delay".into(),
-    })
+    let notes =
+        "nbthread 1; rand(100) lt 80; balance leastconn; http-reuse always; option http-no-delay";
+    listening("haproxy", command, setup, port, version, notes)
 }
 
 fn python_router(setup: &Setup, kind: Kind) -> Result<Running, Skip> {
