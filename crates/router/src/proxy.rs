@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -345,7 +345,7 @@ impl Proxy {
                 request.body.clone(),
                 &worker,
                 &request.path_and_query,
-            )?;
+            );
             let in_flight = worker.start_request();
             let sent = tokio::time::timeout(
                 self.settings.response_header_timeout,
@@ -489,23 +489,19 @@ fn upstream_request(
     body: Bytes,
     worker: &Worker,
     path_and_query: &PathAndQuery,
-) -> Result<Request<Full<Bytes>>, RouteError> {
-    // From parts already parsed: nothing is parsed again per attempt.
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(worker.authority().clone());
-    uri.path_and_query = Some(path_and_query.clone());
-    let uri = Uri::from_parts(uri)
-        .map_err(|e| RouteError::BadRequest(format!("cannot forward this path: {e}")))?;
+) -> Request<Full<Bytes>> {
+    // Origin form (`/v1/...`), as a client on a direct connection sends
+    // it, from the path already parsed: nothing is parsed again per attempt.
     let mut request = Request::new(Full::new(body));
     *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = uri;
+    *request.uri_mut() = Uri::from(path_and_query.clone());
     let headers = request.headers_mut();
     headers.clone_from(&parts.headers);
     strip_hop_by_hop(headers);
-    // hyper sets Host from the URI; the client's Host named the router.
-    headers.remove(header::HOST);
-    Ok(request)
+    // The client's Host named the router; HTTP/1.1 requires one naming the
+    // gate (hyper's connection-level client does not add it).
+    headers.insert(header::HOST, worker.host().clone());
+    request
 }
 
 // === ProxyBody ===

@@ -78,6 +78,8 @@ pub struct Deployment {
 pub struct Worker {
     address: String,
     authority: Authority,
+    /// `Host` for requests to it, built once.
+    host: HeaderValue,
     worker_id: String,
     in_flight: AtomicU32,
     consecutive_failures: AtomicU32,
@@ -380,9 +382,12 @@ impl Worker {
         if authority.port_u16().is_none() {
             return Err(format!("worker address `{address}` has no port"));
         }
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| format!("worker address `{address}` is not a valid Host"))?;
         Ok(Self {
             address: address.to_owned(),
             authority,
+            host,
             worker_id: worker_id.to_owned(),
             in_flight: AtomicU32::new(0),
             consecutive_failures: AtomicU32::new(0),
@@ -405,6 +410,11 @@ impl Worker {
     /// The address as a URI authority.
     pub fn authority(&self) -> &Authority {
         &self.authority
+    }
+
+    /// The address as a `Host` header value.
+    pub fn host(&self) -> &HeaderValue {
+        &self.host
     }
 
     /// Its worker id (may be empty in a hand-written table).

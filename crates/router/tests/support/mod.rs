@@ -218,7 +218,9 @@ pub async fn dead_address() -> SocketAddr {
 
 /// A test double of a gate that counts the connections it accepts. It
 /// answers `POST /v1/slow` with one chunk and then nothing (until the client
-/// goes away), anything else with a small JSON body.
+/// goes away), anything else with a small JSON body; a request that is not
+/// in origin form with a `Host` naming the gate, as HTTP/1.1 servers such as
+/// vLLM's require, gets a 400.
 pub struct CountingGate {
     pub addr: SocketAddr,
     pub connections: Arc<AtomicU64>,
@@ -238,7 +240,17 @@ impl CountingGate {
                 counter.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(
-                        |req: Request<hyper::body::Incoming>| async move {
+                        move |req: Request<hyper::body::Incoming>| async move {
+                            let host = req.headers().get("host").and_then(|h| h.to_str().ok());
+                            if req.uri().authority().is_some()
+                                || host != Some(addr.to_string().as_str())
+                            {
+                                let text = format!("{:?} with Host {host:?}", req.uri());
+                                let mut refused =
+                                    Response::new(Full::new(Bytes::from(text)).boxed());
+                                *refused.status_mut() = StatusCode::BAD_REQUEST;
+                                return Ok::<_, Infallible>(refused);
+                            }
                             let slow = req.uri().path() == "/v1/slow";
                             let _ = req.into_body().collect().await;
                             let body: http_body_util::combinators::BoxBody<Bytes, Infallible> =
