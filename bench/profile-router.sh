@@ -69,10 +69,10 @@ for _ in $(seq 150); do
     sleep 0.2
 done
 python3 "$work/client.py" 300 "$public"
-callgrind_control -i on "$router" >/dev/null
+callgrind_control -i on "$router" >/dev/null 2>&1
 python3 "$work/client.py" "$requests" "$public"
-callgrind_control -i off "$router" >/dev/null
-callgrind_control -d "$router" >/dev/null
+callgrind_control -i off "$router" >/dev/null 2>&1
+callgrind_control -d "$router" >/dev/null 2>&1
 total=$(callgrind_annotate "$OUT".1 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
 echo "instructions: $total for $requests requests: $((total / requests)) per request"
 if [ -n "${KEEP:-}" ]; then

@@ -29,10 +29,10 @@ use crate::system::{CpuMeter, Guard};
 #[derive(Parser, Debug)]
 #[command(name = "crossfade-bench")]
 struct Cli {
-    /// A short run (about a minute): the figures are noisier.
+    /// A short run (about two minutes): the figures are noisier.
     #[arg(long, conflicts_with = "full")]
     quick: bool,
-    /// The full run that `bench/RESULTS.md` reports (a few minutes).
+    /// The full run that `bench/RESULTS.md` reports (about ten minutes).
     #[arg(long)]
     full: bool,
     /// Only these systems (comma-separated: direct, crossfade, nginx,
@@ -251,7 +251,7 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> anyhow::Result<()> {
     anyhow::ensure!(
         cli.quick || cli.full,
-        "say how long to run: --quick (about a minute) or --full (a few minutes)"
+        "say how long to run: --quick (about two minutes) or --full (about ten)"
     );
     let mut profile = if cli.full {
         Profile::full()
