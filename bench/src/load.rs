@@ -288,8 +288,10 @@ async fn pace_until(at: Instant) {
         if now >= at {
             return;
         }
-        if at - now > Duration::from_micros(1500) {
-            tokio::time::sleep_until((at - Duration::from_millis(1)).into()).await;
+        // Tokio's timer rounds up to the next millisecond and may fire a
+        // tick late: sleep only to 2 ms before, then yield.
+        if at - now > Duration::from_micros(2500) {
+            tokio::time::sleep_until((at - Duration::from_millis(2)).into()).await;
         } else {
             tokio::task::yield_now().await;
         }

@@ -304,13 +304,18 @@ fn listening(
 ) -> Result<Running, Skip> {
     let process = spawn(name, command, setup)?;
     wait_for_port(port, Duration::from_secs(10)).map_err(|e| format!("{e:#}"))?;
-    Ok(Running {
+    Ok(proxy_on(port, version, process, notes))
+}
+
+/// A proxy serving on `port` from `process`.
+fn proxy_on(port: u16, version: String, process: Guard, notes: &str) -> Running {
+    Running {
         target: Target::proxy(url(port)),
         version,
         processes: vec![process],
         control: None,
         notes: notes.into(),
-    })
+    }
 }
 
 fn haproxy(setup: &Setup) -> Result<Running, Skip> {
@@ -444,11 +449,5 @@ fn python_router(setup: &Setup, kind: Kind) -> Result<Running, Skip> {
     };
     command.env("TOKIO_WORKER_THREADS", "1");
     let process = spawn(name, command, setup)?;
-    Ok(Running {
-        target: Target::proxy(url(port)),
-        version,
-        processes: vec![process],
-        control: None,
-        notes: notes.into(),
-    })
+    Ok(proxy_on(port, version, process, notes))
 }
