@@ -222,11 +222,6 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Nothing recorded yet.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     /// Adds `other`'s outcomes to these.
     pub fn merge(&mut self, other: Recorder) {
         self.common.merge(other.common);
@@ -306,7 +301,7 @@ pub async fn sequential(
     cpu: &CpuMeter,
 ) -> Recorder {
     let body = completion_body();
-    let mut recorder = Recorder::new();
+    let mut recorder = Recorder::default();
     let started = Instant::now();
     let usage = cpu.start();
     for _ in 0..requests {
@@ -329,7 +324,7 @@ pub async fn open_loop(
     cpu: &CpuMeter,
 ) -> Recorder {
     let body = completion_body();
-    let recorder = Arc::new(Mutex::new(Recorder::new()));
+    let recorder = Arc::new(Mutex::new(Recorder::default()));
     let total = (rate as f64 * duration.as_secs_f64()) as u64;
     let period = Duration::from_secs_f64(1.0 / rate as f64);
     let started = Instant::now();
@@ -382,7 +377,7 @@ pub async fn saturate(
     cpu: &CpuMeter,
 ) -> Run {
     let body = completion_body();
-    let recorder = Arc::new(Mutex::new(Recorder::new()));
+    let recorder = Arc::new(Mutex::new(Recorder::default()));
     let started = Instant::now();
     let usage = cpu.start();
     let end = started + duration;
@@ -479,11 +474,6 @@ pub struct SseRecorder {
 }
 
 impl SseRecorder {
-    /// Nothing recorded yet.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     /// Adds `other`'s outcomes to these.
     pub fn merge(&mut self, other: SseRecorder) {
         self.common.merge(other.common);
@@ -517,7 +507,7 @@ pub async fn sse(
     interval: Duration,
     cpu: &CpuMeter,
 ) -> SseRecorder {
-    let recorder = Arc::new(Mutex::new(SseRecorder::new()));
+    let recorder = Arc::new(Mutex::new(SseRecorder::default()));
     let usage = cpu.start();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();

@@ -425,8 +425,8 @@ async fn measure_all(
 
     if profile.runs("requests") {
         eprintln!("== non-streamed requests, {rounds} rounds");
-        let mut sequential: Vec<_> = live.iter().map(|_| load::Recorder::new()).collect();
-        let mut rate: Vec<_> = live.iter().map(|_| load::Recorder::new()).collect();
+        let mut sequential: Vec<_> = live.iter().map(|_| load::Recorder::default()).collect();
+        let mut rate: Vec<_> = live.iter().map(|_| load::Recorder::default()).collect();
         for l in &live {
             // Warm the connection pools on both sides.
             let _ = load::saturate(
@@ -484,7 +484,7 @@ async fn measure_all(
     if profile.runs("sse") {
         eprintln!("== SSE streams, {rounds} rounds");
         let interval = Duration::from_micros(profile.sse_interval_us);
-        let mut sse: Vec<_> = live.iter().map(|_| load::SseRecorder::new()).collect();
+        let mut sse: Vec<_> = live.iter().map(|_| load::SseRecorder::default()).collect();
         for _ in 0..rounds {
             for (i, l) in live.iter().enumerate() {
                 let chunks = (profile.sse_chunks / rounds).max(1);
@@ -528,7 +528,10 @@ async fn measure_all(
             // thousand calls that change nothing (the cost of the calls
             // alone); a thousand swaps; ten thousand.
             let per_second = [(0, true), (1_000, false), (1_000, true), (10_000, true)];
-            let mut runs: Vec<_> = per_second.iter().map(|_| load::Recorder::new()).collect();
+            let mut runs: Vec<_> = per_second
+                .iter()
+                .map(|_| load::Recorder::default())
+                .collect();
             let mut swaps: Vec<swaps::Swaps> =
                 per_second.iter().map(|_| swaps::Swaps::default()).collect();
             // One-second slices, the three rates in turn: the p99s compared

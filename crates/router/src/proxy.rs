@@ -556,7 +556,8 @@ pub struct IdleTimeout {
 impl UpstreamBody {
     fn finish(&mut self) {
         if let Some((connection, settings)) = self.connection.take() {
-            connection.release(&settings);
+            // The in-flight guard names the worker the response came from.
+            connection.release(self.in_flight.worker(), &settings);
         }
         if let Some((record, outcome)) = self.record.take() {
             record.finish(outcome);

@@ -13,7 +13,7 @@
 //! layers of futures: the benchmark's profile (bench/RESULTS.md) put that
 //! at a sixth of the router's instructions per request.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -71,13 +71,13 @@ impl SendError {
 #[derive(Debug)]
 pub struct Checkout {
     sender: Sender,
-    home: Arc<super::table::Worker>,
 }
 
 impl Checkout {
-    /// The response was read to the end: the connection may carry another.
-    pub fn release(self, settings: &PoolSettings) {
-        self.home.connections().put(self.sender, settings);
+    /// The response was read to the end: the connection may carry another
+    /// request to `worker`, the one it came from.
+    pub fn release(self, worker: &super::table::Worker, settings: &PoolSettings) {
+        worker.connections().put(self.sender, settings);
     }
 }
 
@@ -133,7 +133,7 @@ fn evict_expired(idle: &mut Vec<(Sender, Instant)>, now: Instant, timeout: Durat
 /// given to it; when hyper hands the request back unsent, it goes on a new
 /// connection (the gate cannot have seen it).
 pub async fn send(
-    worker: &Arc<super::table::Worker>,
+    worker: &super::table::Worker,
     mut request: Request<Full<Bytes>>,
     settings: &PoolSettings,
 ) -> Result<(Response<Incoming>, Checkout), SendError> {
@@ -144,10 +144,7 @@ pub async fn send(
             continue;
         }
         match sender.try_send_request(request).await {
-            Ok(response) => {
-                let home = Arc::clone(worker);
-                return Ok((response, Checkout { sender, home }));
-            }
+            Ok(response) => return Ok((response, Checkout { sender })),
             Err(mut e) => match e.take_message() {
                 Some(unsent) => request = unsent,
                 None => return Err(SendError::Http(e.into_error())),
@@ -156,8 +153,7 @@ pub async fn send(
     }
     let mut sender = connect(worker, settings).await?;
     let response = sender.send_request(request).await?;
-    let home = Arc::clone(worker);
-    Ok((response, Checkout { sender, home }))
+    Ok((response, Checkout { sender }))
 }
 
 async fn connect(

@@ -499,16 +499,8 @@ async fn connections_to_gates_are_reused_once_a_response_ends_and_never_mid_resp
     )
     .await;
     let client = client();
-    let body = chat_body("chat", false);
     for _ in 0..10 {
-        let (status, _, text) = post(
-            &client,
-            &router.url("/v1/chat/completions"),
-            body.clone(),
-            &[],
-        )
-        .await
-        .unwrap();
+        let (status, _, text) = chat(&client, &router).await;
         assert_eq!((status, text.as_str()), (StatusCode::OK, r#"{"ok":true}"#));
     }
     assert_eq!(
@@ -521,7 +513,7 @@ async fn connections_to_gates_are_reused_once_a_response_ends_and_never_mid_resp
     // next request must not queue behind it.
     let request = Request::post(router.url("/v1/slow"))
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.clone())))
+        .body(Full::new(Bytes::from(chat_body("chat", false))))
         .unwrap();
     let response = client.request(request).await.unwrap();
     let mut slow = response.into_body();
@@ -531,18 +523,9 @@ async fn connections_to_gates_are_reused_once_a_response_ends_and_never_mid_resp
     assert!(first.is_some());
     drop(slow);
     for _ in 0..3 {
-        let answered = tokio::time::timeout(
-            Duration::from_secs(5),
-            post(
-                &client,
-                &router.url("/v1/chat/completions"),
-                body.clone(),
-                &[],
-            ),
-        )
-        .await
-        .expect("not stuck behind the abandoned response")
-        .unwrap();
+        let answered = tokio::time::timeout(Duration::from_secs(5), chat(&client, &router))
+            .await
+            .expect("not stuck behind the abandoned response");
         assert_eq!(answered.0, StatusCode::OK);
     }
     assert_eq!(gate.connections(), 2, "one new connection, reused after");

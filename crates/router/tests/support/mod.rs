@@ -177,37 +177,59 @@ pub struct DrainingGate {
 
 impl DrainingGate {
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let requests = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&requests);
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let counter = Arc::clone(&counter);
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |_req| {
-                        counter.fetch_add(1, Ordering::Relaxed);
-                        async {
-                            let response = Response::builder()
-                                .status(StatusCode::SERVICE_UNAVAILABLE)
-                                .header("x-crossfade-retry", "draining")
-                                .header("connection", "close")
-                                .body(Full::new(Bytes::from_static(b"draining")))
-                                .unwrap();
-                            Ok::<_, Infallible>(response)
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        let addr = serve_gate(
+            || {},
+            move |_addr, _req| {
+                counter.fetch_add(1, Ordering::Relaxed);
+                async {
+                    Response::builder()
+                        .status(StatusCode::SERVICE_UNAVAILABLE)
+                        .header("x-crossfade-retry", "draining")
+                        .header("connection", "close")
+                        .body(Full::new(Bytes::from_static(b"draining")))
+                        .unwrap()
+                }
+            },
+        )
+        .await;
         Self { addr, requests }
     }
+}
+
+/// Serves `handler` (given the gate's own address and each request) over
+/// HTTP/1.1 on a loopback port, calling `accepted` for every connection;
+/// returns the address.
+async fn serve_gate<H, Fut, B>(accepted: impl Fn() + Send + 'static, handler: H) -> SocketAddr
+where
+    H: Fn(SocketAddr, Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            accepted();
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let response = handler(addr, req);
+                    async move { Ok::<_, Infallible>(response.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
 }
 
 /// An address where nothing listens (bound, then released).
@@ -228,55 +250,39 @@ pub struct CountingGate {
 
 impl CountingGate {
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&connections);
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
+        let accepted = move || {
+            counter.fetch_add(1, Ordering::Relaxed);
+        };
+        let addr = serve_gate(
+            accepted,
+            |addr, req: Request<hyper::body::Incoming>| async move {
+                let host = req.headers().get("host").and_then(|h| h.to_str().ok());
+                if req.uri().authority().is_some() || host != Some(addr.to_string().as_str()) {
+                    let text = format!("{:?} with Host {host:?}", req.uri());
+                    let mut refused = Response::new(Full::new(Bytes::from(text)).boxed());
+                    *refused.status_mut() = StatusCode::BAD_REQUEST;
+                    return refused;
+                }
+                let slow = req.uri().path() == "/v1/slow";
+                let _ = req.into_body().collect().await;
+                let body: http_body_util::combinators::BoxBody<Bytes, Infallible> = if slow {
+                    let first = futures_util::stream::once(async {
+                        Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from_static(
+                            b"data: {}\n\n",
+                        )))
+                    });
+                    let never = futures_util::stream::pending();
+                    http_body_util::StreamBody::new(futures_util::StreamExt::chain(first, never))
+                        .boxed()
+                } else {
+                    Full::new(Bytes::from_static(br#"{"ok":true}"#)).boxed()
                 };
-                counter.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        move |req: Request<hyper::body::Incoming>| async move {
-                            let host = req.headers().get("host").and_then(|h| h.to_str().ok());
-                            if req.uri().authority().is_some()
-                                || host != Some(addr.to_string().as_str())
-                            {
-                                let text = format!("{:?} with Host {host:?}", req.uri());
-                                let mut refused =
-                                    Response::new(Full::new(Bytes::from(text)).boxed());
-                                *refused.status_mut() = StatusCode::BAD_REQUEST;
-                                return Ok::<_, Infallible>(refused);
-                            }
-                            let slow = req.uri().path() == "/v1/slow";
-                            let _ = req.into_body().collect().await;
-                            let body: http_body_util::combinators::BoxBody<Bytes, Infallible> =
-                                if slow {
-                                    let first = futures_util::stream::once(async {
-                                        Ok::<_, Infallible>(hyper::body::Frame::data(
-                                            Bytes::from_static(b"data: {}\n\n"),
-                                        ))
-                                    });
-                                    let never = futures_util::stream::pending();
-                                    http_body_util::StreamBody::new(futures_util::StreamExt::chain(
-                                        first, never,
-                                    ))
-                                    .boxed()
-                                } else {
-                                    Full::new(Bytes::from_static(br#"{"ok":true}"#)).boxed()
-                                };
-                            Ok::<_, Infallible>(Response::new(body))
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+                Response::new(body)
+            },
+        )
+        .await;
         Self { addr, connections }
     }
 
