@@ -724,11 +724,11 @@ async fn scale(fleet: &Fleet, min: u32, max: u32, target: u32, delay: u32) {
         .await
         .update_scaling(v1::UpdateScalingRequest {
             name: "chat".into(),
-            scaling: Some(v1::ScalingSettings {
-                min_replicas: min,
-                max_replicas: max,
-                target_in_flight_per_replica: target,
-                scale_down_delay_seconds: delay,
+            scaling: Some(v1::ScalingUpdate {
+                min_replicas: Some(min),
+                max_replicas: Some(max),
+                target_in_flight_per_replica: Some(target),
+                scale_down_delay_seconds: Some(delay),
             }),
         })
         .await
@@ -1044,4 +1044,174 @@ async fn an_engine_killed_mid_stream_gives_a_clean_error_and_is_replaced() {
         cut <= 6,
         "more requests failed ({cut}) than were in flight on one engine"
     );
+}
+
+/// Creates `name` with a first deployment of `model` and `replicas`
+/// replicas, without waiting for it.
+async fn create(fleet: &Fleet, name: &str, aliases: &[&str], model: Option<&str>, replicas: u32) {
+    fleet
+        .client()
+        .await
+        .create_endpoint(v1::CreateEndpointRequest {
+            name: name.into(),
+            aliases: aliases.iter().map(|a| (*a).to_owned()).collect(),
+            template: model.map(template),
+            scaling: Some(v1::ScalingSettings {
+                min_replicas: replicas,
+                max_replicas: replicas,
+                target_in_flight_per_replica: 8,
+                scale_down_delay_seconds: 60,
+            }),
+            promotion_settings: None,
+            selector: None,
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_deployment_that_fails_ends_failed_and_the_next_one_goes_ahead() {
+    let fleet = start_fleet(2);
+    create(&fleet, "chat", &[], Some("does-not-exist/model"), 2).await;
+    let (failed, _) = fleet
+        .wait_endpoint(
+            "the first deployment to fail",
+            Duration::from_secs(60),
+            |e| last_status(e).is_some(),
+        )
+        .await;
+    assert_eq!(last_status(&failed), Some(v1::PromotionStatus::Failed));
+    assert!(failed.active_deployment.is_none(), "{failed:#?}");
+    assert!(
+        failed
+            .events
+            .iter()
+            .all(|e| !e.message.contains("deployment ``")),
+        "an event names an empty deployment: {:#?}",
+        failed.events
+    );
+
+    // The endpoint takes a new promotion, which serves.
+    promote(&fleet, "org/v1").await;
+    fleet
+        .wait_endpoint(
+            "the second first deployment",
+            Duration::from_secs(60),
+            |e| last_status(e) == Some(v1::PromotionStatus::Succeeded),
+        )
+        .await;
+    let (status, _, body) = chat(fleet.publics[0], "chat", false).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("[org/v1 as chat]"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alias_that_names_another_endpoint_is_refused_and_routing_goes_on() {
+    let fleet = start_fleet(2);
+    create_chat(&fleet, rolling(50, 0, 0)).await;
+    create(&fleet, "other", &["other-alias"], None, 0).await;
+    let mut client = fleet.client().await;
+    for (endpoint, aliases) in [
+        ("other", vec!["chat"]),
+        ("chat", vec!["other-alias"]),
+        ("chat", vec!["same", "same"]),
+    ] {
+        let error = client
+            .update_aliases(v1::UpdateAliasesRequest {
+                name: endpoint.into(),
+                aliases: aliases.iter().map(|a| (*a).to_owned()).collect(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
+        assert!(
+            error.message().starts_with("aliases: "),
+            "{}",
+            error.message()
+        );
+    }
+    // A template the agents could not launch is refused before any worker
+    // sees it, naming the field.
+    let mut bad = template("org/v2");
+    bad.vllm_args = "--port 9000".into();
+    let error = client
+        .promote(v1::PromoteRequest {
+            endpoint: "chat".into(),
+            target: Some(v1::promote_request::Target::Template(bad)),
+            settings: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument);
+    assert!(
+        error
+            .message()
+            .starts_with("template.vllm_args: may not set --port"),
+        "{}",
+        error.message()
+    );
+    // The routers still route `chat`.
+    let (status, _, body) = chat(fleet.publics[1], "chat", false).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_hangs_mid_promotion_is_lost_and_the_promotion_ends() {
+    let fleet = start_fleet(4);
+    create_chat(
+        &fleet,
+        v1::PromotionSettingsUpdate {
+            drain_timeout_seconds: Some(30),
+            ..rolling(50, 0, 0)
+        },
+    )
+    .await;
+    // A host serving v1 hangs: its agent (and so its gate) stops answering.
+    let mut hung = None;
+    for agent in &fleet.agents {
+        if agent
+            .status()
+            .await
+            .engine
+            .is_some_and(|e| e.state() == v1::EngineState::Ready)
+        {
+            hung = Some(agent);
+            break;
+        }
+    }
+    let hung = hung.expect("an agent serving v1");
+    let stopped = Command::new("kill")
+        .args(["-STOP", &hung.process.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let started = Instant::now();
+    let promotion = promote_v2(&fleet).await;
+    let done = ended(&fleet, &promotion.promotion_id).await;
+    assert_eq!(done.status(), v1::PromotionStatus::Succeeded, "{done:#?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "{:?}",
+        started.elapsed()
+    );
+    let (endpoint, _) = fleet
+        .wait_endpoint("two v2 replicas", Duration::from_secs(60), |e| {
+            ready_replicas(e) == 2
+        })
+        .await;
+    assert!(
+        endpoint
+            .events
+            .iter()
+            .any(|e| e.kind == "replica-lost" || e.kind == "worker-lost"),
+        "{:#?}",
+        endpoint.events
+    );
+    let (status, _, body) = chat(fleet.publics[0], "chat", false).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("[org/v2 as chat]"), "{body}");
+    // Let it go, so that its drop (SIGKILL) and the reaper work as usual.
+    let _ = Command::new("kill")
+        .args(["-CONT", &hung.process.pid().to_string()])
+        .status();
 }

@@ -106,22 +106,23 @@ enum Command {
         /// The endpoint.
         endpoint: String,
     },
-    /// Set the replica bounds and the autoscaling target.
+    /// Change the replica bounds or the autoscaling target; only the flags
+    /// given change.
     Scale {
         /// The endpoint.
         endpoint: String,
         /// Fewest replicas.
         #[arg(long)]
-        min: u32,
+        min: Option<u32>,
         /// Most replicas.
         #[arg(long)]
-        max: u32,
+        max: Option<u32>,
         /// In-flight requests one replica should carry.
-        #[arg(long, default_value_t = 32)]
-        target_in_flight: u32,
+        #[arg(long)]
+        target_in_flight: Option<u32>,
         /// Seconds of low load before replicas are removed.
-        #[arg(long, default_value_t = 300)]
-        scale_down_delay_seconds: u32,
+        #[arg(long)]
+        scale_down_delay_seconds: Option<u32>,
     },
     /// Change promotion settings (Baseten's names).
     Settings {
@@ -467,7 +468,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let e = client
                 .update_scaling(v1::UpdateScalingRequest {
                     name: endpoint,
-                    scaling: Some(v1::ScalingSettings {
+                    scaling: Some(v1::ScalingUpdate {
                         min_replicas: min,
                         max_replicas: max,
                         target_in_flight_per_replica: target_in_flight,

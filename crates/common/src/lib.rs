@@ -15,6 +15,7 @@ pub mod net;
 pub mod secret;
 pub mod shutdown;
 pub mod telemetry;
+pub mod vllm_args;
 
 pub use config::{CommonArgs, ConfigError, FieldError, Validate};
 pub use secret::Secret;

@@ -45,6 +45,9 @@ pub enum Engine {
     Draining,
     /// Failed (crash loop, not ready in time).
     Failed,
+    /// Lost: its agent has not been heard from within the heartbeat bound.
+    /// Nothing is believed about its engine until it answers again.
+    Unknown,
 }
 
 /// A worker as the agents report it.
@@ -328,7 +331,8 @@ impl Rollout {
             paused: false,
             resume_to: Status::Releasing,
             force_forward: false,
-            overhead_done: settings.replica_overhead_percent == 0,
+            // The first deployment has no old replicas to add to.
+            overhead_done: settings.replica_overhead_percent == 0 || from.is_empty(),
             starting: BTreeSet::new(),
             ready: BTreeSet::new(),
             removes: BTreeSet::new(),
@@ -566,6 +570,11 @@ impl Rollout {
     // === events ===
 
     fn on_worker(&mut self, id: String, worker: Worker, out: &mut Vec<Action>) {
+        if worker.engine == Engine::Unknown {
+            self.on_lost(&id, out);
+            self.workers.insert(id, worker);
+            return;
+        }
         let ready_with =
             |d: &str| worker.engine == Engine::Ready && worker.deployment.as_deref() == Some(d);
         // A routed worker that stopped being ready leaves the table now.
@@ -609,6 +618,30 @@ impl Rollout {
         }
         if failed_new && !self.status.is_terminal() && !self.backward {
             self.fail(format!("candidate replica on {id} failed"), out);
+        }
+    }
+
+    /// A lost worker leaves the table at once and is never drained through
+    /// (a call to it would only wait out its deadline); its replica is
+    /// replaced by the step or by the steady state, and the shell stops its
+    /// engine when it answers again. A start on it is not a failed
+    /// candidate: the step starts one elsewhere.
+    fn on_lost(&mut self, id: &str, out: &mut Vec<Action>) {
+        if let Some(deployment) = self.routed.remove(id) {
+            out.push(record(
+                "replica-lost",
+                format!("{id} ({deployment}) is not answering; out of the table"),
+            ));
+            self.push_table(out);
+        }
+        self.removes.remove(id);
+        let started = self.starting.remove(id) | self.ready.remove(id);
+        let leaving = self.leaving.remove(id).is_some();
+        if started || leaving {
+            out.push(record(
+                "worker-lost",
+                format!("{id} is not answering; its part in this step moves elsewhere"),
+            ));
         }
     }
 
@@ -660,6 +693,13 @@ impl Rollout {
                     self.reason = std::mem::take(&mut self.reason_before_pause);
                     out.push(record("resumed", "promotion resumed".into()));
                 }
+            }
+            Command::Cancel if self.is_first() => {
+                out.push(record(
+                    "canceled",
+                    "the endpoint's first deployment: nothing to ramp back to".into(),
+                ));
+                self.end_now(Status::Canceled, out);
             }
             Command::Cancel => {
                 if !self.backward {
@@ -725,7 +765,7 @@ impl Rollout {
 
     fn force_cancel(&mut self, out: &mut Vec<Action>) {
         let old_ready = self.routed.values().any(|d| *d == self.from);
-        if !old_ready {
+        if !old_ready && !self.is_first() {
             // Nothing of the old deployment serves: it has to start first.
             out.push(record(
                 "force-cancel",
@@ -738,18 +778,27 @@ impl Rollout {
             "force-cancel",
             "all traffic to the old deployment now".into(),
         ));
+        self.end_now(Status::Canceled, out);
+    }
+
+    /// The endpoint's first promotion: there is no old deployment.
+    fn is_first(&self) -> bool {
+        self.from.is_empty()
+    }
+
+    /// Ends now: the step's replicas and the candidate's stop, the traffic
+    /// is the old deployment's (none, for a first deployment).
+    fn end_now(&mut self, status: Status, out: &mut Vec<Action>) {
         self.abandon_step(out);
         self.take_out_deployment(&self.to.clone(), false, out);
-        self.finish(Status::Canceled, out);
+        self.finish(status, out);
     }
 
     fn fail(&mut self, reason: String, out: &mut Vec<Action>) {
         out.push(record("failed", reason.clone()));
         self.reason = reason;
-        if self.routed.values().any(|d| *d == self.from) {
-            self.abandon_step(out);
-            self.take_out_deployment(&self.to.clone(), false, out);
-            self.finish(Status::Failed, out);
+        if self.is_first() || self.routed.values().any(|d| *d == self.from) {
+            self.end_now(Status::Failed, out);
         } else {
             // No old replica is left to take the traffic: bring them back.
             self.turn_back(Status::Failed, out);
@@ -1094,10 +1143,12 @@ impl Rollout {
             Phase::StartingReplicas => self.start_step(&new, &old, out),
             Phase::WaitingReady => {
                 if self.starting.is_empty() && !self.leaving.values().any(|r| r.then_start) {
-                    if self.ready.is_empty() && (!self.overhead_done || self.removes.is_empty()) {
-                        // Every start failed: try again elsewhere (the
+                    if self.ready.is_empty() {
+                        // Every start failed or was lost: try again
+                        // elsewhere, with no old replica out meanwhile (the
                         // overhead is best effort: go on without it).
                         self.overhead_done = true;
+                        self.removes.clear();
                         self.phase = Phase::StartingReplicas;
                         return;
                     }

@@ -223,6 +223,31 @@ impl Default for Scaling {
 }
 
 impl Scaling {
+    /// These settings with the fields `update` sets changed, validated as a
+    /// whole; errors name `prefix.field`.
+    pub fn updated(
+        &self,
+        update: &v1::ScalingUpdate,
+        prefix: &str,
+    ) -> Result<Self, Vec<FieldError>> {
+        let next = Self {
+            min_replicas: update.min_replicas.unwrap_or(self.min_replicas),
+            max_replicas: update.max_replicas.unwrap_or(self.max_replicas),
+            target_in_flight_per_replica: update
+                .target_in_flight_per_replica
+                .unwrap_or(self.target_in_flight_per_replica),
+            scale_down_delay_seconds: update
+                .scale_down_delay_seconds
+                .unwrap_or(self.scale_down_delay_seconds),
+        };
+        let errors = next.validate(prefix);
+        if errors.is_empty() {
+            Ok(next)
+        } else {
+            Err(errors)
+        }
+    }
+
     /// From the wire, validated; errors name `prefix.field`.
     pub fn from_proto(
         scaling: &v1::ScalingSettings,
@@ -469,5 +494,36 @@ mod tests {
             ..scaling
         };
         assert_eq!(zero.desired(500), 0);
+    }
+
+    #[test]
+    fn a_scaling_update_changes_only_the_fields_it_sets() {
+        let scaling = Scaling {
+            min_replicas: 1,
+            max_replicas: 4,
+            target_in_flight_per_replica: 10,
+            scale_down_delay_seconds: 60,
+        };
+        let update = v1::ScalingUpdate {
+            max_replicas: Some(8),
+            ..Default::default()
+        };
+        assert_eq!(
+            scaling.updated(&update, "scaling").unwrap(),
+            Scaling {
+                max_replicas: 8,
+                ..scaling
+            }
+        );
+        // Checked as a whole: a max below the kept min is refused.
+        let update = v1::ScalingUpdate {
+            max_replicas: Some(0),
+            ..Default::default()
+        };
+        let errors = scaling.updated(&update, "scaling").unwrap_err();
+        assert_eq!(
+            errors[0].to_string(),
+            "`scaling.min_replicas`: must be within 0..=0, got 1"
+        );
     }
 }

@@ -151,8 +151,10 @@ impl Deployment {
     }
 }
 
-/// `template` with every secret value removed and marked redacted.
+/// `template` with every secret value removed and marked redacted, and
+/// the credentials in its `vllm_args` (`--api-key`) replaced.
 pub fn redacted(mut template: v1::Template) -> v1::Template {
+    template.vllm_args = crossfade_common::vllm_args::redact(&template.vllm_args);
     for var in &mut template.env {
         if var.secret && matches!(var.source, Some(v1::env_var::Source::Value(_))) {
             var.source = None;
@@ -236,6 +238,10 @@ pub struct WorkerRecord {
     /// Its gate, as it last reported it.
     #[serde(default)]
     pub gate_address: String,
+    /// A `Stop` did not reach it (it was lost, or the endpoint was deleted):
+    /// it gets one as soon as it answers, unless a rollout uses it again.
+    #[serde(default)]
+    pub stop_pending: bool,
 }
 
 /// A router.

@@ -137,6 +137,7 @@ mod tests {
                 cordoned: true,
                 cordon_reason: "GPU unhealthy".into(),
                 gate_address: "10.0.0.1:8000".into(),
+                stop_pending: true,
             },
         );
         state.routers.insert(

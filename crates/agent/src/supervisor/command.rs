@@ -11,26 +11,7 @@
 //! `MODEL_NAME` changes. `VLLM_ARGS` is split the way a POSIX shell splits
 //! words; it may not set what the agent owns.
 
-/// Flags the agent sets itself; `VLLM_ARGS` may not, and the error says why.
-const OWNED: &[(&str, &str)] = &[
-    (
-        "--served-model-name",
-        "the agent serves the endpoint's name (SERVED_MODEL_NAME when standalone), its aliases and the model's name; \
-         set aliases on the endpoint instead",
-    ),
-    (
-        "--host",
-        "the engine listens on 127.0.0.1 behind the agent's gate",
-    ),
-    (
-        "--port",
-        "the agent picks the engine's port ([engine] port)",
-    ),
-    (
-        "--model",
-        "the model is the template's `model` (MODEL_NAME)",
-    ),
-];
+use crossfade_common::vllm_args::{self, VllmArgsError};
 
 /// What the command line is built from.
 #[derive(Debug, Clone, Copy)]
@@ -52,22 +33,9 @@ pub struct Launch<'a> {
 /// Why a command line cannot be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommandError {
-    /// `VLLM_ARGS` does not split (an unbalanced quote, a trailing backslash).
-    #[error("VLLM_ARGS does not split into words as a shell would ({reason}): {vllm_args}")]
-    Unsplittable {
-        /// The splitter's reason.
-        reason: String,
-        /// The value, to find the quote in.
-        vllm_args: String,
-    },
-    /// `VLLM_ARGS` sets a flag the agent owns.
-    #[error("VLLM_ARGS may not set {flag}: {why}")]
-    Owned {
-        /// The flag.
-        flag: &'static str,
-        /// Why the agent owns it.
-        why: &'static str,
-    },
+    /// `VLLM_ARGS` does not split, or sets a flag the agent owns.
+    #[error(transparent)]
+    VllmArgs(#[from] VllmArgsError),
     /// No model to load.
     #[error("MODEL_NAME (the template's `model`) is empty")]
     NoModel,
@@ -78,16 +46,7 @@ pub fn engine_args(launch: &Launch<'_>) -> Result<Vec<String>, CommandError> {
     if launch.model.trim().is_empty() {
         return Err(CommandError::NoModel);
     }
-    let extra = shell_words::split(launch.vllm_args).map_err(|e| CommandError::Unsplittable {
-        reason: e.to_string(),
-        vllm_args: launch.vllm_args.to_owned(),
-    })?;
-    for word in &extra {
-        let flag = word.split_once('=').map_or(word.as_str(), |(flag, _)| flag);
-        if let Some((flag, why)) = OWNED.iter().find(|(owned, _)| *owned == flag) {
-            return Err(CommandError::Owned { flag, why });
-        }
-    }
+    let extra = vllm_args::split(launch.vllm_args)?;
 
     let mut args: Vec<String> = ["serve", launch.model, "--host", "127.0.0.1", "--port"]
         .map(str::to_owned)
@@ -174,7 +133,10 @@ mod tests {
     #[test]
     fn unbalanced_quotes_are_a_clear_error() {
         let err = engine_args(&launch("--chat-template '{{ oops", &[])).unwrap_err();
-        assert!(matches!(err, CommandError::Unsplittable { .. }));
+        assert!(matches!(
+            err,
+            CommandError::VllmArgs(VllmArgsError::Unsplittable { .. })
+        ));
         let text = err.to_string();
         assert!(
             text.starts_with("VLLM_ARGS does not split into words"),
@@ -193,7 +155,7 @@ mod tests {
         ] {
             let err = engine_args(&launch(vllm_args, &[])).unwrap_err();
             match &err {
-                CommandError::Owned { flag: f, why } => {
+                CommandError::VllmArgs(VllmArgsError::Owned { flag: f, why }) => {
                     assert_eq!(*f, flag);
                     assert!(!why.is_empty());
                 }

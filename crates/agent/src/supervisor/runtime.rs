@@ -32,26 +32,11 @@ pub struct LaunchPlan {
     pub log_path: PathBuf,
 }
 
-/// vLLM flags whose value is a credential: [`LaunchPlan`]'s `Debug` hides it.
-const SECRET_FLAGS: &[&str] = &["--api-key", "--hf-token", "--ssl-keyfile-password"];
-
 impl fmt::Debug for LaunchPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names: Vec<&str> = self.env.iter().map(|(name, _)| name.as_str()).collect();
-        let mut args = Vec::with_capacity(self.args.len());
-        let mut hide_next = false;
-        for arg in &self.args {
-            if std::mem::take(&mut hide_next) {
-                args.push("<redacted>".to_owned());
-            } else if let Some((flag, _)) = arg.split_once('=')
-                && SECRET_FLAGS.contains(&flag)
-            {
-                args.push(format!("{flag}=<redacted>"));
-            } else {
-                hide_next = SECRET_FLAGS.contains(&arg.as_str());
-                args.push(arg.clone());
-            }
-        }
+        // Credentials in the arguments (`--api-key`) are hidden.
+        let args = crossfade_common::vllm_args::redact_words(&self.args);
         f.debug_struct("LaunchPlan")
             .field("program", &self.program)
             .field("args", &args)

@@ -331,3 +331,82 @@ fn an_evicted_replica_is_replaced_before_it_drains() {
     let acked = r.handle(Event::TableAcked { seq });
     assert_eq!(drains(&acked), ["w2"]);
 }
+
+fn lost(worker: &str) -> Event {
+    Event::Worker {
+        id: worker.into(),
+        worker: Worker {
+            deployment: None,
+            engine: Engine::Unknown,
+            eligible: false,
+            evict: false,
+        },
+    }
+}
+
+#[test]
+fn a_lost_worker_leaves_the_table_undrained_and_its_start_moves_elsewhere() {
+    let (workers, routed) = fleet(3, 2);
+    let mut r = Rollout::new("old", "new", rolling_surge(), 3, workers, routed);
+    let start = r.start();
+    assert_eq!(applies(&start), [("w3".to_owned(), "new".to_owned())]);
+
+    // The host starting the candidate hangs: not a failed candidate; the
+    // step starts on the other idle worker.
+    let moved = r.handle(lost("w3"));
+    assert_eq!(applies(&moved), [("w4".to_owned(), "new".to_owned())]);
+    assert!(!r.status.is_terminal(), "{:?}", r.status);
+
+    // A routed old replica hangs: out of the table at once, never drained.
+    let out = r.handle(lost("w0"));
+    let pushed = tables(&out);
+    assert_eq!(pushed.len(), 1);
+    assert!(
+        pushed[0]
+            .1
+            .iter()
+            .all(|route| !route.workers.contains(&"w0".to_owned())),
+        "{pushed:?}"
+    );
+    assert!(drains(&out).is_empty());
+    let acked = r.handle(Event::TableAcked { seq: pushed[0].0 });
+    assert!(!drains(&acked).contains(&"w0".to_owned()));
+    assert!(!r.claimed().contains("w0"), "a lost worker stays claimed");
+}
+
+#[test]
+fn a_first_deployment_canceled_or_failed_ends_at_once() {
+    let (workers, _) = fleet(0, 2);
+    let first = |workers| {
+        Rollout::new(
+            "",
+            "new",
+            PromotionSettings::default(),
+            2,
+            workers,
+            BTreeMap::new(),
+        )
+    };
+
+    let mut r = first(workers.clone());
+    assert_eq!(applies(&r.start()).len(), 2);
+    let canceled = r.handle(Event::Command(Command::Cancel));
+    assert_eq!(r.status, Status::Canceled);
+    // Both loading replicas stop; nothing else is started.
+    assert!(applies(&canceled).is_empty(), "{canceled:?}");
+
+    let mut r = first(workers);
+    r.start();
+    let failed = r.handle(Event::Worker {
+        id: "w0".into(),
+        worker: Worker {
+            deployment: Some("new".into()),
+            engine: Engine::Failed,
+            eligible: true,
+            evict: false,
+        },
+    });
+    assert_eq!(r.status, Status::Failed);
+    assert!(applies(&failed).is_empty(), "{failed:?}");
+    assert!(!r.reason.is_empty());
+}

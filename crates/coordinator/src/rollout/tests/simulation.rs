@@ -16,6 +16,9 @@ use proptest::prelude::*;
 use super::super::*;
 use crate::settings::PromotionSettings;
 
+/// The old deployment's id.
+const OLD: &str = "old";
+
 #[derive(Debug, Clone)]
 enum Reply {
     Ready(String),
@@ -39,23 +42,33 @@ struct Fleet {
 }
 
 impl Fleet {
-    fn new(settings: PromotionSettings, replicas: usize, idle: usize) -> (Self, Vec<Action>) {
+    /// `replicas` of the old deployment and `idle` idle workers; `first`:
+    /// the endpoint has no deployment yet and wants `replicas` of the
+    /// candidate, all workers idle.
+    fn new(
+        settings: PromotionSettings,
+        replicas: usize,
+        idle: usize,
+        first: bool,
+    ) -> (Self, Vec<Action>) {
         let mut workers = BTreeMap::new();
         let mut routed = BTreeMap::new();
-        for i in 0..replicas {
+        let serving = if first { 0 } else { replicas };
+        let idle = idle + replicas - serving;
+        for i in 0..serving {
             let id = format!("w{i}");
             workers.insert(
                 id.clone(),
                 Worker {
-                    deployment: Some("old".into()),
+                    deployment: Some(OLD.into()),
                     engine: Engine::Ready,
                     eligible: true,
                     evict: false,
                 },
             );
-            routed.insert(id, "old".to_owned());
+            routed.insert(id, OLD.to_owned());
         }
-        for i in replicas..replicas + idle {
+        for i in serving..serving + idle {
             workers.insert(
                 format!("w{i}"),
                 Worker {
@@ -67,7 +80,8 @@ impl Fleet {
             );
         }
         let target = u32::try_from(replicas).unwrap_or(u32::MAX);
-        let mut rollout = Rollout::new("old", "new", settings, target, workers.clone(), routed);
+        let from = if first { "" } else { OLD };
+        let mut rollout = Rollout::new(from, "new", settings, target, workers.clone(), routed);
         let mut tables = BTreeMap::new();
         tables.insert(0, rollout.routes());
         let actions = rollout.start();
@@ -249,8 +263,9 @@ fn play(
     choices: &[u32],
     commands: bool,
     candidate_fails: bool,
+    first_deployment: bool,
 ) -> (Fleet, Option<Command>) {
-    let (mut fleet, first) = Fleet::new(settings, replicas, idle);
+    let (mut fleet, first) = Fleet::new(settings, replicas, idle, first_deployment);
     fleet.candidate_fails = candidate_fails;
     let mut queue = Vec::new();
     for action in first {
@@ -337,8 +352,9 @@ proptest! {
         replicas in 1usize..=5,
         idle in 0usize..=3,
         choices in prop::collection::vec(any::<u32>(), 0..300),
+        first in any::<bool>(),
     ) {
-        let (fleet, decisive) = play(settings, replicas, idle, &choices, true, false);
+        let (fleet, decisive) = play(settings, replicas, idle, &choices, true, false, first);
         let rollout = &fleet.rollout;
         prop_assert!(rollout.is_settled(), "not settled: {rollout:#?}");
         let expected = match decisive {
@@ -350,8 +366,11 @@ proptest! {
         if expected == Status::Succeeded {
             prop_assert_eq!(weight_on(&fleet, "new"), TOTAL_WEIGHT, "{:?}", last);
             prop_assert_eq!(rollout.percent_to_candidate(), 100);
+        } else if first {
+            // A first deployment canceled: nothing serves, nothing runs.
+            prop_assert!(last.is_empty(), "{:?}", last);
         } else {
-            prop_assert_eq!(weight_on(&fleet, "old"), TOTAL_WEIGHT, "{:?}", last);
+            prop_assert_eq!(weight_on(&fleet, OLD), TOTAL_WEIGHT, "{:?}", last);
         }
         // Every engine still running is in the table (or kept warm).
         for (id, worker) in &fleet.workers {
@@ -370,12 +389,18 @@ proptest! {
         replicas in 1usize..=5,
         idle in 0usize..=3,
         choices in prop::collection::vec(any::<u32>(), 0..300),
+        first in any::<bool>(),
     ) {
-        let (fleet, _) = play(settings, replicas, idle, &choices, false, true);
+        let (fleet, _) = play(settings, replicas, idle, &choices, false, true, first);
         let rollout = &fleet.rollout;
         prop_assert!(rollout.is_settled(), "not settled: {rollout:#?}");
         prop_assert_eq!(rollout.status, Status::Failed, "{:#?}", rollout);
-        prop_assert_eq!(weight_on(&fleet, "old"), TOTAL_WEIGHT, "{:?}", fleet.tables);
+        if first {
+            let last = fleet.tables.values().next_back().cloned().unwrap_or_default();
+            prop_assert!(last.is_empty(), "{:?}", last);
+        } else {
+            prop_assert_eq!(weight_on(&fleet, OLD), TOTAL_WEIGHT, "{:?}", fleet.tables);
+        }
         prop_assert!(!rollout.reason.is_empty());
         // No candidate engine is left running.
         for (id, worker) in &fleet.workers {

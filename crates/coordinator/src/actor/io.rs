@@ -1,0 +1,480 @@
+//! The actions performed: calls to agents and routers, and the answers
+//! that come back as internal events.
+
+use super::*;
+
+impl Actor {
+    // === actions ===
+
+    pub(super) fn perform(&mut self, endpoint: &str, action: Action) {
+        match action {
+            Action::Record { .. } => {}
+            Action::PushTable { seq, .. } => {
+                // Routes are read back from every rollout: one table for all.
+                // Versions carry the epoch in their high bits, so a table
+                // pushed after a restart is newer than any pushed before,
+                // even one the store did not record before the crash.
+                self.state.table_version =
+                    (self.state.table_version + 1).max(self.state.epoch << 32);
+                let version = self.state.table_version;
+                self.pending.push((version, endpoint.to_owned(), seq));
+                self.pushed_at.insert(version, Instant::now());
+                self.push_table_now(version);
+            }
+            Action::Apply { worker, deployment } => self.apply(endpoint, worker, deployment),
+            Action::Drain { worker } => {
+                let request = v1::DrainRequest {
+                    coordinator_epoch: self.state.epoch,
+                    deadline: self.drain_timeout(endpoint).try_into().ok(),
+                };
+                let call = AgentCall::Drain {
+                    endpoint: endpoint.to_owned(),
+                    request,
+                };
+                self.agents.call(&worker, call);
+            }
+            Action::Stop { worker } => {
+                let request = v1::StopRequest {
+                    coordinator_epoch: self.state.epoch,
+                    grace: self.drain_timeout(endpoint).try_into().ok(),
+                };
+                let call = AgentCall::Stop {
+                    endpoint: Some(endpoint.to_owned()),
+                    request,
+                };
+                self.agents.call(&worker, call);
+            }
+        }
+    }
+
+    pub(super) fn drain_timeout(&self, endpoint: &str) -> Duration {
+        let seconds = self.state.endpoints.get(endpoint).map_or(
+            PromotionSettings::default().drain_timeout_seconds,
+            |e| {
+                e.promotion
+                    .as_ref()
+                    .map_or(e.settings.drain_timeout_seconds, |p| {
+                        p.rollout.settings.drain_timeout_seconds
+                    })
+            },
+        );
+        Duration::from_secs(u64::from(seconds))
+    }
+
+    pub(super) fn apply(&mut self, endpoint: &str, worker: String, deployment: String) {
+        let Some(record) = self.state.deployments.get(&deployment) else {
+            tracing::error!(deployment, "no such deployment to apply");
+            return;
+        };
+        let Some(e) = self.state.endpoints.get(endpoint) else {
+            return;
+        };
+        let ready_timeout = e
+            .promotion
+            .as_ref()
+            .map_or(e.settings.ready_timeout_seconds, |p| {
+                p.rollout.settings.ready_timeout_seconds
+            });
+        let spec = match crate::template::resolve(record.template(), crate::template::process_env) {
+            Ok(template) => v1::EngineSpec {
+                deployment_id: deployment.clone(),
+                endpoint: endpoint.to_owned(),
+                aliases: e.aliases.clone(),
+                template: Some(template),
+                ready_timeout: Duration::from_secs(u64::from(ready_timeout))
+                    .try_into()
+                    .ok(),
+            },
+            Err(error) => {
+                let _ = self.internal.send(Internal::ApplyFailed {
+                    endpoint: endpoint.to_owned(),
+                    worker,
+                    deployment,
+                    error,
+                });
+                return;
+            }
+        };
+        let request = v1::ApplyRequest {
+            coordinator_epoch: self.state.epoch,
+            spec: Some(spec),
+            drain_timeout: self.drain_timeout(endpoint).try_into().ok(),
+        };
+        let call = AgentCall::Apply {
+            endpoint: endpoint.to_owned(),
+            request: Box::new(request),
+        };
+        self.agents.call(&worker, call);
+    }
+
+    /// Watches an agent's status for as long as it is known.
+    pub(super) fn watch_agent(&mut self, address: &str) {
+        let client = self.agents.client(address);
+        let internal = self.internal.clone();
+        let address = address.to_owned();
+        let shutdown = self.shutdown.clone();
+        self.shutdown.spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let mut client = client.clone();
+                let stream = tokio::time::timeout(
+                    HEARTBEAT_BOUND,
+                    client.watch_status(v1::WatchStatusRequest {
+                        heartbeat_interval: HEARTBEAT.try_into().ok(),
+                    }),
+                )
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded("no answer")));
+                match stream {
+                    Ok(stream) => {
+                        backoff = Duration::from_millis(100);
+                        let mut stream = stream.into_inner();
+                        loop {
+                            // A stream with no message, not even a
+                            // heartbeat, within the bound: the agent is
+                            // lost (a host that hangs keeps its TCP
+                            // connection open).
+                            let message = tokio::select! {
+                                () = shutdown.triggered() => return,
+                                m = tokio::time::timeout(HEARTBEAT_BOUND, stream.message()) => m,
+                            };
+                            let Ok(message) = message else {
+                                tracing::warn!(
+                                    address,
+                                    "no status within {HEARTBEAT_BOUND:?}: the worker is lost"
+                                );
+                                break;
+                            };
+                            match message {
+                                Ok(Some(status)) => {
+                                    if internal
+                                        .send(Internal::Status {
+                                            address: address.clone(),
+                                            status: Some(Box::new(status)),
+                                        })
+                                        .is_err()
+                                    {
+                                        return;
+                                    }
+                                }
+                                Ok(None) | Err(_) => break,
+                            }
+                        }
+                    }
+                    Err(e) => tracing::debug!(address, error = %e, "agent unreachable"),
+                }
+                if internal
+                    .send(Internal::Status {
+                        address: address.clone(),
+                        status: None,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::select! {
+                    () = shutdown.triggered() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
+
+    /// Outside promotions: replicas = clamp(ceil(in-flight / target per
+    /// replica), min, max), down only after the scale-down delay (at once
+    /// when `max_replicas` is 0: that drains and stops everything).
+    pub(super) fn autoscale(&mut self, actions: &mut Vec<(String, Action)>) {
+        let names: Vec<String> = self
+            .state
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.promotion.is_some() || e.last_promotion.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            let Some(endpoint) = self.state.endpoints.get(&name) else {
+                continue;
+            };
+            let Some(rollout) = current_rollout(endpoint) else {
+                continue;
+            };
+            let in_flight: u64 = rollout
+                .routed
+                .keys()
+                .filter_map(|w| self.observed.get(w))
+                .filter_map(|o| o.status.as_ref())
+                .filter_map(|s| s.in_flight.as_ref())
+                .map(|f| u64::from(f.gate))
+                .sum();
+            let desired = endpoint.scaling.desired(in_flight);
+            let current = rollout.target;
+            if endpoint.promotion.is_some() {
+                // During a promotion: only up.
+                if desired > current
+                    && let Some(promotion) = self
+                        .state
+                        .endpoints
+                        .get_mut(&name)
+                        .and_then(|e| e.promotion.as_mut())
+                {
+                    let produced = promotion.rollout.raise_target(desired);
+                    let start = actions.len();
+                    actions.extend(produced.into_iter().map(|a| (name.clone(), a)));
+                    self.settle(&name, &actions[start..]);
+                }
+                continue;
+            }
+            let delay = Duration::from_secs(u64::from(endpoint.scaling.scale_down_delay_seconds));
+            let now = Instant::now();
+            let go = if desired > current || endpoint.scaling.max_replicas == 0 && desired < current
+            {
+                true
+            } else if desired < current {
+                let since = *self.low_since.entry(name.clone()).or_insert(now);
+                now.duration_since(since) >= delay
+            } else {
+                self.low_since.remove(&name);
+                false
+            };
+            if !go || desired == current {
+                continue;
+            }
+            self.low_since.remove(&name);
+            let Some(endpoint) = self.state.endpoints.get_mut(&name) else {
+                continue;
+            };
+            let Some(promotion) = endpoint.last_promotion.as_mut() else {
+                continue;
+            };
+            let produced = promotion.rollout.rescale(desired);
+            let start = actions.len();
+            actions.extend(produced.into_iter().map(|a| (name.clone(), a)));
+            self.settle(&name, &actions[start..]);
+        }
+    }
+
+    /// Reads every router's stats for a promotion's endpoint since it
+    /// started, for the health gate.
+    pub(super) fn read_stats(&self, name: &str) {
+        let Some(promotion) = self
+            .state
+            .endpoints
+            .get(name)
+            .and_then(|e| e.promotion.as_ref())
+            .filter(|p| !p.rollout.status.is_terminal() && p.rollout.candidate_weight() > 0)
+        else {
+            return;
+        };
+        let routers: Vec<String> = self.state.routers.keys().cloned().collect();
+        let internal = self.internal.clone();
+        let endpoint = name.to_owned();
+        let promotion_id = promotion.id.clone();
+        let since = crate::state::timestamp(promotion.started_at_ms);
+        self.shutdown.spawn(async move {
+            let mut by_deployment: BTreeMap<String, crate::health::Counts> = BTreeMap::new();
+            for address in routers {
+                let mut client = RouterControlClient::new(calls::channel(&address));
+                let request = v1::GetStatsRequest {
+                    since: Some(since),
+                    endpoint: endpoint.clone(),
+                };
+                let Ok(Ok(answer)) =
+                    tokio::time::timeout(SHORT_CALL, client.get_stats(request)).await
+                else {
+                    continue;
+                };
+                for stats in answer.into_inner().endpoints {
+                    for deployment in stats.deployments {
+                        let counts = deployment.requests.unwrap_or_default();
+                        let entry = by_deployment.entry(deployment.deployment_id).or_default();
+                        entry.total += counts.total;
+                        entry.failed += counts.server_errors + counts.aborted_streams;
+                    }
+                }
+            }
+            let _ = internal.send(Internal::Stats {
+                endpoint,
+                promotion_id,
+                by_deployment,
+            });
+        });
+    }
+
+    /// The whole routing table now.
+    pub(super) fn table(&self, version: u64) -> v1::RoutingTable {
+        let gate = |worker: &str| {
+            self.observed
+                .get(worker)
+                .and_then(|o| o.status.as_ref())
+                .map(|s| s.gate_address.clone())
+                .filter(|g| !g.is_empty())
+                .or_else(|| {
+                    self.state
+                        .workers
+                        .get(worker)
+                        .map(|r| r.gate_address.clone())
+                        .filter(|g| !g.is_empty())
+                })
+        };
+        v1::RoutingTable {
+            version,
+            endpoints: self
+                .state
+                .endpoints
+                .values()
+                .map(|endpoint| v1::EndpointRoute {
+                    name: endpoint.name.clone(),
+                    aliases: endpoint.aliases.clone(),
+                    deployments: current_rollout(endpoint)
+                        .map(Rollout::routes)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|route| v1::DeploymentRoute {
+                            id: route.deployment,
+                            weight: route.weight,
+                            workers: route
+                                .workers
+                                .iter()
+                                .filter_map(|w| {
+                                    gate(w).map(|address| v1::WorkerRoute {
+                                        address,
+                                        worker_id: w.clone(),
+                                    })
+                                })
+                                .collect(),
+                        })
+                        .filter(|d| !d.workers.is_empty())
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Pushes the table as `version` to every router.
+    pub(super) fn push_table_now(&mut self, version: u64) {
+        let routers: Vec<String> = self.state.routers.keys().cloned().collect();
+        for address in routers {
+            self.push_table_to(&address, version);
+        }
+    }
+
+    /// Asks every router which table it serves; one behind the last pushed
+    /// (restarted with its configuration's table) gets the current one.
+    pub(super) fn check_routers(&self) {
+        let version = self.state.table_version;
+        if version == 0 {
+            return;
+        }
+        for address in self.state.routers.keys() {
+            let internal = self.internal.clone();
+            let address = address.clone();
+            let mut client = RouterControlClient::new(calls::channel(&address));
+            self.shutdown.spawn(async move {
+                let answer =
+                    tokio::time::timeout(SHORT_CALL, client.get_table(v1::GetTableRequest {}))
+                        .await;
+                if let Ok(Ok(answer)) = answer
+                    && answer
+                        .into_inner()
+                        .table
+                        .is_none_or(|t| t.version < version)
+                {
+                    let _ = internal.send(Internal::RouterBehind { address });
+                }
+            });
+        }
+    }
+
+    /// Gives the table as `version` to one router's pusher (started on
+    /// first use), which sends it until the router answers.
+    pub(super) fn push_table_to(&mut self, address: &str, version: u64) {
+        let table = Arc::new(self.table(version));
+        let epoch = self.state.epoch;
+        let pusher = self.pushers.entry(address.to_owned()).or_insert_with(|| {
+            calls::router_pusher(address, self.internal.clone(), &self.shutdown)
+        });
+        pusher.send_replace(Some((epoch, table)));
+    }
+
+    /// A table change not tied to a rollout (aliases, a router added, an
+    /// endpoint deleted): pushed after the change is stored, like the
+    /// rollouts' own.
+    pub(super) fn push_tables(&mut self, actions: &mut Vec<(String, Action)>) {
+        actions.push((
+            String::new(),
+            Action::PushTable {
+                seq: 0,
+                routes: Vec::new(),
+            },
+        ));
+    }
+
+    /// Tells rollouts which of their tables every router has acknowledged
+    /// (or the bound on an unreachable router passed).
+    pub(super) fn settle_acks(&mut self, actions: &mut Vec<(String, Action)>) {
+        let acked = self
+            .state
+            .routers
+            .values()
+            .map(|r| r.acknowledged_version)
+            .min()
+            .unwrap_or(u64::MAX);
+        // Only silence falls under the bound: a router that answers with a
+        // refusal is still routing by an older table, and one fenced by a
+        // newer coordinator's epoch is not ours to overrule.
+        let refusing = |version: u64| {
+            self.state.routers.values().any(|r| {
+                r.acknowledged_version < version
+                    && self
+                        .routers
+                        .get(&r.address)
+                        .is_some_and(|o| o.refused.is_some())
+            })
+        };
+        let mut done = Vec::new();
+        let mut late = Vec::new();
+        self.pending.retain(|(version, endpoint, seq)| {
+            if *version <= acked {
+                done.push((endpoint.clone(), *seq));
+                false
+            } else if self
+                .pushed_at
+                .get(version)
+                .is_some_and(|at| at.elapsed() >= self.options.router_ack_bound)
+                && !refusing(*version)
+            {
+                late.push((endpoint.clone(), *seq, *version));
+                false
+            } else {
+                true
+            }
+        });
+        self.pushed_at.retain(|version, _| *version > acked);
+        for (endpoint, seq, version) in late {
+            let missing: Vec<String> = self
+                .state
+                .routers
+                .values()
+                .filter(|r| r.acknowledged_version < version)
+                .map(|r| r.address.clone())
+                .collect();
+            if let Some(e) = self.state.endpoints.get_mut(&endpoint) {
+                e.record(
+                    now_ms(),
+                    "router-late",
+                    format!(
+                        "router(s) {} did not acknowledge table version {version} within {:?}; going ahead: their draining gates answer with a retryable 503",
+                        missing.join(", "),
+                        self.options.router_ack_bound
+                    ),
+                    "",
+                );
+            }
+            done.push((endpoint, seq));
+        }
+        for (endpoint, seq) in done {
+            self.feed(&endpoint, Event::TableAcked { seq }, actions);
+        }
+    }
+}

@@ -1,0 +1,683 @@
+//! The coordinator's shell: one actor owns the [`State`]; gRPC handlers
+//! send it requests, agents' status streams and the answers of the calls it
+//! makes come back as internal events. For every change it writes the state
+//! to the store first, then performs the rollout's actions: `Apply`,
+//! `Drain` and `Stop` on agents, routing tables to every router.
+//!
+//! Reads (GetEndpoint, ListWorkers, WatchEndpoint) come from a published
+//! [`View`], so they never wait for the actor.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossfade_common::Shutdown;
+use crossfade_proto::v1;
+use crossfade_proto::v1::router_control_client::RouterControlClient;
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::Status;
+
+use self::calls::{AgentCall, SHORT_CALL};
+
+use crate::error::CoordinatorError;
+use crate::rollout::{self, Action, Command, Engine, Event, Rollout};
+use crate::settings::{PromotionSettings, Scaling};
+use crate::state::{
+    Deployment, DeploymentState, Endpoint, Promotion, RouterRecord, Selector, State, WorkerRecord,
+};
+use crate::store::Store;
+
+mod calls;
+mod io;
+mod requests;
+mod workers;
+
+/// How long a router may take to acknowledge a table before the drain goes
+/// ahead anyway (the draining gate's retryable 503 is the safety net).
+pub const ROUTER_ACK_BOUND: Duration = Duration::from_secs(10);
+/// How often agents send their status when nothing changes.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// A worker whose agent sends nothing, not even a heartbeat, for this long
+/// is lost: it leaves every table and its replica is replaced.
+pub const HEARTBEAT_BOUND: Duration = Duration::from_secs(8);
+/// How often the actor's clock ticks.
+const TICK: Duration = Duration::from_millis(200);
+
+type Reply<T> = oneshot::Sender<Result<T, CoordinatorError>>;
+
+/// An answer waiting for its change to be stored and published.
+type Answer = Box<dyn FnOnce() + Send>;
+
+fn answer<T: Send + 'static>(
+    answers: &mut Vec<Answer>,
+    reply: Reply<T>,
+    result: Result<T, CoordinatorError>,
+) {
+    answers.push(Box::new(move || {
+        let _ = reply.send(result);
+    }));
+}
+
+/// What gRPC handlers ask of the actor.
+#[derive(Debug)]
+pub enum Request {
+    /// Create an endpoint (with a first deployment when a template is given).
+    CreateEndpoint(v1::CreateEndpointRequest, Reply<()>),
+    /// Delete an endpoint (stopping its replicas).
+    DeleteEndpoint(v1::DeleteEndpointRequest, Reply<v1::DeleteEndpointResponse>),
+    /// Change scaling.
+    UpdateScaling(v1::UpdateScalingRequest, Reply<()>),
+    /// Change promotion settings.
+    UpdatePromotionSettings(v1::UpdatePromotionSettingsRequest, Reply<()>),
+    /// Change the worker selector.
+    UpdateWorkerSelector(v1::UpdateWorkerSelectorRequest, Reply<()>),
+    /// Change the aliases.
+    UpdateAliases(v1::UpdateAliasesRequest, Reply<()>),
+    /// Promote a template or a kept deployment.
+    Promote(v1::PromoteRequest, Reply<(String, String)>),
+    /// Pause, resume, cancel, force.
+    Control(Command, v1::PromotionControlRequest, Reply<()>),
+    /// Add an agent by control address.
+    AddWorker(String, Reply<()>),
+    /// Remove an agent.
+    RemoveWorker(String, Reply<()>),
+    /// Cordon (true) or uncordon an agent.
+    Cordon(String, bool, String, Reply<()>),
+    /// Add a router by control address.
+    AddRouter(String, Reply<()>),
+    /// Remove a router.
+    RemoveRouter(String, Reply<()>),
+}
+
+/// What a worker looks like from here.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Observed {
+    /// Its last status, if it ever answered.
+    pub status: Option<v1::WorkerStatus>,
+    /// Its status stream is up.
+    pub reachable: bool,
+    /// When it last answered.
+    pub last_seen: Option<SystemTime>,
+}
+
+/// A router as seen from here.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouterObserved {
+    /// The last call succeeded.
+    pub reachable: bool,
+    /// When it last answered.
+    pub last_seen: Option<SystemTime>,
+    /// The last table it refused, and why: it has not acknowledged that
+    /// one, nor any after it, until it accepts one.
+    pub refused: Option<(u64, String)>,
+}
+
+/// What reads see: the state and what agents and routers report.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    /// The desired state.
+    pub state: State,
+    /// By control address.
+    pub workers: BTreeMap<String, Observed>,
+    /// By control address.
+    pub routers: BTreeMap<String, RouterObserved>,
+}
+
+/// The handle gRPC handlers hold.
+#[derive(Debug, Clone)]
+pub struct Coordinator {
+    requests: mpsc::Sender<Request>,
+    view: watch::Receiver<Arc<View>>,
+}
+
+impl Coordinator {
+    /// Sends a request and waits for its answer.
+    pub async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(make(reply))
+            .await
+            .map_err(|_| CoordinatorError::ShuttingDown)?;
+        Ok(answer.await.map_err(|_| CoordinatorError::ShuttingDown)??)
+    }
+
+    /// The view now.
+    pub fn view(&self) -> Arc<View> {
+        Arc::clone(&self.view.borrow())
+    }
+
+    /// Watches the view.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<View>> {
+        self.view.clone()
+    }
+}
+
+enum Internal {
+    Status {
+        address: String,
+        status: Option<Box<v1::WorkerStatus>>,
+    },
+    Drained {
+        endpoint: String,
+        worker: String,
+    },
+    /// A `Stop` ended; `failed` says why it did not reach the agent.
+    Stopped {
+        endpoint: Option<String>,
+        worker: String,
+        failed: Option<String>,
+    },
+    ApplyFailed {
+        endpoint: String,
+        worker: String,
+        deployment: String,
+        error: String,
+    },
+    /// A router answered with the version in force, or (`None`) did not
+    /// answer.
+    RouterAck {
+        address: String,
+        version: Option<u64>,
+    },
+    /// A router answered, refusing the table: it has not acknowledged it.
+    RouterRefused {
+        address: String,
+        version: u64,
+        reason: String,
+    },
+    /// A router serves an older table than the last one pushed (it
+    /// restarted): it gets the current one again.
+    RouterBehind {
+        address: String,
+    },
+    /// Requests per deployment since a promotion started, summed over the
+    /// routers that answered: (total, failed).
+    Stats {
+        endpoint: String,
+        promotion_id: String,
+        by_deployment: BTreeMap<String, crate::health::Counts>,
+    },
+}
+
+/// How often the health gate reads the routers' stats.
+const GATE_EVERY: Duration = Duration::from_secs(2);
+
+/// Settings of the actor.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Agents to watch from the start (control addresses).
+    pub agents: Vec<String>,
+    /// Routers to push tables to from the start (control addresses).
+    pub routers: Vec<String>,
+    /// How long a router may take to acknowledge a table.
+    pub router_ack_bound: Duration,
+}
+
+/// Starts the actor over the state in `store`; fails when the store cannot
+/// be read or written.
+pub fn start(
+    store: Store,
+    options: Options,
+    shutdown: &Shutdown,
+) -> Result<Coordinator, crate::store::StoreError> {
+    let mut state = store.load()?;
+    state.epoch += 1;
+    for address in &options.agents {
+        state
+            .workers
+            .entry(address.clone())
+            .or_insert_with(|| WorkerRecord {
+                address: address.clone(),
+                ..WorkerRecord::default()
+            });
+    }
+    for address in &options.routers {
+        state
+            .routers
+            .entry(address.clone())
+            .or_insert_with(|| RouterRecord {
+                address: address.clone(),
+                acknowledged_version: 0,
+            });
+    }
+    store.save(&state)?;
+    tracing::info!(epoch = state.epoch, path = %store.path().display(), "coordinator state loaded");
+    let (requests, requests_rx) = mpsc::channel(64);
+    let (internal, internal_rx) = mpsc::unbounded_channel();
+    let (view_tx, view) = watch::channel(Arc::new(View {
+        state: state.clone(),
+        ..View::default()
+    }));
+    let mut actor = Actor {
+        store,
+        state,
+        options,
+        internal: internal.clone(),
+        view: view_tx,
+        observed: BTreeMap::new(),
+        routers: BTreeMap::new(),
+        agents: calls::Agents::new(internal.clone(), shutdown.clone()),
+        pushers: BTreeMap::new(),
+        pending: Vec::new(),
+        pushed_at: BTreeMap::new(),
+        shutdown: shutdown.clone(),
+        step_started: BTreeMap::new(),
+        last_gate: Instant::now(),
+        low_since: BTreeMap::new(),
+        stopping: BTreeSet::new(),
+        started: Instant::now(),
+        unseen_checked: false,
+    };
+    let addresses: Vec<String> = actor.state.workers.keys().cloned().collect();
+    for address in addresses {
+        actor.watch_agent(&address);
+    }
+    actor.resume();
+    shutdown.spawn(actor.run(requests_rx, internal_rx));
+    Ok(Coordinator { requests, view })
+}
+
+struct Actor {
+    store: Store,
+    state: State,
+    options: Options,
+    internal: mpsc::UnboundedSender<Internal>,
+    view: watch::Sender<Arc<View>>,
+    observed: BTreeMap<String, Observed>,
+    routers: BTreeMap<String, RouterObserved>,
+    agents: calls::Agents,
+    /// Each router's pusher: the latest table to send.
+    pushers: BTreeMap<String, watch::Sender<calls::Push>>,
+    /// Tables pushed and not yet acknowledged by every router: (version,
+    /// endpoint, the endpoint's table number).
+    pending: Vec<(u64, String, u64)>,
+    /// When each version was pushed.
+    pushed_at: BTreeMap<u64, Instant>,
+    shutdown: Shutdown,
+    /// When each endpoint's current step started, for its duration.
+    step_started: BTreeMap<String, Instant>,
+    /// When the health gate last read the routers' stats.
+    last_gate: Instant,
+    /// Since when each endpoint has wanted fewer replicas.
+    low_since: BTreeMap<String, Instant>,
+    /// Stray engines whose `Stop` is under way.
+    stopping: BTreeSet<String>,
+    /// When this actor started: a worker not heard from since is lost
+    /// once [`HEARTBEAT_BOUND`] has passed.
+    started: Instant,
+    /// Workers never heard from since the start were declared lost.
+    unseen_checked: bool,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<Request>,
+        mut internal: mpsc::UnboundedReceiver<Internal>,
+    ) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut actions = Vec::new();
+            let mut answers = Vec::new();
+            tokio::select! {
+                () = self.shutdown.triggered() => return,
+                request = requests.recv() => match request {
+                    Some(request) => self.request(request, &mut actions, &mut answers),
+                    None => return,
+                },
+                Some(event) = internal.recv() => self.internal(event, &mut actions),
+                _ = tick.tick() => self.tick(&mut actions),
+            }
+            // An unstored change is not answered: the caller hears that the
+            // coordinator is shutting down.
+            if self.commit(actions) {
+                for answer in answers {
+                    answer();
+                }
+            }
+        }
+    }
+
+    /// Writes the state, then acts, then publishes; false when the state
+    /// could not be written.
+    fn commit(&mut self, actions: Vec<(String, Action)>) -> bool {
+        if let Err(e) = self.store.save(&self.state) {
+            // Acting on a state that is not written would break the
+            // promise to carry on after a crash: stop instead.
+            tracing::error!(error = %e, "cannot write the store; shutting down");
+            self.shutdown.trigger();
+            return false;
+        }
+        for (endpoint, action) in actions {
+            self.perform(&endpoint, action);
+        }
+        self.publish();
+        true
+    }
+
+    fn publish(&self) {
+        let view = Arc::new(View {
+            state: self.state.clone(),
+            workers: self.observed.clone(),
+            routers: self.routers.clone(),
+        });
+        crate::metrics::record(&view);
+        self.view.send_replace(view);
+    }
+
+    // === events ===
+
+    fn internal(&mut self, event: Internal, actions: &mut Vec<(String, Action)>) {
+        match event {
+            Internal::Status { address, status } => {
+                let observed = self.observed.entry(address.clone()).or_default();
+                match status {
+                    Some(status) => {
+                        // Kept in the store: a restarted coordinator builds
+                        // the same table before the agent reports again.
+                        if let Some(record) = self.state.workers.get_mut(&address)
+                            && record.gate_address != status.gate_address
+                        {
+                            record.gate_address.clone_from(&status.gate_address);
+                        }
+                        observed.status = Some(*status);
+                        observed.reachable = true;
+                        observed.last_seen = Some(SystemTime::now());
+                    }
+                    None => observed.reachable = false,
+                }
+                self.refresh_workers(actions);
+            }
+            Internal::Drained { endpoint, worker } => {
+                self.feed(&endpoint, Event::Drained { worker }, actions);
+            }
+            Internal::Stopped {
+                endpoint,
+                worker,
+                failed,
+            } => {
+                if let Some(error) = &failed {
+                    // Lost, or gone: stopped as soon as it answers again.
+                    tracing::warn!(
+                        worker,
+                        error,
+                        "stop failed; the worker gets one when it answers"
+                    );
+                    if let Some(record) = self.state.workers.get_mut(&worker) {
+                        record.stop_pending = true;
+                    }
+                }
+                self.stopping.remove(&worker);
+                if let Some(record) = self.state.workers.get_mut(&worker)
+                    && failed.is_none()
+                {
+                    record.stop_pending = false;
+                }
+                if let Some(endpoint) = endpoint {
+                    self.feed(&endpoint, Event::Stopped { worker }, actions);
+                }
+            }
+            Internal::ApplyFailed {
+                endpoint,
+                worker,
+                deployment,
+                error,
+            } => {
+                if let Some(e) = self.state.endpoints.get_mut(&endpoint) {
+                    e.record(
+                        now_ms(),
+                        "apply-failed",
+                        format!("{worker} could not start {deployment}: {error}"),
+                        "",
+                    );
+                }
+                let failed = rollout::Worker {
+                    deployment: Some(deployment),
+                    engine: Engine::Failed,
+                    eligible: false,
+                    evict: false,
+                };
+                self.feed(
+                    &endpoint,
+                    Event::Worker {
+                        id: worker,
+                        worker: failed,
+                    },
+                    actions,
+                );
+            }
+            Internal::Stats {
+                endpoint,
+                promotion_id,
+                by_deployment,
+            } => {
+                let Some(e) = self.state.endpoints.get(&endpoint) else {
+                    return;
+                };
+                let Some(promotion) = e.promotion.as_ref().filter(|p| p.id == promotion_id) else {
+                    return;
+                };
+                let r = &promotion.rollout;
+                if let Some(verdict) = crate::health::judge(&r.to, &r.from, &by_deployment) {
+                    self.feed(&endpoint, Event::Health(verdict), actions);
+                }
+            }
+            Internal::RouterBehind { address } => {
+                tracing::info!(
+                    router = address,
+                    "a router serves an older table; pushing the current one"
+                );
+                self.push_table_to(&address, self.state.table_version);
+            }
+            Internal::RouterAck { address, version } => {
+                let router = self.routers.entry(address.clone()).or_default();
+                match version {
+                    Some(version) => {
+                        router.reachable = true;
+                        router.last_seen = Some(SystemTime::now());
+                        if router.refused.as_ref().is_some_and(|(v, _)| *v <= version) {
+                            router.refused = None;
+                        }
+                        if let Some(record) = self.state.routers.get_mut(&address) {
+                            record.acknowledged_version = record.acknowledged_version.max(version);
+                        }
+                    }
+                    None => router.reachable = false,
+                }
+                self.settle_acks(actions);
+            }
+            Internal::RouterRefused {
+                address,
+                version,
+                reason,
+            } => {
+                tracing::warn!(
+                    router = address,
+                    version,
+                    reason,
+                    "a router refused the table"
+                );
+                let router = self.routers.entry(address.clone()).or_default();
+                router.reachable = true;
+                router.last_seen = Some(SystemTime::now());
+                router.refused = Some((version, reason.clone()));
+                // Told once to every endpoint whose change waits on it.
+                let waiting: BTreeSet<String> =
+                    self.pending.iter().map(|(_, e, _)| e.clone()).collect();
+                for name in waiting {
+                    if let Some(e) = self.state.endpoints.get_mut(&name) {
+                        e.record(
+                            now_ms(),
+                            "router-refused",
+                            format!("router {address} refused table version {version}: {reason}; waiting until it accepts one"),
+                            "",
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn tick(&mut self, actions: &mut Vec<(String, Action)>) {
+        // Wall-clock time: a stabilization wait started before a restart
+        // ends when it would have.
+        let now = now_ms();
+        let names: Vec<String> = self
+            .state
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.promotion.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in &names {
+            self.feed(name, Event::Tick { now_ms: now }, actions);
+        }
+        self.settle_acks(actions);
+        self.autoscale(actions);
+        if self.last_gate.elapsed() >= GATE_EVERY {
+            self.last_gate = Instant::now();
+            for name in names {
+                self.read_stats(&name);
+            }
+            self.check_routers();
+            if !self.unseen_checked && self.started.elapsed() >= HEARTBEAT_BOUND {
+                // Workers not heard from since the start are lost now.
+                self.unseen_checked = true;
+                self.refresh_workers(actions);
+            }
+            self.stop_strays();
+        }
+    }
+
+    /// Feeds an event to an endpoint's rollout and collects its actions.
+    fn feed(&mut self, name: &str, event: Event, actions: &mut Vec<(String, Action)>) {
+        let Some(endpoint) = self.state.endpoints.get_mut(name) else {
+            return;
+        };
+        let rollout = match (&mut endpoint.promotion, &mut endpoint.last_promotion) {
+            (Some(p), _) | (None, Some(p)) => &mut p.rollout,
+            (None, None) => return,
+        };
+        let produced = rollout.handle(event);
+        let start = actions.len();
+        actions.extend(produced.into_iter().map(|a| (name.to_owned(), a)));
+        self.settle(name, &actions[start..]);
+    }
+
+    /// After a rollout moved (`actions` are the ones it just produced):
+    /// records, ends promotions, moves deployments.
+    fn settle(&mut self, name: &str, actions: &[(String, Action)]) {
+        let now = now_ms();
+        let Some(endpoint) = self.state.endpoints.get_mut(name) else {
+            return;
+        };
+        let promotion_id = endpoint
+            .promotion
+            .as_ref()
+            .map(|p| p.id.clone())
+            .unwrap_or_default();
+        for (owner, action) in actions.iter() {
+            if owner == name
+                && let Action::Record { kind, message } = action
+            {
+                endpoint.record(now, kind, message.clone(), &promotion_id);
+                match kind.as_str() {
+                    "step-started" => {
+                        self.step_started.insert(name.to_owned(), Instant::now());
+                    }
+                    "step-done" => {
+                        if let Some(started) = self.step_started.remove(name) {
+                            metrics::histogram!(crate::metrics::STEP_SECONDS, "endpoint" => name.to_owned())
+                                .record(started.elapsed().as_secs_f64());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let Some(promotion) = &mut endpoint.promotion else {
+            return;
+        };
+        promotion.updated_at_ms = now;
+        let status = promotion.rollout.status;
+        if !status.is_terminal() {
+            return;
+        }
+        promotion.finished_at_ms = Some(now);
+        metrics::counter!(crate::metrics::PROMOTIONS_TOTAL, "outcome" => crate::metrics::status_label(status))
+            .increment(1);
+        let Some(promotion) = endpoint.promotion.take() else {
+            return;
+        };
+        let from = promotion.rollout.from.clone();
+        let to = promotion.rollout.to.clone();
+        let cleanup = promotion.rollout.settings.cleanup;
+        if let Some(previous) = endpoint.last_promotion.replace(promotion) {
+            endpoint.past_promotions.push_back(previous);
+            while endpoint.past_promotions.len() > crate::state::MAX_PROMOTIONS {
+                endpoint.past_promotions.pop_front();
+            }
+        }
+        endpoint.candidate = None;
+        match status {
+            rollout::Status::Succeeded => {
+                endpoint.active = Some(to.clone());
+                if let Some(d) = self.state.deployments.get_mut(&to) {
+                    d.state = DeploymentState::Active;
+                }
+                if let Some(d) = self.state.deployments.get_mut(&from) {
+                    d.state = match cleanup {
+                        crate::settings::Cleanup::Deactivate => DeploymentState::Deactivated,
+                        _ => DeploymentState::Kept,
+                    };
+                }
+            }
+            _ => {
+                if let Some(d) = self.state.deployments.get_mut(&to) {
+                    d.state = DeploymentState::Retired;
+                }
+            }
+        }
+    }
+
+    /// After a restart: re-send what was under way, and the table.
+    fn resume(&mut self) {
+        let names: Vec<String> = self.state.endpoints.keys().cloned().collect();
+        let mut actions = Vec::new();
+        for name in names {
+            let Some(endpoint) = self.state.endpoints.get_mut(&name) else {
+                continue;
+            };
+            let rollout = match (&mut endpoint.promotion, &mut endpoint.last_promotion) {
+                (Some(p), _) | (None, Some(p)) => &mut p.rollout,
+                (None, None) => continue,
+            };
+            let resumed = rollout.resume();
+            actions.extend(resumed.into_iter().map(|a| (name.clone(), a)));
+        }
+        if !actions.is_empty() {
+            tracing::info!(
+                actions = actions.len(),
+                "resuming the actions under way before the restart"
+            );
+        }
+        self.commit(actions);
+    }
+}
+
+/// The rollout that decides an endpoint's table: the promotion under way,
+/// else the last one.
+pub fn current_rollout(endpoint: &Endpoint) -> Option<&Rollout> {
+    endpoint
+        .promotion
+        .as_ref()
+        .or(endpoint.last_promotion.as_ref())
+        .map(|p| &p.rollout)
+}

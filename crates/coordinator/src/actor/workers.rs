@@ -1,0 +1,234 @@
+//! How each worker looks to each endpoint, from what its agent reports.
+
+use super::*;
+
+impl Actor {
+    /// Workers changed (a status, a cordon): every rollout hears how each
+    /// worker looks to its endpoint.
+    pub(super) fn refresh_workers(&mut self, actions: &mut Vec<(String, Action)>) {
+        // A worker whose GPU is unhealthy is cordoned (its replica then
+        // moves: add first, then drain); an operator uncordons it.
+        for (address, record) in &mut self.state.workers {
+            let sick = self
+                .observed
+                .get(address)
+                .and_then(|o| o.status.as_ref())
+                .filter(|s| s.gpu_health() == v1::GpuHealth::Unhealthy);
+            if let Some(status) = sick
+                && !record.cordoned
+            {
+                let reasons: Vec<String> = status
+                    .gpus
+                    .iter()
+                    .flat_map(|g| g.health_reasons.iter().cloned())
+                    .collect();
+                record.cordoned = true;
+                record.cordon_reason = format!("GPU unhealthy: {}", reasons.join("; "));
+                tracing::warn!(worker = address, reason = record.cordon_reason, "cordoned");
+            }
+        }
+        let claims = self.claims();
+        let names: Vec<String> = self.state.endpoints.keys().cloned().collect();
+        for name in names {
+            let workers = self.rollout_workers(&name, &claims);
+            let Some(endpoint) = self.state.endpoints.get(&name) else {
+                continue;
+            };
+            let Some(rollout) = current_rollout(endpoint) else {
+                continue;
+            };
+            // A worker that has not reported since this coordinator started
+            // is unknown, not idle: the rollout keeps what it knew, until
+            // the heartbeat bound says it is lost.
+            let changed: Vec<(String, rollout::Worker)> = workers
+                .into_iter()
+                .filter(|(id, w)| {
+                    w.engine == Engine::Unknown
+                        || self.observed.get(id).is_some_and(|o| o.status.is_some())
+                })
+                .filter(|(id, w)| rollout.workers.get(id) != Some(w))
+                .collect();
+            for (id, worker) in changed {
+                self.feed(&name, Event::Worker { id, worker }, actions);
+            }
+            // A fatal GPU condition on a candidate replica fails the gate.
+            let candidate = self
+                .state
+                .endpoints
+                .get(&name)
+                .and_then(|e| e.promotion.as_ref())
+                .filter(|p| !p.rollout.status.is_terminal())
+                .map(|p| (p.rollout.to.clone(), p.rollout.claimed()));
+            if let Some((to, claimed)) = candidate {
+                let sick = claimed.into_iter().find(|address| {
+                    self.observed
+                        .get(address)
+                        .and_then(|o| o.status.as_ref())
+                        .is_some_and(|s| {
+                            s.gpu_health() == v1::GpuHealth::Unhealthy
+                                && s.engine.as_ref().is_some_and(|e| e.deployment_id == to)
+                        })
+                });
+                if let Some(address) = sick {
+                    let reason = format!("a GPU of {address}, which runs {to}, is unhealthy");
+                    self.feed(
+                        &name,
+                        Event::Health(rollout::Verdict::Fail(reason)),
+                        actions,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Which endpoint uses each worker.
+    pub(super) fn claims(&self) -> BTreeMap<String, String> {
+        let mut claims = BTreeMap::new();
+        for (name, endpoint) in &self.state.endpoints {
+            if let Some(rollout) = current_rollout(endpoint) {
+                for worker in rollout.claimed() {
+                    claims.insert(worker, name.clone());
+                }
+            }
+        }
+        claims
+    }
+
+    /// Every known worker as endpoint `name` sees it.
+    pub(super) fn rollout_workers(
+        &self,
+        name: &str,
+        claims: &BTreeMap<String, String>,
+    ) -> BTreeMap<String, rollout::Worker> {
+        let selector = self
+            .state
+            .endpoints
+            .get(name)
+            .map(|e| e.selector.clone())
+            .unwrap_or_default();
+        // Two agents that report one gate address cannot both be routed to
+        // (a router refuses such a table): the first one keeps it.
+        let mut gates: BTreeMap<&str, &str> = BTreeMap::new();
+        for (address, observed) in &self.observed {
+            if let Some(gate) = observed.status.as_ref().map(|s| s.gate_address.as_str()) {
+                gates.entry(gate).or_insert(address.as_str());
+            }
+        }
+        let lost_unseen = self.started.elapsed() >= HEARTBEAT_BOUND;
+        self.state
+            .workers
+            .iter()
+            .map(|(address, record)| {
+                let observed = self.observed.get(address);
+                let lost = match observed {
+                    Some(o) => !o.reachable,
+                    None => lost_unseen,
+                };
+                let status = observed.and_then(|o| o.status.as_ref());
+                let engine = status.and_then(|s| s.engine.as_ref());
+                let state = engine.map_or(v1::EngineState::Unspecified, |e| e.state());
+                let deployment = engine
+                    .filter(|_| {
+                        !matches!(
+                            state,
+                            v1::EngineState::Stopped | v1::EngineState::Unspecified
+                        )
+                    })
+                    .map(|e| e.deployment_id.clone())
+                    .filter(|d| !d.is_empty());
+                let engine = match state {
+                    _ if lost => Engine::Unknown,
+                    v1::EngineState::Starting => Engine::Starting,
+                    v1::EngineState::Ready => Engine::Ready,
+                    v1::EngineState::Draining | v1::EngineState::Stopping => Engine::Draining,
+                    v1::EngineState::Failed => Engine::Failed,
+                    v1::EngineState::Stopped | v1::EngineState::Unspecified => Engine::Idle,
+                };
+                let mine = claims.get(address).is_none_or(|owner| owner == name);
+                let healthy = status.is_none_or(|s| s.gpu_health() != v1::GpuHealth::Unhealthy);
+                let gate_owner = status.and_then(|s| gates.get(s.gate_address.as_str()));
+                let eligible = !lost
+                    && gate_owner.is_some_and(|owner| *owner == address)
+                    && !record.cordoned
+                    && mine
+                    && healthy
+                    && status.is_some_and(|s| selector.matches(s));
+                (
+                    address.clone(),
+                    rollout::Worker {
+                        deployment,
+                        engine,
+                        eligible,
+                        // Its replica moves (add first, then drain) when the
+                        // worker is cordoned, its GPU is unhealthy, or it no
+                        // longer matches the endpoint's selector.
+                        evict: record.cordoned
+                            || !healthy
+                            || status.is_some_and(|s| !selector.matches(s)),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Stops every engine that no rollout uses and nobody wants warm: a
+    /// lost worker's engine when it answers again, a failed candidate's, a
+    /// deleted endpoint's. Only once every router has acknowledged the
+    /// latest table (or its bound passed), so none routes to it.
+    pub(super) fn stop_strays(&mut self) {
+        if !self.pending.is_empty() {
+            return;
+        }
+        let claims = self.claims();
+        let mut strays = Vec::new();
+        for (address, record) in &self.state.workers {
+            let Some(observed) = self.observed.get(address).filter(|o| o.reachable) else {
+                continue;
+            };
+            let Some(engine) = observed.status.as_ref().and_then(|s| s.engine.as_ref()) else {
+                continue;
+            };
+            let running = matches!(
+                engine.state(),
+                v1::EngineState::Starting | v1::EngineState::Ready | v1::EngineState::Draining
+            );
+            if !running || claims.contains_key(address) || self.stopping.contains(address) {
+                continue;
+            }
+            let deployment = self.state.deployments.get(&engine.deployment_id);
+            let owner_gone =
+                deployment.is_none_or(|d| !self.state.endpoints.contains_key(&d.endpoint));
+            // A kept deployment's engines stay warm (cleanup `KEEP`) unless
+            // a stop was owed; an engine of the active one not in use is
+            // one its rollout chose not to adopt.
+            let unwanted =
+                owner_gone || deployment.is_some_and(|d| d.state != DeploymentState::Kept);
+            if record.stop_pending || unwanted {
+                strays.push((address.clone(), engine.deployment_id.clone()));
+            }
+        }
+        for (address, deployment) in strays {
+            tracing::info!(
+                worker = address,
+                deployment,
+                "stopping an engine no deployment owns"
+            );
+            self.stopping.insert(address.clone());
+            let request = v1::StopRequest {
+                coordinator_epoch: self.state.epoch,
+                grace: Duration::from_secs(u64::from(
+                    PromotionSettings::default().drain_timeout_seconds,
+                ))
+                .try_into()
+                .ok(),
+            };
+            self.agents.call(
+                &address,
+                AgentCall::Stop {
+                    endpoint: None,
+                    request,
+                },
+            );
+        }
+    }
+}

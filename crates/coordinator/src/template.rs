@@ -1,0 +1,190 @@
+//! A template is checked when it is promoted, not on a worker: a model, a
+//! `vllm_args` every agent can launch (it splits, and sets no flag the
+//! agent owns), and an environment whose values the coordinator can supply
+//! now. The check names the field; it never quotes a secret.
+
+use crossfade_common::vllm_args::{self, VllmArgsError};
+use crossfade_proto::v1;
+
+use crate::error::CoordinatorError;
+
+/// Checks `template` for promotion; `env` reads the coordinator's
+/// environment (the process's, outside tests).
+pub fn validate(
+    template: &v1::Template,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<(), CoordinatorError> {
+    if template.model.trim().is_empty() {
+        return Err(CoordinatorError::invalid(
+            "template.model",
+            "required (MODEL_NAME)",
+        ));
+    }
+    match vllm_args::split(&template.vllm_args) {
+        Ok(_) => {}
+        // The value itself may hold a credential: only the reason is told.
+        Err(VllmArgsError::Unsplittable { reason, .. }) => {
+            return Err(CoordinatorError::invalid(
+                "template.vllm_args",
+                format!("does not split into words as a shell would ({reason})"),
+            ));
+        }
+        Err(VllmArgsError::Owned { flag, why }) => {
+            return Err(CoordinatorError::invalid(
+                "template.vllm_args",
+                format!("may not set {flag}: {why}"),
+            ));
+        }
+    }
+    for (i, var) in template.env.iter().enumerate() {
+        let field = format!("template.env[{i}]");
+        if var.name.is_empty() || var.name.contains('=') || var.name.contains('\0') {
+            return Err(CoordinatorError::invalid(
+                format!("{field}.name"),
+                "must be a non-empty name without `=`",
+            ));
+        }
+        match &var.source {
+            None => {
+                return Err(CoordinatorError::invalid(
+                    field,
+                    format!("{} needs a value or from_coordinator_env", var.name),
+                ));
+            }
+            Some(v1::env_var::Source::FromCoordinatorEnv(name)) if env(name).is_none() => {
+                return Err(CoordinatorError::invalid(
+                    format!("{field}.from_coordinator_env"),
+                    format!(
+                        "environment variable {name} (for {}) is not set on the coordinator",
+                        var.name
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Resolves `from_coordinator_env` variables from `env`, for an `Apply`;
+/// the values never appear in an error.
+pub fn resolve(
+    mut template: v1::Template,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<v1::Template, String> {
+    for var in &mut template.env {
+        if let Some(v1::env_var::Source::FromCoordinatorEnv(name)) = &var.source {
+            let value = env(name).ok_or_else(|| {
+                format!(
+                    "environment variable {name} (for {}) is not set on the coordinator",
+                    var.name
+                )
+            })?;
+            var.source = Some(v1::env_var::Source::Value(value));
+        }
+    }
+    Ok(template)
+}
+
+/// The coordinator's own environment.
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn template(vllm_args: &str) -> v1::Template {
+        v1::Template {
+            model: "Qwen/Qwen3-8B".into(),
+            vllm_args: vllm_args.into(),
+            ..Default::default()
+        }
+    }
+
+    fn from_env(name: &str, variable: &str) -> v1::EnvVar {
+        v1::EnvVar {
+            name: name.into(),
+            source: Some(v1::env_var::Source::FromCoordinatorEnv(variable.into())),
+            secret: true,
+            redacted: false,
+        }
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn message(result: Result<(), CoordinatorError>) -> String {
+        tonic::Status::from(result.unwrap_err())
+            .message()
+            .to_owned()
+    }
+
+    #[test]
+    fn vllm_args_are_checked_as_the_agent_splits_them() {
+        assert!(
+            validate(
+                &template("--max-model-len 4096 --chat-template '{{ x }}'"),
+                no_env
+            )
+            .is_ok()
+        );
+        assert!(validate(&template("--api-key sk-secret"), no_env).is_ok());
+        let text = message(validate(&template("--api-key 'sk-secret"), no_env));
+        assert!(
+            text.starts_with("template.vllm_args: does not split"),
+            "{text}"
+        );
+        assert!(!text.contains("sk-secret"), "{text}");
+    }
+
+    #[test]
+    fn flags_the_agent_owns_are_refused_by_name() {
+        for (args, flag) in [
+            ("--port 9000", "--port"),
+            ("--host=0.0.0.0", "--host"),
+            ("--served-model-name x", "--served-model-name"),
+            ("--model other", "--model"),
+        ] {
+            let text = message(validate(&template(args), no_env));
+            assert!(
+                text.starts_with(&format!("template.vllm_args: may not set {flag}: ")),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_variable_the_coordinator_lacks_is_refused_at_promotion() {
+        let mut t = template("");
+        t.env.push(from_env("HF_TOKEN", "CROSSFADE_TEST_UNSET"));
+        let text = message(validate(&t, no_env));
+        assert_eq!(
+            text,
+            "template.env[0].from_coordinator_env: environment variable CROSSFADE_TEST_UNSET (for HF_TOKEN) is not set on the coordinator"
+        );
+        let set = |name: &str| (name == "CROSSFADE_TEST_UNSET").then(|| "hf_value".to_owned());
+        assert!(validate(&t, set).is_ok());
+        let resolved = resolve(t, set).unwrap();
+        assert_eq!(
+            resolved.env[0].source,
+            Some(v1::env_var::Source::Value("hf_value".into()))
+        );
+    }
+
+    #[test]
+    fn a_model_and_named_variables_are_required() {
+        let mut t = template("");
+        t.model = " ".into();
+        assert!(message(validate(&t, no_env)).starts_with("template.model: required"));
+        let mut t = template("");
+        t.env.push(v1::EnvVar {
+            name: "A=B".into(),
+            ..from_env("x", "y")
+        });
+        assert!(message(validate(&t, no_env)).starts_with("template.env[0].name: "));
+    }
+}
