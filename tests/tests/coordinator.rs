@@ -1215,3 +1215,35 @@ async fn a_host_that_hangs_mid_promotion_is_lost_and_the_promotion_ends() {
         .args(["-CONT", &hung.process.pid().to_string()])
         .status();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_endpoint_stops_its_engines_once_the_routers_forget_it() {
+    let fleet = start_fleet(2);
+    create_chat(&fleet, rolling(50, 0, 0)).await;
+    let deleted = fleet
+        .client()
+        .await
+        .delete_endpoint(v1::DeleteEndpointRequest {
+            name: "chat".into(),
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deleted.replicas_stopped, 2);
+    for agent in &fleet.agents {
+        agent
+            .wait_status(
+                "the deleted endpoint's engine to stop",
+                Duration::from_secs(60),
+                |s| {
+                    s.engine
+                        .as_ref()
+                        .is_none_or(|e| e.state() == v1::EngineState::Stopped)
+                },
+            )
+            .await;
+    }
+    let (status, _, body) = chat(fleet.publics[0], "chat", false).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+}

@@ -218,15 +218,14 @@ impl Actor {
             .map(|r| r.claimed().into_iter().collect())
             .unwrap_or_default();
         self.state.endpoints.remove(&r.name);
-        // Out of every table first, then stopped (a stop drains).
+        // Out of every table first; the stops are stored, and sent once
+        // every router has acknowledged a table without the endpoint (or
+        // to a lost worker as soon as it answers).
         self.push_tables(actions);
         for worker in &workers {
-            actions.push((
-                r.name.clone(),
-                Action::Stop {
-                    worker: worker.clone(),
-                },
-            ));
+            if let Some(record) = self.state.workers.get_mut(worker) {
+                record.stop_pending = true;
+            }
         }
         Ok(v1::DeleteEndpointResponse {
             replicas_stopped: u32::try_from(workers.len()).unwrap_or(u32::MAX),

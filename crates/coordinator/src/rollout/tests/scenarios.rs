@@ -38,6 +38,18 @@ fn ready(worker: &str, deployment: &str) -> Event {
     }
 }
 
+fn failed(worker: &str, deployment: &str) -> Event {
+    Event::Worker {
+        id: worker.into(),
+        worker: Worker {
+            deployment: Some(deployment.into()),
+            engine: Engine::Failed,
+            eligible: true,
+            evict: false,
+        },
+    }
+}
+
 fn applies(actions: &[Action]) -> Vec<(String, String)> {
     actions
         .iter()
@@ -222,15 +234,7 @@ fn a_failed_candidate_fails_the_promotion_with_traffic_on_the_old_deployment() {
     let (workers, routed) = fleet(2, 1);
     let mut r = Rollout::new("old", "new", rolling_surge(), 2, workers, routed);
     r.start();
-    let failed = r.handle(Event::Worker {
-        id: "w2".into(),
-        worker: Worker {
-            deployment: Some("new".into()),
-            engine: Engine::Failed,
-            eligible: true,
-            evict: false,
-        },
-    });
+    let failed = r.handle(failed("w2", "new"));
     assert_eq!(r.status, Status::Failed);
     assert_eq!(r.percent_to_candidate(), 0);
     assert!(tables(&failed).is_empty(), "the table never changed");
@@ -397,15 +401,7 @@ fn a_first_deployment_canceled_or_failed_ends_at_once() {
 
     let mut r = first(workers);
     r.start();
-    let failed = r.handle(Event::Worker {
-        id: "w0".into(),
-        worker: Worker {
-            deployment: Some("new".into()),
-            engine: Engine::Failed,
-            eligible: true,
-            evict: false,
-        },
-    });
+    let failed = r.handle(failed("w0", "new"));
     assert_eq!(r.status, Status::Failed);
     assert!(applies(&failed).is_empty(), "{failed:?}");
     assert!(!r.reason.is_empty());
