@@ -810,6 +810,9 @@ impl Rollout {
         self.paused = false;
         self.force_forward = false;
         self.removes.clear();
+        // A worker where the candidate failed may host the deployment that
+        // serves now (scaling), and the next promotion's candidate.
+        self.failed.clear();
         // Replicas started for a step that will not come: stop them.
         let unrouted: Vec<String> = self.starting.iter().chain(&self.ready).cloned().collect();
         self.starting.clear();

@@ -242,6 +242,25 @@ fn a_failed_candidate_fails_the_promotion_with_traffic_on_the_old_deployment() {
         worker: "w2".into()
     }));
     assert!(r.reason.contains("w2"));
+
+    // Once it has stopped, the worker where the candidate failed can host
+    // the old deployment again: a failure is not held against it forever.
+    r.handle(Event::Stopped {
+        worker: "w2".into(),
+    });
+    r.handle(Event::Worker {
+        id: "w2".into(),
+        worker: Worker {
+            deployment: None,
+            engine: Engine::Idle,
+            eligible: true,
+            evict: false,
+        },
+    });
+    assert_eq!(
+        applies(&r.rescale(3)),
+        [("w2".to_owned(), "old".to_owned())]
+    );
 }
 
 #[test]
