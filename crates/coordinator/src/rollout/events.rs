@@ -1,0 +1,273 @@
+//! How the rollout takes each event: an agent's report, a drain or stop
+//! that ended, the operator's commands, the health gate's verdict.
+
+use super::*;
+
+impl Rollout {
+    // === events ===
+
+    pub(super) fn on_worker(&mut self, id: String, worker: Worker, out: &mut Vec<Action>) {
+        if worker.engine == Engine::Unknown {
+            self.on_lost(&id, out);
+            self.workers.insert(id, worker);
+            return;
+        }
+        let ready_with =
+            |d: &str| worker.engine == Engine::Ready && worker.deployment.as_deref() == Some(d);
+        // A routed worker that stopped being ready leaves the table now.
+        if let Some(deployment) = self.routed.get(&id).cloned()
+            && !ready_with(&deployment)
+            && !self.leaving.contains_key(&id)
+        {
+            self.routed.remove(&id);
+            self.removes.remove(&id);
+            out.push(record(
+                "replica-lost",
+                format!("{id} ({deployment}) is no longer ready; out of the table"),
+            ));
+            self.push_table(out);
+        }
+        // A candidate replica of ours failed (not ready in time, crash loop).
+        let failed_new = worker.engine == Engine::Failed
+            && worker.deployment.as_deref() == Some(self.to.as_str())
+            && (self.starting.contains(&id) || self.ready.contains(&id));
+        let was_starting = self.starting.contains(&id);
+        self.workers.insert(id.clone(), worker.clone());
+        if was_starting {
+            let expected = self.starting_deployment();
+            if worker.engine == Engine::Ready
+                && worker.deployment.as_deref() == Some(expected.as_str())
+            {
+                self.starting.remove(&id);
+                self.ready.insert(id.clone());
+            } else if worker.engine == Engine::Failed {
+                self.starting.remove(&id);
+                self.failed.insert(id.clone());
+                // Free its GPUs.
+                self.retire(&id, false, out);
+                if !failed_new {
+                    out.push(record(
+                        "replica-failed",
+                        format!("{id} failed to start {expected}"),
+                    ));
+                }
+            }
+        }
+        if failed_new && !self.status.is_terminal() && !self.backward {
+            self.fail(format!("candidate replica on {id} failed"), out);
+        }
+    }
+
+    /// A lost worker leaves the table at once and is never drained through
+    /// (a call to it would only wait out its deadline); its replica is
+    /// replaced by the step or by the steady state, and the shell stops its
+    /// engine when it answers again. A start on it is not a failed
+    /// candidate: the step starts one elsewhere.
+    pub(super) fn on_lost(&mut self, id: &str, out: &mut Vec<Action>) {
+        if let Some(deployment) = self.routed.remove(id) {
+            out.push(record(
+                "replica-lost",
+                format!("{id} ({deployment}) is not answering; out of the table"),
+            ));
+            self.push_table(out);
+        }
+        self.removes.remove(id);
+        let started = self.starting.remove(id) | self.ready.remove(id);
+        let leaving = self.leaving.remove(id).is_some();
+        if started || leaving {
+            out.push(record(
+                "worker-lost",
+                format!("{id} is not answering; its part in this step moves elsewhere"),
+            ));
+        }
+    }
+
+    pub(super) fn on_drained(&mut self, worker: &str, out: &mut Vec<Action>) {
+        let Some(retirement) = self.leaving.get(worker).copied() else {
+            return;
+        };
+        if retirement.stage != Leaving::Draining {
+            return;
+        }
+        if retirement.then_start && !self.status.is_terminal() {
+            self.leaving.remove(worker);
+            let deployment = self.new_deployment();
+            self.starting.insert(worker.to_owned());
+            out.push(Action::Apply {
+                worker: worker.to_owned(),
+                deployment,
+            });
+        } else if retirement.keep_running {
+            self.leaving.remove(worker);
+        } else {
+            self.leaving.insert(
+                worker.to_owned(),
+                Retirement {
+                    stage: Leaving::Stopping,
+                    ..retirement
+                },
+            );
+            out.push(Action::Stop {
+                worker: worker.to_owned(),
+            });
+        }
+    }
+
+    pub(super) fn on_command(&mut self, command: Command, out: &mut Vec<Action>) {
+        if self.status.is_terminal() {
+            return;
+        }
+        match command {
+            Command::Pause => {
+                if !self.paused {
+                    self.pause("paused by the operator".into(), out);
+                }
+            }
+            Command::Resume => {
+                if self.paused {
+                    self.paused = false;
+                    self.status = self.resume_to;
+                    self.reason = std::mem::take(&mut self.reason_before_pause);
+                    out.push(record("resumed", "promotion resumed".into()));
+                }
+            }
+            Command::Cancel if self.is_first() => {
+                out.push(record(
+                    "canceled",
+                    "the endpoint's first deployment: nothing to ramp back to".into(),
+                ));
+                self.end_now(Status::Canceled, out);
+            }
+            Command::Cancel => {
+                if !self.backward {
+                    out.push(record("canceled", "ramping traffic back down".into()));
+                    self.turn_back(Status::Canceled, out);
+                }
+            }
+            Command::ForceCancel => self.force_cancel(out),
+            Command::ForceRollForward => {
+                out.push(record(
+                    "force-roll-forward",
+                    "all traffic to the candidate as soon as a replica is ready".into(),
+                ));
+                self.force_forward = true;
+                self.paused = false;
+                if self.backward {
+                    // From RAMPING_DOWN: forward again.
+                    self.backward = false;
+                    self.abandon_step(out);
+                }
+                self.status = Status::RampingUp;
+            }
+        }
+    }
+
+    pub(super) fn pause(&mut self, reason: String, out: &mut Vec<Action>) {
+        self.reason_before_pause = std::mem::replace(&mut self.reason, reason);
+        self.paused = true;
+        self.resume_to = self.status;
+        self.status = Status::Paused;
+        out.push(record("paused", self.reason.clone()));
+    }
+
+    /// Moves back to `from`, step by step; `end` once there.
+    pub(super) fn turn_back(&mut self, end: Status, out: &mut Vec<Action>) {
+        self.abandon_step(out);
+        // Workers where the candidate failed can run the old deployment.
+        self.failed.clear();
+        self.backward = true;
+        self.end_backward = end;
+        self.paused = false;
+        self.force_forward = false;
+        self.status = Status::RampingDown;
+    }
+
+    /// Drops the current step's plan: replicas started for it and not yet
+    /// in the table are stopped.
+    pub(super) fn abandon_step(&mut self, out: &mut Vec<Action>) {
+        let unrouted: Vec<String> = self.starting.iter().chain(&self.ready).cloned().collect();
+        self.starting.clear();
+        self.ready.clear();
+        self.removes.clear();
+        for worker in unrouted {
+            self.retire(&worker, false, out);
+        }
+        // Workers taken out to be updated in place just stop: the next
+        // steps start what they need on idle workers.
+        for retirement in self.leaving.values_mut() {
+            retirement.then_start = false;
+        }
+        self.phase = Phase::StartingReplicas;
+    }
+
+    pub(super) fn force_cancel(&mut self, out: &mut Vec<Action>) {
+        let old_ready = self.routed.values().any(|d| *d == self.from);
+        if !old_ready && !self.is_first() {
+            // Nothing of the old deployment serves: it has to start first.
+            out.push(record(
+                "force-cancel",
+                "no old replica is serving: ramping back down".into(),
+            ));
+            self.turn_back(Status::Canceled, out);
+            return;
+        }
+        out.push(record(
+            "force-cancel",
+            "all traffic to the old deployment now".into(),
+        ));
+        self.end_now(Status::Canceled, out);
+    }
+
+    /// The endpoint's first promotion: there is no old deployment.
+    pub(super) fn is_first(&self) -> bool {
+        self.from.is_empty()
+    }
+
+    /// Ends now: the step's replicas and the candidate's stop, the traffic
+    /// is the old deployment's (none, for a first deployment).
+    pub(super) fn end_now(&mut self, status: Status, out: &mut Vec<Action>) {
+        self.abandon_step(out);
+        self.take_out_deployment(&self.to.clone(), false, out);
+        self.finish(status, out);
+    }
+
+    pub(super) fn fail(&mut self, reason: String, out: &mut Vec<Action>) {
+        out.push(record("failed", reason.clone()));
+        self.reason = reason;
+        if self.is_first() || self.routed.values().any(|d| *d == self.from) {
+            self.end_now(Status::Failed, out);
+        } else {
+            // No old replica is left to take the traffic: bring them back.
+            self.turn_back(Status::Failed, out);
+        }
+    }
+
+    pub(super) fn finish(&mut self, status: Status, out: &mut Vec<Action>) {
+        self.status = status;
+        self.paused = false;
+        self.force_forward = false;
+        self.removes.clear();
+        // A worker where the candidate failed may host the deployment that
+        // serves now (scaling), and the next promotion's candidate.
+        self.failed.clear();
+        // Replicas started for a step that will not come: stop them.
+        let unrouted: Vec<String> = self.starting.iter().chain(&self.ready).cloned().collect();
+        self.starting.clear();
+        self.ready.clear();
+        for worker in unrouted {
+            self.retire(&worker, false, out);
+        }
+        out.push(record(
+            match status {
+                Status::Succeeded => "succeeded",
+                Status::Failed => "ended-failed",
+                _ => "ended-canceled",
+            },
+            format!(
+                "{} % of traffic on {}",
+                self.percent_to_candidate(),
+                self.to
+            ),
+        ));
+    }
+}

@@ -1,0 +1,575 @@
+//! The steps of a promotion and the steady state after it: what to start,
+//! shift, drain and stop next, given what is known now.
+
+use super::*;
+
+impl Rollout {
+    // === the steps ===
+
+    /// The deployment replicas are moving to.
+    pub(super) fn new_deployment(&self) -> String {
+        if self.backward {
+            self.from.clone()
+        } else {
+            self.to.clone()
+        }
+    }
+
+    /// The deployment replicas are moving from.
+    pub(super) fn old_deployment(&self) -> String {
+        if self.backward {
+            self.to.clone()
+        } else {
+            self.from.clone()
+        }
+    }
+
+    /// What a starting worker was asked to run (overhead replicas run the
+    /// old deployment).
+    pub(super) fn starting_deployment(&self) -> String {
+        if self.status.is_terminal() {
+            return self.serving();
+        }
+        if !self.overhead_done && !self.backward {
+            return self.from.clone();
+        }
+        self.new_deployment()
+    }
+
+    pub(super) fn count_routed(&self, deployment: &str) -> u32 {
+        u32::try_from(self.routed.values().filter(|d| *d == deployment).count()).unwrap_or(u32::MAX)
+    }
+
+    pub(super) fn is_idle(&self, id: &str) -> bool {
+        self.workers.get(id).is_some_and(|w| {
+            w.eligible && !w.evict && matches!(w.engine, Engine::Idle | Engine::Failed)
+        }) && !self.routed.contains_key(id)
+            && !self.starting.contains(id)
+            && !self.ready.contains(id)
+            && !self.leaving.contains_key(id)
+            && !self.failed.contains(id)
+    }
+
+    pub(super) fn idle_workers(&self) -> Vec<String> {
+        self.workers
+            .keys()
+            .filter(|id| self.is_idle(id))
+            .cloned()
+            .collect()
+    }
+
+    pub(super) fn push_table(&mut self, out: &mut Vec<Action>) {
+        self.seq += 1;
+        out.push(Action::PushTable {
+            seq: self.seq,
+            routes: self.routes(),
+        });
+    }
+
+    /// Takes `worker` out of the table (if it is in) and retires it: after
+    /// the acknowledgement it drains, then stops (or starts the new
+    /// deployment, `then_start`).
+    pub(super) fn retire(&mut self, worker: &str, then_start: bool, out: &mut Vec<Action>) {
+        let routed = self.routed.remove(worker).is_some();
+        if routed {
+            self.push_table(out);
+        }
+        let keep_running = false;
+        self.leaving.insert(
+            worker.to_owned(),
+            Retirement {
+                // A worker that was never in a table needs no acknowledgement.
+                stage: Leaving::AwaitAck(if routed { self.seq } else { 0 }),
+                then_start,
+                keep_running,
+            },
+        );
+    }
+
+    /// Takes every worker of `deployment` out of the table in one table,
+    /// and retires them; `keep_running` leaves their engines warm.
+    pub(super) fn take_out_deployment(
+        &mut self,
+        deployment: &str,
+        keep_running: bool,
+        out: &mut Vec<Action>,
+    ) {
+        let workers: Vec<String> = self
+            .routed
+            .iter()
+            .filter(|(_, d)| *d == deployment)
+            .map(|(w, _)| w.clone())
+            .collect();
+        if workers.is_empty() {
+            return;
+        }
+        for worker in &workers {
+            self.routed.remove(worker);
+        }
+        self.push_table(out);
+        for worker in workers {
+            self.leaving.insert(
+                worker,
+                Retirement {
+                    stage: Leaving::AwaitAck(self.seq),
+                    then_start: false,
+                    keep_running,
+                },
+            );
+        }
+    }
+
+    /// Moves things along as far as they go now.
+    pub(super) fn advance(&mut self, out: &mut Vec<Action>) {
+        // A bound: each pass either acts or stops.
+        for _ in 0..64 {
+            let before = (self.fingerprint(), out.len());
+            self.progress_retirements(out);
+            if self.status.is_terminal() {
+                self.progress_steady(out);
+            } else {
+                self.progress_step(out);
+            }
+            if (self.fingerprint(), out.len()) == before {
+                return;
+            }
+        }
+    }
+
+    /// A cheap fingerprint of what `advance` may change.
+    pub(super) fn fingerprint(
+        &self,
+    ) -> (
+        Status,
+        Phase,
+        u32,
+        u64,
+        usize,
+        usize,
+        usize,
+        usize,
+        bool,
+        bool,
+    ) {
+        (
+            self.status,
+            self.phase,
+            self.step,
+            self.seq,
+            self.routed.len(),
+            self.starting.len(),
+            self.ready.len(),
+            self.leaving.len(),
+            self.overhead_done,
+            self.backward,
+        )
+    }
+
+    pub(super) fn progress_retirements(&mut self, out: &mut Vec<Action>) {
+        let due: Vec<String> = self
+            .leaving
+            .iter()
+            .filter(|(_, r)| matches!(r.stage, Leaving::AwaitAck(seq) if seq <= self.acked))
+            .map(|(w, _)| w.clone())
+            .collect();
+        for worker in due {
+            let never_routed = matches!(
+                self.leaving.get(&worker),
+                Some(Retirement {
+                    stage: Leaving::AwaitAck(0),
+                    ..
+                })
+            );
+            let idle = self
+                .workers
+                .get(&worker)
+                .is_some_and(|w| w.engine == Engine::Idle);
+            if let Some(r) = self.leaving.get_mut(&worker) {
+                if never_routed && !r.then_start {
+                    // Nothing routes to it: stop it (a stop drains first).
+                    r.stage = Leaving::Stopping;
+                    if idle {
+                        self.leaving.remove(&worker);
+                    } else {
+                        out.push(Action::Stop { worker });
+                    }
+                } else {
+                    r.stage = Leaving::Draining;
+                    out.push(Action::Drain { worker });
+                }
+            }
+        }
+    }
+
+    /// After the end: keeps `target` healthy replicas of the serving
+    /// deployment; a replica to evict is replaced before it drains.
+    pub(super) fn progress_steady(&mut self, out: &mut Vec<Action>) {
+        let serving = self.serving();
+        if serving.is_empty() {
+            return;
+        }
+        if !self.ready.is_empty() {
+            for worker in std::mem::take(&mut self.ready) {
+                self.routed.insert(worker, serving.clone());
+            }
+            self.push_table(out);
+        }
+        // An engine of the serving deployment that no step started (its
+        // agent restarted it after a crash) is counted, not orphaned.
+        let strays: Vec<(String, Engine)> = self
+            .workers
+            .iter()
+            .filter(|(id, w)| {
+                w.deployment.as_deref() == Some(serving.as_str())
+                    && matches!(w.engine, Engine::Starting | Engine::Ready)
+                    && w.eligible
+                    && !w.evict
+                    && !self.routed.contains_key(*id)
+                    && !self.starting.contains(*id)
+                    && !self.leaving.contains_key(*id)
+            })
+            .map(|(id, w)| (id.clone(), w.engine))
+            .collect();
+        for (id, engine) in strays {
+            if engine == Engine::Ready {
+                self.routed.insert(id, serving.clone());
+                self.push_table(out);
+            } else {
+                self.starting.insert(id);
+            }
+        }
+        let evicted = |w: &String| self.workers.get(w).is_some_and(|v| v.evict);
+        let routed: Vec<String> = self
+            .routed
+            .iter()
+            .filter(|(_, d)| **d == serving)
+            .map(|(w, _)| w.clone())
+            .collect();
+        let (leaving, staying): (Vec<String>, Vec<String>) =
+            routed.into_iter().partition(|w| evicted(w));
+        let target = self.target as usize;
+        let serving_count = staying.len() + self.starting.len();
+        if serving_count < target {
+            let starts: Vec<String> = self
+                .idle_workers()
+                .into_iter()
+                .take(target - serving_count)
+                .collect();
+            for worker in starts {
+                self.starting.insert(worker.clone());
+                out.push(Action::Apply {
+                    worker,
+                    deployment: serving.clone(),
+                });
+            }
+        } else if self.starting.is_empty() && staying.len() > target {
+            for worker in staying.iter().skip(target) {
+                self.retire(worker, false, out);
+            }
+        }
+        // Evicted replicas leave once their replacements serve (or when
+        // no replacement can ever start, or none is wanted).
+        let replaced = staying.len() >= target || self.idle_workers().is_empty();
+        if replaced && self.starting.is_empty() {
+            for worker in leaving {
+                self.retire(&worker, false, out);
+            }
+        }
+    }
+
+    pub(super) fn progress_step(&mut self, out: &mut Vec<Action>) {
+        let new = self.new_deployment();
+        let old = self.old_deployment();
+
+        // Force roll forward: as soon as a candidate replica is ready.
+        if self.force_forward {
+            let ready: Vec<String> = self
+                .ready
+                .iter()
+                .filter(|w| {
+                    self.workers
+                        .get(*w)
+                        .is_some_and(|v| v.deployment.as_deref() == Some(self.to.as_str()))
+                })
+                .cloned()
+                .collect();
+            if self.count_routed(&self.to) > 0 || !ready.is_empty() {
+                let added = !ready.is_empty();
+                for worker in ready {
+                    self.ready.remove(&worker);
+                    self.routed.insert(worker, self.to.clone());
+                }
+                let seq = self.seq;
+                let keep = self.settings.cleanup == Cleanup::Keep;
+                let others: Vec<String> = self.starting.iter().cloned().collect();
+                self.starting.clear();
+                for worker in others {
+                    // Still loading: needed no more.
+                    self.retire(&worker, false, out);
+                }
+                self.take_out_deployment(&self.from.clone(), keep, out);
+                if added && self.seq == seq {
+                    // Nothing of the old deployment was left to take out.
+                    self.push_table(out);
+                }
+                self.finish(Status::Succeeded, out);
+                return;
+            }
+        }
+
+        match self.phase {
+            Phase::StartingReplicas => self.start_step(&new, &old, out),
+            Phase::WaitingReady => {
+                if self.starting.is_empty() && !self.leaving.values().any(|r| r.then_start) {
+                    if self.ready.is_empty() {
+                        // Every start failed or was lost: try again
+                        // elsewhere, with no old replica out meanwhile (the
+                        // overhead is best effort: go on without it).
+                        self.overhead_done = true;
+                        self.removes.clear();
+                        self.phase = Phase::StartingReplicas;
+                        return;
+                    }
+                    if !self.overhead_done {
+                        // The extra old replicas join the table.
+                        for worker in std::mem::take(&mut self.ready) {
+                            self.routed.insert(worker, self.from.clone());
+                        }
+                        self.overhead_done = true;
+                        self.push_table(out);
+                        self.phase = Phase::ShiftingTraffic;
+                        return;
+                    }
+                    for worker in std::mem::take(&mut self.ready) {
+                        self.routed.insert(worker, new.clone());
+                    }
+                    let removes = std::mem::take(&mut self.removes);
+                    for worker in &removes {
+                        self.routed.remove(worker);
+                    }
+                    self.push_table(out);
+                    for worker in removes {
+                        self.leaving.insert(
+                            worker,
+                            Retirement {
+                                stage: Leaving::AwaitAck(self.seq),
+                                then_start: false,
+                                keep_running: false,
+                            },
+                        );
+                    }
+                    self.phase = Phase::ShiftingTraffic;
+                    if self.status == Status::Releasing {
+                        self.status = Status::RampingUp;
+                    }
+                    if self.resume_to == Status::Releasing {
+                        self.resume_to = Status::RampingUp;
+                    }
+                }
+            }
+            Phase::ShiftingTraffic => {
+                if self.acked >= self.seq {
+                    self.phase = Phase::Draining;
+                }
+            }
+            Phase::Draining => {
+                if !self
+                    .leaving
+                    .values()
+                    .any(|r| matches!(r.stage, Leaving::AwaitAck(_) | Leaving::Draining))
+                {
+                    self.phase = Phase::Stopping;
+                }
+            }
+            Phase::Stopping => {
+                if self.leaving.is_empty() {
+                    self.phase = Phase::Stabilizing;
+                    self.stabilize_until = self
+                        .now_ms
+                        .saturating_add(u64::from(self.settings.stabilization_time_seconds) * 1000);
+                }
+            }
+            Phase::Stabilizing => {
+                if self.now_ms >= self.stabilize_until {
+                    self.phase = Phase::StartingReplicas;
+                    out.push(record(
+                        "step-done",
+                        format!(
+                            "step {}: {} % of traffic on {}",
+                            self.step,
+                            self.percent_to_candidate(),
+                            self.to
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Plans and starts the next step, or ends the promotion.
+    pub(super) fn start_step(&mut self, new: &str, old: &str, out: &mut Vec<Action>) {
+        let new_routed = self.count_routed(new);
+        let old_routed = self.count_routed(old);
+
+        if !self.starting.is_empty() || !self.ready.is_empty() {
+            // Replicas of a step under way: wait for them first.
+            self.phase = Phase::WaitingReady;
+            return;
+        }
+        if self.paused {
+            return;
+        }
+        // Overhead: extra old replicas where idle workers exist.
+        if !self.overhead_done && !self.backward {
+            let wanted = self.settings.overhead(self.target) as usize;
+            let idle = self.idle_workers();
+            let chosen: Vec<String> = idle.into_iter().take(wanted).collect();
+            if chosen.is_empty() {
+                self.overhead_done = true;
+            } else {
+                out.push(record(
+                    "overhead",
+                    format!(
+                        "starting {} extra replica(s) of {}",
+                        chosen.len(),
+                        self.from
+                    ),
+                ));
+                for worker in chosen {
+                    self.starting.insert(worker.clone());
+                    out.push(Action::Apply {
+                        worker,
+                        deployment: self.from.clone(),
+                    });
+                }
+                self.phase = Phase::WaitingReady;
+                return;
+            }
+        }
+
+        // Done: every old replica is gone and the target is met, or no
+        // worker will ever free up to get closer to it.
+        let stuck = self.idle_workers().is_empty() && self.leaving.is_empty();
+        if old_routed == 0 && (new_routed >= self.target || (new_routed > 0 && stuck)) {
+            if new_routed < self.target {
+                out.push(record(
+                    "short",
+                    format!(
+                        "{new_routed} of {} replicas: no more eligible workers",
+                        self.target
+                    ),
+                ));
+            }
+            let end = if self.backward {
+                self.end_backward
+            } else {
+                Status::Succeeded
+            };
+            self.finish(end, out);
+            return;
+        }
+
+        let k = self.settings.step_size(self.target);
+        let adds = k.min(self.target.saturating_sub(new_routed));
+        let idle = self.idle_workers();
+        let (fresh, in_place): (Vec<String>, Vec<String>) = if adds == 0 {
+            (Vec::new(), Vec::new())
+        } else {
+            let old_workers: Vec<String> = self
+                .routed
+                .iter()
+                .filter(|(_, d)| d.as_str() == old)
+                .map(|(w, _)| w.clone())
+                .collect();
+            let adds = adds as usize;
+            // One replica keeps serving while others update in place; the
+            // last one goes only when nothing else can ever free up (no idle
+            // worker, none on its way out): the design's "instead of waiting
+            // forever", at the price of a gap the event history records.
+            let keep = usize::from(new_routed == 0);
+            let spare = if old_workers.len() > keep || !self.leaving.is_empty() {
+                old_workers.len().saturating_sub(keep)
+            } else {
+                old_workers.len()
+            };
+            if self.settings.surge() || self.backward || self.force_forward {
+                let fresh: Vec<String> = idle.iter().take(adds).cloned().collect();
+                // In place only when no worker is about to free up.
+                let short = if self.leaving.is_empty() {
+                    adds - fresh.len()
+                } else {
+                    0
+                };
+                let in_place = old_workers.into_iter().take(short.min(spare)).collect();
+                (fresh, in_place)
+            } else {
+                let in_place: Vec<String> = old_workers.into_iter().take(adds.min(spare)).collect();
+                let short = adds - in_place.len();
+                let fresh = idle.iter().take(short).cloned().collect();
+                (fresh, in_place)
+            }
+        };
+        if fresh.is_empty() && in_place.is_empty() && adds > 0 {
+            let waiting = format!("waiting for an eligible idle worker to start {new}");
+            if self.waiting != waiting {
+                self.waiting = waiting.clone();
+                out.push(record("waiting", waiting));
+            }
+            return;
+        }
+        self.waiting.clear();
+        self.step += 1;
+        // Old replicas that leave without replacement: as many as the fresh
+        // ones (while that keeps the target), or every one left at the last
+        // step.
+        let last = new_routed + u32::try_from(fresh.len() + in_place.len()).unwrap_or(u32::MAX)
+            >= self.target;
+        let remaining_old: Vec<String> = self
+            .routed
+            .iter()
+            .filter(|(w, d)| d.as_str() == old && !in_place.contains(w))
+            .map(|(w, _)| w.clone())
+            .collect();
+        // Not at the last step, the replicas after the step stay at the
+        // target: an endpoint left short (a force roll forward, a lost
+        // worker) gets its capacity back before old replicas leave.
+        let after = new_routed as usize + fresh.len() + old_routed as usize;
+        let surplus = after.saturating_sub(self.target as usize);
+        let removes: BTreeSet<String> = if last {
+            remaining_old.into_iter().collect()
+        } else {
+            remaining_old
+                .into_iter()
+                .take(fresh.len().min(surplus))
+                .collect()
+        };
+        out.push(record(
+            "step-started",
+            format!(
+                "step {}: {} new replica(s) of {new} on idle workers, {} updated in place, {} old out",
+                self.step,
+                fresh.len(),
+                in_place.len(),
+                removes.len()
+            ),
+        ));
+        for worker in fresh {
+            self.starting.insert(worker.clone());
+            out.push(Action::Apply {
+                worker,
+                deployment: new.to_owned(),
+            });
+        }
+        if new_routed == 0 && !in_place.is_empty() && in_place.len() == old_routed as usize {
+            out.push(record(
+                "no-replica",
+                format!("no idle worker: {old} is updated in place and the endpoint has no replica until {new} is ready"),
+            ));
+        }
+        for worker in &in_place {
+            self.retire(worker, true, out);
+        }
+        self.removes = removes;
+        self.phase = Phase::WaitingReady;
+    }
+}
