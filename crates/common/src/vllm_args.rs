@@ -69,18 +69,6 @@ pub fn split(vllm_args: &str) -> Result<Vec<String>, VllmArgsError> {
     Ok(words)
 }
 
-/// The value given to `flag` in `words` (`--flag v` or `--flag=v`).
-pub fn value_of<'a>(words: &'a [String], flag: &str) -> Option<&'a str> {
-    words.iter().enumerate().find_map(|(i, word)| {
-        if word == flag {
-            words.get(i + 1).map(String::as_str)
-        } else {
-            word.strip_prefix(flag)
-                .and_then(|rest| rest.strip_prefix('='))
-        }
-    })
-}
-
 /// `words` with the value of every [`SECRET_FLAGS`] flag replaced by
 /// [`REDACTED`], in either spelling.
 pub fn redact_words(words: &[String]) -> Vec<String> {
@@ -150,14 +138,5 @@ mod tests {
             "--api-key '<redacted>' '--hf-token=<redacted>' --max-model-len 4096"
         );
         assert_eq!(redact("--api-key 'sk-1"), REDACTED);
-    }
-
-    #[test]
-    fn a_flag_value_is_found_in_either_spelling() {
-        let words = split("--api-key sk-1 --x=2").unwrap();
-        assert_eq!(value_of(&words, "--api-key"), Some("sk-1"));
-        assert_eq!(value_of(&words, "--x"), Some("2"));
-        assert_eq!(value_of(&words, "--y"), None);
-        assert_eq!(value_of(&["--api-keyx=1".to_owned()], "--api-key"), None);
     }
 }

@@ -204,10 +204,12 @@ impl Actor {
             let unwanted =
                 owner_gone || deployment.is_some_and(|d| d.state != DeploymentState::Kept);
             if record.stop_pending || unwanted {
-                strays.push((address.clone(), engine.deployment_id.clone()));
+                // Its endpoint's drain timeout, or the default when it is gone.
+                let endpoint = deployment.map(|d| d.endpoint.clone()).unwrap_or_default();
+                strays.push((address.clone(), engine.deployment_id.clone(), endpoint));
             }
         }
-        for (address, deployment) in strays {
+        for (address, deployment, endpoint) in strays {
             tracing::info!(
                 worker = address,
                 deployment,
@@ -216,11 +218,7 @@ impl Actor {
             self.stopping.insert(address.clone());
             let request = v1::StopRequest {
                 coordinator_epoch: self.state.epoch,
-                grace: Duration::from_secs(u64::from(
-                    PromotionSettings::default().drain_timeout_seconds,
-                ))
-                .try_into()
-                .ok(),
+                grace: self.drain_timeout(&endpoint).try_into().ok(),
             };
             self.agents.call(
                 &address,
