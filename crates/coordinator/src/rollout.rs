@@ -205,6 +205,12 @@ pub enum Action {
         /// The worker.
         worker: String,
     },
+    /// Return a draining `worker` to service (`Agent.Undrain`); its agent
+    /// then reports it ready again.
+    Undrain {
+        /// The worker.
+        worker: String,
+    },
     /// Stop `worker`'s engine (`Agent.Stop`); answer with [`Event::Stopped`].
     Stop {
         /// The worker.
@@ -228,6 +234,11 @@ enum Leaving {
     Draining,
     /// `Stop` sent.
     Stopping,
+    /// It left the table on its own (its engine stopped being ready, its
+    /// host went silent): released, not drained, once every router has
+    /// acknowledged the table `seq` without it. Until then nothing else
+    /// may be started on it.
+    Unrouted(u64),
 }
 
 /// A worker on its way out, and what happens to it after its drain.
@@ -238,6 +249,17 @@ struct Retirement {
     then_start: bool,
     /// Drain it but leave its engine running (cleanup `KEEP`).
     keep_running: bool,
+}
+
+impl Retirement {
+    /// Out of the table since `seq`, released once it is acknowledged.
+    fn unrouted(seq: u64) -> Self {
+        Self {
+            stage: Leaving::Unrouted(seq),
+            then_start: false,
+            keep_running: false,
+        }
+    }
 }
 
 /// One promotion's state.
@@ -519,7 +541,7 @@ impl Rollout {
         }
         for (worker, retirement) in &self.leaving {
             match retirement.stage {
-                Leaving::AwaitAck(_) => {}
+                Leaving::AwaitAck(_) | Leaving::Unrouted(_) => {}
                 Leaving::Draining => out.push(Action::Drain {
                     worker: worker.clone(),
                 }),
@@ -529,6 +551,12 @@ impl Rollout {
             }
         }
         out
+    }
+
+    /// `worker` was asked to start an engine for this rollout and has not
+    /// reported it ready yet.
+    pub fn is_starting(&self, worker: &str) -> bool {
+        self.starting.contains(worker)
     }
 
     /// Ended, settled, and no replica starting: a new promotion may begin

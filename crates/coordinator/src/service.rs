@@ -154,7 +154,8 @@ pub fn promotion_proto(endpoint: &str, promotion: &Promotion) -> v1::Promotion {
             .map(|d| replica_counts(r, d))
             .collect(),
         current_step: r.step,
-        total_steps: r.target.div_ceil(step).max(1),
+        // In-place updates with no idle worker can take more steps than planned.
+        total_steps: r.target.div_ceil(step).max(1).max(r.step),
         step_phase: match r.phase {
             Phase::StartingReplicas => v1::StepPhase::StartingReplicas,
             Phase::WaitingReady => v1::StepPhase::WaitingReady,

@@ -187,6 +187,14 @@ impl PromotionSettings {
         if !self.rolling_deploy {
             return n.max(1);
         }
+        self.in_place_size(n)
+    }
+
+    /// Replicas updated in place at once for a target of `n`, when no idle
+    /// worker can take a new one: `max(1, ceil(n × percent / 100))`, the
+    /// step percentage even when not rolling, so that no update takes the
+    /// routed replicas below `n − k` (DESIGN §4, the capacity floor).
+    pub fn in_place_size(&self, n: u32) -> u32 {
         let percent = self.max_surge_percent.max(self.max_unavailable_percent);
         n.saturating_mul(percent).div_ceil(100).max(1)
     }

@@ -72,6 +72,12 @@ pub enum AgentCall {
         /// The request.
         request: v1::DrainRequest,
     },
+    /// `Agent.Undrain`; a failure is only logged: the worker then stays
+    /// out of the table and is stopped as a stray.
+    Undrain {
+        /// The request.
+        request: v1::UndrainRequest,
+    },
     /// `Agent.Stop`; answered with [`Internal::Stopped`]. No endpoint: a
     /// stray engine's stop.
     Stop {
@@ -98,6 +104,7 @@ impl AgentCall {
                 of(request.drain_timeout.as_ref()).max(ready) + CALL_MARGIN
             }
             Self::Drain { request, .. } => of(request.deadline.as_ref()) + CALL_MARGIN,
+            Self::Undrain { .. } => CALL_MARGIN,
             // A stop drains (up to its grace), then waits for the engine.
             Self::Stop { request, .. } => of(request.grace.as_ref()) + CALL_MARGIN * 2,
         }
@@ -117,6 +124,12 @@ impl AgentCall {
                     tracing::warn!(worker, error = %e, "drain failed; going on as if drained");
                 }
                 Some(Internal::Drained { endpoint, worker })
+            }
+            Self::Undrain { .. } => {
+                if let Some(e) = error {
+                    tracing::warn!(worker, error = %e, "undrain failed");
+                }
+                None
             }
             Self::Stop { endpoint, .. } => Some(Internal::Stopped {
                 endpoint,
@@ -243,6 +256,10 @@ async fn perform(
                 AgentCall::Drain { request, .. } => {
                     client.drain(with_timeout(request, timeout)).await.map(drop)
                 }
+                AgentCall::Undrain { request } => client
+                    .undrain(with_timeout(request, timeout))
+                    .await
+                    .map(drop),
                 AgentCall::Stop { request, .. } => {
                     client.stop(with_timeout(request, timeout)).await.map(drop)
                 }

@@ -33,6 +33,12 @@ impl Actor {
                 };
                 self.agents.call(&worker, call);
             }
+            Action::Undrain { worker } => {
+                let request = v1::UndrainRequest {
+                    coordinator_epoch: self.state.epoch,
+                };
+                self.agents.call(&worker, AgentCall::Undrain { request });
+            }
             Action::Stop { worker } => {
                 let request = v1::StopRequest {
                     coordinator_epoch: self.state.epoch,
@@ -105,6 +111,56 @@ impl Actor {
             request: Box::new(request),
         };
         self.agents.call(&worker, call);
+        // The coordinator holds the ready timeout itself too: an agent
+        // that reports STARTING forever does not hold the step.
+        let deadline =
+            Instant::now() + Duration::from_secs(u64::from(ready_timeout)) + calls::CALL_MARGIN;
+        self.starts
+            .insert(worker, (endpoint.to_owned(), deployment, deadline));
+    }
+
+    /// Starts past their ready timeout (plus a margin) fail as the agent's
+    /// own timeout would: the worker reports `FAILED` to its rollout.
+    pub(super) fn expire_starts(&mut self, actions: &mut Vec<(String, Action)>) {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        self.starts
+            .retain(|worker, (endpoint, deployment, deadline)| {
+                let starting = self
+                    .state
+                    .endpoints
+                    .get(endpoint)
+                    .and_then(current_rollout)
+                    .is_some_and(|r| r.is_starting(worker));
+                if starting && *deadline <= now {
+                    expired.push((worker.clone(), endpoint.clone(), deployment.clone()));
+                }
+                starting && *deadline > now
+            });
+        for (worker, endpoint, deployment) in expired {
+            if let Some(e) = self.state.endpoints.get_mut(&endpoint) {
+                e.record(
+                    now_ms(),
+                    "not-ready",
+                    format!("{worker} did not report {deployment} ready within its ready timeout"),
+                    "",
+                );
+            }
+            let failed = rollout::Worker {
+                deployment: Some(deployment),
+                engine: Engine::Failed,
+                eligible: false,
+                evict: false,
+            };
+            self.feed(
+                &endpoint,
+                Event::Worker {
+                    id: worker,
+                    worker: failed,
+                },
+                actions,
+            );
+        }
     }
 
     /// Watches an agent's status for as long as it is known.

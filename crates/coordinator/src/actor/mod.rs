@@ -264,6 +264,7 @@ pub fn start(
         step_started: BTreeMap::new(),
         last_gate: Instant::now(),
         low_since: BTreeMap::new(),
+        starts: BTreeMap::new(),
         stopping: BTreeSet::new(),
         started: Instant::now(),
         unseen_checked: false,
@@ -300,6 +301,9 @@ struct Actor {
     last_gate: Instant,
     /// Since when each endpoint has wanted fewer replicas.
     low_since: BTreeMap<String, Instant>,
+    /// Starts sent, by worker: (endpoint, deployment, when the coordinator
+    /// gives up on them).
+    starts: BTreeMap<String, (String, String, Instant)>,
     /// Stray engines whose `Stop` is under way.
     stopping: BTreeSet<String>,
     /// When this actor started: a worker not heard from since is lost
@@ -553,6 +557,7 @@ impl Actor {
                 self.refresh_workers(actions);
             }
             self.stop_strays();
+            self.expire_starts(actions);
         }
     }
 

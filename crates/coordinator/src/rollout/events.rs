@@ -26,31 +26,44 @@ impl Rollout {
                 format!("{id} ({deployment}) is no longer ready; out of the table"),
             ));
             self.push_table(out);
+            self.unroute(&id);
         }
         // A candidate replica of ours failed (not ready in time, crash loop).
         let failed_new = worker.engine == Engine::Failed
             && worker.deployment.as_deref() == Some(self.to.as_str())
             && (self.starting.contains(&id) || self.ready.contains(&id));
-        let was_starting = self.starting.contains(&id);
+        let pending = self.starting.contains(&id) || self.ready.contains(&id);
         self.workers.insert(id.clone(), worker.clone());
-        if was_starting {
+        if pending {
+            // A replica started for this step, as its agent reports it now:
+            // a ready one may crash again before the step routes it.
+            // Anything else (a status sent before the agent took the
+            // `Apply`) changes nothing yet.
             let expected = self.starting_deployment();
-            if worker.engine == Engine::Ready
-                && worker.deployment.as_deref() == Some(expected.as_str())
-            {
-                self.starting.remove(&id);
-                self.ready.insert(id.clone());
-            } else if worker.engine == Engine::Failed {
-                self.starting.remove(&id);
-                self.failed.insert(id.clone());
-                // Free its GPUs.
-                self.retire(&id, false, out);
-                if !failed_new {
-                    out.push(record(
-                        "replica-failed",
-                        format!("{id} failed to start {expected}"),
-                    ));
+            let with_expected = worker.deployment.as_deref() == Some(expected.as_str());
+            match worker.engine {
+                Engine::Ready if with_expected => {
+                    self.starting.remove(&id);
+                    self.ready.insert(id.clone());
                 }
+                Engine::Starting if with_expected => {
+                    self.ready.remove(&id);
+                    self.starting.insert(id.clone());
+                }
+                Engine::Failed => {
+                    self.starting.remove(&id);
+                    self.ready.remove(&id);
+                    self.failed.insert(id.clone());
+                    // Free its GPUs.
+                    self.retire(&id, false, out);
+                    if !failed_new {
+                        out.push(record(
+                            "replica-failed",
+                            format!("{id} failed to start {expected}"),
+                        ));
+                    }
+                }
+                _ => {}
             }
         }
         if failed_new && !self.status.is_terminal() && !self.backward {
@@ -64,22 +77,43 @@ impl Rollout {
     /// engine when it answers again. A start on it is not a failed
     /// candidate: the step starts one elsewhere.
     pub(super) fn on_lost(&mut self, id: &str, out: &mut Vec<Action>) {
-        if let Some(deployment) = self.routed.remove(id) {
+        let was_routed = if let Some(deployment) = self.routed.remove(id) {
             out.push(record(
                 "replica-lost",
                 format!("{id} ({deployment}) is not answering; out of the table"),
             ));
             self.push_table(out);
-        }
+            true
+        } else {
+            false
+        };
         self.removes.remove(id);
         let started = self.starting.remove(id) | self.ready.remove(id);
-        let leaving = self.leaving.remove(id).is_some();
-        if started || leaving {
+        let retirement = self.leaving.remove(id);
+        // Still held until the routers forget it, whatever its step was.
+        let unacked = retirement.and_then(|r| match r.stage {
+            Leaving::AwaitAck(seq) | Leaving::Unrouted(seq) if seq > self.acked => Some(seq),
+            _ => None,
+        });
+        if was_routed {
+            self.unroute(id);
+        } else if let Some(seq) = unacked {
+            self.leaving
+                .insert(id.to_owned(), Retirement::unrouted(seq));
+        }
+        if started || retirement.is_some() {
             out.push(record(
                 "worker-lost",
                 format!("{id} is not answering; its part in this step moves elsewhere"),
             ));
         }
+    }
+
+    /// `id` just left the table on its own: held until the routers
+    /// acknowledge that, then released as it is.
+    fn unroute(&mut self, id: &str) {
+        self.leaving
+            .insert(id.to_owned(), Retirement::unrouted(self.seq));
     }
 
     pub(super) fn on_drained(&mut self, worker: &str, out: &mut Vec<Action>) {
@@ -173,6 +207,29 @@ impl Rollout {
     /// Moves back to `from`, step by step; `end` once there.
     pub(super) fn turn_back(&mut self, end: Status, out: &mut Vec<Action>) {
         self.abandon_step(out);
+        // Old replicas on their way out and not yet stopped serve again:
+        // one draining is told to stop draining (no reload), one whose
+        // drain has not begun is still ready. The steps route them again
+        // as soon as they report ready.
+        let back: Vec<(String, Leaving)> = self
+            .leaving
+            .iter()
+            .filter(|(id, r)| {
+                matches!(r.stage, Leaving::AwaitAck(_) | Leaving::Draining)
+                    && !r.keep_running
+                    && self.workers.get(*id).and_then(|w| w.deployment.as_deref())
+                        == Some(self.from.as_str())
+            })
+            .map(|(id, r)| (id.clone(), r.stage))
+            .collect();
+        for (worker, stage) in back {
+            // Held until the routers have acknowledged the table it left.
+            self.leaving
+                .insert(worker.clone(), Retirement::unrouted(self.seq));
+            if stage == Leaving::Draining {
+                out.push(Action::Undrain { worker });
+            }
+        }
         // Workers where the candidate failed can run the old deployment.
         self.failed.clear();
         self.backward = true;
@@ -250,11 +307,22 @@ impl Rollout {
         // A worker where the candidate failed may host the deployment that
         // serves now (scaling), and the next promotion's candidate.
         self.failed.clear();
-        // Replicas started for a step that will not come: stop them.
-        let unrouted: Vec<String> = self.starting.iter().chain(&self.ready).cloned().collect();
-        self.starting.clear();
-        self.ready.clear();
+        // Replicas started for a step that will not come stop, but the
+        // candidate's own once it has succeeded: those still loading finish
+        // (a force roll forward) and join the table as they are ready.
+        let keep = |w: &Worker| {
+            status == Status::Succeeded && w.deployment.as_deref() == Some(self.to.as_str())
+        };
+        let unrouted: Vec<String> = self
+            .starting
+            .iter()
+            .chain(&self.ready)
+            .filter(|id| !self.workers.get(*id).is_some_and(keep))
+            .cloned()
+            .collect();
         for worker in unrouted {
+            self.starting.remove(&worker);
+            self.ready.remove(&worker);
             self.retire(&worker, false, out);
         }
         out.push(record(

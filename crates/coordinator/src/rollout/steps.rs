@@ -166,6 +166,9 @@ impl Rollout {
     }
 
     pub(super) fn progress_retirements(&mut self, out: &mut Vec<Action>) {
+        let acked = self.acked;
+        self.leaving
+            .retain(|_, r| !matches!(r.stage, Leaving::Unrouted(seq) if seq <= acked));
         let due: Vec<String> = self
             .leaving
             .iter()
@@ -216,21 +219,7 @@ impl Rollout {
         }
         // An engine of the serving deployment that no step started (its
         // agent restarted it after a crash) is counted, not orphaned.
-        let strays: Vec<(String, Engine)> = self
-            .workers
-            .iter()
-            .filter(|(id, w)| {
-                w.deployment.as_deref() == Some(serving.as_str())
-                    && matches!(w.engine, Engine::Starting | Engine::Ready)
-                    && w.eligible
-                    && !w.evict
-                    && !self.routed.contains_key(*id)
-                    && !self.starting.contains(*id)
-                    && !self.leaving.contains_key(*id)
-            })
-            .map(|(id, w)| (id.clone(), w.engine))
-            .collect();
-        for (id, engine) in strays {
+        for (id, engine) in self.strays_of(&serving) {
             if engine == Engine::Ready {
                 self.routed.insert(id, serving.clone());
                 self.push_table(out);
@@ -277,9 +266,50 @@ impl Rollout {
         }
     }
 
+    /// Engines of `deployment`, starting or ready, on eligible workers
+    /// that no part of the rollout uses: an engine its agent restarted, a
+    /// host that came back.
+    fn strays_of(&self, deployment: &str) -> Vec<(String, Engine)> {
+        self.workers
+            .iter()
+            .filter(|(id, w)| {
+                w.deployment.as_deref() == Some(deployment)
+                    && matches!(w.engine, Engine::Starting | Engine::Ready)
+                    && w.eligible
+                    && !w.evict
+                    && !self.routed.contains_key(*id)
+                    && !self.starting.contains(*id)
+                    && !self.ready.contains(*id)
+                    && !self.leaving.contains_key(*id)
+            })
+            .map(|(id, w)| (id.clone(), w.engine))
+            .collect()
+    }
+
     pub(super) fn progress_step(&mut self, out: &mut Vec<Action>) {
         let new = self.new_deployment();
         let old = self.old_deployment();
+
+        // Short of the target, a ready engine of the deployment the
+        // promotion leaves (a host back from a hang, an engine its agent
+        // restarted) serves again rather than being stopped.
+        if !self.force_forward && !self.is_first() {
+            let routed = self.routed.len();
+            let short = (self.target as usize).saturating_sub(routed);
+            let back: Vec<String> = self
+                .strays_of(&self.from)
+                .into_iter()
+                .filter(|(_, engine)| *engine == Engine::Ready)
+                .map(|(id, _)| id)
+                .take(short)
+                .collect();
+            if !back.is_empty() {
+                for id in back {
+                    self.routed.insert(id, self.from.clone());
+                }
+                self.push_table(out);
+            }
+        }
 
         // Force roll forward: as soon as a candidate replica is ready.
         if self.force_forward {
@@ -301,12 +331,6 @@ impl Rollout {
                 }
                 let seq = self.seq;
                 let keep = self.settings.cleanup == Cleanup::Keep;
-                let others: Vec<String> = self.starting.iter().cloned().collect();
-                self.starting.clear();
-                for worker in others {
-                    // Still loading: needed no more.
-                    self.retire(&worker, false, out);
-                }
                 self.take_out_deployment(&self.from.clone(), keep, out);
                 if added && self.seq == seq {
                     // Nothing of the old deployment was left to take out.
@@ -330,6 +354,11 @@ impl Rollout {
                         self.phase = Phase::StartingReplicas;
                         return;
                     }
+                    if self.paused && self.overhead_done {
+                        // Paused: the starts under way finish, but the
+                        // split stays pinned until resume.
+                        return;
+                    }
                     if !self.overhead_done {
                         // The extra old replicas join the table.
                         for worker in std::mem::take(&mut self.ready) {
@@ -340,31 +369,7 @@ impl Rollout {
                         self.phase = Phase::ShiftingTraffic;
                         return;
                     }
-                    for worker in std::mem::take(&mut self.ready) {
-                        self.routed.insert(worker, new.clone());
-                    }
-                    let removes = std::mem::take(&mut self.removes);
-                    for worker in &removes {
-                        self.routed.remove(worker);
-                    }
-                    self.push_table(out);
-                    for worker in removes {
-                        self.leaving.insert(
-                            worker,
-                            Retirement {
-                                stage: Leaving::AwaitAck(self.seq),
-                                then_start: false,
-                                keep_running: false,
-                            },
-                        );
-                    }
-                    self.phase = Phase::ShiftingTraffic;
-                    if self.status == Status::Releasing {
-                        self.status = Status::RampingUp;
-                    }
-                    if self.resume_to == Status::Releasing {
-                        self.resume_to = Status::RampingUp;
-                    }
+                    self.shift(&new, out);
                 }
             }
             Phase::ShiftingTraffic => {
@@ -492,22 +497,24 @@ impl Rollout {
             } else {
                 old_workers.len()
             };
-            if self.settings.surge() || self.backward || self.force_forward {
-                let fresh: Vec<String> = idle.iter().take(adds).cloned().collect();
-                // In place only when no worker is about to free up.
-                let short = if self.leaving.is_empty() {
-                    adds - fresh.len()
-                } else {
-                    0
-                };
-                let in_place = old_workers.into_iter().take(short.min(spare)).collect();
-                (fresh, in_place)
+            // Idle workers first, in every mode (Vast.ai's idle workers
+            // update first); then old replicas in place, at most k at once
+            // (the capacity floor). Surge mode updates in place only when no
+            // worker is about to free up.
+            let fresh: Vec<String> = idle.iter().take(adds).cloned().collect();
+            let waits_for_free = (self.settings.surge() || self.backward || self.force_forward)
+                && !self.leaving.is_empty();
+            let short = if waits_for_free {
+                0
             } else {
-                let in_place: Vec<String> = old_workers.into_iter().take(adds.min(spare)).collect();
-                let short = adds - in_place.len();
-                let fresh = idle.iter().take(short).cloned().collect();
-                (fresh, in_place)
-            }
+                adds - fresh.len()
+            };
+            let at_once = self.settings.in_place_size(self.target) as usize;
+            let in_place = old_workers
+                .into_iter()
+                .take(short.min(spare).min(at_once))
+                .collect();
+            (fresh, in_place)
         };
         if fresh.is_empty() && in_place.is_empty() && adds > 0 {
             let waiting = format!("waiting for an eligible idle worker to start {new}");
@@ -553,6 +560,7 @@ impl Rollout {
                 removes.len()
             ),
         ));
+        let fresh_count = fresh.len();
         for worker in fresh {
             self.starting.insert(worker.clone());
             out.push(Action::Apply {
@@ -570,6 +578,41 @@ impl Rollout {
             self.retire(worker, true, out);
         }
         self.removes = removes;
-        self.phase = Phase::WaitingReady;
+        if fresh_count + in_place.len() == 0 {
+            // Nothing to start: only old replicas leave.
+            self.shift(new, out);
+        } else {
+            self.phase = Phase::WaitingReady;
+        }
+    }
+
+    /// One table: the step's ready replicas in, its old ones out; every
+    /// router must acknowledge it before those drain.
+    fn shift(&mut self, new: &str, out: &mut Vec<Action>) {
+        for worker in std::mem::take(&mut self.ready) {
+            self.routed.insert(worker, new.to_owned());
+        }
+        let removes = std::mem::take(&mut self.removes);
+        for worker in &removes {
+            self.routed.remove(worker);
+        }
+        self.push_table(out);
+        for worker in removes {
+            self.leaving.insert(
+                worker,
+                Retirement {
+                    stage: Leaving::AwaitAck(self.seq),
+                    then_start: false,
+                    keep_running: false,
+                },
+            );
+        }
+        self.phase = Phase::ShiftingTraffic;
+        if self.status == Status::Releasing {
+            self.status = Status::RampingUp;
+        }
+        if self.resume_to == Status::Releasing {
+            self.resume_to = Status::RampingUp;
+        }
     }
 }

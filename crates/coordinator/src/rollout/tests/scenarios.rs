@@ -204,29 +204,31 @@ fn not_rolling_switches_all_traffic_at_once_when_every_candidate_is_ready() {
 }
 
 #[test]
-fn pause_holds_the_split_between_steps_and_resume_goes_on() {
+fn pause_lets_starts_finish_but_pins_the_split_until_resume() {
     let (workers, routed) = fleet(4, 1);
     let mut r = Rollout::new("old", "new", rolling_surge(), 4, workers, routed);
     r.start();
     r.handle(Event::Command(Command::Pause));
     assert_eq!(r.status, Status::Paused);
-    // The step under way finishes...
-    let shifted = r.handle(ready("w4", "new"));
-    let (seq, _) = tables(&shifted)[0].clone();
-    r.handle(Event::TableAcked { seq });
+    // The start under way finishes, but no traffic moves (Baseten's pause).
+    let held = r.handle(ready("w4", "new"));
+    assert!(tables(&held).is_empty(), "{held:?}");
+    assert_eq!(r.percent_to_candidate(), 0);
+    assert_eq!(r.step, 1);
+    // Resume: the ready replica takes its share, one old one leaves.
+    let resumed = r.handle(Event::Command(Command::Resume));
+    assert_eq!(r.status, Status::RampingUp);
+    let (seq, _) = tables(&resumed)[0].clone();
+    assert_eq!(r.percent_to_candidate(), 25);
+    let acked = r.handle(Event::TableAcked { seq });
+    assert_eq!(drains(&acked), ["w0"]);
     r.handle(Event::Drained {
         worker: "w0".into(),
     });
-    let held = r.handle(Event::Stopped {
+    let next = r.handle(Event::Stopped {
         worker: "w0".into(),
     });
-    // ...and no new one starts.
-    assert!(applies(&held).is_empty());
-    assert_eq!(r.step, 1);
-    assert_eq!(r.percent_to_candidate(), 25);
-    let resumed = r.handle(Event::Command(Command::Resume));
-    assert_eq!(r.status, Status::RampingUp);
-    assert_eq!(applies(&resumed), [("w0".to_owned(), "new".to_owned())]);
+    assert_eq!(applies(&next), [("w0".to_owned(), "new".to_owned())]);
 }
 
 #[test]
@@ -424,4 +426,81 @@ fn a_first_deployment_canceled_or_failed_ends_at_once() {
     assert_eq!(r.status, Status::Failed);
     assert!(applies(&failed).is_empty(), "{failed:?}");
     assert!(!r.reason.is_empty());
+}
+
+#[test]
+fn cancel_returns_draining_old_replicas_to_service_without_a_reload() {
+    let (workers, routed) = fleet(4, 0);
+    let settings = PromotionSettings {
+        rolling_deploy: true,
+        max_surge_percent: 0,
+        max_unavailable_percent: 50,
+        ..PromotionSettings::default()
+    };
+    let mut r = Rollout::new("old", "new", settings, 4, workers, routed);
+    let start = r.start();
+    let (seq, _) = tables(&start).last().cloned().unwrap();
+    assert_eq!(drains(&r.handle(Event::TableAcked { seq })), ["w0", "w1"]);
+
+    // Canceled while w0 and w1 drain: they are told to stop draining, and
+    // nothing reloads the old deployment.
+    let canceled = r.handle(Event::Command(Command::Cancel));
+    let undrained: Vec<&Action> = canceled
+        .iter()
+        .filter(|a| matches!(a, Action::Undrain { .. }))
+        .collect();
+    assert_eq!(undrained.len(), 2, "{canceled:?}");
+    let mut actions = Vec::new();
+    for worker in ["w0", "w1"] {
+        actions.extend(r.handle(ready(worker, "old")));
+        // A drain that answers late changes nothing.
+        actions.extend(r.handle(Event::Drained {
+            worker: worker.into(),
+        }));
+    }
+    let seq = r.seq;
+    actions.extend(r.handle(Event::TableAcked { seq }));
+    let seq = r.seq;
+    actions.extend(r.handle(Event::TableAcked { seq }));
+    assert!(applies(&actions).is_empty(), "{actions:?}");
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Stop { .. })),
+        "{actions:?}"
+    );
+    assert_eq!(r.status, Status::Canceled);
+    assert_eq!(r.replicas("old").0, 4);
+}
+
+#[test]
+fn force_roll_forward_lets_loading_candidates_finish() {
+    let (workers, routed) = fleet(2, 1);
+    let settings = PromotionSettings {
+        max_surge_percent: 50,
+        ..rolling_surge()
+    };
+    let mut r = Rollout::new("old", "new", settings, 2, workers, routed);
+    assert_eq!(applies(&r.start()), [("w2".to_owned(), "new".to_owned())]);
+    r.handle(ready("w2", "new"));
+    let seq = r.seq;
+    r.handle(Event::TableAcked { seq });
+    r.handle(Event::Drained {
+        worker: "w0".into(),
+    });
+    let next = r.handle(Event::Stopped {
+        worker: "w0".into(),
+    });
+    let loading: Vec<String> = applies(&next).into_iter().map(|(w, _)| w).collect();
+    assert_eq!(loading.len(), 1, "{next:?}");
+    // Forced while the second candidate replica loads: it is not stopped.
+    let forced = r.handle(Event::Command(Command::ForceRollForward));
+    assert_eq!(r.status, Status::Succeeded);
+    assert!(
+        !forced
+            .iter()
+            .any(|a| matches!(a, Action::Stop { worker } if *worker == loading[0])),
+        "{forced:?}"
+    );
+    // Once ready it joins the table.
+    r.handle(ready(&loading[0], "new"));
+    assert_eq!(r.replicas("new").0, 2);
 }

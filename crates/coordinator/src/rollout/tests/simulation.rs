@@ -2,19 +2,29 @@
 //! against a simulated fleet, checking the invariants after every action:
 //!
 //! - a table's weights sum to the total and name only ready workers of
-//!   their deployment;
+//!   their deployment, never a worker reported lost;
 //! - no worker is drained, stopped or given another deployment while a
-//!   router may still route to it;
-//! - a paused promotion takes no step;
+//!   router may still route to it; a lost worker is never drained;
+//! - the capacity floor: a step never takes the routed replicas below
+//!   `N − k` (of those still serving, when fewer than N do: a crash or a
+//!   hang is the world's doing);
+//! - a paused promotion takes no step and moves no traffic to the
+//!   candidate;
 //! - every promotion ends, settled, with the traffic where its last command
-//!   sent it (force roll forward: 100 % on the candidate).
+//!   sent it, and no engine runs outside the table (but a kept one).
+//!
+//! The hostile world (`hostile`) also hangs hosts (reported lost, their
+//! calls answered only by their deadline), brings them back (some
+//! rebooted, empty), crash-loops engines, cordons workers, and restarts the
+//! coordinator from its stored state at random points, losing the answers
+//! it was waiting for. Like the shell, it stops engines no rollout uses.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 
 use super::super::*;
-use crate::settings::PromotionSettings;
+use crate::settings::{Cleanup, PromotionSettings};
 
 /// The old deployment's id.
 const OLD: &str = "old";
@@ -39,6 +49,10 @@ struct Fleet {
     now_ms: u64,
     /// Every candidate replica fails to start (a model that does not exist).
     candidate_fails: bool,
+    /// Hosts that hang: they answer nothing until they come back.
+    hung: BTreeSet<String>,
+    /// Hung hosts the rollout has been told are lost.
+    reported_lost: BTreeSet<String>,
 }
 
 impl Fleet {
@@ -57,27 +71,11 @@ impl Fleet {
         let idle = idle + replicas - serving;
         for i in 0..serving {
             let id = format!("w{i}");
-            workers.insert(
-                id.clone(),
-                Worker {
-                    deployment: Some(OLD.into()),
-                    engine: Engine::Ready,
-                    eligible: true,
-                    evict: false,
-                },
-            );
+            workers.insert(id.clone(), worker(Some(OLD), Engine::Ready));
             routed.insert(id, OLD.to_owned());
         }
         for i in serving..serving + idle {
-            workers.insert(
-                format!("w{i}"),
-                Worker {
-                    deployment: None,
-                    engine: Engine::Idle,
-                    eligible: true,
-                    evict: false,
-                },
-            );
+            workers.insert(format!("w{i}"), worker(None, Engine::Idle));
         }
         let target = u32::try_from(replicas).unwrap_or(u32::MAX);
         let from = if first { "" } else { OLD };
@@ -93,6 +91,8 @@ impl Fleet {
             acked: 0,
             now_ms: 0,
             candidate_fails: false,
+            hung: BTreeSet::new(),
+            reported_lost: BTreeSet::new(),
         };
         (fleet, actions)
     }
@@ -106,33 +106,91 @@ impl Fleet {
             .collect()
     }
 
+    fn last_table(&self) -> Vec<Route> {
+        self.tables
+            .values()
+            .next_back()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Checks a table against the invariants. `floor_applies`: the table is
+    /// the rollout's own step (not a command's, not the end's).
+    fn check_table(&self, seq: u64, routes: &[Route], step: Step) {
+        if !routes.is_empty() {
+            assert_eq!(
+                routes.iter().map(|r| r.weight).sum::<u32>(),
+                TOTAL_WEIGHT,
+                "{routes:?}"
+            );
+        }
+        let mut seen = BTreeSet::new();
+        for route in routes {
+            assert!(!route.workers.is_empty(), "{routes:?}");
+            for worker in &route.workers {
+                assert!(seen.insert(worker.clone()), "{worker} twice: {routes:?}");
+                assert!(
+                    !self.reported_lost.contains(worker),
+                    "table {seq} names {worker}, reported lost"
+                );
+                let state = &self.workers[worker];
+                assert!(
+                    state.engine == Engine::Ready
+                        && state.deployment.as_deref() == Some(route.deployment.as_str()),
+                    "table {seq} names {worker} ({state:?}) for {}",
+                    route.deployment
+                );
+            }
+        }
+        if step.pinned {
+            let on = |routes: &[Route]| {
+                routes
+                    .iter()
+                    .filter(|r| r.deployment == self.rollout.to)
+                    .map(|r| r.workers.len())
+                    .sum::<usize>()
+            };
+            assert!(
+                on(routes) <= on(&self.last_table()),
+                "table {seq} moves traffic to the candidate while paused: {:?} -> {routes:?}",
+                self.last_table()
+            );
+        }
+        if step.floor {
+            // Measured from what the last table still has serving: what a
+            // crash or a hang took is the world's doing.
+            let before = self.last_table();
+            let serving = before
+                .iter()
+                .flat_map(|r| r.workers.iter().map(move |w| (w, &r.deployment)))
+                .filter(|(w, d)| {
+                    let state = &self.workers[*w];
+                    state.engine == Engine::Ready
+                        && state.deployment.as_ref() == Some(*d)
+                        && !self.reported_lost.contains(*w)
+                })
+                .count();
+            let count = |routes: &[Route]| routes.iter().map(|r| r.workers.len()).sum::<usize>();
+            let target = self.rollout.target;
+            let k = self.rollout.settings.in_place_size(target);
+            // N above what serves (autoscaling raised it past the workers
+            // there are) cannot hold updates back forever: k at a time.
+            let floor = (target as usize).min(serving).saturating_sub(k as usize);
+            assert!(
+                count(routes) >= floor,
+                "table {seq} routes {} replicas, below the floor {floor} (N {target}, k {k}): {before:?} -> {routes:?}",
+                count(routes)
+            );
+        }
+    }
+
     /// Checks an action against the invariants, then plays the agents' and
     /// routers' part.
-    fn perform(&mut self, action: Action) -> Vec<Event> {
+    fn perform(&mut self, action: Action, step: Step) -> Vec<Event> {
         let mut events = Vec::new();
         match action {
             Action::PushTable { seq, routes } => {
-                if !routes.is_empty() {
-                    assert_eq!(
-                        routes.iter().map(|r| r.weight).sum::<u32>(),
-                        TOTAL_WEIGHT,
-                        "{routes:?}"
-                    );
-                }
-                let mut seen = BTreeSet::new();
-                for route in &routes {
-                    assert!(!route.workers.is_empty(), "{routes:?}");
-                    for worker in &route.workers {
-                        assert!(seen.insert(worker.clone()), "{worker} twice: {routes:?}");
-                        let state = &self.workers[worker];
-                        assert!(
-                            state.engine == Engine::Ready
-                                && state.deployment.as_deref() == Some(route.deployment.as_str()),
-                            "table {seq} names {worker} ({state:?}) for {}",
-                            route.deployment
-                        );
-                    }
-                }
+                self.check_table(seq, &routes, step);
                 self.tables.insert(seq, routes);
                 self.replies.push(Reply::Acked(seq));
             }
@@ -143,7 +201,12 @@ impl Fleet {
                     self.acked,
                     self.tables.range(self.acked..).collect::<Vec<_>>()
                 );
-                if let Some(w) = self.workers.get_mut(&worker)
+                assert!(
+                    !self.reported_lost.contains(&worker),
+                    "{worker} drained through while lost"
+                );
+                if !self.hung.contains(&worker)
+                    && let Some(w) = self.workers.get_mut(&worker)
                     && w.engine == Engine::Ready
                 {
                     w.engine = Engine::Draining;
@@ -156,10 +219,12 @@ impl Fleet {
                     !self.routable().contains(&worker),
                     "{worker} stopped while routable"
                 );
-                let w = self.workers.get_mut(&worker).expect("a known worker");
-                w.engine = Engine::Idle;
-                w.deployment = None;
-                events.push(self.report(&worker));
+                if !self.hung.contains(&worker) {
+                    let w = self.workers.get_mut(&worker).expect("a known worker");
+                    w.engine = Engine::Idle;
+                    w.deployment = None;
+                    events.push(self.report(&worker));
+                }
                 self.replies.push(Reply::Stopped(worker));
             }
             Action::Apply { worker, deployment } => {
@@ -167,11 +232,23 @@ impl Fleet {
                     !self.routable().contains(&worker),
                     "{worker} given {deployment} while routable"
                 );
-                let w = self.workers.get_mut(&worker).expect("a known worker");
-                w.engine = Engine::Starting;
-                w.deployment = Some(deployment);
-                events.push(self.report(&worker));
-                self.replies.push(Reply::Ready(worker));
+                // A hung host never hears it (the shell's call runs out).
+                if !self.hung.contains(&worker) {
+                    let w = self.workers.get_mut(&worker).expect("a known worker");
+                    w.engine = Engine::Starting;
+                    w.deployment = Some(deployment);
+                    events.push(self.report(&worker));
+                    self.replies.push(Reply::Ready(worker));
+                }
+            }
+            Action::Undrain { worker } => {
+                if !self.hung.contains(&worker)
+                    && let Some(w) = self.workers.get_mut(&worker)
+                    && w.engine == Engine::Draining
+                {
+                    w.engine = Engine::Ready;
+                    events.push(self.report(&worker));
+                }
             }
             Action::Record { .. } => {}
         }
@@ -185,8 +262,15 @@ impl Fleet {
         }
     }
 
-    fn answer(&mut self, index: usize) -> Event {
-        match self.replies.remove(index) {
+    /// Answers reply `index`; a hung host's engine makes no progress, but
+    /// the calls made to it end at their deadline.
+    fn answer(&mut self, index: usize) -> Option<Event> {
+        if let Reply::Ready(worker) = &self.replies[index]
+            && self.hung.contains(worker)
+        {
+            return None;
+        }
+        Some(match self.replies.remove(index) {
             Reply::Ready(worker) => {
                 let fails = self.candidate_fails;
                 if let Some(w) = self.workers.get_mut(&worker)
@@ -206,7 +290,7 @@ impl Fleet {
             }
             Reply::Drained(worker) => Event::Drained { worker },
             Reply::Stopped(worker) => Event::Stopped { worker },
-        }
+        })
     }
 
     /// Feeds `event` and everything it causes through the machine.
@@ -218,6 +302,7 @@ impl Fleet {
             assert!(bound < 10_000, "events never settle");
             let paused = self.rollout.status == Status::Paused;
             let step = self.rollout.step;
+            let before = self.rollout.status;
             let actions = self.rollout.handle(event.clone());
             if paused && self.rollout.status == Status::Paused {
                 assert_eq!(
@@ -225,10 +310,176 @@ impl Fleet {
                     "a paused promotion took a step on {event:?}"
                 );
             }
+            let step = Step {
+                // Commands and the end move traffic at once, by design.
+                floor: !matches!(event, Event::Command(_))
+                    && !before.is_terminal()
+                    && !self.rollout.status.is_terminal()
+                    && self.rollout.status != Status::RampingDown,
+                pinned: paused && self.rollout.status == Status::Paused,
+            };
             for action in actions {
-                queue.extend(self.perform(action));
+                queue.extend(self.perform(action, step));
             }
         }
+    }
+
+    fn perform_all(&mut self, actions: Vec<Action>) {
+        let mut queue = Vec::new();
+        for action in actions {
+            queue.extend(self.perform(action, Step::default()));
+        }
+        for event in queue {
+            self.feed(event);
+        }
+    }
+
+    // === the hostile world ===
+
+    /// Hangs `worker`'s host: the rollout hears it is lost.
+    fn hang(&mut self, worker: &str) {
+        if !self.hung.insert(worker.to_owned()) {
+            return;
+        }
+        self.reported_lost.insert(worker.to_owned());
+        let lost = Worker {
+            engine: Engine::Unknown,
+            eligible: false,
+            ..self.workers[worker].clone()
+        };
+        self.feed(Event::Worker {
+            id: worker.to_owned(),
+            worker: lost,
+        });
+    }
+
+    /// Brings a hung host back, rebooted (empty) or as it was.
+    fn come_back(&mut self, worker: &str, rebooted: bool) {
+        if !self.hung.remove(worker) {
+            return;
+        }
+        self.reported_lost.remove(worker);
+        if rebooted && let Some(w) = self.workers.get_mut(worker) {
+            w.engine = Engine::Idle;
+            w.deployment = None;
+        }
+        // A start it never heard of is over.
+        self.replies
+            .retain(|r| !matches!(r, Reply::Ready(w) if w == worker));
+        if let Some(w) = self.workers.get_mut(worker)
+            && w.engine == Engine::Starting
+        {
+            w.engine = Engine::Idle;
+            w.deployment = None;
+        }
+        let event = self.report(worker);
+        self.feed(event);
+    }
+
+    /// A serving engine crash-loops.
+    fn crash(&mut self, worker: &str) {
+        if self.hung.contains(worker) {
+            return;
+        }
+        let Some(w) = self.workers.get_mut(worker) else {
+            return;
+        };
+        if w.engine != Engine::Ready {
+            return;
+        }
+        w.engine = Engine::Failed;
+        let event = self.report(worker);
+        self.feed(event);
+    }
+
+    /// An operator cordons a worker: its replica is to move.
+    fn cordon(&mut self, worker: &str) {
+        if self.hung.contains(worker) {
+            return;
+        }
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.eligible = false;
+            w.evict = true;
+        }
+        let event = self.report(worker);
+        self.feed(event);
+    }
+
+    /// The operator uncordons a worker.
+    fn uncordon(&mut self, worker: &str) {
+        let Some(w) = self.workers.get_mut(worker) else {
+            return;
+        };
+        if !w.evict {
+            return;
+        }
+        w.eligible = true;
+        w.evict = false;
+        let event = self.report(worker);
+        self.feed(event);
+    }
+
+    /// The coordinator is killed and restarted on its stored state: the
+    /// answers it waited for are lost (a new process makes new calls), and
+    /// it resumes.
+    fn restart(&mut self) {
+        let stored = serde_json::to_string(&self.rollout).expect("the rollout serializes");
+        self.rollout = serde_json::from_str(&stored).expect("the rollout deserializes");
+        self.replies.retain(|r| matches!(r, Reply::Ready(_)));
+        let actions = self.rollout.resume();
+        self.perform_all(actions);
+    }
+
+    /// What the shell does with engines no rollout uses: stops them once
+    /// no router routes to them (a kept deployment's stay warm).
+    fn stop_strays(&mut self) -> bool {
+        let claimed = self.rollout.claimed();
+        let routable = self.routable();
+        let kept = (self.rollout.status == Status::Succeeded
+            && self.rollout.settings.cleanup == Cleanup::Keep)
+            .then(|| self.rollout.from.clone());
+        let strays: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(id, w)| {
+                matches!(
+                    w.engine,
+                    Engine::Starting | Engine::Ready | Engine::Draining
+                ) && !claimed.contains(*id)
+                    && !routable.contains(*id)
+                    && !self.hung.contains(*id)
+                    && w.deployment != kept
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        let stopped = !strays.is_empty();
+        for id in strays {
+            if let Some(w) = self.workers.get_mut(&id) {
+                w.engine = Engine::Idle;
+                w.deployment = None;
+            }
+            let event = self.report(&id);
+            self.feed(event);
+        }
+        stopped
+    }
+}
+
+/// What a table pushed in answer to one event must also respect.
+#[derive(Debug, Clone, Copy, Default)]
+struct Step {
+    /// The capacity floor (a step's own table, not a command's).
+    floor: bool,
+    /// Paused before and after: the split is pinned.
+    pinned: bool,
+}
+
+fn worker(deployment: Option<&str>, engine: Engine) -> Worker {
+    Worker {
+        deployment: deployment.map(str::to_owned),
+        engine,
+        eligible: true,
+        evict: false,
     }
 }
 
@@ -239,51 +490,65 @@ fn settings_strategy() -> impl Strategy<Value = PromotionSettings> {
         1u32..=50,
         0u32..=100,
         0u32..=2,
+        0u8..3,
     )
         .prop_map(
-            |(rolling, surge, percent, overhead, stabilization)| PromotionSettings {
+            |(rolling, surge, percent, overhead, stabilization, cleanup)| PromotionSettings {
                 rolling_deploy: rolling,
                 max_surge_percent: if surge { percent } else { 0 },
                 max_unavailable_percent: if surge { 0 } else { percent },
                 replica_overhead_percent: overhead,
                 stabilization_time_seconds: stabilization,
+                cleanup: match cleanup {
+                    0 => Cleanup::ScaleToZero,
+                    1 => Cleanup::Keep,
+                    _ => Cleanup::Deactivate,
+                },
                 ..PromotionSettings::default()
             },
         )
 }
 
-/// Plays `choices` against a fleet: answers in any order, ticks, and (with
-/// `commands`) the operator's commands; then lets everything settle.
-/// Returns the fleet and the last decisive command given while the
-/// promotion ran.
+/// What a run may do besides answering and ticking.
+#[derive(Debug, Clone, Copy, Default)]
+struct World {
+    /// The operator's decisive commands (cancel, force).
+    commands: bool,
+    /// Every candidate fails to start.
+    candidate_fails: bool,
+    /// The endpoint's first deployment.
+    first: bool,
+    /// Hung hosts, crashes, cordons and coordinator restarts.
+    hostile: bool,
+}
+
+/// Plays `choices` against a fleet: answers in any order, ticks, the
+/// operator's commands and (with `world.hostile`) faults; then lets
+/// everything settle. Returns the fleet and the last decisive command
+/// given while the promotion ran.
 fn play(
     settings: PromotionSettings,
     replicas: usize,
     idle: usize,
     choices: &[u32],
-    commands: bool,
-    candidate_fails: bool,
-    first_deployment: bool,
+    world: World,
 ) -> (Fleet, Option<Command>) {
-    let (mut fleet, first) = Fleet::new(settings, replicas, idle, first_deployment);
-    fleet.candidate_fails = candidate_fails;
-    let mut queue = Vec::new();
-    for action in first {
-        queue.extend(fleet.perform(action));
-    }
-    for event in queue {
-        fleet.feed(event);
-    }
+    let (mut fleet, first) = Fleet::new(settings, replicas, idle, world.first);
+    fleet.candidate_fails = world.candidate_fails;
+    fleet.perform_all(first);
+    let ids: Vec<String> = fleet.workers.keys().cloned().collect();
     let mut decisive: Option<Command> = None;
     for &choice in choices {
         let pick = choice % 100;
+        let which = (choice / 100) as usize;
+        let id = &ids[which % ids.len()];
         if pick < 4 && !fleet.rollout.status.is_terminal() {
-            let command = match choice / 100 % 5 {
+            let command = match which % 5 {
                 0 => Command::Pause,
                 1 => Command::Resume,
-                2 if commands => Command::Cancel,
-                3 if commands => Command::ForceCancel,
-                4 if commands => Command::ForceRollForward,
+                2 if world.commands => Command::Cancel,
+                3 if world.commands => Command::ForceCancel,
+                4 if world.commands => Command::ForceRollForward,
                 _ => Command::Resume,
             };
             if matches!(
@@ -297,35 +562,44 @@ fn play(
             // Autoscaling during the promotion: only up.
             let target = fleet.rollout.target + 1;
             let actions = fleet.rollout.raise_target(target);
-            let mut queue = Vec::new();
-            for action in actions {
-                queue.extend(fleet.perform(action));
-            }
-            for event in queue {
-                fleet.feed(event);
-            }
+            fleet.perform_all(actions);
         } else if pick < 14 {
             fleet.now_ms += 700;
             let now_ms = fleet.now_ms;
             fleet.feed(Event::Tick { now_ms });
+            fleet.stop_strays();
+        } else if world.hostile && pick < 22 {
+            match pick {
+                14 | 15 => fleet.hang(id),
+                16 | 17 => fleet.come_back(id, which.is_multiple_of(2)),
+                18 => fleet.crash(id),
+                19 => fleet.cordon(id),
+                _ => fleet.restart(),
+            }
         } else if !fleet.replies.is_empty() {
-            let index = (choice as usize / 100) % fleet.replies.len();
-            let event = fleet.answer(index);
-            fleet.feed(event);
+            let index = which % fleet.replies.len();
+            if let Some(event) = fleet.answer(index) {
+                fleet.feed(event);
+            }
         }
     }
-    // Then the world answers everything, the operator resumes, time passes.
+    // Then the world quiets: hosts come back, the operator resumes, every
+    // call is answered, time passes.
+    for id in &ids {
+        fleet.come_back(id, false);
+        fleet.uncordon(id);
+    }
     fleet.feed(Event::Command(Command::Resume));
     for _ in 0..10_000 {
-        if fleet.rollout.is_settled() && fleet.replies.is_empty() {
-            break;
-        }
         if fleet.replies.is_empty() {
+            let swept = fleet.stop_strays();
+            if fleet.rollout.is_quiet() && !swept {
+                break;
+            }
             fleet.now_ms += 1000;
             let now_ms = fleet.now_ms;
             fleet.feed(Event::Tick { now_ms });
-        } else {
-            let event = fleet.answer(0);
+        } else if let Some(event) = fleet.answer(0) {
             fleet.feed(event);
         }
     }
@@ -334,17 +608,34 @@ fn play(
 
 /// The weight on `deployment` in the last table pushed.
 fn weight_on(fleet: &Fleet, deployment: &str) -> u32 {
-    fleet.tables.values().next_back().map_or(0, |routes| {
-        routes
-            .iter()
-            .filter(|r| r.deployment == deployment)
-            .map(|r| r.weight)
-            .sum()
-    })
+    fleet
+        .last_table()
+        .iter()
+        .filter(|r| r.deployment == deployment)
+        .map(|r| r.weight)
+        .sum()
+}
+
+/// Every engine still running is in the last table, or kept warm.
+fn no_engine_outside_the_table(fleet: &Fleet) -> Result<(), TestCaseError> {
+    let last = fleet.last_table();
+    for (id, worker) in &fleet.workers {
+        let running = matches!(
+            worker.engine,
+            Engine::Starting | Engine::Ready | Engine::Draining
+        );
+        if running && !last.iter().any(|r| r.workers.contains(id)) {
+            prop_assert!(
+                fleet.rollout.settings.cleanup == Cleanup::Keep,
+                "{id} runs {worker:?} outside the table: {last:?}"
+            );
+        }
+    }
+    Ok(())
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
 
     #[test]
     fn every_interleaving_keeps_the_invariants_and_ends(
@@ -354,15 +645,16 @@ proptest! {
         choices in prop::collection::vec(any::<u32>(), 0..300),
         first in any::<bool>(),
     ) {
-        let (fleet, decisive) = play(settings, replicas, idle, &choices, true, false, first);
+        let world = World { commands: true, first, ..World::default() };
+        let (fleet, decisive) = play(settings, replicas, idle, &choices, world);
         let rollout = &fleet.rollout;
-        prop_assert!(rollout.is_settled(), "not settled: {rollout:#?}");
+        prop_assert!(rollout.is_quiet(), "not settled: {rollout:#?}");
         let expected = match decisive {
             None | Some(Command::ForceRollForward) => Status::Succeeded,
             _ => Status::Canceled,
         };
         prop_assert_eq!(rollout.status, expected, "{:#?}", rollout);
-        let last = fleet.tables.values().next_back().cloned().unwrap_or_default();
+        let last = fleet.last_table();
         if expected == Status::Succeeded {
             prop_assert_eq!(weight_on(&fleet, "new"), TOTAL_WEIGHT, "{:?}", last);
             prop_assert_eq!(rollout.percent_to_candidate(), 100);
@@ -372,15 +664,7 @@ proptest! {
         } else {
             prop_assert_eq!(weight_on(&fleet, OLD), TOTAL_WEIGHT, "{:?}", last);
         }
-        // Every engine still running is in the table (or kept warm).
-        for (id, worker) in &fleet.workers {
-            if worker.engine != Engine::Idle && !last.iter().any(|r| r.workers.contains(id)) {
-                prop_assert!(
-                    rollout.settings.cleanup == crate::settings::Cleanup::Keep,
-                    "{id} runs {worker:?} outside the table: {last:?}"
-                );
-            }
-        }
+        no_engine_outside_the_table(&fleet)?;
     }
 
     #[test]
@@ -391,13 +675,13 @@ proptest! {
         choices in prop::collection::vec(any::<u32>(), 0..300),
         first in any::<bool>(),
     ) {
-        let (fleet, _) = play(settings, replicas, idle, &choices, false, true, first);
+        let world = World { candidate_fails: true, first, ..World::default() };
+        let (fleet, _) = play(settings, replicas, idle, &choices, world);
         let rollout = &fleet.rollout;
-        prop_assert!(rollout.is_settled(), "not settled: {rollout:#?}");
+        prop_assert!(rollout.is_quiet(), "not settled: {rollout:#?}");
         prop_assert_eq!(rollout.status, Status::Failed, "{:#?}", rollout);
         if first {
-            let last = fleet.tables.values().next_back().cloned().unwrap_or_default();
-            prop_assert!(last.is_empty(), "{:?}", last);
+            prop_assert!(fleet.last_table().is_empty(), "{:?}", fleet.last_table());
         } else {
             prop_assert_eq!(weight_on(&fleet, OLD), TOTAL_WEIGHT, "{:?}", fleet.tables);
         }
@@ -409,5 +693,30 @@ proptest! {
                 "{id}: {worker:?}"
             );
         }
+    }
+
+    /// Hung hosts, crash loops, cordons and coordinator restarts, on top of
+    /// every command: the invariants hold after every action, and once the
+    /// world quiets every promotion has ended with its traffic where its
+    /// status says.
+    #[test]
+    fn a_hostile_world_keeps_the_invariants_and_every_promotion_ends(
+        settings in settings_strategy(),
+        replicas in 1usize..=5,
+        idle in 0usize..=3,
+        choices in prop::collection::vec(any::<u32>(), 0..300),
+        first in any::<bool>(),
+        commands in any::<bool>(),
+    ) {
+        let world = World { commands, first, hostile: true, ..World::default() };
+        let (fleet, _) = play(settings, replicas, idle, &choices, world);
+        let rollout = &fleet.rollout;
+        prop_assert!(rollout.is_quiet(), "not settled: {rollout:#?}");
+        prop_assert!(rollout.status.is_terminal(), "{:#?}", rollout);
+        match rollout.status {
+            Status::Succeeded => prop_assert_eq!(weight_on(&fleet, OLD), 0),
+            _ => prop_assert_eq!(weight_on(&fleet, "new"), 0),
+        }
+        no_engine_outside_the_table(&fleet)?;
     }
 }
