@@ -1247,3 +1247,107 @@ async fn deleting_an_endpoint_stops_its_engines_once_the_routers_forget_it() {
     let (status, _, body) = chat(fleet.publics[0], "chat", false).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_that_refuses_tables_holds_every_drain() {
+    let fleet = start_fleet(4);
+    create_chat(&fleet, rolling(50, 0, 0)).await;
+    // A newer coordinator (as far as router 0 knows) took over: it refuses
+    // this coordinator's epoch from now on. Its table stays the same.
+    let control = fleet.routers[0].2;
+    let mut router =
+        v1::router_control_client::RouterControlClient::connect(format!("http://{control}"))
+            .await
+            .unwrap();
+    let mut table = router
+        .get_table(v1::GetTableRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .table
+        .unwrap();
+    table.version = u64::MAX / 2;
+    router
+        .apply_table(v1::ApplyTableRequest {
+            coordinator_epoch: u64::MAX / 2,
+            table: Some(table),
+        })
+        .await
+        .unwrap();
+
+    promote_v2(&fleet).await;
+    let (endpoint, _) = fleet
+        .wait_endpoint("a refusal on record", Duration::from_secs(30), |e| {
+            e.events.iter().any(|e| e.kind == "router-refused")
+        })
+        .await;
+    // Router 0 routes by its old table: no v1 replica may drain, however
+    // long the refusal lasts (the harness's acknowledgement bound is 60 s,
+    // and a refusal is not silence).
+    assert!(endpoint.in_progress_promotion.is_some(), "{endpoint:#?}");
+    let v1_id = endpoint.active_deployment.as_ref().unwrap().id.clone();
+    let mut serving_v1 = 0;
+    for agent in &fleet.agents {
+        let status = agent.status().await;
+        if let Some(engine) = &status.engine
+            && engine.deployment_id == v1_id
+            && engine.state() == v1::EngineState::Ready
+        {
+            serving_v1 += 1;
+        }
+    }
+    assert_eq!(
+        serving_v1, 2,
+        "a v1 replica drained behind a refusing router"
+    );
+    let (status, _, body) = chat(fleet.publics[0], "chat", false).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_endpoints_never_share_a_worker() {
+    let fleet = start_fleet(4);
+    create(&fleet, "chat", &[], Some("org/v1"), 2).await;
+    create(&fleet, "other", &[], Some("org/other"), 2).await;
+    let mut client = fleet.client().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut done = true;
+        for name in ["chat", "other"] {
+            let e = client
+                .get_endpoint(v1::GetEndpointRequest {
+                    name: name.into(),
+                    event_limit: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            done &=
+                last_status(&e) == Some(v1::PromotionStatus::Succeeded) && ready_replicas(&e) == 2;
+        }
+        if done {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "both endpoints never had two replicas"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Four workers, four engines: two of each endpoint's deployment.
+    let mut deployments = Vec::new();
+    for agent in &fleet.agents {
+        let status = agent.status().await;
+        let engine = status.engine.unwrap();
+        assert_eq!(engine.state(), v1::EngineState::Ready);
+        deployments.push(engine.deployment_id);
+    }
+    deployments.sort();
+    deployments.dedup();
+    assert_eq!(deployments.len(), 2, "{deployments:?}");
+    for (name, model) in [("chat", "org/v1"), ("other", "org/other")] {
+        let (status, _, body) = chat(fleet.publics[1], name, false).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.contains(&format!("[{model} as {name}]")), "{body}");
+    }
+}

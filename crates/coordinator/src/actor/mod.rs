@@ -576,10 +576,41 @@ impl Actor {
         self.settle(name, &actions[start..]);
     }
 
+    /// One worker, one claim: a worker `name` just asked to start an
+    /// engine is no longer eligible to any other endpoint, at once (not at
+    /// its agent's next status, which another endpoint's tick could beat).
+    fn claim(&mut self, name: &str, actions: &[(String, Action)]) {
+        let started: Vec<&str> = actions
+            .iter()
+            .filter_map(|(_, a)| match a {
+                Action::Apply { worker, .. } => Some(worker.as_str()),
+                _ => None,
+            })
+            .collect();
+        if started.is_empty() {
+            return;
+        }
+        for (other, endpoint) in &mut self.state.endpoints {
+            if other == name {
+                continue;
+            }
+            let rollout = match (&mut endpoint.promotion, &mut endpoint.last_promotion) {
+                (Some(p), _) | (None, Some(p)) => &mut p.rollout,
+                (None, None) => continue,
+            };
+            for worker in &started {
+                if let Some(view) = rollout.workers.get_mut(*worker) {
+                    view.eligible = false;
+                }
+            }
+        }
+    }
+
     /// After a rollout moved (`actions` are the ones it just produced):
     /// records, ends promotions, moves deployments.
     fn settle(&mut self, name: &str, actions: &[(String, Action)]) {
         let now = now_ms();
+        self.claim(name, actions);
         let Some(endpoint) = self.state.endpoints.get_mut(name) else {
             return;
         };
