@@ -123,7 +123,9 @@ impl Rollout {
         if retirement.stage != Leaving::Draining {
             return;
         }
-        if retirement.then_start && !self.status.is_terminal() {
+        // A worker cordoned while it drained for an in-place update is
+        // not given the candidate: it stops, and the step starts elsewhere.
+        if retirement.then_start && !self.status.is_terminal() && !self.is_evicted(worker) {
             self.leaving.remove(worker);
             let deployment = self.new_deployment();
             self.starting.insert(worker.to_owned());

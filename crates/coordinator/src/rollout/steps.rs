@@ -227,7 +227,6 @@ impl Rollout {
                 self.starting.insert(id);
             }
         }
-        let evicted = |w: &String| self.workers.get(w).is_some_and(|v| v.evict);
         let routed: Vec<String> = self
             .routed
             .iter()
@@ -235,7 +234,7 @@ impl Rollout {
             .map(|(w, _)| w.clone())
             .collect();
         let (leaving, staying): (Vec<String>, Vec<String>) =
-            routed.into_iter().partition(|w| evicted(w));
+            routed.into_iter().partition(|w| self.is_evicted(w));
         let target = self.target as usize;
         let serving_count = staying.len() + self.starting.len();
         if serving_count < target {
@@ -264,6 +263,12 @@ impl Rollout {
                 self.retire(&worker, false, out);
             }
         }
+    }
+
+    /// `worker`'s replica must move (cordoned, GPU unhealthy, no longer
+    /// matching the selector).
+    pub(super) fn is_evicted(&self, worker: &str) -> bool {
+        self.workers.get(worker).is_some_and(|w| w.evict)
     }
 
     /// Engines of `deployment`, starting or ready, on eligible workers
@@ -480,10 +485,12 @@ impl Rollout {
         let (fresh, in_place): (Vec<String>, Vec<String>) = if adds == 0 {
             (Vec::new(), Vec::new())
         } else {
+            // A cordoned or unhealthy worker is never updated in place: its
+            // replica is replaced on another worker (below, it leaves first).
             let old_workers: Vec<String> = self
                 .routed
                 .iter()
-                .filter(|(_, d)| d.as_str() == old)
+                .filter(|(w, d)| d.as_str() == old && !self.is_evicted(w))
                 .map(|(w, _)| w.clone())
                 .collect();
             let adds = adds as usize;
@@ -531,12 +538,14 @@ impl Rollout {
         // step.
         let last = new_routed + u32::try_from(fresh.len() + in_place.len()).unwrap_or(u32::MAX)
             >= self.target;
-        let remaining_old: Vec<String> = self
+        let mut remaining_old: Vec<String> = self
             .routed
             .iter()
             .filter(|(w, d)| d.as_str() == old && !in_place.contains(w))
             .map(|(w, _)| w.clone())
             .collect();
+        // Replicas on cordoned or unhealthy workers leave first.
+        remaining_old.sort_by_key(|w| !self.is_evicted(w));
         // Not at the last step, the replicas after the step stay at the
         // target: an endpoint left short (a force roll forward, a lost
         // worker) gets its capacity back before old replicas leave.
@@ -589,10 +598,21 @@ impl Rollout {
     /// One table: the step's ready replicas in, its old ones out; every
     /// router must acknowledge it before those drain.
     fn shift(&mut self, new: &str, out: &mut Vec<Action>) {
+        // The capacity floor holds whatever became of the step's starts (a
+        // lost or failed one): no more old replicas leave than keeps the
+        // routed ones at min(N, routed) − k; the next step takes the rest.
+        let k = self.settings.in_place_size(self.target) as usize;
+        let floor = (self.target as usize)
+            .min(self.routed.len())
+            .saturating_sub(k);
         for worker in std::mem::take(&mut self.ready) {
             self.routed.insert(worker, new.to_owned());
         }
-        let removes = std::mem::take(&mut self.removes);
+        let removable = self.routed.len().saturating_sub(floor);
+        let mut removes: Vec<String> = std::mem::take(&mut self.removes).into_iter().collect();
+        // Replicas on cordoned or unhealthy workers leave first.
+        removes.sort_by_key(|w| !self.is_evicted(w));
+        removes.truncate(removable);
         for worker in &removes {
             self.routed.remove(worker);
         }

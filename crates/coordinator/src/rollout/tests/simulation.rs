@@ -232,6 +232,16 @@ impl Fleet {
                     !self.routable().contains(&worker),
                     "{worker} given {deployment} while routable"
                 );
+                // A start re-sent after a restart is the same start.
+                let resent = self.workers[&worker].deployment.as_ref() == Some(&deployment)
+                    && matches!(
+                        self.workers[&worker].engine,
+                        Engine::Starting | Engine::Ready
+                    );
+                assert!(
+                    resent || !self.workers[&worker].evict,
+                    "{worker} given {deployment} while cordoned"
+                );
                 // A hung host never hears it (the shell's call runs out).
                 if !self.hung.contains(&worker) {
                     let w = self.workers.get_mut(&worker).expect("a known worker");
