@@ -138,29 +138,41 @@ impl Actor {
                 starting && *deadline > now
             });
         for (worker, endpoint, deployment) in expired {
-            if let Some(e) = self.state.endpoints.get_mut(&endpoint) {
-                e.record(
-                    now_ms(),
-                    "not-ready",
-                    format!("{worker} did not report {deployment} ready within its ready timeout"),
-                    "",
-                );
-            }
-            let failed = rollout::Worker {
-                deployment: Some(deployment),
-                engine: Engine::Failed,
-                eligible: false,
-                evict: false,
-            };
-            self.feed(
-                &endpoint,
-                Event::Worker {
-                    id: worker,
-                    worker: failed,
-                },
-                actions,
-            );
+            let why =
+                format!("{worker} did not report {deployment} ready within its ready timeout");
+            self.start_failed(&endpoint, worker, deployment, "not-ready", why, actions);
         }
+    }
+
+    /// A start that will not come: recorded, and the worker reports
+    /// `FAILED` to its rollout (as a crash loop or the agent's own ready
+    /// timeout would).
+    pub(super) fn start_failed(
+        &mut self,
+        endpoint: &str,
+        worker: String,
+        deployment: String,
+        kind: &str,
+        why: String,
+        actions: &mut Vec<(String, Action)>,
+    ) {
+        if let Some(e) = self.state.endpoints.get_mut(endpoint) {
+            e.record(now_ms(), kind, why, "");
+        }
+        let failed = rollout::Worker {
+            deployment: Some(deployment),
+            engine: Engine::Failed,
+            eligible: false,
+            evict: false,
+        };
+        self.feed(
+            endpoint,
+            Event::Worker {
+                id: worker,
+                worker: failed,
+            },
+            actions,
+        );
     }
 
     /// Watches an agent's status for as long as it is known.

@@ -434,28 +434,8 @@ impl Actor {
                 deployment,
                 error,
             } => {
-                if let Some(e) = self.state.endpoints.get_mut(&endpoint) {
-                    e.record(
-                        now_ms(),
-                        "apply-failed",
-                        format!("{worker} could not start {deployment}: {error}"),
-                        "",
-                    );
-                }
-                let failed = rollout::Worker {
-                    deployment: Some(deployment),
-                    engine: Engine::Failed,
-                    eligible: false,
-                    evict: false,
-                };
-                self.feed(
-                    &endpoint,
-                    Event::Worker {
-                        id: worker,
-                        worker: failed,
-                    },
-                    actions,
-                );
+                let why = format!("{worker} could not start {deployment}: {error}");
+                self.start_failed(&endpoint, worker, deployment, "apply-failed", why, actions);
             }
             Internal::Stats {
                 endpoint,

@@ -80,6 +80,15 @@ fn drains(actions: &[Action]) -> Vec<String> {
         .collect()
 }
 
+fn unavailable_half() -> PromotionSettings {
+    PromotionSettings {
+        rolling_deploy: true,
+        max_surge_percent: 0,
+        max_unavailable_percent: 50,
+        ..PromotionSettings::default()
+    }
+}
+
 fn rolling_surge() -> PromotionSettings {
     PromotionSettings {
         rolling_deploy: true,
@@ -134,13 +143,7 @@ fn a_surge_step_starts_on_an_idle_worker_shifts_then_drains_after_the_ack() {
 #[test]
 fn unavailable_mode_updates_in_place_behind_the_table() {
     let (workers, routed) = fleet(4, 0);
-    let settings = PromotionSettings {
-        rolling_deploy: true,
-        max_surge_percent: 0,
-        max_unavailable_percent: 50,
-        ..PromotionSettings::default()
-    };
-    let mut r = Rollout::new("old", "new", settings, 4, workers, routed);
+    let mut r = Rollout::new("old", "new", unavailable_half(), 4, workers, routed);
     let start = r.start();
     // Two old replicas out of the table first, one table each; nothing
     // drains yet.
@@ -431,13 +434,7 @@ fn a_first_deployment_canceled_or_failed_ends_at_once() {
 #[test]
 fn cancel_returns_draining_old_replicas_to_service_without_a_reload() {
     let (workers, routed) = fleet(4, 0);
-    let settings = PromotionSettings {
-        rolling_deploy: true,
-        max_surge_percent: 0,
-        max_unavailable_percent: 50,
-        ..PromotionSettings::default()
-    };
-    let mut r = Rollout::new("old", "new", settings, 4, workers, routed);
+    let mut r = Rollout::new("old", "new", unavailable_half(), 4, workers, routed);
     let start = r.start();
     let (seq, _) = tables(&start).last().cloned().unwrap();
     assert_eq!(drains(&r.handle(Event::TableAcked { seq })), ["w0", "w1"]);
