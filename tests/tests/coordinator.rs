@@ -1351,3 +1351,48 @@ async fn two_endpoints_never_share_a_worker() {
         assert!(body.contains(&format!("[{model} as {name}]")), "{body}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_key_in_vllm_args_is_probed_with_and_never_shown() {
+    let fleet = start_fleet(2);
+    let mut keyed = template("org/v1");
+    keyed.vllm_args = "--max-model-len 4096 --api-key sk-e2e-secret".into();
+    fleet
+        .client()
+        .await
+        .create_endpoint(v1::CreateEndpointRequest {
+            name: "chat".into(),
+            template: Some(keyed),
+            scaling: Some(v1::ScalingSettings {
+                min_replicas: 2,
+                max_replicas: 2,
+                target_in_flight_per_replica: 8,
+                scale_down_delay_seconds: 60,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The engines refuse /v1/* without the key: ready means the agents'
+    // probes sent it.
+    let (endpoint, _) = fleet
+        .wait_endpoint("the keyed deployment", Duration::from_secs(60), |e| {
+            last_status(e) == Some(v1::PromotionStatus::Succeeded)
+        })
+        .await;
+    assert_eq!(ready_replicas(&endpoint), 2);
+    let history = fleet
+        .client()
+        .await
+        .history(v1::HistoryRequest {
+            endpoint: "chat".into(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for text in [format!("{endpoint:?}"), format!("{history:?}")] {
+        assert!(!text.contains("sk-e2e-secret"), "{text}");
+        assert!(text.contains("<redacted>"), "{text}");
+    }
+}

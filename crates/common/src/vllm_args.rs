@@ -69,6 +69,18 @@ pub fn split(vllm_args: &str) -> Result<Vec<String>, VllmArgsError> {
     Ok(words)
 }
 
+/// The value given to `flag` in `words` (`--flag v` or `--flag=v`).
+pub fn value_of<'a>(words: &'a [String], flag: &str) -> Option<&'a str> {
+    words.iter().enumerate().find_map(|(i, word)| {
+        if word == flag {
+            words.get(i + 1).map(String::as_str)
+        } else {
+            word.strip_prefix(flag)
+                .and_then(|rest| rest.strip_prefix('='))
+        }
+    })
+}
+
 /// `words` with the value of every [`SECRET_FLAGS`] flag replaced by
 /// [`REDACTED`], in either spelling.
 pub fn redact_words(words: &[String]) -> Vec<String> {
@@ -129,6 +141,15 @@ mod tests {
         let err = split("--chat-template '{{ oops").unwrap_err();
         assert!(matches!(err, VllmArgsError::Unsplittable { .. }));
         assert!(err.to_string().contains("'{{ oops"), "{err}");
+    }
+
+    #[test]
+    fn a_flag_value_is_found_in_either_spelling() {
+        let words = split("--api-key sk-1 --x=2").unwrap();
+        assert_eq!(value_of(&words, "--api-key"), Some("sk-1"));
+        assert_eq!(value_of(&words, "--x"), Some("2"));
+        assert_eq!(value_of(&words, "--y"), None);
+        assert_eq!(value_of(&["--api-keyx=1".to_owned()], "--api-key"), None);
     }
 
     #[test]

@@ -120,6 +120,15 @@ fn empty(status: StatusCode) -> Response<ResponseBody> {
     response
 }
 
+/// The request carries `Authorization: Bearer KEY`.
+fn authorized(req: &Request<Incoming>, key: &str) -> bool {
+    req.headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| given == key)
+}
+
 /// Serves one request.
 pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ResponseBody> {
     let path = req.uri().path();
@@ -131,6 +140,16 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "The server is shutting down.",
+        );
+    }
+    if let Some(key) = &shared.config.api_key
+        && path.starts_with("/v1")
+        && !authorized(&req, &key.0)
+    {
+        // vLLM's answer when `--api-key` is set and the bearer is wrong.
+        return json(
+            StatusCode::UNAUTHORIZED,
+            Bytes::from_static(br#"{"error":"Unauthorized"}"#),
         );
     }
     let get = req.method() == Method::GET;

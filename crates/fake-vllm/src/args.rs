@@ -36,9 +36,22 @@ pub struct Config {
     pub default_max_tokens: u32,
     /// `FAKE_VLLM_FAULT`.
     pub fault: Fault,
+    /// `--api-key`: every `/v1/*` request must carry `Authorization: Bearer
+    /// KEY`, as vLLM requires.
+    pub api_key: Option<ApiKey>,
     /// vLLM flags accepted but not modelled, one entry per flag
     /// (`"--enforce-eager"`, `"--tensor-parallel-size 2"`).
     pub extra_flags: Vec<String>,
+}
+
+/// `--api-key`'s value: it never prints (the startup log, `Debug`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(pub String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 pub const DEFAULT_HOST: &str = "127.0.0.1";
@@ -67,6 +80,7 @@ impl Config {
             ttft: Duration::ZERO,
             default_max_tokens: DEFAULT_MAX_TOKENS,
             fault: Fault::None,
+            api_key: None,
             extra_flags: Vec::new(),
         }
     }
@@ -263,6 +277,7 @@ fn parse_command_line(args: Vec<String>) -> Result<Config, ArgsError> {
                 }
             }
             "--model" => model = Some(required(&flag, value(&mut args))?),
+            "--api-key" => config.api_key = Some(ApiKey(required(&flag, value(&mut args))?)),
             "--host" => config.host = required(&flag, value(&mut args))?,
             "--port" => config.port = number(&flag, value(&mut args))?,
             "--max-num-seqs" => config.max_num_seqs = number(&flag, value(&mut args))?,
@@ -469,6 +484,14 @@ mod tests {
         assert_eq!(c.max_num_seqs, 2);
         assert_eq!(c.shutdown_timeout, Some(Duration::from_millis(1500)));
         assert_eq!(c.max_model_len, 32_000);
+    }
+
+    #[test]
+    fn the_api_key_is_kept_apart_and_never_printed() {
+        let c = parse(&["serve", "m", "--api-key", "sk-1", "--enforce-eager"]).expect("parses");
+        assert_eq!(c.api_key, Some(ApiKey("sk-1".into())));
+        assert_eq!(c.extra_flags, ["--enforce-eager"]);
+        assert!(!format!("{c:?}").contains("sk-1"));
     }
 
     #[test]

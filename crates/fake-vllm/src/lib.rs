@@ -31,7 +31,7 @@ mod server;
 
 pub use api::{MODEL_HEADER, SERVED_NAME_HEADER};
 pub use args::{
-    ArgsError, Config, DEFAULT_HOST, DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_NUM_SEQS,
+    ApiKey, ArgsError, Config, DEFAULT_HOST, DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_NUM_SEQS,
     DEFAULT_MAX_TOKENS, DEFAULT_PORT, DEFAULT_TOKENS_PER_SECOND, USAGE,
 };
 pub use control::Controls;

@@ -716,7 +716,12 @@ impl Actor {
         let Some(current) = &mut self.current else {
             return;
         };
-        let client = self.client.clone();
+        let vllm_args = current
+            .spec
+            .template
+            .as_ref()
+            .map_or("", |t| t.vllm_args.as_str());
+        let client = self.client.for_vllm_args(vllm_args);
         let events = self.events.clone();
         let generation = current.generation;
         let port = self.settings.port;

@@ -20,6 +20,8 @@ const MAX_ANSWER_BYTES: usize = 4 << 20;
 pub struct EngineClient {
     client: Client<HttpConnector, Full<Bytes>>,
     timeout: Duration,
+    /// vLLM's `--api-key`, which it requires on `/v1/*`: sent as a bearer.
+    api_key: Option<crossfade_common::Secret<String>>,
 }
 
 /// Why the engine did not answer.
@@ -46,6 +48,21 @@ impl EngineClient {
                 .pool_max_idle_per_host(2)
                 .build(connector),
             timeout,
+            api_key: None,
+        }
+    }
+
+    /// This client, sending the `--api-key` that `vllm_args` sets, if any
+    /// (vLLM then refuses `/v1/*` without it).
+    pub fn for_vllm_args(&self, vllm_args: &str) -> Self {
+        use crossfade_common::vllm_args;
+        let api_key = vllm_args::split(vllm_args)
+            .ok()
+            .and_then(|words| vllm_args::value_of(&words, "--api-key").map(str::to_owned))
+            .map(crossfade_common::Secret::new);
+        Self {
+            api_key,
+            ..self.clone()
         }
     }
 
@@ -58,10 +75,14 @@ impl EngineClient {
         json: Option<serde_json::Value>,
     ) -> Result<(StatusCode, Bytes), ProbeError> {
         let body = json.map_or_else(Bytes::new, |v| Bytes::from(v.to_string()));
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method)
             .uri(format!("http://127.0.0.1:{port}{path}"))
-            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(key) = &self.api_key {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {}", key.expose()));
+        }
+        let request = request
             .body(Full::new(body))
             .map_err(|e| ProbeError::Failed(e.to_string()))?;
         let exchange = async {
@@ -270,6 +291,33 @@ vllm:gpu_cache_usage_perc 0.5
             })
         );
         assert_eq!(parse_load("process_cpu_seconds_total 1\n"), None);
+    }
+
+    #[tokio::test]
+    async fn readiness_sends_the_api_key_that_vllm_args_sets() {
+        let mut config = fake_vllm::Config::new("org/m");
+        config.served_model_names = vec!["chat".into()];
+        config.port = 0;
+        config.tokens_per_second = f64::INFINITY;
+        config.api_key = Some(fake_vllm::ApiKey("sk-test".into()));
+        let engine = fake_vllm::Handle::bind(config).await.unwrap();
+        let port = engine.addr().port();
+        let plain = EngineClient::new(Duration::from_secs(5));
+        // vLLM with --api-key refuses /v1/* without it.
+        assert_eq!(
+            check(&plain, port, "chat", StartingPhase::Launching, &mut |_| {}).await,
+            Check::Phase(
+                StartingPhase::ModelsCheck,
+                "/v1/models: 401 Unauthorized".into()
+            )
+        );
+        let keyed = plain.for_vllm_args("--max-model-len 4096 --api-key=sk-test");
+        assert_eq!(
+            check(&keyed, port, "chat", StartingPhase::Launching, &mut |_| {}).await,
+            Check::Ready
+        );
+        assert!(!format!("{keyed:?}").contains("sk-test"), "{keyed:?}");
+        let _ = engine.abort().await;
     }
 
     #[tokio::test]
