@@ -225,6 +225,14 @@ struct SettingsArgs {
     /// 1..=86400.
     #[arg(long)]
     ready_timeout_seconds: Option<u32>,
+    /// Points the candidate's failure rate may exceed the old deployment's
+    /// by before the health gate fails it; 0..=100.
+    #[arg(long)]
+    health_gate_margin_percent: Option<u32>,
+    /// Requests the candidate must serve before the health gate judges it;
+    /// 1..=1000000.
+    #[arg(long)]
+    health_gate_min_requests: Option<u32>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -253,6 +261,8 @@ impl SettingsArgs {
             }),
             drain_timeout_seconds: self.drain_timeout_seconds,
             ready_timeout_seconds: self.ready_timeout_seconds,
+            health_gate_margin_percent: self.health_gate_margin_percent,
+            health_gate_min_requests: self.health_gate_min_requests,
         }
     }
 }

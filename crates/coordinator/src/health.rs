@@ -8,12 +8,6 @@ use std::collections::BTreeMap;
 
 use crate::rollout::Verdict;
 
-/// A candidate that has served at least this many requests may be judged.
-pub const MIN_REQUESTS: u64 = 20;
-/// The candidate fails when its failure rate exceeds the old deployment's
-/// by more than this many percentage points.
-pub const MARGIN_POINTS: u32 = 5;
-
 /// Requests and failures of one deployment, summed over the routers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -33,14 +27,29 @@ impl Counts {
     }
 }
 
+/// The gate's settings (promotion settings, DESIGN §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gate {
+    /// Percentage points the candidate's failure rate may exceed the old
+    /// deployment's by.
+    pub margin_percent: u32,
+    /// Requests the candidate must have served to be judged.
+    pub min_requests: u32,
+}
+
 /// The verdict on `candidate` against `old` (empty for a first
 /// deployment) from `counts` by deployment; `None` while it passes or
 /// cannot yet be judged.
-pub fn judge(candidate: &str, old: &str, counts: &BTreeMap<String, Counts>) -> Option<Verdict> {
+pub fn judge(
+    gate: Gate,
+    candidate: &str,
+    old: &str,
+    counts: &BTreeMap<String, Counts>,
+) -> Option<Verdict> {
     let new = counts.get(candidate).copied().unwrap_or_default();
     let before = counts.get(old).copied().unwrap_or_default();
-    let margin = f64::from(MARGIN_POINTS) / 100.0;
-    if new.total < MIN_REQUESTS || new.rate() <= before.rate() + margin {
+    let margin = f64::from(gate.margin_percent) / 100.0;
+    if new.total < u64::from(gate.min_requests) || new.rate() <= before.rate() + margin {
         return None;
     }
     Some(Verdict::Fail(format!(
@@ -80,25 +89,39 @@ mod tests {
         ])
     }
 
+    const GATE: Gate = Gate {
+        margin_percent: 5,
+        min_requests: 20,
+    };
+
     #[test]
     fn a_candidate_fails_only_beyond_the_margin_and_with_enough_requests() {
         // 10 % against 0 %: beyond the 5-point margin.
         assert!(matches!(
-            judge("new", "old", &counts((100, 10), (100, 0))),
+            judge(GATE, "new", "old", &counts((100, 10), (100, 0))),
             Some(Verdict::Fail(reason)) if reason == "new failed 10 of 100 requests (10 %), old 0 %"
         ));
         // 10 % against 6 %: within it.
-        assert_eq!(judge("new", "old", &counts((100, 10), (100, 6))), None);
-        // Every request failed, but too few to judge.
         assert_eq!(
-            judge(
-                "new",
-                "old",
-                &counts((MIN_REQUESTS - 1, MIN_REQUESTS - 1), (0, 0))
-            ),
+            judge(GATE, "new", "old", &counts((100, 10), (100, 6))),
             None
         );
+        // Every request failed, but too few to judge.
+        assert_eq!(judge(GATE, "new", "old", &counts((19, 19), (0, 0))), None);
         // A first deployment is judged against nothing.
-        assert!(judge("new", "", &counts((50, 50), (0, 0))).is_some());
+        assert!(judge(GATE, "new", "", &counts((50, 50), (0, 0))).is_some());
+    }
+
+    #[test]
+    fn the_margin_and_the_minimum_are_the_promotions_own() {
+        let strict = Gate {
+            margin_percent: 0,
+            min_requests: 5,
+        };
+        // 7 % against 6 %: within the default margin, beyond none at all.
+        assert_eq!(judge(GATE, "new", "old", &counts((100, 7), (100, 6))), None);
+        assert!(judge(strict, "new", "old", &counts((100, 7), (100, 6))).is_some());
+        // Five requests are enough for a gate that asks for five.
+        assert!(judge(strict, "new", "old", &counts((5, 5), (0, 0))).is_some());
     }
 }

@@ -41,6 +41,27 @@ pub struct PromotionSettings {
     pub drain_timeout_seconds: u32,
     /// How long a candidate replica may take to become ready (1 ..= 86400 s).
     pub ready_timeout_seconds: u32,
+    /// The health gate fails the candidate when its failure rate exceeds
+    /// the old deployment's by more than this many points (0 ..= 100).
+    #[serde(default = "default_gate_margin")]
+    pub health_gate_margin_percent: u32,
+    /// Requests the candidate must have served before the gate judges it
+    /// (1 ..= 1000000).
+    #[serde(default = "default_gate_min_requests")]
+    pub health_gate_min_requests: u32,
+}
+
+/// The health gate's default margin, in percentage points.
+pub const DEFAULT_GATE_MARGIN_PERCENT: u32 = 5;
+/// The health gate's default minimum of candidate requests.
+pub const DEFAULT_GATE_MIN_REQUESTS: u32 = 20;
+
+fn default_gate_margin() -> u32 {
+    DEFAULT_GATE_MARGIN_PERCENT
+}
+
+fn default_gate_min_requests() -> u32 {
+    DEFAULT_GATE_MIN_REQUESTS
 }
 
 impl Default for PromotionSettings {
@@ -54,6 +75,8 @@ impl Default for PromotionSettings {
             cleanup: Cleanup::ScaleToZero,
             drain_timeout_seconds: 600,
             ready_timeout_seconds: 1800,
+            health_gate_margin_percent: DEFAULT_GATE_MARGIN_PERCENT,
+            health_gate_min_requests: DEFAULT_GATE_MIN_REQUESTS,
         }
     }
 }
@@ -104,6 +127,12 @@ impl PromotionSettings {
         if let Some(v) = update.ready_timeout_seconds {
             next.ready_timeout_seconds = v;
         }
+        if let Some(v) = update.health_gate_margin_percent {
+            next.health_gate_margin_percent = v;
+        }
+        if let Some(v) = update.health_gate_min_requests {
+            next.health_gate_min_requests = v;
+        }
         errors.extend(next.validate(prefix));
         if errors.is_empty() {
             Ok(next)
@@ -143,6 +172,16 @@ impl PromotionSettings {
                 self.ready_timeout_seconds,
                 1..=86_400,
             ),
+            (
+                "health_gate_margin_percent",
+                self.health_gate_margin_percent,
+                0..=100,
+            ),
+            (
+                "health_gate_min_requests",
+                self.health_gate_min_requests,
+                1..=1_000_000,
+            ),
         ] {
             errors.extend(FieldError::check_range(&key(field), value, range));
         }
@@ -173,6 +212,8 @@ impl PromotionSettings {
             } as i32,
             drain_timeout_seconds: self.drain_timeout_seconds,
             ready_timeout_seconds: self.ready_timeout_seconds,
+            health_gate_margin_percent: self.health_gate_margin_percent,
+            health_gate_min_requests: self.health_gate_min_requests,
         }
     }
 
@@ -502,6 +543,48 @@ mod tests {
             ..scaling
         };
         assert_eq!(zero.desired(500), 0);
+    }
+
+    #[test]
+    fn the_health_gate_settings_are_bounded_by_name() {
+        let update = v1::PromotionSettingsUpdate {
+            health_gate_margin_percent: Some(101),
+            health_gate_min_requests: Some(0),
+            ..Default::default()
+        };
+        let errors: Vec<String> = PromotionSettings::default()
+            .updated(&update, "settings")
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            errors,
+            [
+                "`settings.health_gate_margin_percent`: must be within 0..=100, got 101",
+                "`settings.health_gate_min_requests`: must be within 1..=1000000, got 0",
+            ]
+        );
+        let update = v1::PromotionSettingsUpdate {
+            health_gate_margin_percent: Some(0),
+            ..Default::default()
+        };
+        let settings = PromotionSettings::default()
+            .updated(&update, "settings")
+            .unwrap();
+        assert_eq!(settings.health_gate_margin_percent, 0);
+        assert_eq!(settings.health_gate_min_requests, DEFAULT_GATE_MIN_REQUESTS);
+        // A state stored before these settings existed loads with defaults.
+        let mut stored = serde_json::to_value(PromotionSettings::default()).unwrap();
+        stored
+            .as_object_mut()
+            .unwrap()
+            .remove("health_gate_margin_percent");
+        let loaded: PromotionSettings = serde_json::from_value(stored).unwrap();
+        assert_eq!(
+            loaded.health_gate_margin_percent,
+            DEFAULT_GATE_MARGIN_PERCENT
+        );
     }
 
     #[test]

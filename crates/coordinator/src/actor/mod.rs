@@ -449,7 +449,11 @@ impl Actor {
                     return;
                 };
                 let r = &promotion.rollout;
-                if let Some(verdict) = crate::health::judge(&r.to, &r.from, &by_deployment) {
+                let gate = crate::health::Gate {
+                    margin_percent: r.settings.health_gate_margin_percent,
+                    min_requests: r.settings.health_gate_min_requests,
+                };
+                if let Some(verdict) = crate::health::judge(gate, &r.to, &r.from, &by_deployment) {
                     self.feed(&endpoint, Event::Health(verdict), actions);
                 }
             }
