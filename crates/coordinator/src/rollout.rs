@@ -262,6 +262,31 @@ impl Retirement {
     }
 }
 
+/// Which way a promotion moves replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+enum Direction {
+    /// To the candidate, step by step.
+    Forward,
+    /// To the candidate at once, as soon as one of its replicas is ready
+    /// (force roll forward); candidate replicas still loading finish.
+    ForceForward,
+    /// Back to the old deployment, step by step (cancel, or a failure with
+    /// no old replica left); `end` once there.
+    Backward {
+        /// `CANCELED` or `FAILED`.
+        end: Status,
+    },
+}
+
+/// A pause, and what a resume brings back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Pause {
+    /// The status before the pause.
+    resume_to: Status,
+    /// The reason before the pause.
+    reason_before: String,
+}
+
 /// One promotion's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rollout {
@@ -283,8 +308,6 @@ pub struct Rollout {
     pub reason: String,
     /// What the current step waits for (an idle worker), if anything.
     pub waiting: String,
-    /// The reason a resume brings back.
-    reason_before_pause: String,
     /// Every worker the agents report.
     pub workers: BTreeMap<String, Worker>,
     /// The table the machine wants in force: worker → deployment.
@@ -293,16 +316,11 @@ pub struct Rollout {
     pub seq: u64,
     /// The last table every router acknowledged.
     pub acked: u64,
-    /// Moving back to `from` (cancel, or a failure with no old replica left).
-    backward: bool,
-    /// The status once the move back ends.
-    end_backward: Status,
-    /// Paused (the current step finishes; no new one starts).
-    paused: bool,
-    /// The status to resume to.
-    resume_to: Status,
-    /// Force roll forward waits for a ready candidate.
-    force_forward: bool,
+    /// Which way replicas move.
+    direction: Direction,
+    /// Set while paused: the current step's starts finish, the split stays
+    /// pinned, no new step starts.
+    pause: Option<Pause>,
     /// Overhead replicas were started (or none were needed).
     overhead_done: bool,
     /// Workers asked to start the new deployment (or the old one, for
@@ -343,16 +361,12 @@ impl Rollout {
             phase: Phase::StartingReplicas,
             reason: String::new(),
             waiting: String::new(),
-            reason_before_pause: String::new(),
             workers,
             routed,
             seq: 0,
             acked: 0,
-            backward: false,
-            end_backward: Status::Canceled,
-            paused: false,
-            resume_to: Status::Releasing,
-            force_forward: false,
+            direction: Direction::Forward,
+            pause: None,
             // The first deployment has no old replicas to add to.
             overhead_done: settings.replica_overhead_percent == 0 || from.is_empty(),
             starting: BTreeSet::new(),
@@ -437,7 +451,7 @@ impl Rollout {
     pub fn handle(&mut self, event: Event) -> Vec<Action> {
         let mut out = Vec::new();
         match event {
-            Event::Worker { id, worker } => self.on_worker(id, worker, &mut out),
+            Event::Worker { id, worker } => self.on_worker(id, worker),
             Event::TableAcked { seq } => self.acked = self.acked.max(seq.min(self.seq)),
             Event::Drained { worker } => self.on_drained(&worker, &mut out),
             Event::Stopped { worker } => {
@@ -455,12 +469,12 @@ impl Rollout {
             Event::Tick { now_ms } => self.now_ms = self.now_ms.max(now_ms),
             Event::Command(command) => self.on_command(command, &mut out),
             Event::Health(Verdict::Fail(reason)) => {
-                if !self.status.is_terminal() && !self.backward {
+                if !self.status.is_terminal() && !self.is_backward() {
                     self.fail(format!("health gate: {reason}"), &mut out);
                 }
             }
             Event::Health(Verdict::Undecided(reason)) => {
-                if !self.status.is_terminal() && !self.paused {
+                if !self.status.is_terminal() && self.pause.is_none() {
                     self.pause(format!("health gate undecided: {reason}"), &mut out);
                 }
             }
@@ -551,6 +565,13 @@ impl Rollout {
             }
         }
         out
+    }
+
+    /// A ready engine of `deployment` that no step uses yet is worth
+    /// keeping: the steps under way start that deployment and take warm
+    /// engines first (no reload).
+    pub fn wants_warm(&self, deployment: &str) -> bool {
+        !self.status.is_terminal() && deployment == self.new_deployment()
     }
 
     /// `worker` was asked to start an engine for this rollout and has not

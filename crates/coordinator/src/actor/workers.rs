@@ -199,10 +199,29 @@ impl Actor {
             let owner_gone =
                 deployment.is_none_or(|d| !self.state.endpoints.contains_key(&d.endpoint));
             // A kept deployment's engines stay warm (cleanup `KEEP`) unless
-            // a stop was owed; an engine of the active one not in use is
-            // one its rollout chose not to adopt.
-            let unwanted =
-                owner_gone || deployment.is_some_and(|d| d.state != DeploymentState::Kept);
+            // a stop was owed, and so do ready engines of the deployment a
+            // promotion's steps start (a kept one promoted back: no
+            // reload); an engine of the active one not in use is one its
+            // rollout chose not to adopt.
+            let wanted_warm = engine.state() == v1::EngineState::Ready
+                && deployment.is_some_and(|d| {
+                    self.state
+                        .endpoints
+                        .get(&d.endpoint)
+                        .and_then(|e| e.promotion.as_ref())
+                        .is_some_and(|p| p.rollout.wants_warm(&d.id))
+                });
+            // `min = max = 0` stops every engine of the endpoint, kept
+            // ones included.
+            let scaled_to_zero = deployment.is_some_and(|d| {
+                self.state
+                    .endpoints
+                    .get(&d.endpoint)
+                    .is_some_and(|e| e.scaling.max_replicas == 0)
+            });
+            let unwanted = owner_gone
+                || scaled_to_zero
+                || deployment.is_some_and(|d| d.state != DeploymentState::Kept) && !wanted_warm;
             if record.stop_pending || unwanted {
                 // Its endpoint's drain timeout, or the default when it is gone.
                 let endpoint = deployment.map(|d| d.endpoint.clone()).unwrap_or_default();

@@ -6,68 +6,122 @@ use super::*;
 impl Rollout {
     // === events ===
 
-    pub(super) fn on_worker(&mut self, id: String, worker: Worker, out: &mut Vec<Action>) {
+    /// An agent's report only updates what is known of its worker: each
+    /// pass of [`Rollout::observe`] then compares every worker the rollout
+    /// uses with what its agent reports now (level-triggered: a lost, late
+    /// or repeated report, or a restart, cannot leave a belief unchecked).
+    pub(super) fn on_worker(&mut self, id: String, worker: Worker) {
+        self.workers.insert(id, worker);
+    }
+
+    /// Compares every worker in the table, starting or ready with what its
+    /// agent reports now, and corrects the plan where they differ.
+    pub(super) fn observe(&mut self, out: &mut Vec<Action>) {
+        let used: BTreeSet<String> = self
+            .routed
+            .keys()
+            .chain(&self.starting)
+            .chain(&self.ready)
+            .chain(self.leaving.keys())
+            .cloned()
+            .collect();
+        for id in used {
+            let Some(worker) = self.workers.get(&id).cloned() else {
+                continue;
+            };
+            self.observe_one(&id, &worker, out);
+        }
+    }
+
+    fn observe_one(&mut self, id: &str, worker: &Worker, out: &mut Vec<Action>) {
         if worker.engine == Engine::Unknown {
-            self.on_lost(&id, out);
-            self.workers.insert(id, worker);
+            let held = self.routed.contains_key(id)
+                || self.starting.contains(id)
+                || self.ready.contains(id)
+                || self
+                    .leaving
+                    .get(id)
+                    .is_some_and(|r| !matches!(r.stage, Leaving::Unrouted(_)));
+            if held {
+                self.on_lost(id, out);
+            }
             return;
         }
-        let ready_with =
-            |d: &str| worker.engine == Engine::Ready && worker.deployment.as_deref() == Some(d);
         // A routed worker that stopped being ready leaves the table now.
-        if let Some(deployment) = self.routed.get(&id).cloned()
-            && !ready_with(&deployment)
-            && !self.leaving.contains_key(&id)
+        if let Some(deployment) = self.routed.get(id).cloned()
+            && !self.is_ready_with(id, &deployment)
+            && !self.leaving.contains_key(id)
         {
-            self.routed.remove(&id);
-            self.removes.remove(&id);
+            self.routed.remove(id);
+            self.removes.remove(id);
             out.push(record(
                 "replica-lost",
                 format!("{id} ({deployment}) is no longer ready; out of the table"),
             ));
             self.push_table(out);
-            self.unroute(&id);
+            self.unroute(id);
         }
-        // A candidate replica of ours failed (not ready in time, crash loop).
-        let failed_new = worker.engine == Engine::Failed
-            && worker.deployment.as_deref() == Some(self.to.as_str())
-            && (self.starting.contains(&id) || self.ready.contains(&id));
-        let pending = self.starting.contains(&id) || self.ready.contains(&id);
-        self.workers.insert(id.clone(), worker.clone());
-        if pending {
-            // A replica started for this step, as its agent reports it now:
-            // a ready one may crash again before the step routes it.
-            // Anything else (a status sent before the agent took the
-            // `Apply`) changes nothing yet.
-            let expected = self.starting_deployment();
-            let with_expected = worker.deployment.as_deref() == Some(expected.as_str());
-            match worker.engine {
-                Engine::Ready if with_expected => {
-                    self.starting.remove(&id);
-                    self.ready.insert(id.clone());
-                }
-                Engine::Starting if with_expected => {
-                    self.ready.remove(&id);
-                    self.starting.insert(id.clone());
-                }
-                Engine::Failed => {
-                    self.starting.remove(&id);
-                    self.ready.remove(&id);
-                    self.failed.insert(id.clone());
-                    // Free its GPUs.
-                    self.retire(&id, false, out);
-                    if !failed_new {
-                        out.push(record(
-                            "replica-failed",
-                            format!("{id} failed to start {expected}"),
-                        ));
-                    }
-                }
-                _ => {}
+        if !(self.starting.contains(id) || self.ready.contains(id)) {
+            return;
+        }
+        // A replica started for this step, as its agent reports it now: a
+        // ready one may crash again before the step routes it. Anything
+        // else (a status sent before the agent took the `Apply`) changes
+        // nothing yet.
+        let expected = self.starting_deployment();
+        let with_expected = worker.deployment.as_deref() == Some(expected.as_str());
+        match worker.engine {
+            Engine::Ready if with_expected => {
+                self.starting.remove(id);
+                self.ready.insert(id.to_owned());
             }
-        }
-        if failed_new && !self.status.is_terminal() && !self.backward {
-            self.fail(format!("candidate replica on {id} failed"), out);
+            Engine::Starting if with_expected => {
+                self.ready.remove(id);
+                self.starting.insert(id.to_owned());
+            }
+            // A deployment foreign to this promotion runs there (the agent
+            // took another caller's `Apply`): a start that will not come,
+            // retried elsewhere. The engine is not this step's to stop; the
+            // shell stops engines no deployment owns. (The old deployment
+            // there is a report from before the `Apply`: an in-place worker
+            // still draining.)
+            Engine::Starting | Engine::Ready
+                if worker
+                    .deployment
+                    .as_deref()
+                    .is_some_and(|d| d != self.from && d != self.to) =>
+            {
+                // Not barred: once that engine is stopped, the worker is
+                // idle again.
+                self.starting.remove(id);
+                self.ready.remove(id);
+                out.push(record(
+                    "start-lost",
+                    format!(
+                        "{id} runs {} instead of {expected}; starting elsewhere",
+                        worker.deployment.as_deref().unwrap_or_default()
+                    ),
+                ));
+            }
+            // A report older than the `Apply` may still show an earlier
+            // engine's failure: only the expected deployment's counts.
+            Engine::Failed if with_expected => {
+                self.starting.remove(id);
+                self.ready.remove(id);
+                self.failed.insert(id.to_owned());
+                // Free its GPUs.
+                self.retire(id, false, out);
+                let candidate = worker.deployment.as_deref() == Some(self.to.as_str());
+                if candidate && !self.status.is_terminal() && !self.is_backward() {
+                    self.fail(format!("candidate replica on {id} failed"), out);
+                } else if !candidate {
+                    out.push(record(
+                        "replica-failed",
+                        format!("{id} failed to start {expected}"),
+                    ));
+                }
+            }
+            _ => {}
         }
     }
 
@@ -155,15 +209,14 @@ impl Rollout {
         }
         match command {
             Command::Pause => {
-                if !self.paused {
+                if self.pause.is_none() {
                     self.pause("paused by the operator".into(), out);
                 }
             }
             Command::Resume => {
-                if self.paused {
-                    self.paused = false;
-                    self.status = self.resume_to;
-                    self.reason = std::mem::take(&mut self.reason_before_pause);
+                if let Some(pause) = self.pause.take() {
+                    self.status = pause.resume_to;
+                    self.reason = pause.reason_before;
                     out.push(record("resumed", "promotion resumed".into()));
                 }
             }
@@ -175,7 +228,7 @@ impl Rollout {
                 self.end_now(Status::Canceled, out);
             }
             Command::Cancel => {
-                if !self.backward {
+                if !self.is_backward() {
                     out.push(record("canceled", "ramping traffic back down".into()));
                     self.turn_back(Status::Canceled, out);
                 }
@@ -186,22 +239,22 @@ impl Rollout {
                     "force-roll-forward",
                     "all traffic to the candidate as soon as a replica is ready".into(),
                 ));
-                self.force_forward = true;
-                self.paused = false;
-                if self.backward {
+                if self.is_backward() {
                     // From RAMPING_DOWN: forward again.
-                    self.backward = false;
                     self.abandon_step(out);
                 }
+                self.direction = Direction::ForceForward;
+                self.pause = None;
                 self.status = Status::RampingUp;
             }
         }
     }
 
     pub(super) fn pause(&mut self, reason: String, out: &mut Vec<Action>) {
-        self.reason_before_pause = std::mem::replace(&mut self.reason, reason);
-        self.paused = true;
-        self.resume_to = self.status;
+        self.pause = Some(Pause {
+            resume_to: self.status,
+            reason_before: std::mem::replace(&mut self.reason, reason),
+        });
         self.status = Status::Paused;
         out.push(record("paused", self.reason.clone()));
     }
@@ -234,10 +287,8 @@ impl Rollout {
         }
         // Workers where the candidate failed can run the old deployment.
         self.failed.clear();
-        self.backward = true;
-        self.end_backward = end;
-        self.paused = false;
-        self.force_forward = false;
+        self.direction = Direction::Backward { end };
+        self.pause = None;
         self.status = Status::RampingDown;
     }
 
@@ -303,8 +354,7 @@ impl Rollout {
 
     pub(super) fn finish(&mut self, status: Status, out: &mut Vec<Action>) {
         self.status = status;
-        self.paused = false;
-        self.force_forward = false;
+        self.pause = None;
         self.removes.clear();
         // A worker where the candidate failed may host the deployment that
         // serves now (scaling), and the next promotion's candidate.

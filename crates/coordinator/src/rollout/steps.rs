@@ -6,9 +6,19 @@ use super::*;
 impl Rollout {
     // === the steps ===
 
+    /// Moving back to the old deployment.
+    pub(super) fn is_backward(&self) -> bool {
+        matches!(self.direction, Direction::Backward { .. })
+    }
+
+    /// Force roll forward: waiting for one ready candidate replica.
+    pub(super) fn is_forced(&self) -> bool {
+        self.direction == Direction::ForceForward
+    }
+
     /// The deployment replicas are moving to.
     pub(super) fn new_deployment(&self) -> String {
-        if self.backward {
+        if self.is_backward() {
             self.from.clone()
         } else {
             self.to.clone()
@@ -17,7 +27,7 @@ impl Rollout {
 
     /// The deployment replicas are moving from.
     pub(super) fn old_deployment(&self) -> String {
-        if self.backward {
+        if self.is_backward() {
             self.to.clone()
         } else {
             self.from.clone()
@@ -30,7 +40,7 @@ impl Rollout {
         if self.status.is_terminal() {
             return self.serving();
         }
-        if !self.overhead_done && !self.backward {
+        if !self.overhead_done && !self.is_backward() {
             return self.from.clone();
         }
         self.new_deployment()
@@ -124,6 +134,7 @@ impl Rollout {
         // A bound: each pass either acts or stops.
         for _ in 0..64 {
             let before = (self.fingerprint(), out.len());
+            self.observe(out);
             self.progress_retirements(out);
             if self.status.is_terminal() {
                 self.progress_steady(out);
@@ -149,7 +160,7 @@ impl Rollout {
         usize,
         usize,
         bool,
-        bool,
+        Direction,
     ) {
         (
             self.status,
@@ -161,7 +172,7 @@ impl Rollout {
             self.ready.len(),
             self.leaving.len(),
             self.overhead_done,
-            self.backward,
+            self.direction,
         )
     }
 
@@ -265,6 +276,13 @@ impl Rollout {
         }
     }
 
+    /// Its agent reports `worker` ready with `deployment`.
+    pub(super) fn is_ready_with(&self, worker: &str, deployment: &str) -> bool {
+        self.workers.get(worker).is_some_and(|w| {
+            w.engine == Engine::Ready && w.deployment.as_deref() == Some(deployment)
+        })
+    }
+
     /// `worker`'s replica must move (cordoned, GPU unhealthy, no longer
     /// matching the selector).
     pub(super) fn is_evicted(&self, worker: &str) -> bool {
@@ -298,7 +316,7 @@ impl Rollout {
         // Short of the target, a ready engine of the deployment the
         // promotion leaves (a host back from a hang, an engine its agent
         // restarted) serves again rather than being stopped.
-        if !self.force_forward && !self.is_first() {
+        if !self.is_forced() && !self.is_first() {
             let routed = self.routed.len();
             let short = (self.target as usize).saturating_sub(routed);
             let back: Vec<String> = self
@@ -317,7 +335,7 @@ impl Rollout {
         }
 
         // Force roll forward: as soon as a candidate replica is ready.
-        if self.force_forward {
+        if self.is_forced() {
             let ready: Vec<String> = self
                 .ready
                 .iter()
@@ -359,7 +377,7 @@ impl Rollout {
                         self.phase = Phase::StartingReplicas;
                         return;
                     }
-                    if self.paused && self.overhead_done {
+                    if self.pause.is_some() && self.overhead_done {
                         // Paused: the starts under way finish, but the
                         // split stays pinned until resume.
                         return;
@@ -418,7 +436,17 @@ impl Rollout {
 
     /// Plans and starts the next step, or ends the promotion.
     pub(super) fn start_step(&mut self, new: &str, old: &str, out: &mut Vec<Action>) {
-        let new_routed = self.count_routed(new);
+        // Replicas of `new` on cordoned or unhealthy workers do not count:
+        // they are replaced (the new replica first), then leave.
+        let evicted_new: Vec<String> = self
+            .routed
+            .iter()
+            .filter(|(w, d)| d.as_str() == new && self.is_evicted(w))
+            .map(|(w, _)| w.clone())
+            .collect();
+        let new_routed = self
+            .count_routed(new)
+            .saturating_sub(u32::try_from(evicted_new.len()).unwrap_or(u32::MAX));
         let old_routed = self.count_routed(old);
 
         if !self.starting.is_empty() || !self.ready.is_empty() {
@@ -426,11 +454,11 @@ impl Rollout {
             self.phase = Phase::WaitingReady;
             return;
         }
-        if self.paused {
+        if self.pause.is_some() {
             return;
         }
         // Overhead: extra old replicas where idle workers exist.
-        if !self.overhead_done && !self.backward {
+        if !self.overhead_done && !self.is_backward() {
             let wanted = self.settings.overhead(self.target) as usize;
             let idle = self.idle_workers();
             let chosen: Vec<String> = idle.into_iter().take(wanted).collect();
@@ -460,7 +488,8 @@ impl Rollout {
         // Done: every old replica is gone and the target is met, or no
         // worker will ever free up to get closer to it.
         let stuck = self.idle_workers().is_empty() && self.leaving.is_empty();
-        if old_routed == 0 && (new_routed >= self.target || (new_routed > 0 && stuck)) {
+        let serving_new = new_routed as usize + evicted_new.len();
+        if old_routed == 0 && (new_routed >= self.target || (serving_new > 0 && stuck)) {
             if new_routed < self.target {
                 out.push(record(
                     "short",
@@ -470,10 +499,9 @@ impl Rollout {
                     ),
                 ));
             }
-            let end = if self.backward {
-                self.end_backward
-            } else {
-                Status::Succeeded
+            let end = match self.direction {
+                Direction::Backward { end } => end,
+                Direction::Forward | Direction::ForceForward => Status::Succeeded,
             };
             self.finish(end, out);
             return;
@@ -504,12 +532,22 @@ impl Rollout {
             } else {
                 old_workers.len()
             };
-            // Idle workers first, in every mode (Vast.ai's idle workers
-            // update first); then old replicas in place, at most k at once
-            // (the capacity floor). Surge mode updates in place only when no
-            // worker is about to free up.
-            let fresh: Vec<String> = idle.iter().take(adds).cloned().collect();
-            let waits_for_free = (self.settings.surge() || self.backward || self.force_forward)
+            // Warm engines of `new` first (kept by an earlier promotion's
+            // `KEEP`, or back from a host that hung): no reload. Then idle
+            // workers, in every mode (Vast.ai's idle workers update first);
+            // then old replicas in place, at most k at once (the capacity
+            // floor). Surge mode updates in place only when no worker is
+            // about to free up.
+            let mut fresh: Vec<String> = self
+                .strays_of(new)
+                .into_iter()
+                .filter(|(_, engine)| *engine == Engine::Ready)
+                .map(|(id, _)| id)
+                .take(adds)
+                .collect();
+            let more = adds - fresh.len();
+            fresh.extend(idle.iter().take(more).cloned());
+            let waits_for_free = (self.settings.surge() || self.direction != Direction::Forward)
                 && !self.leaving.is_empty();
             let short = if waits_for_free {
                 0
@@ -524,6 +562,20 @@ impl Rollout {
             (fresh, in_place)
         };
         if fresh.is_empty() && in_place.is_empty() && adds > 0 {
+            if !self.failed.is_empty() {
+                // No other worker is left: those where a start failed (a
+                // crash the world caused) are tried again rather than
+                // waited past forever.
+                out.push(record(
+                    "retrying",
+                    format!(
+                        "no other eligible idle worker: trying again where a start failed ({})",
+                        self.failed.iter().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+                self.failed.clear();
+                return;
+            }
             let waiting = format!("waiting for an eligible idle worker to start {new}");
             if self.waiting != waiting {
                 self.waiting = waiting.clone();
@@ -543,13 +595,14 @@ impl Rollout {
             .iter()
             .filter(|(w, d)| d.as_str() == old && !in_place.contains(w))
             .map(|(w, _)| w.clone())
+            .chain(evicted_new)
             .collect();
         // Replicas on cordoned or unhealthy workers leave first.
         remaining_old.sort_by_key(|w| !self.is_evicted(w));
         // Not at the last step, the replicas after the step stay at the
         // target: an endpoint left short (a force roll forward, a lost
         // worker) gets its capacity back before old replicas leave.
-        let after = new_routed as usize + fresh.len() + old_routed as usize;
+        let after = serving_new + fresh.len() + old_routed as usize;
         let surplus = after.saturating_sub(self.target as usize);
         let removes: BTreeSet<String> = if last {
             remaining_old.into_iter().collect()
@@ -559,10 +612,11 @@ impl Rollout {
                 .take(fresh.len().min(surplus))
                 .collect()
         };
+        let warm = fresh.iter().filter(|w| self.is_ready_with(w, new)).count();
         out.push(record(
             "step-started",
             format!(
-                "step {}: {} new replica(s) of {new} on idle workers, {} updated in place, {} old out",
+                "step {}: {} new replica(s) of {new} on other workers ({warm} warm, no reload), {} updated in place, {} out",
                 self.step,
                 fresh.len(),
                 in_place.len(),
@@ -571,11 +625,16 @@ impl Rollout {
         ));
         let fresh_count = fresh.len();
         for worker in fresh {
-            self.starting.insert(worker.clone());
-            out.push(Action::Apply {
-                worker,
-                deployment: new.to_owned(),
-            });
+            if self.is_ready_with(&worker, new) {
+                // Warm: ready now, no `Apply`.
+                self.ready.insert(worker);
+            } else {
+                self.starting.insert(worker.clone());
+                out.push(Action::Apply {
+                    worker,
+                    deployment: new.to_owned(),
+                });
+            }
         }
         if new_routed == 0 && !in_place.is_empty() && in_place.len() == old_routed as usize {
             out.push(record(
@@ -631,8 +690,10 @@ impl Rollout {
         if self.status == Status::Releasing {
             self.status = Status::RampingUp;
         }
-        if self.resume_to == Status::Releasing {
-            self.resume_to = Status::RampingUp;
+        if let Some(pause) = self.pause.as_mut()
+            && pause.resume_to == Status::Releasing
+        {
+            pause.resume_to = Status::RampingUp;
         }
     }
 }

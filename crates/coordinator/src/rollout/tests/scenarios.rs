@@ -501,3 +501,116 @@ fn force_roll_forward_lets_loading_candidates_finish() {
     r.handle(ready(&loading[0], "new"));
     assert_eq!(r.replicas("new").0, 2);
 }
+
+#[test]
+fn a_kept_deployment_promoted_back_reuses_its_warm_engines_without_a_reload() {
+    // w2 and w3 still run "new", ready and out of the table (cleanup KEEP
+    // of an earlier promotion away from it).
+    let (mut workers, routed) = fleet(2, 2);
+    for id in ["w2", "w3"] {
+        workers.insert(
+            id.into(),
+            Worker {
+                deployment: Some("new".into()),
+                engine: Engine::Ready,
+                eligible: true,
+                evict: false,
+            },
+        );
+    }
+    let surge = PromotionSettings {
+        rolling_deploy: true,
+        max_surge_percent: 50,
+        ..PromotionSettings::default()
+    };
+    let mut r = Rollout::new("old", "new", surge, 2, workers, routed);
+    assert!(r.wants_warm("new") && !r.wants_warm("old"));
+    let mut actions = r.start();
+    // Each step takes a warm engine at once: the table changes with no
+    // `Apply` at all, through to the end.
+    for _ in 0..20 {
+        assert!(applies(&actions).is_empty(), "{actions:?}");
+        let mut next = Vec::new();
+        for action in &actions {
+            next.extend(match action {
+                Action::PushTable { seq, .. } => r.handle(Event::TableAcked { seq: *seq }),
+                Action::Drain { worker } => r.handle(Event::Drained {
+                    worker: worker.clone(),
+                }),
+                Action::Stop { worker } => r.handle(Event::Stopped {
+                    worker: worker.clone(),
+                }),
+                _ => Vec::new(),
+            });
+        }
+        actions = next;
+    }
+    assert_eq!(r.status, Status::Succeeded);
+    assert_eq!(r.routes().len(), 1);
+    assert_eq!(r.routes()[0].deployment, "new");
+    assert_eq!(r.routes()[0].workers, ["w2", "w3"]);
+}
+
+#[test]
+fn a_candidate_replica_on_a_cordoned_worker_is_replaced_before_it_leaves() {
+    // Mid-promotion: w1's candidate replica serves, its worker is cordoned.
+    let mut r = Rollout::new(
+        "old",
+        "new",
+        rolling_surge(),
+        2,
+        {
+            let (mut w, _) = fleet(0, 4);
+            w.insert(
+                "w0".into(),
+                Worker {
+                    deployment: Some("old".into()),
+                    engine: Engine::Ready,
+                    eligible: true,
+                    evict: false,
+                },
+            );
+            w.insert(
+                "w1".into(),
+                Worker {
+                    deployment: Some("new".into()),
+                    engine: Engine::Ready,
+                    eligible: false,
+                    evict: true,
+                },
+            );
+            w
+        },
+        [
+            ("w0".to_owned(), "old".to_owned()),
+            ("w1".to_owned(), "new".to_owned()),
+        ]
+        .into(),
+    );
+    let start = r.start();
+    // A new replica for the cordoned one starts on an idle worker; the
+    // cordoned replica is still routed meanwhile (add first).
+    let started = applies(&start);
+    assert_eq!(started.len(), 1, "{start:?}");
+    assert_ne!(started[0].0, "w1");
+    assert!(r.routed.contains_key("w1"));
+    let shifted = r.handle(ready(&started[0].0, "new"));
+    // Then it leaves the table before any old replica that is healthy.
+    let (_, routes) = tables(&shifted).pop().unwrap();
+    let named: Vec<&String> = routes.iter().flat_map(|r| &r.workers).collect();
+    assert!(!named.contains(&&"w1".to_owned()), "{routes:?}");
+    assert!(named.contains(&&"w0".to_owned()), "{routes:?}");
+}
+
+#[test]
+fn a_worker_that_runs_a_foreign_deployment_is_a_lost_start_retried_elsewhere() {
+    let (workers, routed) = fleet(2, 2);
+    let mut r = Rollout::new("old", "new", rolling_surge(), 2, workers, routed);
+    let start = r.start();
+    assert_eq!(applies(&start), [("w2".to_owned(), "new".to_owned())]);
+    // Another caller got there first.
+    let lost = r.handle(ready("w2", "someone-else"));
+    assert!(!r.is_starting("w2"));
+    assert_eq!(applies(&lost), [("w3".to_owned(), "new".to_owned())]);
+    assert_eq!(r.status, Status::Releasing, "not a failed candidate");
+}

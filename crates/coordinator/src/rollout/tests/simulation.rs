@@ -17,7 +17,9 @@
 //! calls answered only by their deadline), brings them back (some
 //! rebooted, empty), crash-loops engines, cordons workers, and restarts the
 //! coordinator from its stored state at random points, losing the answers
-//! it was waiting for. Like the shell, it stops engines no rollout uses.
+//! it was waiting for, repeats agents' reports, and lets another caller
+//! start a foreign deployment on a worker that is idle or starting (a start
+//! that will not come). Like the shell, it stops engines no rollout uses.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -28,6 +30,9 @@ use crate::settings::{Cleanup, PromotionSettings};
 
 /// The old deployment's id.
 const OLD: &str = "old";
+
+/// A deployment no rollout here knows (another caller's).
+const FOREIGN: &str = "foreign";
 
 #[derive(Debug, Clone)]
 enum Reply {
@@ -63,8 +68,9 @@ impl Fleet {
         settings: PromotionSettings,
         replicas: usize,
         idle: usize,
-        first: bool,
+        world: World,
     ) -> (Self, Vec<Action>) {
+        let first = world.first;
         let mut workers = BTreeMap::new();
         let mut routed = BTreeMap::new();
         let serving = if first { 0 } else { replicas };
@@ -75,7 +81,13 @@ impl Fleet {
             routed.insert(id, OLD.to_owned());
         }
         for i in serving..serving + idle {
-            workers.insert(format!("w{i}"), worker(None, Engine::Idle));
+            // Warm: the candidate's engines kept from an earlier promotion.
+            let w = if i < serving + world.warm {
+                worker(Some("new"), Engine::Ready)
+            } else {
+                worker(None, Engine::Idle)
+            };
+            workers.insert(format!("w{i}"), w);
         }
         let target = u32::try_from(replicas).unwrap_or(u32::MAX);
         let from = if first { "" } else { OLD };
@@ -402,6 +414,25 @@ impl Fleet {
         self.feed(event);
     }
 
+    /// Another caller's `Apply` reaches a worker that is idle or starting
+    /// (a second coordinator, an operator by hand): it runs a deployment
+    /// foreign to this promotion.
+    fn take_over(&mut self, worker: &str) {
+        if self.hung.contains(worker) {
+            return;
+        }
+        let Some(w) = self.workers.get_mut(worker) else {
+            return;
+        };
+        if !matches!(w.engine, Engine::Idle | Engine::Starting) {
+            return;
+        }
+        w.engine = Engine::Ready;
+        w.deployment = Some(FOREIGN.to_owned());
+        let event = self.report(worker);
+        self.feed(event);
+    }
+
     /// An operator cordons a worker: its replica is to move.
     fn cordon(&mut self, worker: &str) {
         if self.hung.contains(worker) {
@@ -448,6 +479,13 @@ impl Fleet {
         let kept = (self.rollout.status == Status::Succeeded
             && self.rollout.settings.cleanup == Cleanup::Keep)
             .then(|| self.rollout.from.clone());
+        // Warm engines of the deployment the steps start wait for them.
+        let warm = |w: &Worker| {
+            w.engine == Engine::Ready
+                && w.deployment
+                    .as_deref()
+                    .is_some_and(|d| self.rollout.wants_warm(d))
+        };
         let strays: Vec<String> = self
             .workers
             .iter()
@@ -459,6 +497,7 @@ impl Fleet {
                     && !routable.contains(*id)
                     && !self.hung.contains(*id)
                     && w.deployment != kept
+                    && !warm(w)
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -530,6 +569,9 @@ struct World {
     first: bool,
     /// Hung hosts, crashes, cordons and coordinator restarts.
     hostile: bool,
+    /// Idle workers that run the candidate, ready (kept warm by an earlier
+    /// promotion that moved away from it).
+    warm: usize,
 }
 
 /// Plays `choices` against a fleet: answers in any order, ticks, the
@@ -543,7 +585,7 @@ fn play(
     choices: &[u32],
     world: World,
 ) -> (Fleet, Option<Command>) {
-    let (mut fleet, first) = Fleet::new(settings, replicas, idle, world.first);
+    let (mut fleet, first) = Fleet::new(settings, replicas, idle, world);
     fleet.candidate_fails = world.candidate_fails;
     fleet.perform_all(first);
     let ids: Vec<String> = fleet.workers.keys().cloned().collect();
@@ -578,12 +620,19 @@ fn play(
             let now_ms = fleet.now_ms;
             fleet.feed(Event::Tick { now_ms });
             fleet.stop_strays();
-        } else if world.hostile && pick < 22 {
+        } else if world.hostile && pick < 24 {
             match pick {
                 14 | 15 => fleet.hang(id),
                 16 | 17 => fleet.come_back(id, which.is_multiple_of(2)),
                 18 => fleet.crash(id),
                 19 => fleet.cordon(id),
+                20 => fleet.take_over(id),
+                21 if !fleet.hung.contains(id) => {
+                    // A watch stream that reconnects sends the same
+                    // snapshot again.
+                    let event = fleet.report(id);
+                    fleet.feed(event);
+                }
                 _ => fleet.restart(),
             }
         } else if !fleet.replies.is_empty() {
@@ -645,7 +694,7 @@ fn no_engine_outside_the_table(fleet: &Fleet) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
 
     #[test]
     fn every_interleaving_keeps_the_invariants_and_ends(
@@ -717,8 +766,9 @@ proptest! {
         choices in prop::collection::vec(any::<u32>(), 0..300),
         first in any::<bool>(),
         commands in any::<bool>(),
+        warm in 0usize..=2,
     ) {
-        let world = World { commands, first, hostile: true, ..World::default() };
+        let world = World { commands, first, hostile: true, warm, ..World::default() };
         let (fleet, _) = play(settings, replicas, idle, &choices, world);
         let rollout = &fleet.rollout;
         prop_assert!(rollout.is_quiet(), "not settled: {rollout:#?}");
