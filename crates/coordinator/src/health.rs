@@ -1,8 +1,9 @@
 //! The health gate's arithmetic (DESIGN §4): the candidate fails when its
 //! failure rate (5xx answers and aborted streams, as every router counts
 //! them) exceeds the old deployment's by more than a margin, once it has
-//! served enough requests to be judged. Pure: the shell reads the routers'
-//! stats and feeds the verdict to the rollout.
+//! served enough requests to be judged; before that, failures beyond the
+//! margin leave it undecided (the rollout pauses at the step's end). Pure:
+//! the shell reads the routers' stats and feeds the verdict to the rollout.
 
 use std::collections::BTreeMap;
 
@@ -38,21 +39,30 @@ pub struct Gate {
 }
 
 /// The verdict on `candidate` against `old` (empty for a first
-/// deployment) from `counts` by deployment; `None` while it passes or
-/// cannot yet be judged.
+/// deployment) from `counts` by deployment, summed over the routers that
+/// answered (`routers`: how many answered of how many were asked). It passes while the candidate's failure rate stays within the
+/// margin; beyond it, it fails once the candidate has served the minimum
+/// number of requests, and cannot decide before (a few failures among too
+/// few requests: the promotion pauses for a person to look). With no
+/// router's stats at all it cannot decide either.
 pub fn judge(
     gate: Gate,
     candidate: &str,
     old: &str,
     counts: &BTreeMap<String, Counts>,
-) -> Option<Verdict> {
+    routers: (usize, usize),
+) -> Verdict {
+    let (answered, asked) = routers;
+    if answered == 0 && asked > 0 {
+        return Verdict::Undecided("no router answered with its request counts".into());
+    }
     let new = counts.get(candidate).copied().unwrap_or_default();
     let before = counts.get(old).copied().unwrap_or_default();
     let margin = f64::from(gate.margin_percent) / 100.0;
-    if new.total < u64::from(gate.min_requests) || new.rate() <= before.rate() + margin {
-        return None;
+    if new.rate() <= before.rate() + margin {
+        return Verdict::Pass;
     }
-    Some(Verdict::Fail(format!(
+    let what = format!(
         "{candidate} failed {} of {} requests ({:.0} %), {} {:.0} %",
         new.failed,
         new.total,
@@ -63,7 +73,14 @@ pub fn judge(
             old
         },
         before.rate() * 100.0
-    )))
+    );
+    if new.total < u64::from(gate.min_requests) {
+        return Verdict::Undecided(format!(
+            "{what}: fewer than the {} requests needed to judge",
+            gate.min_requests
+        ));
+    }
+    Verdict::Fail(what)
 }
 
 #[cfg(test)]
@@ -98,18 +115,39 @@ mod tests {
     fn a_candidate_fails_only_beyond_the_margin_and_with_enough_requests() {
         // 10 % against 0 %: beyond the 5-point margin.
         assert!(matches!(
-            judge(GATE, "new", "old", &counts((100, 10), (100, 0))),
-            Some(Verdict::Fail(reason)) if reason == "new failed 10 of 100 requests (10 %), old 0 %"
+            judge(GATE, "new", "old", &counts((100, 10), (100, 0)), (2, 2)),
+            Verdict::Fail(reason) if reason == "new failed 10 of 100 requests (10 %), old 0 %"
         ));
         // 10 % against 6 %: within it.
         assert_eq!(
-            judge(GATE, "new", "old", &counts((100, 10), (100, 6))),
-            None
+            judge(GATE, "new", "old", &counts((100, 10), (100, 6)), (2, 2)),
+            Verdict::Pass
         );
-        // Every request failed, but too few to judge.
-        assert_eq!(judge(GATE, "new", "old", &counts((19, 19), (0, 0))), None);
+        // Every request failed, but too few to judge: undecided.
+        assert!(matches!(
+            judge(GATE, "new", "old", &counts((19, 19), (0, 0)), (1, 2)),
+            Verdict::Undecided(reason) if reason.contains("fewer than the 20 requests")
+        ));
+        // No traffic, nothing failed: nothing against it.
+        assert_eq!(
+            judge(GATE, "new", "old", &counts((0, 0), (0, 0)), (1, 2)),
+            Verdict::Pass
+        );
         // A first deployment is judged against nothing.
-        assert!(judge(GATE, "new", "", &counts((50, 50), (0, 0))).is_some());
+        assert!(matches!(
+            judge(GATE, "new", "", &counts((50, 50), (0, 0)), (1, 2)),
+            Verdict::Fail(_)
+        ));
+        // No router answered: nothing to judge by.
+        assert!(matches!(
+            judge(GATE, "new", "old", &counts((100, 50), (0, 0)), (0, 2)),
+            Verdict::Undecided(_)
+        ));
+        // No router to ask: no traffic to judge.
+        assert_eq!(
+            judge(GATE, "new", "old", &counts((0, 0), (0, 0)), (0, 0)),
+            Verdict::Pass
+        );
     }
 
     #[test]
@@ -119,9 +157,18 @@ mod tests {
             min_requests: 5,
         };
         // 7 % against 6 %: within the default margin, beyond none at all.
-        assert_eq!(judge(GATE, "new", "old", &counts((100, 7), (100, 6))), None);
-        assert!(judge(strict, "new", "old", &counts((100, 7), (100, 6))).is_some());
+        assert_eq!(
+            judge(GATE, "new", "old", &counts((100, 7), (100, 6)), (1, 2)),
+            Verdict::Pass
+        );
+        assert!(matches!(
+            judge(strict, "new", "old", &counts((100, 7), (100, 6)), (1, 2)),
+            Verdict::Fail(_)
+        ));
         // Five requests are enough for a gate that asks for five.
-        assert!(judge(strict, "new", "old", &counts((5, 5), (0, 0))).is_some());
+        assert!(matches!(
+            judge(strict, "new", "old", &counts((5, 5), (0, 0)), (1, 2)),
+            Verdict::Fail(_)
+        ));
     }
 }

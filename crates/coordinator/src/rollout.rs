@@ -17,7 +17,10 @@
 //!                   (all of them at the last step); every router acknowledges
 //! Draining          the old replicas out of the table drain
 //! Stopping          and stop
-//! Stabilizing       the stabilization time passes; then the next step
+//! Stabilizing       the stabilization time passes
+//! Judging           the health gate judges the candidate on the routers'
+//!                   counts: it passes (the next step), fails (FAILED), or
+//!                   cannot decide (PAUSED, with the reason)
 //! ```
 //!
 //! The no-drop rule holds throughout: a worker is drained only after a
@@ -107,6 +110,8 @@ pub enum Phase {
     Stopping,
     /// Waiting the stabilization time.
     Stabilizing,
+    /// Waiting for the health gate's verdict before the next step.
+    Judging,
 }
 
 /// What the operator asks.
@@ -128,6 +133,8 @@ pub enum Command {
 /// the agents' GPU health).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verdict {
+    /// Nothing against the candidate.
+    Pass,
     /// The candidate does worse than the old deployment: fail.
     Fail(String),
     /// Not enough to decide: pause.
@@ -216,6 +223,9 @@ pub enum Action {
         /// The worker.
         worker: String,
     },
+    /// Judge the candidate on the routers' counts now; answer with
+    /// [`Event::Health`].
+    JudgeHealth,
     /// Record an event in the endpoint's history.
     Record {
         /// A short kind, e.g. `step-started`.
@@ -328,6 +338,11 @@ pub struct Rollout {
     starting: BTreeSet<String>,
     /// Ready new replicas not yet in the table.
     ready: BTreeSet<String>,
+    /// Replicas autoscaling added during the promotion, worker → deployment,
+    /// until ready: each joins the table as soon as it is, whatever the
+    /// step and the pause.
+    #[serde(default)]
+    scaling: BTreeMap<String, String>,
     /// Old replicas this step takes out once the new ones are in.
     removes: BTreeSet<String>,
     /// Workers on their way out.
@@ -338,6 +353,9 @@ pub struct Rollout {
     now_ms: u64,
     /// The end of the stabilization wait.
     stabilize_until: u64,
+    /// The bound on the wait for the health gate's verdict.
+    #[serde(default)]
+    judge_until: u64,
 }
 
 impl Rollout {
@@ -371,11 +389,13 @@ impl Rollout {
             overhead_done: settings.replica_overhead_percent == 0 || from.is_empty(),
             starting: BTreeSet::new(),
             ready: BTreeSet::new(),
+            scaling: BTreeMap::new(),
             removes: BTreeSet::new(),
             leaving: BTreeMap::new(),
             failed: BTreeSet::new(),
             now_ms: 0,
             stabilize_until: 0,
+            judge_until: 0,
         }
     }
 
@@ -401,22 +421,65 @@ impl Rollout {
         out
     }
 
-    /// During a promotion, autoscaling only adds: the replica target rises
-    /// (never falls) and the remaining steps start the extra replicas, so
-    /// the new capacity follows the traffic as it moves to the candidate.
-    pub fn raise_target(&mut self, target: u32) -> Vec<Action> {
+    /// During a promotion, autoscaling only adds (Baseten's rule): demand
+    /// for `desired` replicas above the target starts the difference at
+    /// once, also while paused, split between the old deployment and the
+    /// candidate in proportion to the traffic split (60/40 and 10 more:
+    /// 6 old, 4 candidate); each joins the table as soon as it is ready.
+    /// Every replica the promotion runs, surge and overhead included,
+    /// counts against `max_replicas`. The target rises with it, so the
+    /// remaining steps keep that capacity; it never falls until the end.
+    pub fn autoscale(&mut self, desired: u32, max_replicas: u32) -> Vec<Action> {
         let mut out = Vec::new();
-        if self.status.is_terminal() || target <= self.target {
+        let desired = desired.min(max_replicas);
+        if self.status.is_terminal() || desired <= self.target {
             return out;
         }
+        let running =
+            self.routed.len() + self.starting.len() + self.ready.len() + self.scaling.len();
+        let room = (max_replicas as usize).saturating_sub(running);
+        let wanted = ((desired - self.target) as usize).min(room);
+        let idle = self.idle_workers();
+        let adds = wanted.min(idle.len());
+        // The candidate's share, rounded to the nearest replica.
+        let share = |n: usize| {
+            (n * self.candidate_weight() as usize + TOTAL_WEIGHT as usize / 2)
+                / TOTAL_WEIGHT as usize
+        };
+        let to_candidate = if self.is_first() {
+            adds
+        } else if self.is_backward() {
+            // Traffic is on its way back: the candidate gets none.
+            0
+        } else {
+            share(adds)
+        };
         out.push(record(
             "scaled",
             format!(
-                "replica target {} → {target} during the promotion",
-                self.target
+                "replica target {} → {desired} during the promotion: {} more of {}, {} more of {}{}",
+                self.target,
+                adds - to_candidate,
+                self.from,
+                to_candidate,
+                self.to,
+                if adds < wanted {
+                    format!(" ({} short: no idle worker)", wanted - adds)
+                } else {
+                    String::new()
+                }
             ),
         ));
-        self.target = target;
+        self.target = desired;
+        for (i, worker) in idle.into_iter().take(adds).enumerate() {
+            let deployment = if i < to_candidate {
+                self.to.clone()
+            } else {
+                self.from.clone()
+            };
+            self.scaling.insert(worker.clone(), deployment.clone());
+            out.push(Action::Apply { worker, deployment });
+        }
         self.advance(&mut out);
         out
     }
@@ -473,9 +536,18 @@ impl Rollout {
                     self.fail(format!("health gate: {reason}"), &mut out);
                 }
             }
+            // Only a step's end waits for these.
             Event::Health(Verdict::Undecided(reason)) => {
-                if !self.status.is_terminal() && self.pause.is_none() {
+                if self.phase == Phase::Judging
+                    && !self.status.is_terminal()
+                    && self.pause.is_none()
+                {
                     self.pause(format!("health gate undecided: {reason}"), &mut out);
+                }
+            }
+            Event::Health(Verdict::Pass) => {
+                if self.phase == Phase::Judging && !self.status.is_terminal() {
+                    self.end_step(&mut out);
                 }
             }
         }
@@ -512,6 +584,7 @@ impl Rollout {
             .keys()
             .chain(&self.starting)
             .chain(&self.ready)
+            .chain(self.scaling.keys())
             .chain(self.leaving.keys())
             .cloned()
             .collect()
@@ -525,6 +598,7 @@ impl Rollout {
             self.starting
                 .iter()
                 .chain(&self.ready)
+                .chain(self.scaling.keys())
                 .filter(|w| {
                     self.workers.get(*w).and_then(|v| v.deployment.as_deref()) == Some(deployment)
                 })
@@ -553,6 +627,12 @@ impl Rollout {
                 deployment: self.starting_deployment(),
             });
         }
+        for (worker, deployment) in &self.scaling {
+            out.push(Action::Apply {
+                worker: worker.clone(),
+                deployment: deployment.clone(),
+            });
+        }
         for (worker, retirement) in &self.leaving {
             match retirement.stage {
                 Leaving::AwaitAck(_) | Leaving::Unrouted(_) => {}
@@ -563,6 +643,9 @@ impl Rollout {
                     worker: worker.clone(),
                 }),
             }
+        }
+        if self.phase == Phase::Judging && self.pause.is_none() {
+            out.push(Action::JudgeHealth);
         }
         out
     }
@@ -583,7 +666,10 @@ impl Rollout {
     /// Ended, settled, and no replica starting: a new promotion may begin
     /// without a worker in transition that it would not know about.
     pub fn is_quiet(&self) -> bool {
-        self.is_settled() && self.starting.is_empty() && self.ready.is_empty()
+        self.is_settled()
+            && self.starting.is_empty()
+            && self.ready.is_empty()
+            && self.scaling.is_empty()
     }
 
     /// The table wanted now, weights proportional to replicas.

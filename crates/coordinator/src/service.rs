@@ -163,6 +163,7 @@ pub fn promotion_proto(endpoint: &str, promotion: &Promotion) -> v1::Promotion {
             Phase::Draining => v1::StepPhase::Draining,
             Phase::Stopping => v1::StepPhase::Stopping,
             Phase::Stabilizing => v1::StepPhase::Stabilizing,
+            Phase::Judging => v1::StepPhase::Judging,
         } as i32,
         reason: if r.reason.is_empty() {
             r.waiting.clone()

@@ -9,6 +9,7 @@ impl Actor {
     pub(super) fn perform(&mut self, endpoint: &str, action: Action) {
         match action {
             Action::Record { .. } => {}
+            Action::JudgeHealth => self.read_stats(endpoint),
             Action::PushTable { seq, .. } => {
                 // Routes are read back from every rollout: one table for all.
                 // Versions carry the epoch in their high bits, so a table
@@ -276,9 +277,10 @@ impl Actor {
                 .map(|f| u64::from(f.gate))
                 .sum();
             let desired = endpoint.scaling.desired(in_flight);
+            let max_replicas = endpoint.scaling.max_replicas;
             let current = rollout.target;
             if endpoint.promotion.is_some() {
-                // During a promotion: only up.
+                // During a promotion: only up, at once, split by traffic.
                 if desired > current
                     && let Some(promotion) = self
                         .state
@@ -286,7 +288,7 @@ impl Actor {
                         .get_mut(&name)
                         .and_then(|e| e.promotion.as_mut())
                 {
-                    let produced = promotion.rollout.raise_target(desired);
+                    let produced = promotion.rollout.autoscale(desired, max_replicas);
                     let start = actions.len();
                     actions.extend(produced.into_iter().map(|a| (name.clone(), a)));
                     self.settle(&name, &actions[start..]);
@@ -341,6 +343,8 @@ impl Actor {
         let since = crate::state::timestamp(promotion.started_at_ms);
         self.shutdown.spawn(async move {
             let mut by_deployment: BTreeMap<String, crate::health::Counts> = BTreeMap::new();
+            let mut answered = 0;
+            let asked = routers.len();
             for address in routers {
                 let mut client = RouterControlClient::new(calls::channel(&address));
                 let request = v1::GetStatsRequest {
@@ -352,6 +356,7 @@ impl Actor {
                 else {
                     continue;
                 };
+                answered += 1;
                 for stats in answer.into_inner().endpoints {
                     for deployment in stats.deployments {
                         let counts = deployment.requests.unwrap_or_default();
@@ -365,6 +370,7 @@ impl Actor {
                 endpoint,
                 promotion_id,
                 by_deployment,
+                routers: (answered, asked),
             });
         });
     }

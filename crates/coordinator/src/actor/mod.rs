@@ -196,6 +196,8 @@ enum Internal {
         endpoint: String,
         promotion_id: String,
         by_deployment: BTreeMap<String, crate::health::Counts>,
+        /// Routers that answered, of those asked.
+        routers: (usize, usize),
     },
 }
 
@@ -441,6 +443,7 @@ impl Actor {
                 endpoint,
                 promotion_id,
                 by_deployment,
+                routers,
             } => {
                 let Some(e) = self.state.endpoints.get(&endpoint) else {
                     return;
@@ -453,9 +456,8 @@ impl Actor {
                     margin_percent: r.settings.health_gate_margin_percent,
                     min_requests: r.settings.health_gate_min_requests,
                 };
-                if let Some(verdict) = crate::health::judge(gate, &r.to, &r.from, &by_deployment) {
-                    self.feed(&endpoint, Event::Health(verdict), actions);
-                }
+                let verdict = crate::health::judge(gate, &r.to, &r.from, &by_deployment, routers);
+                self.feed(&endpoint, Event::Health(verdict), actions);
             }
             Internal::RouterBehind { address } => {
                 tracing::info!(

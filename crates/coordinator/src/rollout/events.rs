@@ -22,6 +22,7 @@ impl Rollout {
             .keys()
             .chain(&self.starting)
             .chain(&self.ready)
+            .chain(self.scaling.keys())
             .chain(self.leaving.keys())
             .cloned()
             .collect();
@@ -38,6 +39,7 @@ impl Rollout {
             let held = self.routed.contains_key(id)
                 || self.starting.contains(id)
                 || self.ready.contains(id)
+                || self.scaling.contains_key(id)
                 || self
                     .leaving
                     .get(id)
@@ -60,6 +62,9 @@ impl Rollout {
             ));
             self.push_table(out);
             self.unroute(id);
+        }
+        if let Some(deployment) = self.scaling.get(id).cloned() {
+            self.observe_scaling(id, worker, &deployment, out);
         }
         if !(self.starting.contains(id) || self.ready.contains(id)) {
             return;
@@ -125,6 +130,59 @@ impl Rollout {
         }
     }
 
+    /// A replica autoscaling added: in the table as soon as it is ready.
+    fn observe_scaling(
+        &mut self,
+        id: &str,
+        worker: &Worker,
+        deployment: &str,
+        out: &mut Vec<Action>,
+    ) {
+        let with_it = worker.deployment.as_deref() == Some(deployment);
+        match worker.engine {
+            Engine::Ready if with_it => {
+                self.scaling.remove(id);
+                self.routed.insert(id.to_owned(), deployment.to_owned());
+                self.push_table(out);
+            }
+            Engine::Failed if with_it => {
+                self.scaling.remove(id);
+                self.failed.insert(id.to_owned());
+                self.retire(id, false, out);
+                out.push(record(
+                    "replica-failed",
+                    format!("{id} failed to start {deployment}"),
+                ));
+            }
+            Engine::Starting | Engine::Ready if worker.deployment.is_some() && !with_it => {
+                self.scaling.remove(id);
+                out.push(record(
+                    "start-lost",
+                    format!(
+                        "{id} runs {} instead of {deployment}",
+                        worker.deployment.as_deref().unwrap_or_default()
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+
+    /// Stops the replicas autoscaling started for `deployment` that are
+    /// not ready yet (a promotion that turns back or ends).
+    pub(super) fn drop_scaling(&mut self, deployment: &str, out: &mut Vec<Action>) {
+        let dropped: Vec<String> = self
+            .scaling
+            .iter()
+            .filter(|(_, d)| *d == deployment)
+            .map(|(w, _)| w.clone())
+            .collect();
+        for worker in dropped {
+            self.scaling.remove(&worker);
+            self.retire(&worker, false, out);
+        }
+    }
+
     /// A lost worker leaves the table at once and is never drained through
     /// (a call to it would only wait out its deadline); its replica is
     /// replaced by the step or by the steady state, and the shell stops its
@@ -142,7 +200,8 @@ impl Rollout {
             false
         };
         self.removes.remove(id);
-        let started = self.starting.remove(id) | self.ready.remove(id);
+        let started =
+            self.starting.remove(id) | self.ready.remove(id) | self.scaling.remove(id).is_some();
         let retirement = self.leaving.remove(id);
         // Still held until the routers forget it, whatever its step was.
         let unacked = retirement.and_then(|r| match r.stage {
@@ -218,6 +277,11 @@ impl Rollout {
                     self.status = pause.resume_to;
                     self.reason = pause.reason_before;
                     out.push(record("resumed", "promotion resumed".into()));
+                    if self.phase == Phase::Judging {
+                        // The operator's resume is the verdict the gate
+                        // could not give.
+                        self.end_step(out);
+                    }
                 }
             }
             Command::Cancel if self.is_first() => {
@@ -287,6 +351,7 @@ impl Rollout {
         }
         // Workers where the candidate failed can run the old deployment.
         self.failed.clear();
+        self.drop_scaling(&self.to.clone(), out);
         self.direction = Direction::Backward { end };
         self.pause = None;
         self.status = Status::RampingDown;
@@ -337,6 +402,7 @@ impl Rollout {
     /// is the old deployment's (none, for a first deployment).
     pub(super) fn end_now(&mut self, status: Status, out: &mut Vec<Action>) {
         self.abandon_step(out);
+        self.drop_scaling(&self.to.clone(), out);
         self.take_out_deployment(&self.to.clone(), false, out);
         self.finish(status, out);
     }
@@ -376,6 +442,16 @@ impl Rollout {
             self.starting.remove(&worker);
             self.ready.remove(&worker);
             self.retire(&worker, false, out);
+        }
+        // Autoscaling's replicas of the deployment that serves now carry on
+        // starting (the steady state counts them); the others stop.
+        let serving = self.serving();
+        for (worker, deployment) in std::mem::take(&mut self.scaling) {
+            if deployment == serving {
+                self.starting.insert(worker);
+            } else {
+                self.retire(&worker, false, out);
+            }
         }
         out.push(record(
             match status {

@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// How long a step's end waits for the health gate's verdict (the routers'
+/// counts) before it pauses, undecided.
+const JUDGE_BOUND_MS: u64 = 30_000;
+
 impl Rollout {
     // === the steps ===
 
@@ -56,6 +60,7 @@ impl Rollout {
         }) && !self.routed.contains_key(id)
             && !self.starting.contains(id)
             && !self.ready.contains(id)
+            && !self.scaling.contains_key(id)
             && !self.leaving.contains_key(id)
             && !self.failed.contains(id)
     }
@@ -159,6 +164,7 @@ impl Rollout {
         usize,
         usize,
         usize,
+        usize,
         bool,
         Direction,
     ) {
@@ -170,6 +176,7 @@ impl Rollout {
             self.routed.len(),
             self.starting.len(),
             self.ready.len(),
+            self.scaling.len(),
             self.leaving.len(),
             self.overhead_done,
             self.direction,
@@ -303,6 +310,7 @@ impl Rollout {
                     && !self.routed.contains_key(*id)
                     && !self.starting.contains(*id)
                     && !self.ready.contains(*id)
+                    && !self.scaling.contains_key(*id)
                     && !self.leaving.contains_key(*id)
             })
             .map(|(id, w)| (id.clone(), w.engine))
@@ -419,19 +427,46 @@ impl Rollout {
             }
             Phase::Stabilizing => {
                 if self.now_ms >= self.stabilize_until {
-                    self.phase = Phase::StartingReplicas;
-                    out.push(record(
-                        "step-done",
+                    // The gate judges a candidate that takes traffic, on
+                    // the way to it (not back, not forced there).
+                    if self.direction == Direction::Forward && self.candidate_weight() > 0 {
+                        self.phase = Phase::Judging;
+                        self.judge_until = self.now_ms.saturating_add(JUDGE_BOUND_MS);
+                        out.push(Action::JudgeHealth);
+                    } else {
+                        self.end_step(out);
+                    }
+                }
+            }
+            Phase::Judging => {
+                if self.direction != Direction::Forward {
+                    // Forced or turned back meanwhile: no verdict needed.
+                    self.end_step(out);
+                } else if self.pause.is_none() && self.now_ms >= self.judge_until {
+                    self.pause(
                         format!(
-                            "step {}: {} % of traffic on {}",
-                            self.step,
-                            self.percent_to_candidate(),
-                            self.to
+                            "health gate undecided: no verdict within {} s",
+                            JUDGE_BOUND_MS / 1000
                         ),
-                    ));
+                        out,
+                    );
                 }
             }
         }
+    }
+
+    /// The step is over: the next one may start.
+    pub(super) fn end_step(&mut self, out: &mut Vec<Action>) {
+        self.phase = Phase::StartingReplicas;
+        out.push(record(
+            "step-done",
+            format!(
+                "step {}: {} % of traffic on {}",
+                self.step,
+                self.percent_to_candidate(),
+                self.to
+            ),
+        ));
     }
 
     /// Plans and starts the next step, or ends the promotion.

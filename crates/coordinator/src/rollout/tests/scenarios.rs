@@ -50,6 +50,20 @@ fn failed(worker: &str, deployment: &str) -> Event {
     }
 }
 
+/// Feeds `event`; the health gate passes each step's end at once (its own
+/// behaviour is tested apart).
+fn handle(r: &mut Rollout, event: Event) -> Vec<Action> {
+    let mut out = r.handle(event);
+    for _ in 0..100 {
+        if !out.contains(&Action::JudgeHealth) {
+            break;
+        }
+        out.retain(|a| *a != Action::JudgeHealth);
+        out.extend(r.handle(Event::Health(Verdict::Pass)));
+    }
+    out
+}
+
 fn applies(actions: &[Action]) -> Vec<(String, String)> {
     actions
         .iter()
@@ -106,7 +120,7 @@ fn a_surge_step_starts_on_an_idle_worker_shifts_then_drains_after_the_ack() {
     assert_eq!(r.status, Status::Releasing);
     assert_eq!(r.phase, Phase::WaitingReady);
 
-    let shifted = r.handle(ready("w4", "new"));
+    let shifted = handle(&mut r, ready("w4", "new"));
     let pushed = tables(&shifted);
     assert_eq!(pushed.len(), 1);
     let (seq, routes) = &pushed[0];
@@ -121,20 +135,26 @@ fn a_surge_step_starts_on_an_idle_worker_shifts_then_drains_after_the_ack() {
         "drained before the routers acknowledged"
     );
 
-    let acked = r.handle(Event::TableAcked { seq: *seq });
+    let acked = handle(&mut r, Event::TableAcked { seq: *seq });
     assert_eq!(drains(&acked), ["w0"]);
-    let stopped = r.handle(Event::Drained {
-        worker: "w0".into(),
-    });
+    let stopped = handle(
+        &mut r,
+        Event::Drained {
+            worker: "w0".into(),
+        },
+    );
     assert_eq!(
         stopped,
         [Action::Stop {
             worker: "w0".into()
         }]
     );
-    let next = r.handle(Event::Stopped {
-        worker: "w0".into(),
-    });
+    let next = handle(
+        &mut r,
+        Event::Stopped {
+            worker: "w0".into(),
+        },
+    );
     // No stabilization time: the next step starts on the freed worker.
     assert_eq!(r.step, 2);
     assert_eq!(applies(&next), [("w0".to_owned(), "new".to_owned())]);
@@ -151,17 +171,23 @@ fn unavailable_mode_updates_in_place_behind_the_table() {
     assert_eq!(pushed.len(), 2);
     assert_eq!(pushed[1].1[0].workers, ["w2", "w3"]);
     assert!(drains(&start).is_empty() && applies(&start).is_empty());
-    let acked = r.handle(Event::TableAcked { seq: 2 });
+    let acked = handle(&mut r, Event::TableAcked { seq: 2 });
     assert_eq!(drains(&acked), ["w0", "w1"]);
-    let started = r.handle(Event::Drained {
-        worker: "w0".into(),
-    });
+    let started = handle(
+        &mut r,
+        Event::Drained {
+            worker: "w0".into(),
+        },
+    );
     assert_eq!(applies(&started), [("w0".to_owned(), "new".to_owned())]);
-    r.handle(Event::Drained {
-        worker: "w1".into(),
-    });
-    r.handle(ready("w0", "new"));
-    let shifted = r.handle(ready("w1", "new"));
+    handle(
+        &mut r,
+        Event::Drained {
+            worker: "w1".into(),
+        },
+    );
+    handle(&mut r, ready("w0", "new"));
+    let shifted = handle(&mut r, ready("w1", "new"));
     let (_, routes) = &tables(&shifted)[0];
     assert_eq!(r.percent_to_candidate(), 50);
     assert_eq!(routes.iter().map(|r| r.workers.len()).sum::<usize>(), 4);
@@ -180,28 +206,40 @@ fn not_rolling_switches_all_traffic_at_once_when_every_candidate_is_ready() {
     );
     let start = r.start();
     assert_eq!(applies(&start).len(), 2);
-    assert!(tables(&r.handle(ready("w2", "new"))).is_empty());
-    let switched = r.handle(ready("w3", "new"));
+    assert!(tables(&handle(&mut r, ready("w2", "new"))).is_empty());
+    let switched = handle(&mut r, ready("w3", "new"));
     let (seq, routes) = tables(&switched)[0].clone();
     assert_eq!(routes.len(), 1);
     assert_eq!(
         (routes[0].deployment.as_str(), routes[0].weight),
         ("new", TOTAL_WEIGHT)
     );
-    let acked = r.handle(Event::TableAcked { seq });
+    let acked = handle(&mut r, Event::TableAcked { seq });
     assert_eq!(drains(&acked), ["w0", "w1"]);
-    r.handle(Event::Drained {
-        worker: "w0".into(),
-    });
-    r.handle(Event::Drained {
-        worker: "w1".into(),
-    });
-    r.handle(Event::Stopped {
-        worker: "w0".into(),
-    });
-    r.handle(Event::Stopped {
-        worker: "w1".into(),
-    });
+    handle(
+        &mut r,
+        Event::Drained {
+            worker: "w0".into(),
+        },
+    );
+    handle(
+        &mut r,
+        Event::Drained {
+            worker: "w1".into(),
+        },
+    );
+    handle(
+        &mut r,
+        Event::Stopped {
+            worker: "w0".into(),
+        },
+    );
+    handle(
+        &mut r,
+        Event::Stopped {
+            worker: "w1".into(),
+        },
+    );
     assert_eq!(r.status, Status::Succeeded);
     assert!(r.is_settled());
 }
@@ -211,26 +249,32 @@ fn pause_lets_starts_finish_but_pins_the_split_until_resume() {
     let (workers, routed) = fleet(4, 1);
     let mut r = Rollout::new("old", "new", rolling_surge(), 4, workers, routed);
     r.start();
-    r.handle(Event::Command(Command::Pause));
+    handle(&mut r, Event::Command(Command::Pause));
     assert_eq!(r.status, Status::Paused);
     // The start under way finishes, but no traffic moves (Baseten's pause).
-    let held = r.handle(ready("w4", "new"));
+    let held = handle(&mut r, ready("w4", "new"));
     assert!(tables(&held).is_empty(), "{held:?}");
     assert_eq!(r.percent_to_candidate(), 0);
     assert_eq!(r.step, 1);
     // Resume: the ready replica takes its share, one old one leaves.
-    let resumed = r.handle(Event::Command(Command::Resume));
+    let resumed = handle(&mut r, Event::Command(Command::Resume));
     assert_eq!(r.status, Status::RampingUp);
     let (seq, _) = tables(&resumed)[0].clone();
     assert_eq!(r.percent_to_candidate(), 25);
-    let acked = r.handle(Event::TableAcked { seq });
+    let acked = handle(&mut r, Event::TableAcked { seq });
     assert_eq!(drains(&acked), ["w0"]);
-    r.handle(Event::Drained {
-        worker: "w0".into(),
-    });
-    let next = r.handle(Event::Stopped {
-        worker: "w0".into(),
-    });
+    handle(
+        &mut r,
+        Event::Drained {
+            worker: "w0".into(),
+        },
+    );
+    let next = handle(
+        &mut r,
+        Event::Stopped {
+            worker: "w0".into(),
+        },
+    );
     assert_eq!(applies(&next), [("w0".to_owned(), "new".to_owned())]);
 }
 
@@ -239,7 +283,7 @@ fn a_failed_candidate_fails_the_promotion_with_traffic_on_the_old_deployment() {
     let (workers, routed) = fleet(2, 1);
     let mut r = Rollout::new("old", "new", rolling_surge(), 2, workers, routed);
     r.start();
-    let failed = r.handle(failed("w2", "new"));
+    let failed = handle(&mut r, failed("w2", "new"));
     assert_eq!(r.status, Status::Failed);
     assert_eq!(r.percent_to_candidate(), 0);
     assert!(tables(&failed).is_empty(), "the table never changed");
@@ -250,18 +294,24 @@ fn a_failed_candidate_fails_the_promotion_with_traffic_on_the_old_deployment() {
 
     // Once it has stopped, the worker where the candidate failed can host
     // the old deployment again: a failure is not held against it forever.
-    r.handle(Event::Stopped {
-        worker: "w2".into(),
-    });
-    r.handle(Event::Worker {
-        id: "w2".into(),
-        worker: Worker {
-            deployment: None,
-            engine: Engine::Idle,
-            eligible: true,
-            evict: false,
+    handle(
+        &mut r,
+        Event::Stopped {
+            worker: "w2".into(),
         },
-    });
+    );
+    handle(
+        &mut r,
+        Event::Worker {
+            id: "w2".into(),
+            worker: Worker {
+                deployment: None,
+                engine: Engine::Idle,
+                eligible: true,
+                evict: false,
+            },
+        },
+    );
     assert_eq!(
         applies(&r.rescale(3)),
         [("w2".to_owned(), "old".to_owned())]
@@ -273,10 +323,10 @@ fn force_roll_forward_puts_all_traffic_on_a_ready_candidate_at_once() {
     let (workers, routed) = fleet(4, 1);
     let mut r = Rollout::new("old", "new", rolling_surge(), 4, workers, routed);
     r.start();
-    let shifted = r.handle(ready("w4", "new"));
+    let shifted = handle(&mut r, ready("w4", "new"));
     let (seq, _) = tables(&shifted)[0].clone();
-    r.handle(Event::TableAcked { seq });
-    let forced = r.handle(Event::Command(Command::ForceRollForward));
+    handle(&mut r, Event::TableAcked { seq });
+    let forced = handle(&mut r, Event::Command(Command::ForceRollForward));
     assert_eq!(r.status, Status::Succeeded);
     let (_, routes) = tables(&forced).last().cloned().unwrap();
     assert_eq!(
@@ -301,13 +351,13 @@ fn succeeded() -> Rollout {
         routed,
     );
     r.start();
-    r.handle(ready("w2", "new"));
-    let switched = r.handle(ready("w3", "new"));
+    handle(&mut r, ready("w2", "new"));
+    let switched = handle(&mut r, ready("w3", "new"));
     let (seq, _) = tables(&switched)[0].clone();
-    r.handle(Event::TableAcked { seq });
+    handle(&mut r, Event::TableAcked { seq });
     for w in ["w0", "w1"] {
-        r.handle(Event::Drained { worker: w.into() });
-        r.handle(Event::Stopped { worker: w.into() });
+        handle(&mut r, Event::Drained { worker: w.into() });
+        handle(&mut r, Event::Stopped { worker: w.into() });
     }
     assert_eq!(r.status, Status::Succeeded);
     r
@@ -318,7 +368,7 @@ fn after_a_promotion_scaling_starts_and_retires_replicas_behind_the_table() {
     let mut r = succeeded();
     let up = r.rescale(3);
     assert_eq!(applies(&up), [("w0".to_owned(), "new".to_owned())]);
-    let joined = r.handle(ready("w0", "new"));
+    let joined = handle(&mut r, ready("w0", "new"));
     assert_eq!(tables(&joined)[0].1[0].workers.len(), 3);
 
     let down = r.rescale(1);
@@ -328,7 +378,7 @@ fn after_a_promotion_scaling_starts_and_retires_replicas_behind_the_table() {
         drains(&down).is_empty(),
         "drained before the acknowledgement"
     );
-    let acked = r.handle(Event::TableAcked { seq });
+    let acked = handle(&mut r, Event::TableAcked { seq });
     assert_eq!(drains(&acked).len(), 2);
 
     // min = max = 0: everything leaves the table, then drains.
@@ -341,22 +391,25 @@ fn after_a_promotion_scaling_starts_and_retires_replicas_behind_the_table() {
 #[test]
 fn an_evicted_replica_is_replaced_before_it_drains() {
     let mut r = succeeded();
-    let cordoned = r.handle(Event::Worker {
-        id: "w2".into(),
-        worker: Worker {
-            deployment: Some("new".into()),
-            engine: Engine::Ready,
-            eligible: false,
-            evict: true,
+    let cordoned = handle(
+        &mut r,
+        Event::Worker {
+            id: "w2".into(),
+            worker: Worker {
+                deployment: Some("new".into()),
+                engine: Engine::Ready,
+                eligible: false,
+                evict: true,
+            },
         },
-    });
+    );
     // The replacement starts first; w2 stays in the table meanwhile.
     assert_eq!(applies(&cordoned), [("w0".to_owned(), "new".to_owned())]);
     assert!(tables(&cordoned).is_empty());
-    let replaced = r.handle(ready("w0", "new"));
+    let replaced = handle(&mut r, ready("w0", "new"));
     let (seq, routes) = tables(&replaced).last().cloned().unwrap();
     assert_eq!(routes[0].workers, ["w0", "w3"]);
-    let acked = r.handle(Event::TableAcked { seq });
+    let acked = handle(&mut r, Event::TableAcked { seq });
     assert_eq!(drains(&acked), ["w2"]);
 }
 
@@ -381,12 +434,12 @@ fn a_lost_worker_leaves_the_table_undrained_and_its_start_moves_elsewhere() {
 
     // The host starting the candidate hangs: not a failed candidate; the
     // step starts on the other idle worker.
-    let moved = r.handle(lost("w3"));
+    let moved = handle(&mut r, lost("w3"));
     assert_eq!(applies(&moved), [("w4".to_owned(), "new".to_owned())]);
     assert!(!r.status.is_terminal(), "{:?}", r.status);
 
     // A routed old replica hangs: out of the table at once, never drained.
-    let out = r.handle(lost("w0"));
+    let out = handle(&mut r, lost("w0"));
     let pushed = tables(&out);
     assert_eq!(pushed.len(), 1);
     assert!(
@@ -397,7 +450,7 @@ fn a_lost_worker_leaves_the_table_undrained_and_its_start_moves_elsewhere() {
         "{pushed:?}"
     );
     assert!(drains(&out).is_empty());
-    let acked = r.handle(Event::TableAcked { seq: pushed[0].0 });
+    let acked = handle(&mut r, Event::TableAcked { seq: pushed[0].0 });
     assert!(!drains(&acked).contains(&"w0".to_owned()));
     assert!(!r.claimed().contains("w0"), "a lost worker stays claimed");
 }
@@ -418,14 +471,14 @@ fn a_first_deployment_canceled_or_failed_ends_at_once() {
 
     let mut r = first(workers.clone());
     assert_eq!(applies(&r.start()).len(), 2);
-    let canceled = r.handle(Event::Command(Command::Cancel));
+    let canceled = handle(&mut r, Event::Command(Command::Cancel));
     assert_eq!(r.status, Status::Canceled);
     // Both loading replicas stop; nothing else is started.
     assert!(applies(&canceled).is_empty(), "{canceled:?}");
 
     let mut r = first(workers);
     r.start();
-    let failed = r.handle(failed("w0", "new"));
+    let failed = handle(&mut r, failed("w0", "new"));
     assert_eq!(r.status, Status::Failed);
     assert!(applies(&failed).is_empty(), "{failed:?}");
     assert!(!r.reason.is_empty());
@@ -437,11 +490,14 @@ fn cancel_returns_draining_old_replicas_to_service_without_a_reload() {
     let mut r = Rollout::new("old", "new", unavailable_half(), 4, workers, routed);
     let start = r.start();
     let (seq, _) = tables(&start).last().cloned().unwrap();
-    assert_eq!(drains(&r.handle(Event::TableAcked { seq })), ["w0", "w1"]);
+    assert_eq!(
+        drains(&handle(&mut r, Event::TableAcked { seq })),
+        ["w0", "w1"]
+    );
 
     // Canceled while w0 and w1 drain: they are told to stop draining, and
     // nothing reloads the old deployment.
-    let canceled = r.handle(Event::Command(Command::Cancel));
+    let canceled = handle(&mut r, Event::Command(Command::Cancel));
     let undrained: Vec<&Action> = canceled
         .iter()
         .filter(|a| matches!(a, Action::Undrain { .. }))
@@ -449,16 +505,19 @@ fn cancel_returns_draining_old_replicas_to_service_without_a_reload() {
     assert_eq!(undrained.len(), 2, "{canceled:?}");
     let mut actions = Vec::new();
     for worker in ["w0", "w1"] {
-        actions.extend(r.handle(ready(worker, "old")));
+        actions.extend(handle(&mut r, ready(worker, "old")));
         // A drain that answers late changes nothing.
-        actions.extend(r.handle(Event::Drained {
-            worker: worker.into(),
-        }));
+        actions.extend(handle(
+            &mut r,
+            Event::Drained {
+                worker: worker.into(),
+            },
+        ));
     }
     let seq = r.seq;
-    actions.extend(r.handle(Event::TableAcked { seq }));
+    actions.extend(handle(&mut r, Event::TableAcked { seq }));
     let seq = r.seq;
-    actions.extend(r.handle(Event::TableAcked { seq }));
+    actions.extend(handle(&mut r, Event::TableAcked { seq }));
     assert!(applies(&actions).is_empty(), "{actions:?}");
     assert!(
         !actions.iter().any(|a| matches!(a, Action::Stop { .. })),
@@ -477,19 +536,25 @@ fn force_roll_forward_lets_loading_candidates_finish() {
     };
     let mut r = Rollout::new("old", "new", settings, 2, workers, routed);
     assert_eq!(applies(&r.start()), [("w2".to_owned(), "new".to_owned())]);
-    r.handle(ready("w2", "new"));
+    handle(&mut r, ready("w2", "new"));
     let seq = r.seq;
-    r.handle(Event::TableAcked { seq });
-    r.handle(Event::Drained {
-        worker: "w0".into(),
-    });
-    let next = r.handle(Event::Stopped {
-        worker: "w0".into(),
-    });
+    handle(&mut r, Event::TableAcked { seq });
+    handle(
+        &mut r,
+        Event::Drained {
+            worker: "w0".into(),
+        },
+    );
+    let next = handle(
+        &mut r,
+        Event::Stopped {
+            worker: "w0".into(),
+        },
+    );
     let loading: Vec<String> = applies(&next).into_iter().map(|(w, _)| w).collect();
     assert_eq!(loading.len(), 1, "{next:?}");
     // Forced while the second candidate replica loads: it is not stopped.
-    let forced = r.handle(Event::Command(Command::ForceRollForward));
+    let forced = handle(&mut r, Event::Command(Command::ForceRollForward));
     assert_eq!(r.status, Status::Succeeded);
     assert!(
         !forced
@@ -498,7 +563,7 @@ fn force_roll_forward_lets_loading_candidates_finish() {
         "{forced:?}"
     );
     // Once ready it joins the table.
-    r.handle(ready(&loading[0], "new"));
+    handle(&mut r, ready(&loading[0], "new"));
     assert_eq!(r.replicas("new").0, 2);
 }
 
@@ -533,13 +598,19 @@ fn a_kept_deployment_promoted_back_reuses_its_warm_engines_without_a_reload() {
         let mut next = Vec::new();
         for action in &actions {
             next.extend(match action {
-                Action::PushTable { seq, .. } => r.handle(Event::TableAcked { seq: *seq }),
-                Action::Drain { worker } => r.handle(Event::Drained {
-                    worker: worker.clone(),
-                }),
-                Action::Stop { worker } => r.handle(Event::Stopped {
-                    worker: worker.clone(),
-                }),
+                Action::PushTable { seq, .. } => handle(&mut r, Event::TableAcked { seq: *seq }),
+                Action::Drain { worker } => handle(
+                    &mut r,
+                    Event::Drained {
+                        worker: worker.clone(),
+                    },
+                ),
+                Action::Stop { worker } => handle(
+                    &mut r,
+                    Event::Stopped {
+                        worker: worker.clone(),
+                    },
+                ),
                 _ => Vec::new(),
             });
         }
@@ -594,7 +665,7 @@ fn a_candidate_replica_on_a_cordoned_worker_is_replaced_before_it_leaves() {
     assert_eq!(started.len(), 1, "{start:?}");
     assert_ne!(started[0].0, "w1");
     assert!(r.routed.contains_key("w1"));
-    let shifted = r.handle(ready(&started[0].0, "new"));
+    let shifted = handle(&mut r, ready(&started[0].0, "new"));
     // Then it leaves the table before any old replica that is healthy.
     let (_, routes) = tables(&shifted).pop().unwrap();
     let named: Vec<&String> = routes.iter().flat_map(|r| &r.workers).collect();
@@ -609,8 +680,122 @@ fn a_worker_that_runs_a_foreign_deployment_is_a_lost_start_retried_elsewhere() {
     let start = r.start();
     assert_eq!(applies(&start), [("w2".to_owned(), "new".to_owned())]);
     // Another caller got there first.
-    let lost = r.handle(ready("w2", "someone-else"));
+    let lost = handle(&mut r, ready("w2", "someone-else"));
     assert!(!r.is_starting("w2"));
     assert_eq!(applies(&lost), [("w3".to_owned(), "new".to_owned())]);
     assert_eq!(r.status, Status::Releasing, "not a failed candidate");
+}
+
+#[test]
+fn autoscaling_during_a_paused_promotion_adds_at_once_split_by_traffic_capped_by_max() {
+    // 60/40: three old replicas, two candidate ones, ten idle workers.
+    let (mut workers, mut routed) = fleet(5, 10);
+    for id in ["w3", "w4"] {
+        workers.insert(
+            id.into(),
+            Worker {
+                deployment: Some("new".into()),
+                engine: Engine::Ready,
+                eligible: true,
+                evict: false,
+            },
+        );
+        routed.insert(id.into(), "new".into());
+    }
+    let mut r = Rollout::new("old", "new", rolling_surge(), 5, workers, routed);
+    handle(&mut r, Event::Command(Command::Pause));
+    assert_eq!(r.status, Status::Paused);
+    // Ten more replicas of demand: six old, four candidate, now.
+    let scaled = r.autoscale(15, 100);
+    let started = applies(&scaled);
+    let on = |d: &str| started.iter().filter(|(_, x)| x == d).count();
+    assert_eq!((on("old"), on("new")), (6, 4), "{scaled:?}");
+    assert_eq!(r.target, 15);
+    // Each joins the table as soon as it is ready, paused or not.
+    let (worker, deployment) = started[0].clone();
+    let joined = handle(&mut r, ready(&worker, &deployment));
+    assert!(r.routed.contains_key(&worker), "{joined:?}");
+    assert_eq!(r.status, Status::Paused);
+    // Falling demand removes nothing until the end; the maximum caps the
+    // total (fifteen run or start now).
+    assert!(r.autoscale(3, 100).is_empty());
+    assert!(applies(&r.autoscale(40, 15)).is_empty());
+    assert_eq!(r.routed.len() + r.scaling.len(), 15);
+}
+
+#[test]
+fn the_health_gate_judges_each_step_end_and_pauses_when_it_cannot_decide() {
+    let (workers, routed) = fleet(4, 1);
+    let mut r = Rollout::new("old", "new", rolling_surge(), 4, workers, routed);
+    r.start();
+    // Step 1 through to its end, the gate's call unanswered.
+    let mut pending = r.handle(ready("w4", "new"));
+    let mut judged = false;
+    for _ in 0..20 {
+        let mut next = Vec::new();
+        for action in std::mem::take(&mut pending) {
+            next.extend(match action {
+                Action::PushTable { seq, .. } => r.handle(Event::TableAcked { seq }),
+                Action::Drain { worker } => r.handle(Event::Drained { worker }),
+                Action::Stop { worker } => r.handle(Event::Stopped { worker }),
+                Action::JudgeHealth => {
+                    judged = true;
+                    Vec::new()
+                }
+                _ => Vec::new(),
+            });
+        }
+        pending = next;
+    }
+    assert!(judged, "the step's end asks for a verdict");
+    assert_eq!(r.phase, Phase::Judging);
+    assert_eq!(r.step, 1);
+    // Nothing moves until the gate answers; too few requests to judge
+    // pause with the reason.
+    let paused = r.handle(Event::Health(Verdict::Undecided(
+        "new failed 3 of 5 requests".into(),
+    )));
+    assert_eq!(r.status, Status::Paused);
+    assert!(r.reason.contains("health gate undecided"), "{}", r.reason);
+    assert!(applies(&paused).is_empty());
+    // The operator's resume is the verdict: the next step starts.
+    let resumed = r.handle(Event::Command(Command::Resume));
+    assert_eq!(r.status, Status::RampingUp);
+    assert_eq!(r.step, 2);
+    assert_eq!(applies(&resumed).len(), 1, "{resumed:?}");
+}
+
+#[test]
+fn a_health_gate_that_never_answers_pauses_the_promotion_after_its_bound() {
+    let settings = PromotionSettings {
+        max_surge_percent: 100,
+        ..rolling_surge()
+    };
+    let (workers, routed) = fleet(1, 1);
+    let mut r = Rollout::new("old", "new", settings, 1, workers, routed);
+    r.start();
+    r.handle(ready("w1", "new"));
+    r.handle(Event::TableAcked { seq: r.seq });
+    r.handle(Event::Drained {
+        worker: "w0".into(),
+    });
+    let asked = r.handle(Event::Stopped {
+        worker: "w0".into(),
+    });
+    assert!(asked.contains(&Action::JudgeHealth), "{asked:?}");
+    r.handle(Event::Tick { now_ms: 29_000 });
+    assert_eq!(r.status, Status::RampingUp);
+    r.handle(Event::Tick { now_ms: 31_000 });
+    assert_eq!(r.status, Status::Paused);
+    assert!(r.reason.contains("no verdict within 30 s"), "{}", r.reason);
+    // A failing verdict still fails it: no old replica is left, so traffic
+    // ramps back down to a new one before it ends FAILED.
+    r.handle(Event::Health(Verdict::Fail("new failed 50 of 100".into())));
+    assert_eq!(r.status, Status::RampingDown);
+    assert_eq!(
+        r.direction,
+        Direction::Backward {
+            end: Status::Failed
+        }
+    );
 }

@@ -17,7 +17,8 @@
 //! calls answered only by their deadline), brings them back (some
 //! rebooted, empty), crash-loops engines, cordons workers, and restarts the
 //! coordinator from its stored state at random points, losing the answers
-//! it was waiting for, repeats agents' reports, and lets another caller
+//! it was waiting for, repeats agents' reports, leaves the health gate
+//! undecided at some steps' ends (the promotion pauses), and lets another caller
 //! start a foreign deployment on a worker that is idle or starting (a start
 //! that will not come). Like the shell, it stops engines no rollout uses.
 
@@ -31,6 +32,9 @@ use crate::settings::{Cleanup, PromotionSettings};
 /// The old deployment's id.
 const OLD: &str = "old";
 
+/// The endpoint's `max_replicas` for autoscaling.
+const MAX_REPLICAS: u32 = 7;
+
 /// A deployment no rollout here knows (another caller's).
 const FOREIGN: &str = "foreign";
 
@@ -40,6 +44,8 @@ enum Reply {
     Acked(u64),
     Drained(String),
     Stopped(String),
+    /// The health gate's verdict.
+    Judged,
 }
 
 struct Fleet {
@@ -58,6 +64,8 @@ struct Fleet {
     hung: BTreeSet<String>,
     /// Hung hosts the rollout has been told are lost.
     reported_lost: BTreeSet<String>,
+    /// The health gate sometimes cannot decide.
+    undecided_gate: bool,
 }
 
 impl Fleet {
@@ -105,6 +113,7 @@ impl Fleet {
             candidate_fails: false,
             hung: BTreeSet::new(),
             reported_lost: BTreeSet::new(),
+            undecided_gate: world.hostile,
         };
         (fleet, actions)
     }
@@ -163,7 +172,7 @@ impl Fleet {
                     .sum::<usize>()
             };
             assert!(
-                on(routes) <= on(&self.last_table()),
+                on(routes) <= on(&self.last_table()) + step.scaling,
                 "table {seq} moves traffic to the candidate while paused: {:?} -> {routes:?}",
                 self.last_table()
             );
@@ -272,6 +281,7 @@ impl Fleet {
                     events.push(self.report(&worker));
                 }
             }
+            Action::JudgeHealth => self.replies.push(Reply::Judged),
             Action::Record { .. } => {}
         }
         events
@@ -312,6 +322,12 @@ impl Fleet {
             }
             Reply::Drained(worker) => Event::Drained { worker },
             Reply::Stopped(worker) => Event::Stopped { worker },
+            // A hostile world's gate cannot always decide (too little
+            // traffic, no router answered): the promotion pauses.
+            Reply::Judged if self.undecided_gate && index % 2 == 1 => {
+                Event::Health(Verdict::Undecided("too few requests".into()))
+            }
+            Reply::Judged => Event::Health(Verdict::Pass),
         })
     }
 
@@ -324,6 +340,13 @@ impl Fleet {
             assert!(bound < 10_000, "events never settle");
             let paused = self.rollout.status == Status::Paused;
             let step = self.rollout.step;
+            // Autoscaling's candidate replicas join even while paused.
+            let scaling = self
+                .rollout
+                .scaling
+                .values()
+                .filter(|d| **d == self.rollout.to)
+                .count();
             let before = self.rollout.status;
             let actions = self.rollout.handle(event.clone());
             if paused && self.rollout.status == Status::Paused {
@@ -339,6 +362,7 @@ impl Fleet {
                     && !self.rollout.status.is_terminal()
                     && self.rollout.status != Status::RampingDown,
                 pinned: paused && self.rollout.status == Status::Paused,
+                scaling,
             };
             for action in actions {
                 queue.extend(self.perform(action, step));
@@ -521,6 +545,8 @@ struct Step {
     floor: bool,
     /// Paused before and after: the split is pinned.
     pinned: bool,
+    /// Candidate replicas autoscaling started: they may join while paused.
+    scaling: usize,
 }
 
 fn worker(deployment: Option<&str>, engine: Engine) -> Worker {
@@ -611,9 +637,20 @@ fn play(
             }
             fleet.feed(Event::Command(command));
         } else if pick < 6 && fleet.rollout.target < 6 {
-            // Autoscaling during the promotion: only up.
-            let target = fleet.rollout.target + 1;
-            let actions = fleet.rollout.raise_target(target);
+            // Autoscaling during the promotion: only up, at once, never
+            // past the endpoint's maximum.
+            let desired = fleet.rollout.target + 1 + (which % 3) as u32;
+            let r = &fleet.rollout;
+            let running = r.routed.len() + r.starting.len() + r.ready.len() + r.scaling.len();
+            let scaling = r.scaling.len();
+            let actions = fleet.rollout.autoscale(desired, MAX_REPLICAS);
+            // What autoscaling adds (the steps' surge is theirs) keeps the
+            // total within the maximum.
+            let added = fleet.rollout.scaling.len().saturating_sub(scaling);
+            assert!(
+                added == 0 || running + added <= MAX_REPLICAS as usize,
+                "autoscaling added {added} to {running} replicas, above the maximum {MAX_REPLICAS}"
+            );
             fleet.perform_all(actions);
         } else if pick < 14 {
             fleet.now_ms += 700;
