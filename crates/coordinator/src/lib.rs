@@ -5,7 +5,9 @@
 //! - [`settings`]: promotion and scaling settings with the exact bounds of
 //!   DESIGN §4, refused with the field's name and range.
 //! - [`rollout`]: the rollout logic as a pure state machine,
-//!   `(state, event) -> (state, actions)`, tested without I/O.
+//!   `(state, event) -> (state, actions)`, tested without I/O, with the
+//!   pure rules the shell asks: [`health`] (the gate), [`eligibility`]
+//!   (who may host what), [`acks`] (when a table counts as acknowledged).
 //! - [`template`]: a template is checked when it is promoted, not on a
 //!   worker.
 //! - [`state`] and [`store`]: the desired state (endpoints, deployments,
@@ -15,9 +17,11 @@
 //!   with a deadline; [`service`]: the gRPC service in front of it, whose
 //!   refusals are one [`error::CoordinatorError`].
 
+pub mod acks;
 pub mod actor;
 pub mod cli;
 pub mod config;
+pub mod eligibility;
 pub mod error;
 pub mod health;
 pub mod metrics;

@@ -487,52 +487,55 @@ impl Actor {
     /// Tells rollouts which of their tables every router has acknowledged
     /// (or the bound on an unreachable router passed).
     pub(super) fn settle_acks(&mut self, actions: &mut Vec<(String, Action)>) {
-        let acked = self
+        let routers: Vec<(String, crate::acks::Router)> = self
             .state
             .routers
             .values()
-            .map(|r| r.acknowledged_version)
+            .map(|r| {
+                (
+                    r.address.clone(),
+                    crate::acks::Router {
+                        acknowledged: r.acknowledged_version,
+                        // A refusal is an answer: the router still routes
+                        // by an older table (or obeys a newer epoch).
+                        refusing: self
+                            .routers
+                            .get(&r.address)
+                            .is_some_and(|o| o.refused.is_some()),
+                    },
+                )
+            })
+            .collect();
+        let views: Vec<crate::acks::Router> = routers.iter().map(|(_, r)| *r).collect();
+        let acked = views
+            .iter()
+            .map(|r| r.acknowledged)
             .min()
             .unwrap_or(u64::MAX);
-        // Only silence falls under the bound: a router that answers with a
-        // refusal is still routing by an older table, and one fenced by a
-        // newer coordinator's epoch is not ours to overrule.
-        let refusing = |version: u64| {
-            self.state.routers.values().any(|r| {
-                r.acknowledged_version < version
-                    && self
-                        .routers
-                        .get(&r.address)
-                        .is_some_and(|o| o.refused.is_some())
-            })
-        };
         let mut done = Vec::new();
         let mut late = Vec::new();
+        let bound = self.options.router_ack_bound;
+        let pushed_at = &self.pushed_at;
         self.pending.retain(|(version, endpoint, seq)| {
-            if *version <= acked {
-                done.push((endpoint.clone(), *seq));
-                false
-            } else if self
-                .pushed_at
+            let elapsed = pushed_at
                 .get(version)
-                .is_some_and(|at| at.elapsed() >= self.options.router_ack_bound)
-                && !refusing(*version)
-            {
-                late.push((endpoint.clone(), *seq, *version));
-                false
-            } else {
-                true
+                .map_or(Duration::ZERO, Instant::elapsed);
+            match crate::acks::settle(*version, elapsed, bound, &views) {
+                Some(crate::acks::Settled::Acked) => {
+                    done.push((endpoint.clone(), *seq));
+                    false
+                }
+                Some(crate::acks::Settled::Late(missing)) => {
+                    let missing: Vec<String> =
+                        missing.iter().map(|&i| routers[i].0.clone()).collect();
+                    late.push((endpoint.clone(), *seq, *version, missing));
+                    false
+                }
+                None => true,
             }
         });
         self.pushed_at.retain(|version, _| *version > acked);
-        for (endpoint, seq, version) in late {
-            let missing: Vec<String> = self
-                .state
-                .routers
-                .values()
-                .filter(|r| r.acknowledged_version < version)
-                .map(|r| r.address.clone())
-                .collect();
+        for (endpoint, seq, version, missing) in late {
             if let Some(e) = self.state.endpoints.get_mut(&endpoint) {
                 e.record(
                     now_ms(),

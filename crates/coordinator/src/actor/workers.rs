@@ -27,9 +27,11 @@ impl Actor {
                 tracing::warn!(worker = address, reason = record.cordon_reason, "cordoned");
             }
         }
-        let claims = self.claims();
         let names: Vec<String> = self.state.endpoints.keys().cloned().collect();
         for name in names {
+            // The claims as they are now: an endpoint fed before this one
+            // may just have started an engine on a worker.
+            let claims = self.claims();
             let workers = self.rollout_workers(&name, &claims);
             let Some(endpoint) = self.state.endpoints.get(&name) else {
                 continue;
@@ -115,6 +117,12 @@ impl Actor {
             }
         }
         let lost_unseen = self.started.elapsed() >= HEARTBEAT_BOUND;
+        let wanting = self
+            .state
+            .endpoints
+            .get(name)
+            .and_then(|e| e.promotion.as_ref())
+            .map(|p| &p.rollout);
         self.state
             .workers
             .iter()
@@ -137,35 +145,35 @@ impl Actor {
                     .map(|e| e.deployment_id.clone())
                     .filter(|d| !d.is_empty());
                 let engine = match state {
-                    _ if lost => Engine::Unknown,
                     v1::EngineState::Starting => Engine::Starting,
                     v1::EngineState::Ready => Engine::Ready,
                     v1::EngineState::Draining | v1::EngineState::Stopping => Engine::Draining,
                     v1::EngineState::Failed => Engine::Failed,
                     v1::EngineState::Stopped | v1::EngineState::Unspecified => Engine::Idle,
                 };
-                let mine = claims.get(address).is_none_or(|owner| owner == name);
                 let healthy = status.is_none_or(|s| s.gpu_health() != v1::GpuHealth::Unhealthy);
                 let gate_owner = status.and_then(|s| gates.get(s.gate_address.as_str()));
-                let eligible = !lost
-                    && gate_owner.is_some_and(|owner| *owner == address)
-                    && !record.cordoned
-                    && mine
-                    && healthy
-                    && status.is_some_and(|s| selector.matches(s));
+                // A kept engine is the endpoint's warm start when it is
+                // promoted back; to anyone else the worker is free.
+                let spare = deployment.as_ref().is_some_and(|d| {
+                    self.state
+                        .deployments
+                        .get(d)
+                        .is_some_and(|r| r.state == DeploymentState::Kept)
+                        && !wanting.is_some_and(|r| r.wants_warm(d))
+                });
+                let facts = crate::eligibility::Facts {
+                    lost,
+                    cordoned: record.cordoned,
+                    gpu_unhealthy: !healthy,
+                    matches_selector: status.map(|s| selector.matches(s)),
+                    owns_gate: gate_owner.is_some_and(|owner| *owner == address),
+                    claimed_by: claims.get(address).map(String::as_str),
+                    spare,
+                };
                 (
                     address.clone(),
-                    rollout::Worker {
-                        deployment,
-                        engine,
-                        eligible,
-                        // Its replica moves (add first, then drain) when the
-                        // worker is cordoned, its GPU is unhealthy, or it no
-                        // longer matches the endpoint's selector.
-                        evict: record.cordoned
-                            || !healthy
-                            || status.is_some_and(|s| !selector.matches(s)),
-                    },
+                    crate::eligibility::view(name, deployment, engine, &facts),
                 )
             })
             .collect()
@@ -203,14 +211,16 @@ impl Actor {
             // promotion's steps start (a kept one promoted back: no
             // reload); an engine of the active one not in use is one its
             // rollout chose not to adopt.
-            let wanted_warm = engine.state() == v1::EngineState::Ready
-                && deployment.is_some_and(|d| {
-                    self.state
-                        .endpoints
-                        .get(&d.endpoint)
-                        .and_then(|e| e.promotion.as_ref())
-                        .is_some_and(|p| p.rollout.wants_warm(&d.id))
-                });
+            let wanted_warm = matches!(
+                engine.state(),
+                v1::EngineState::Ready | v1::EngineState::Draining
+            ) && deployment.is_some_and(|d| {
+                self.state
+                    .endpoints
+                    .get(&d.endpoint)
+                    .and_then(|e| e.promotion.as_ref())
+                    .is_some_and(|p| p.rollout.wants_warm(&d.id))
+            });
             // `min = max = 0` stops every engine of the endpoint, kept
             // ones included.
             let scaled_to_zero = deployment.is_some_and(|d| {

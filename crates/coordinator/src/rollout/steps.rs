@@ -296,15 +296,31 @@ impl Rollout {
         self.workers.get(worker).is_some_and(|w| w.evict)
     }
 
+    /// Warm engines of `deployment` no part of the rollout uses, on
+    /// eligible workers: ready (a host back from a hang), or drained and
+    /// still running (kept by an earlier promotion's `KEEP`).
+    fn warm_of(&self, deployment: &str) -> Vec<String> {
+        self.unused_of(deployment, &[Engine::Ready, Engine::Draining])
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    }
+
     /// Engines of `deployment`, starting or ready, on eligible workers
     /// that no part of the rollout uses: an engine its agent restarted, a
     /// host that came back.
     fn strays_of(&self, deployment: &str) -> Vec<(String, Engine)> {
+        self.unused_of(deployment, &[Engine::Starting, Engine::Ready])
+    }
+
+    /// Engines of `deployment` in one of `states`, on eligible workers no
+    /// part of the rollout uses.
+    fn unused_of(&self, deployment: &str, states: &[Engine]) -> Vec<(String, Engine)> {
         self.workers
             .iter()
             .filter(|(id, w)| {
                 w.deployment.as_deref() == Some(deployment)
-                    && matches!(w.engine, Engine::Starting | Engine::Ready)
+                    && states.contains(&w.engine)
                     && w.eligible
                     && !w.evict
                     && !self.routed.contains_key(*id)
@@ -573,13 +589,7 @@ impl Rollout {
             // then old replicas in place, at most k at once (the capacity
             // floor). Surge mode updates in place only when no worker is
             // about to free up.
-            let mut fresh: Vec<String> = self
-                .strays_of(new)
-                .into_iter()
-                .filter(|(_, engine)| *engine == Engine::Ready)
-                .map(|(id, _)| id)
-                .take(adds)
-                .collect();
+            let mut fresh: Vec<String> = self.warm_of(new).into_iter().take(adds).collect();
             let more = adds - fresh.len();
             fresh.extend(idle.iter().take(more).cloned());
             let waits_for_free = (self.settings.surge() || self.direction != Direction::Forward)
@@ -647,7 +657,10 @@ impl Rollout {
                 .take(fresh.len().min(surplus))
                 .collect()
         };
-        let warm = fresh.iter().filter(|w| self.is_ready_with(w, new)).count();
+        let warm = fresh
+            .iter()
+            .filter(|w| self.workers.get(*w).and_then(|v| v.deployment.as_deref()) == Some(new))
+            .count();
         out.push(record(
             "step-started",
             format!(
@@ -661,9 +674,11 @@ impl Rollout {
         let fresh_count = fresh.len();
         for worker in fresh {
             if self.is_ready_with(&worker, new) {
-                // Warm: ready now, no `Apply`.
+                // Warm and ready: no `Apply`.
                 self.ready.insert(worker);
             } else {
+                // Idle, or warm and drained: the agent takes an `Apply` of
+                // the deployment it runs as an undrain (no reload).
                 self.starting.insert(worker.clone());
                 out.push(Action::Apply {
                     worker,

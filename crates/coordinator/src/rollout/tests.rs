@@ -1,4 +1,7 @@
-//! Scenarios, then random interleavings against a simulated fleet.
+//! Scenarios, then random interleavings against a simulated fleet: one
+//! endpoint in a hostile world, then several endpoints behind several
+//! routers.
 
+mod fleet;
 mod scenarios;
 mod simulation;

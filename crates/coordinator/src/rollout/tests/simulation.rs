@@ -89,9 +89,15 @@ impl Fleet {
             routed.insert(id, OLD.to_owned());
         }
         for i in serving..serving + idle {
-            // Warm: the candidate's engines kept from an earlier promotion.
+            // Warm: the candidate's engines kept from an earlier promotion
+            // (drained and running), or back from a hang (ready).
             let w = if i < serving + world.warm {
-                worker(Some("new"), Engine::Ready)
+                let engine = if i % 2 == 0 {
+                    Engine::Draining
+                } else {
+                    Engine::Ready
+                };
+                worker(Some("new"), engine)
             } else {
                 worker(None, Engine::Idle)
             };
@@ -266,10 +272,24 @@ impl Fleet {
                 // A hung host never hears it (the shell's call runs out).
                 if !self.hung.contains(&worker) {
                     let w = self.workers.get_mut(&worker).expect("a known worker");
-                    w.engine = Engine::Starting;
-                    w.deployment = Some(deployment);
-                    events.push(self.report(&worker));
-                    self.replies.push(Reply::Ready(worker));
+                    if w.deployment.as_ref() == Some(&deployment)
+                        && matches!(
+                            w.engine,
+                            Engine::Starting | Engine::Ready | Engine::Draining
+                        )
+                    {
+                        // The agent's answer to its own deployment: already
+                        // applied (a drained engine takes requests again).
+                        if w.engine == Engine::Draining {
+                            w.engine = Engine::Ready;
+                            events.push(self.report(&worker));
+                        }
+                    } else {
+                        w.engine = Engine::Starting;
+                        w.deployment = Some(deployment);
+                        events.push(self.report(&worker));
+                        self.replies.push(Reply::Ready(worker));
+                    }
                 }
             }
             Action::Undrain { worker } => {
@@ -505,7 +525,7 @@ impl Fleet {
             .then(|| self.rollout.from.clone());
         // Warm engines of the deployment the steps start wait for them.
         let warm = |w: &Worker| {
-            w.engine == Engine::Ready
+            matches!(w.engine, Engine::Ready | Engine::Draining)
                 && w.deployment
                     .as_deref()
                     .is_some_and(|d| self.rollout.wants_warm(d))
@@ -558,7 +578,7 @@ fn worker(deployment: Option<&str>, engine: Engine) -> Worker {
     }
 }
 
-fn settings_strategy() -> impl Strategy<Value = PromotionSettings> {
+pub(super) fn settings_strategy() -> impl Strategy<Value = PromotionSettings> {
     (
         any::<bool>(),
         any::<bool>(),
