@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
@@ -1395,4 +1396,108 @@ async fn an_api_key_in_vllm_args_is_probed_with_and_never_shown() {
         assert!(!text.contains("sk-e2e-secret"), "{text}");
         assert!(text.contains("<redacted>"), "{text}");
     }
+}
+
+/// Engines of `deployment` on the fleet's workers: control address →
+/// (pid, state).
+async fn engines_of(fleet: &Fleet, deployment: &str) -> BTreeMap<String, (u32, v1::EngineState)> {
+    fleet
+        .client()
+        .await
+        .list_workers(v1::ListWorkersRequest {
+            endpoint: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .workers
+        .into_iter()
+        .filter_map(|w| {
+            let engine = w.status?.engine?;
+            (engine.deployment_id == deployment && engine.pid != 0)
+                .then(|| (w.control_address, (engine.pid, engine.state())))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_deployment_promoted_back_serves_again_without_a_reload() {
+    let fleet = start_fleet(4);
+    let keep = v1::PromotionSettingsUpdate {
+        promotion_cleanup_strategy: Some(v1::CleanupStrategy::Keep as i32),
+        ..rolling(50, 0, 0)
+    };
+    let v1_id = create_chat(&fleet, keep).await;
+    let promoted = promote_v2(&fleet).await;
+    ended(&fleet, &promoted.promotion_id).await;
+    // v1's two engines stay, drained and running, out of the table.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let kept = loop {
+        let engines = engines_of(&fleet, &v1_id).await;
+        if engines.len() == 2
+            && engines
+                .values()
+                .all(|(_, state)| *state == v1::EngineState::Draining)
+        {
+            break engines;
+        }
+        if Instant::now() >= deadline {
+            let (endpoint, _) = fleet.wait_endpoint("", Duration::ZERO, |_| true).await;
+            panic!(
+                "v1's engines not kept warm: {engines:?}; {:#?}",
+                endpoint.events
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Promoting v1 back takes those engines: the same processes serve.
+    let mut client = fleet.client().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let back = loop {
+        match client
+            .promote(v1::PromoteRequest {
+                endpoint: "chat".into(),
+                target: Some(v1::promote_request::Target::DeploymentId(v1_id.clone())),
+                settings: None,
+            })
+            .await
+        {
+            Ok(answer) => break answer.into_inner(),
+            Err(e) if e.code() == tonic::Code::FailedPrecondition && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("rollback: {e}"),
+        }
+    };
+    let done = ended(&fleet, &back.promotion_id).await;
+    assert_eq!(done.status(), v1::PromotionStatus::Succeeded);
+    let serving = engines_of(&fleet, &v1_id).await;
+    let pids = |m: &BTreeMap<String, (u32, v1::EngineState)>| -> BTreeSet<u32> {
+        m.values().map(|(pid, _)| *pid).collect()
+    };
+    assert_eq!(
+        pids(&serving),
+        pids(&kept),
+        "v1 reloaded: {kept:?} -> {serving:?}"
+    );
+    assert!(
+        serving
+            .values()
+            .all(|(_, state)| *state == v1::EngineState::Ready),
+        "{serving:?}"
+    );
+    let (endpoint, _) = fleet
+        .wait_endpoint("v1 serving", Duration::from_secs(10), |e| {
+            e.active_deployment.as_ref().is_some_and(|d| d.id == v1_id)
+        })
+        .await;
+    assert!(
+        endpoint
+            .events
+            .iter()
+            .any(|e| e.message.contains("2 warm, no reload")
+                || e.message.contains("1 warm, no reload")),
+        "{:?}",
+        endpoint.events
+    );
 }

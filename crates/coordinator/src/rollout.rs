@@ -493,8 +493,10 @@ impl Rollout {
         }
     }
 
-    /// Starts the promotion: the first actions.
-    pub fn start(&mut self) -> Vec<Action> {
+    /// Starts the promotion at `now_ms` (the clock its deadlines count
+    /// from): the first actions.
+    pub fn start(&mut self, now_ms: u64) -> Vec<Action> {
+        self.now_ms = self.now_ms.max(now_ms);
         let mut out = vec![record(
             "promotion-started",
             format!(
@@ -650,11 +652,15 @@ impl Rollout {
         out
     }
 
-    /// A ready engine of `deployment` that no step uses yet is worth
+    /// A warm engine of `deployment` that no step uses yet is worth
     /// keeping: the steps under way start that deployment and take warm
     /// engines first (no reload).
     pub fn wants_warm(&self, deployment: &str) -> bool {
-        !self.status.is_terminal() && deployment == self.new_deployment()
+        !self.status.is_terminal()
+            && (deployment == self.new_deployment()
+                // Its old replicas drained and kept (cleanup `KEEP`): the
+                // warm start of a cancel, kept after the end.
+                || (deployment == self.from && self.settings.cleanup == Cleanup::Keep))
     }
 
     /// `worker` was asked to start an engine for this rollout and has not

@@ -457,6 +457,7 @@ impl Actor {
                     min_requests: r.settings.health_gate_min_requests,
                 };
                 let verdict = crate::health::judge(gate, &r.to, &r.from, &by_deployment, routers);
+                tracing::debug!(endpoint, ?verdict, ?by_deployment, "health gate");
                 self.feed(&endpoint, Event::Health(verdict), actions);
             }
             Internal::RouterBehind { address } => {

@@ -347,7 +347,7 @@ impl Actor {
         // N: the replicas serving now, at least the minimum.
         let target = ready_old.max(endpoint.scaling.min_replicas);
         let mut rollout = Rollout::new(&from, &deployment_id, settings, target, workers, routed);
-        let first = rollout.start();
+        let first = rollout.start(now_ms());
         endpoint.candidate = Some(deployment_id.clone());
         endpoint.promotion = Some(Promotion {
             id: promotion_id.clone(),

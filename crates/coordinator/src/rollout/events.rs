@@ -90,12 +90,7 @@ impl Rollout {
             // shell stops engines no deployment owns. (The old deployment
             // there is a report from before the `Apply`: an in-place worker
             // still draining.)
-            Engine::Starting | Engine::Ready
-                if worker
-                    .deployment
-                    .as_deref()
-                    .is_some_and(|d| d != self.from && d != self.to) =>
-            {
+            Engine::Starting | Engine::Ready if self.is_foreign(worker) => {
                 // Not barred: once that engine is stopped, the worker is
                 // idle again.
                 self.starting.remove(id);
@@ -130,6 +125,14 @@ impl Rollout {
         }
     }
 
+    /// `worker` runs a deployment that is neither side of this promotion.
+    fn is_foreign(&self, worker: &Worker) -> bool {
+        worker
+            .deployment
+            .as_deref()
+            .is_some_and(|d| d != self.from && d != self.to)
+    }
+
     /// A replica autoscaling added: in the table as soon as it is ready.
     fn observe_scaling(
         &mut self,
@@ -154,7 +157,10 @@ impl Rollout {
                     format!("{id} failed to start {deployment}"),
                 ));
             }
-            Engine::Starting | Engine::Ready if worker.deployment.is_some() && !with_it => {
+            // As for a step's start: only a deployment foreign to this
+            // promotion is a lost start (the old one there is a report from
+            // before the `Apply`).
+            Engine::Starting | Engine::Ready if self.is_foreign(worker) => {
                 self.scaling.remove(id);
                 out.push(record(
                     "start-lost",
@@ -335,7 +341,6 @@ impl Rollout {
             .iter()
             .filter(|(id, r)| {
                 matches!(r.stage, Leaving::AwaitAck(_) | Leaving::Draining)
-                    && !r.keep_running
                     && self.workers.get(*id).and_then(|w| w.deployment.as_deref())
                         == Some(self.from.as_str())
             })

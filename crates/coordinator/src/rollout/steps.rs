@@ -54,10 +54,40 @@ impl Rollout {
         u32::try_from(self.routed.values().filter(|d| *d == deployment).count()).unwrap_or(u32::MAX)
     }
 
+    /// Cleanup `KEEP` on the way to the candidate: an old replica that
+    /// leaves the table drains and keeps running, warm (but not on a
+    /// cordoned or unhealthy worker, which is freed).
+    pub(super) fn keeps_after_drain(&self, worker: &str) -> bool {
+        self.settings.cleanup == Cleanup::Keep
+            && !self.is_backward()
+            && !self.is_evicted(worker)
+            && self
+                .workers
+                .get(worker)
+                .and_then(|w| w.deployment.as_deref())
+                == Some(self.from.as_str())
+    }
+
+    /// An engine of the old deployment on a worker no step uses (drained
+    /// and kept warm by cleanup `KEEP`, or back from a host that hung): on
+    /// the way to the candidate, it may be replaced when no worker is idle
+    /// (an `Apply` replaces the engine).
+    fn is_spare(&self, id: &str) -> bool {
+        !self.is_backward()
+            && !self.is_first()
+            && self.workers.get(id).is_some_and(|w| {
+                w.eligible
+                    && !w.evict
+                    && matches!(w.engine, Engine::Ready | Engine::Draining)
+                    && w.deployment.as_deref() == Some(self.from.as_str())
+            })
+    }
+
     pub(super) fn is_idle(&self, id: &str) -> bool {
-        self.workers.get(id).is_some_and(|w| {
+        (self.workers.get(id).is_some_and(|w| {
             w.eligible && !w.evict && matches!(w.engine, Engine::Idle | Engine::Failed)
-        }) && !self.routed.contains_key(id)
+        }) || self.is_spare(id))
+            && !self.routed.contains_key(id)
             && !self.starting.contains(id)
             && !self.ready.contains(id)
             && !self.scaling.contains_key(id)
@@ -65,12 +95,17 @@ impl Rollout {
             && !self.failed.contains(id)
     }
 
+    /// Idle workers, the free ones first, then those holding a kept
+    /// engine.
     pub(super) fn idle_workers(&self) -> Vec<String> {
-        self.workers
+        let mut idle: Vec<String> = self
+            .workers
             .keys()
             .filter(|id| self.is_idle(id))
             .cloned()
-            .collect()
+            .collect();
+        idle.sort_by_key(|id| self.is_spare(id));
+        idle
     }
 
     pub(super) fn push_table(&mut self, out: &mut Vec<Action>) {
@@ -727,12 +762,13 @@ impl Rollout {
         }
         self.push_table(out);
         for worker in removes {
+            let keep_running = self.keeps_after_drain(&worker);
             self.leaving.insert(
                 worker,
                 Retirement {
                     stage: Leaving::AwaitAck(self.seq),
                     then_start: false,
-                    keep_running: false,
+                    keep_running,
                 },
             );
         }

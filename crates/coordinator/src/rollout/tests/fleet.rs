@@ -170,7 +170,7 @@ impl World {
                 .rollouts
                 .get_mut(endpoint)
                 .expect("an endpoint")
-                .start();
+                .start(0);
             world.claim(endpoint, &actions);
             world.perform_all(endpoint, actions);
         }

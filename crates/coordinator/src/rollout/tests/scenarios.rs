@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::super::*;
+use crate::settings::Cleanup;
 
 fn fleet(replicas: usize, idle: usize) -> (BTreeMap<String, Worker>, BTreeMap<String, String>) {
     let mut workers = BTreeMap::new();
@@ -115,7 +116,7 @@ fn rolling_surge() -> PromotionSettings {
 fn a_surge_step_starts_on_an_idle_worker_shifts_then_drains_after_the_ack() {
     let (workers, routed) = fleet(4, 1);
     let mut r = Rollout::new("old", "new", rolling_surge(), 4, workers, routed);
-    let start = r.start();
+    let start = r.start(0);
     assert_eq!(applies(&start), [("w4".to_owned(), "new".to_owned())]);
     assert_eq!(r.status, Status::Releasing);
     assert_eq!(r.phase, Phase::WaitingReady);
@@ -164,7 +165,7 @@ fn a_surge_step_starts_on_an_idle_worker_shifts_then_drains_after_the_ack() {
 fn unavailable_mode_updates_in_place_behind_the_table() {
     let (workers, routed) = fleet(4, 0);
     let mut r = Rollout::new("old", "new", unavailable_half(), 4, workers, routed);
-    let start = r.start();
+    let start = r.start(0);
     // Two old replicas out of the table first, one table each; nothing
     // drains yet.
     let pushed = tables(&start);
@@ -204,7 +205,7 @@ fn not_rolling_switches_all_traffic_at_once_when_every_candidate_is_ready() {
         workers,
         routed,
     );
-    let start = r.start();
+    let start = r.start(0);
     assert_eq!(applies(&start).len(), 2);
     assert!(tables(&handle(&mut r, ready("w2", "new"))).is_empty());
     let switched = handle(&mut r, ready("w3", "new"));
@@ -248,7 +249,7 @@ fn not_rolling_switches_all_traffic_at_once_when_every_candidate_is_ready() {
 fn pause_lets_starts_finish_but_pins_the_split_until_resume() {
     let (workers, routed) = fleet(4, 1);
     let mut r = Rollout::new("old", "new", rolling_surge(), 4, workers, routed);
-    r.start();
+    r.start(0);
     handle(&mut r, Event::Command(Command::Pause));
     assert_eq!(r.status, Status::Paused);
     // The start under way finishes, but no traffic moves (Baseten's pause).
@@ -282,7 +283,7 @@ fn pause_lets_starts_finish_but_pins_the_split_until_resume() {
 fn a_failed_candidate_fails_the_promotion_with_traffic_on_the_old_deployment() {
     let (workers, routed) = fleet(2, 1);
     let mut r = Rollout::new("old", "new", rolling_surge(), 2, workers, routed);
-    r.start();
+    r.start(0);
     let failed = handle(&mut r, failed("w2", "new"));
     assert_eq!(r.status, Status::Failed);
     assert_eq!(r.percent_to_candidate(), 0);
@@ -322,7 +323,7 @@ fn a_failed_candidate_fails_the_promotion_with_traffic_on_the_old_deployment() {
 fn force_roll_forward_puts_all_traffic_on_a_ready_candidate_at_once() {
     let (workers, routed) = fleet(4, 1);
     let mut r = Rollout::new("old", "new", rolling_surge(), 4, workers, routed);
-    r.start();
+    r.start(0);
     let shifted = handle(&mut r, ready("w4", "new"));
     let (seq, _) = tables(&shifted)[0].clone();
     handle(&mut r, Event::TableAcked { seq });
@@ -350,7 +351,7 @@ fn succeeded() -> Rollout {
         workers,
         routed,
     );
-    r.start();
+    r.start(0);
     handle(&mut r, ready("w2", "new"));
     let switched = handle(&mut r, ready("w3", "new"));
     let (seq, _) = tables(&switched)[0].clone();
@@ -429,7 +430,7 @@ fn lost(worker: &str) -> Event {
 fn a_lost_worker_leaves_the_table_undrained_and_its_start_moves_elsewhere() {
     let (workers, routed) = fleet(3, 2);
     let mut r = Rollout::new("old", "new", rolling_surge(), 3, workers, routed);
-    let start = r.start();
+    let start = r.start(0);
     assert_eq!(applies(&start), [("w3".to_owned(), "new".to_owned())]);
 
     // The host starting the candidate hangs: not a failed candidate; the
@@ -470,14 +471,14 @@ fn a_first_deployment_canceled_or_failed_ends_at_once() {
     };
 
     let mut r = first(workers.clone());
-    assert_eq!(applies(&r.start()).len(), 2);
+    assert_eq!(applies(&r.start(0)).len(), 2);
     let canceled = handle(&mut r, Event::Command(Command::Cancel));
     assert_eq!(r.status, Status::Canceled);
     // Both loading replicas stop; nothing else is started.
     assert!(applies(&canceled).is_empty(), "{canceled:?}");
 
     let mut r = first(workers);
-    r.start();
+    r.start(0);
     let failed = handle(&mut r, failed("w0", "new"));
     assert_eq!(r.status, Status::Failed);
     assert!(applies(&failed).is_empty(), "{failed:?}");
@@ -488,7 +489,7 @@ fn a_first_deployment_canceled_or_failed_ends_at_once() {
 fn cancel_returns_draining_old_replicas_to_service_without_a_reload() {
     let (workers, routed) = fleet(4, 0);
     let mut r = Rollout::new("old", "new", unavailable_half(), 4, workers, routed);
-    let start = r.start();
+    let start = r.start(0);
     let (seq, _) = tables(&start).last().cloned().unwrap();
     assert_eq!(
         drains(&handle(&mut r, Event::TableAcked { seq })),
@@ -535,7 +536,7 @@ fn force_roll_forward_lets_loading_candidates_finish() {
         ..rolling_surge()
     };
     let mut r = Rollout::new("old", "new", settings, 2, workers, routed);
-    assert_eq!(applies(&r.start()), [("w2".to_owned(), "new".to_owned())]);
+    assert_eq!(applies(&r.start(0)), [("w2".to_owned(), "new".to_owned())]);
     handle(&mut r, ready("w2", "new"));
     let seq = r.seq;
     handle(&mut r, Event::TableAcked { seq });
@@ -590,7 +591,7 @@ fn a_kept_deployment_promoted_back_reuses_its_warm_engines_without_a_reload() {
     };
     let mut r = Rollout::new("old", "new", surge, 2, workers, routed);
     assert!(r.wants_warm("new") && !r.wants_warm("old"));
-    let mut actions = r.start();
+    let mut actions = r.start(0);
     // Each step takes a warm engine at once: the table changes with no
     // `Apply` at all, through to the end.
     for _ in 0..20 {
@@ -658,7 +659,7 @@ fn a_candidate_replica_on_a_cordoned_worker_is_replaced_before_it_leaves() {
         ]
         .into(),
     );
-    let start = r.start();
+    let start = r.start(0);
     // A new replica for the cordoned one starts on an idle worker; the
     // cordoned replica is still routed meanwhile (add first).
     let started = applies(&start);
@@ -677,7 +678,7 @@ fn a_candidate_replica_on_a_cordoned_worker_is_replaced_before_it_leaves() {
 fn a_worker_that_runs_a_foreign_deployment_is_a_lost_start_retried_elsewhere() {
     let (workers, routed) = fleet(2, 2);
     let mut r = Rollout::new("old", "new", rolling_surge(), 2, workers, routed);
-    let start = r.start();
+    let start = r.start(0);
     assert_eq!(applies(&start), [("w2".to_owned(), "new".to_owned())]);
     // Another caller got there first.
     let lost = handle(&mut r, ready("w2", "someone-else"));
@@ -727,7 +728,7 @@ fn autoscaling_during_a_paused_promotion_adds_at_once_split_by_traffic_capped_by
 fn the_health_gate_judges_each_step_end_and_pauses_when_it_cannot_decide() {
     let (workers, routed) = fleet(4, 1);
     let mut r = Rollout::new("old", "new", rolling_surge(), 4, workers, routed);
-    r.start();
+    r.start(0);
     // Step 1 through to its end, the gate's call unanswered.
     let mut pending = r.handle(ready("w4", "new"));
     let mut judged = false;
@@ -773,7 +774,7 @@ fn a_health_gate_that_never_answers_pauses_the_promotion_after_its_bound() {
     };
     let (workers, routed) = fleet(1, 1);
     let mut r = Rollout::new("old", "new", settings, 1, workers, routed);
-    r.start();
+    r.start(0);
     r.handle(ready("w1", "new"));
     r.handle(Event::TableAcked { seq: r.seq });
     r.handle(Event::Drained {
@@ -798,4 +799,81 @@ fn a_health_gate_that_never_answers_pauses_the_promotion_after_its_bound() {
             end: Status::Failed
         }
     );
+}
+
+#[test]
+fn a_warm_rollback_with_keep_runs_on_the_wall_clock_without_a_pause() {
+    // v3 serves on a and b; v1's engines are kept, drained, on c and d.
+    let mut workers = BTreeMap::new();
+    let mut routed = BTreeMap::new();
+    for (id, deployment, engine) in [
+        ("a", "v3", Engine::Ready),
+        ("b", "v3", Engine::Ready),
+        ("c", "v1", Engine::Draining),
+        ("d", "v1", Engine::Draining),
+    ] {
+        workers.insert(
+            id.to_owned(),
+            Worker {
+                deployment: Some(deployment.into()),
+                engine,
+                eligible: true,
+                evict: false,
+            },
+        );
+        if deployment == "v3" {
+            routed.insert(id.to_owned(), "v3".to_owned());
+        }
+    }
+    let settings = PromotionSettings {
+        rolling_deploy: true,
+        max_surge_percent: 50,
+        cleanup: Cleanup::Keep,
+        ..PromotionSettings::default()
+    };
+    let mut r = Rollout::new("v3", "v1", settings, 2, workers, routed);
+    // The wall clock: the gate's deadline counts from it, not from zero
+    // (a warm step reaches its gate before the first tick).
+    let now = 1_800_000_000_000;
+    let mut actions = r.start(now);
+    let mut applied = Vec::new();
+    for i in 1..=20 {
+        let mut next = Vec::new();
+        for action in &actions {
+            next.extend(match action {
+                Action::PushTable { seq, .. } => r.handle(Event::TableAcked { seq: *seq }),
+                Action::Drain { worker } => {
+                    let mut w = r.workers[worker].clone();
+                    w.engine = Engine::Draining;
+                    let mut out = r.handle(Event::Worker {
+                        id: worker.clone(),
+                        worker: w,
+                    });
+                    out.extend(r.handle(Event::Drained {
+                        worker: worker.clone(),
+                    }));
+                    out
+                }
+                Action::Apply { worker, deployment } => {
+                    applied.push(worker.clone());
+                    // The agent undrains its own deployment's engine.
+                    r.handle(ready(worker, deployment))
+                }
+                Action::JudgeHealth => r.handle(Event::Health(Verdict::Pass)),
+                _ => Vec::new(),
+            });
+        }
+        next.extend(r.handle(Event::Tick {
+            now_ms: now + i * 1000,
+        }));
+        assert_ne!(r.status, Status::Paused, "{}", r.reason);
+        actions = next;
+    }
+    assert_eq!(r.status, Status::Succeeded);
+    assert_eq!(r.routes()[0].workers, ["c", "d"]);
+    // v3's replicas left the table and were kept, drained, not stopped.
+    assert!(r.is_settled());
+    // Only the kept engines were asked for v1 (an undrain, no reload).
+    applied.sort();
+    assert_eq!(applied, ["c", "d"]);
 }

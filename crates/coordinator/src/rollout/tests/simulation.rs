@@ -108,7 +108,7 @@ impl Fleet {
         let mut rollout = Rollout::new(from, "new", settings, target, workers.clone(), routed);
         let mut tables = BTreeMap::new();
         tables.insert(0, rollout.routes());
-        let actions = rollout.start();
+        let actions = rollout.start(0);
         let fleet = Self {
             rollout,
             workers,
