@@ -2,6 +2,8 @@
 //! endpoint in a hostile world, then several endpoints behind several
 //! routers.
 
+mod during;
 mod fleet;
 mod scenarios;
 mod simulation;
+mod support;

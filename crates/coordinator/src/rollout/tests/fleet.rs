@@ -25,7 +25,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::super::*;
-use super::simulation::settings_strategy;
+use super::support::settings_strategy;
 use crate::acks::{self, Settled};
 use crate::eligibility::{self, Facts};
 use crate::settings::{Cleanup, PromotionSettings};

@@ -27,6 +27,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 
 use super::super::*;
+use super::support::{settings_strategy, worker};
 use crate::settings::{Cleanup, PromotionSettings};
 
 /// The old deployment's id.
@@ -567,41 +568,6 @@ struct Step {
     pinned: bool,
     /// Candidate replicas autoscaling started: they may join while paused.
     scaling: usize,
-}
-
-fn worker(deployment: Option<&str>, engine: Engine) -> Worker {
-    Worker {
-        deployment: deployment.map(str::to_owned),
-        engine,
-        eligible: true,
-        evict: false,
-    }
-}
-
-pub(super) fn settings_strategy() -> impl Strategy<Value = PromotionSettings> {
-    (
-        any::<bool>(),
-        any::<bool>(),
-        1u32..=50,
-        0u32..=100,
-        0u32..=2,
-        0u8..3,
-    )
-        .prop_map(
-            |(rolling, surge, percent, overhead, stabilization, cleanup)| PromotionSettings {
-                rolling_deploy: rolling,
-                max_surge_percent: if surge { percent } else { 0 },
-                max_unavailable_percent: if surge { 0 } else { percent },
-                replica_overhead_percent: overhead,
-                stabilization_time_seconds: stabilization,
-                cleanup: match cleanup {
-                    0 => Cleanup::ScaleToZero,
-                    1 => Cleanup::Keep,
-                    _ => Cleanup::Deactivate,
-                },
-                ..PromotionSettings::default()
-            },
-        )
 }
 
 /// What a run may do besides answering and ticking.
