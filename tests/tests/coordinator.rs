@@ -145,6 +145,19 @@ impl Fleet {
             .unwrap()
     }
 
+    /// Every worker the coordinator knows.
+    async fn workers(&self) -> Vec<v1::Worker> {
+        self.client()
+            .await
+            .list_workers(v1::ListWorkersRequest {
+                endpoint: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .workers
+    }
+
     /// Polls the endpoint until `check` holds; returns every promotion
     /// percentage seen on the way.
     async fn wait_endpoint(
@@ -278,6 +291,29 @@ async fn promote(fleet: &Fleet, model: &str) -> v1::PromoteResponse {
     }
 }
 
+/// Promotes the kept deployment `id` back (a rollback), waiting while the
+/// last promotion still retires replicas.
+async fn promote_back(fleet: &Fleet, id: &str) -> v1::PromoteResponse {
+    let mut client = fleet.client().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match client
+            .promote(v1::PromoteRequest {
+                endpoint: "chat".into(),
+                target: Some(v1::promote_request::Target::DeploymentId(id.to_owned())),
+                settings: None,
+            })
+            .await
+        {
+            Ok(answer) => return answer.into_inner(),
+            Err(e) if e.code() == tonic::Code::FailedPrecondition && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("rollback to {id}: {e}"),
+        }
+    }
+}
+
 fn template(model: &str) -> v1::Template {
     v1::Template {
         runtime: v1::EngineRuntime::Process as i32,
@@ -387,24 +423,7 @@ async fn a_rolling_surge_promotion_under_load_fails_no_request() {
         .into_inner();
     let first = watch.message().await.unwrap().unwrap();
     assert_eq!(first.active_deployment.unwrap().id, promoted.deployment_id);
-    let mut client = fleet.client().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let back = loop {
-        match client
-            .promote(v1::PromoteRequest {
-                endpoint: "chat".into(),
-                target: Some(v1::promote_request::Target::DeploymentId(v1_id.clone())),
-                settings: None,
-            })
-            .await
-        {
-            Ok(answer) => break answer.into_inner(),
-            Err(e) if e.code() == tonic::Code::FailedPrecondition && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("rollback: {e}"),
-        }
-    };
+    let back = promote_back(&fleet, &v1_id).await;
     assert_eq!(back.deployment_id, v1_id);
     assert!(back.promotion.as_ref().unwrap().rollback);
     let watched = tokio::time::timeout(Duration::from_secs(60), async {
@@ -670,16 +689,7 @@ async fn a_candidate_that_answers_errors_fails_its_health_gate() {
     at_half(&fleet).await;
 
     // The candidate's engine starts answering 500.
-    let workers = fleet
-        .client()
-        .await
-        .list_workers(v1::ListWorkersRequest {
-            endpoint: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .workers;
+    let workers = fleet.workers().await;
     let candidate = workers
         .iter()
         .find(|w| w.assigned_deployment_id == promoted.deployment_id)
@@ -817,14 +827,7 @@ async fn a_cordoned_worker_is_replaced_before_it_drains() {
     let address = victim.control_address.clone();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let workers = client
-            .list_workers(v1::ListWorkersRequest {
-                endpoint: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .workers;
+        let workers = fleet.workers().await;
         let moved = workers
             .iter()
             .find(|w| w.control_address == address)
@@ -1402,15 +1405,8 @@ async fn an_api_key_in_vllm_args_is_probed_with_and_never_shown() {
 /// (pid, state).
 async fn engines_of(fleet: &Fleet, deployment: &str) -> BTreeMap<String, (u32, v1::EngineState)> {
     fleet
-        .client()
+        .workers()
         .await
-        .list_workers(v1::ListWorkersRequest {
-            endpoint: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .workers
         .into_iter()
         .filter_map(|w| {
             let engine = w.status?.engine?;
@@ -1451,24 +1447,7 @@ async fn a_kept_deployment_promoted_back_serves_again_without_a_reload() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     // Promoting v1 back takes those engines: the same processes serve.
-    let mut client = fleet.client().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let back = loop {
-        match client
-            .promote(v1::PromoteRequest {
-                endpoint: "chat".into(),
-                target: Some(v1::promote_request::Target::DeploymentId(v1_id.clone())),
-                settings: None,
-            })
-            .await
-        {
-            Ok(answer) => break answer.into_inner(),
-            Err(e) if e.code() == tonic::Code::FailedPrecondition && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("rollback: {e}"),
-        }
-    };
+    let back = promote_back(&fleet, &v1_id).await;
     let done = ended(&fleet, &back.promotion_id).await;
     assert_eq!(done.status(), v1::PromotionStatus::Succeeded);
     let serving = engines_of(&fleet, &v1_id).await;

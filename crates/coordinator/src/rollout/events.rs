@@ -17,16 +17,7 @@ impl Rollout {
     /// Compares every worker in the table, starting or ready with what its
     /// agent reports now, and corrects the plan where they differ.
     pub(super) fn observe(&mut self, out: &mut Vec<Action>) {
-        let used: BTreeSet<String> = self
-            .routed
-            .keys()
-            .chain(&self.starting)
-            .chain(&self.ready)
-            .chain(self.scaling.keys())
-            .chain(self.leaving.keys())
-            .cloned()
-            .collect();
-        for id in used {
+        for id in self.claimed() {
             let Some(worker) = self.workers.get(&id).cloned() else {
                 continue;
             };

@@ -14,15 +14,7 @@ fn a_kept_deployment_promoted_back_reuses_its_warm_engines_without_a_reload() {
     // of an earlier promotion away from it).
     let (mut workers, routed) = fleet(2, 2);
     for id in ["w2", "w3"] {
-        workers.insert(
-            id.into(),
-            Worker {
-                deployment: Some("new".into()),
-                engine: Engine::Ready,
-                eligible: true,
-                evict: false,
-            },
-        );
+        workers.insert(id.into(), worker(Some("new"), Engine::Ready));
     }
     let surge = PromotionSettings {
         rolling_deploy: true,
@@ -132,15 +124,7 @@ fn autoscaling_during_a_paused_promotion_adds_at_once_split_by_traffic_capped_by
     // 60/40: three old replicas, two candidate ones, ten idle workers.
     let (mut workers, mut routed) = fleet(5, 10);
     for id in ["w3", "w4"] {
-        workers.insert(
-            id.into(),
-            Worker {
-                deployment: Some("new".into()),
-                engine: Engine::Ready,
-                eligible: true,
-                evict: false,
-            },
-        );
+        workers.insert(id.into(), worker(Some("new"), Engine::Ready));
         routed.insert(id.into(), "new".into());
     }
     let mut r = Rollout::new("old", "new", rolling_surge(), 5, workers, routed);

@@ -158,18 +158,7 @@ fn pause_lets_starts_finish_but_pins_the_split_until_resume() {
     assert_eq!(r.percent_to_candidate(), 25);
     let acked = handle(&mut r, Event::TableAcked { seq });
     assert_eq!(drains(&acked), ["w0"]);
-    handle(
-        &mut r,
-        Event::Drained {
-            worker: "w0".into(),
-        },
-    );
-    let next = handle(
-        &mut r,
-        Event::Stopped {
-            worker: "w0".into(),
-        },
-    );
+    let next = drained_and_stopped(&mut r, "w0");
     assert_eq!(applies(&next), [("w0".to_owned(), "new".to_owned())]);
 }
 
@@ -434,18 +423,7 @@ fn force_roll_forward_lets_loading_candidates_finish() {
     handle(&mut r, ready("w2", "new"));
     let seq = r.seq;
     handle(&mut r, Event::TableAcked { seq });
-    handle(
-        &mut r,
-        Event::Drained {
-            worker: "w0".into(),
-        },
-    );
-    let next = handle(
-        &mut r,
-        Event::Stopped {
-            worker: "w0".into(),
-        },
-    );
+    let next = drained_and_stopped(&mut r, "w0");
     let loading: Vec<String> = applies(&next).into_iter().map(|(w, _)| w).collect();
     assert_eq!(loading.len(), 1, "{next:?}");
     // Forced while the second candidate replica loads: it is not stopped.

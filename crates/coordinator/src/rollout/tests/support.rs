@@ -71,6 +71,22 @@ pub(super) fn handle(r: &mut Rollout, event: Event) -> Vec<Action> {
     out
 }
 
+/// `worker` drains, then stops; what the stop brings.
+pub(super) fn drained_and_stopped(r: &mut Rollout, worker: &str) -> Vec<Action> {
+    handle(
+        r,
+        Event::Drained {
+            worker: worker.into(),
+        },
+    );
+    handle(
+        r,
+        Event::Stopped {
+            worker: worker.into(),
+        },
+    )
+}
+
 pub(super) fn applies(actions: &[Action]) -> Vec<(String, String)> {
     actions
         .iter()
