@@ -13,9 +13,10 @@
 //! acknowledgement bound), one refuses tables for a while (it keeps
 //! routing by its old table: nothing it routes to may drain), and one dies
 //! for a while (restarted empty, it is sent the latest table). Agents hang
-//! and come back, engines crash, workers are cordoned, the operator
-//! pauses, cancels and forces, and the coordinator restarts from its
-//! stored state. Once the world quiets, every promotion has ended, every
+//! and come back, engines crash, workers are cordoned or their GPUs turn
+//! unhealthy (their replicas move, the new one first), the operator
+//! pauses, cancels and forces, demand rises (autoscaling adds), and the
+//! coordinator restarts from its stored state. Once the world quiets, every promotion has ended, every
 //! router serves the latest table, and no engine runs that no deployment
 //! owns.
 
@@ -41,6 +42,8 @@ struct Agent {
     engine: Option<(String, Engine)>,
     hung: bool,
     cordoned: bool,
+    /// A GPU reports a condition that must not serve.
+    gpu_unhealthy: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +93,9 @@ struct World {
     deliveries: Vec<(usize, u64, u64)>,
     replies: Vec<Reply>,
     now_ms: u64,
+    /// Each endpoint's `max_replicas`: its replicas and its share of the
+    /// idle workers (no endpoint can starve another for good).
+    max_replicas: BTreeMap<&'static str, u32>,
 }
 
 impl World {
@@ -162,6 +168,11 @@ impl World {
             deliveries: Vec::new(),
             replies: Vec::new(),
             now_ms: 0,
+            max_replicas: ENDPOINTS
+                .iter()
+                .zip(replicas)
+                .map(|(e, r)| (*e, u32::try_from(r + idle / 2).unwrap_or(u32::MAX)))
+                .collect(),
         };
         // Every rollout sees the fleet, then starts.
         world.refresh();
@@ -206,7 +217,7 @@ impl World {
                     let facts = Facts {
                         lost: agent.hung,
                         cordoned: agent.cordoned,
-                        gpu_unhealthy: false,
+                        gpu_unhealthy: agent.gpu_unhealthy,
                         matches_selector: Some(true),
                         owns_gate: true,
                         claimed_by: claims.get(id).map(String::as_str),
@@ -624,12 +635,27 @@ fn play_one(world: &mut World, choice: u32, commands: bool) {
         }
         15 => {
             let agent = world.agents.get_mut(id).expect("a worker");
-            agent.cordoned = !agent.cordoned;
+            if which.is_multiple_of(2) {
+                agent.cordoned = !agent.cordoned;
+            } else {
+                agent.gpu_unhealthy = !agent.gpu_unhealthy;
+            }
             world.refresh();
         }
         16 => world.router_trouble(2 + which % 2),
         17 => world.router_up(2 + which % 2),
         18 => world.restart(),
+        19 => {
+            // Demand rises during the promotion: autoscaling adds, never
+            // past the maximum.
+            let max = world.max_replicas[endpoint];
+            let rollout = world.rollouts.get_mut(endpoint).expect("an endpoint");
+            let desired = rollout.target + 1;
+            let actions = rollout.autoscale(desired, max);
+            world.claim(endpoint, &actions);
+            world.perform_all(endpoint, actions);
+            world.refresh();
+        }
         _ => {
             let slow = which.is_multiple_of(4);
             let choices: Vec<usize> = (0..world.deliveries.len())
@@ -658,6 +684,7 @@ fn quiet(world: &mut World) {
             }
         }
         agent.cordoned = false;
+        agent.gpu_unhealthy = false;
     }
     for i in 0..world.routers.len() {
         world.router_up(i);
