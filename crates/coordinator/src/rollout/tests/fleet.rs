@@ -26,7 +26,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::super::*;
-use super::support::settings_strategy;
+use super::support::{cases, settings_strategy};
 use crate::acks::{self, Settled};
 use crate::eligibility::{self, Facts};
 use crate::settings::{Cleanup, PromotionSettings};
@@ -710,7 +710,7 @@ fn quiet(world: &mut World) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(1024), ..ProptestConfig::default() })]
 
     #[test]
     fn several_endpoints_and_routers_keep_the_invariants_and_every_promotion_ends(

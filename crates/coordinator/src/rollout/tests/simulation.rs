@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 
 use super::super::*;
-use super::support::{settings_strategy, worker};
+use super::support::{cases, settings_strategy, worker};
 use crate::settings::{Cleanup, PromotionSettings};
 
 /// The old deployment's id.
@@ -717,7 +717,7 @@ fn no_engine_outside_the_table(fleet: &Fleet) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(4096), ..ProptestConfig::default() })]
 
     #[test]
     fn every_interleaving_keeps_the_invariants_and_ends(

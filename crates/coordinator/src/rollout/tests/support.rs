@@ -171,3 +171,11 @@ pub(super) fn settings_strategy() -> impl Strategy<Value = PromotionSettings> {
             },
         )
 }
+
+/// Cases per property: `default`, or `PROPTEST_CASES` to hunt longer.
+pub(super) fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
