@@ -433,6 +433,41 @@ async fn apply_is_idempotent_and_swaps_deployments() {
         "{}",
         owned.message()
     );
+    // The attacks of a caller that reaches the agent directly: a flag the
+    // agent owns in another spelling, a library preloaded into the engine,
+    // another GPU. Refused by name; the engine that runs is untouched.
+    for args in ["--served_model_name other", "--port=9000", "--serv other"] {
+        let owned = client
+            .apply(apply("dep-c", "org/c", args))
+            .await
+            .unwrap_err();
+        assert_eq!(owned.code(), tonic::Code::InvalidArgument, "{args}");
+        assert!(
+            owned.message().contains("may not set --"),
+            "{}",
+            owned.message()
+        );
+    }
+    for name in ["LD_PRELOAD", "CUDA_VISIBLE_DEVICES"] {
+        let mut hijack = apply("dep-c", "org/c", "");
+        if let Some(template) = hijack.spec.as_mut().and_then(|s| s.template.as_mut()) {
+            template.env.push(v1::EnvVar {
+                name: name.into(),
+                source: Some(v1::env_var::Source::Value("/tmp/evil.so".into())),
+                ..Default::default()
+            });
+        }
+        let refused = client.apply(hijack).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{name}");
+        assert!(
+            refused
+                .message()
+                .contains(&format!("{name} may not be set")),
+            "{}",
+            refused.message()
+        );
+    }
+    assert_eq!(engine(&agent.status().await).pid, engine(&b).pid);
     let stale = client
         .apply(v1::ApplyRequest {
             coordinator_epoch: 4,

@@ -8,6 +8,7 @@
 //! program owns its `Config` and its listeners.
 
 pub mod config;
+pub mod engine_env;
 pub mod files;
 pub mod http;
 pub mod metrics;

@@ -54,29 +54,45 @@ pub enum VllmArgsError {
 }
 
 /// The words of `VLLM_ARGS`; refuses a string that does not split and a
-/// flag the agent owns, in either spelling (`--port 1` or `--port=1`).
+/// flag the agent owns in every spelling vLLM's parser (argparse) reads as
+/// that flag: `--port 1`, `--port=1`, `--served_model_name`, `--serv`.
 pub fn split(vllm_args: &str) -> Result<Vec<String>, VllmArgsError> {
     let words = shell_words::split(vllm_args).map_err(|e| VllmArgsError::Unsplittable {
         reason: e.to_string(),
         vllm_args: vllm_args.to_owned(),
     })?;
     for word in &words {
-        let flag = word.split_once('=').map_or(word.as_str(), |(flag, _)| flag);
-        if let Some((flag, why)) = OWNED_FLAGS.iter().find(|(owned, _)| *owned == flag) {
+        if let Some((flag, why)) = OWNED_FLAGS.iter().find(|(owned, _)| names(word, owned)) {
             return Err(VllmArgsError::Owned { flag, why });
         }
     }
     Ok(words)
 }
 
-/// The value given to `flag` in `words` (`--flag v` or `--flag=v`).
+/// Whether argparse reads `word` as `flag` (`--flag-name`): the flag, with
+/// `_` for `-` (vLLM accepts both), alone or as `--flag=value`, or an
+/// abbreviation of it (argparse accepts a prefix of two characters or
+/// more). A word of its own that only looks like a flag (`--port` as some
+/// flag's value) is read as one too: the safe side.
+pub fn names(word: &str, flag: &str) -> bool {
+    let (Some(word), Some(flag)) = (word.strip_prefix("--"), flag.strip_prefix("--")) else {
+        return false;
+    };
+    let name = word.split_once('=').map_or(word, |(name, _)| name);
+    let name = name.replace('_', "-");
+    name == flag || (name.len() >= 2 && flag.starts_with(name.as_str()))
+}
+
+/// The value given to `flag` in `words` (`--flag v` or `--flag=v`, in any
+/// spelling [`names`] accepts).
 pub fn value_of<'a>(words: &'a [String], flag: &str) -> Option<&'a str> {
     words.iter().enumerate().find_map(|(i, word)| {
-        if word == flag {
-            words.get(i + 1).map(String::as_str)
+        if !names(word, flag) {
+            None
+        } else if let Some((_, value)) = word.split_once('=') {
+            Some(value)
         } else {
-            word.strip_prefix(flag)
-                .and_then(|rest| rest.strip_prefix('='))
+            words.get(i + 1).map(String::as_str)
         }
     })
 }
@@ -87,14 +103,13 @@ pub fn redact_words(words: &[String]) -> Vec<String> {
     let mut out = Vec::with_capacity(words.len());
     let mut hide_next = false;
     for word in words {
+        let secret = SECRET_FLAGS.iter().any(|flag| names(word, flag));
         if std::mem::take(&mut hide_next) {
             out.push(REDACTED.to_owned());
-        } else if let Some((flag, _)) = word.split_once('=')
-            && SECRET_FLAGS.contains(&flag)
-        {
+        } else if let (true, Some((flag, _))) = (secret, word.split_once('=')) {
             out.push(format!("{flag}={REDACTED}"));
         } else {
-            hide_next = SECRET_FLAGS.contains(&word.as_str());
+            hide_next = secret;
             out.push(word.clone());
         }
     }
@@ -134,6 +149,44 @@ mod tests {
         // A value that merely mentions a flag is fine.
         assert!(split("--chat-template 'never set --port here'").is_ok());
         assert!(split("--api-key sk-1 --max-model-len 4096").is_ok());
+    }
+
+    #[test]
+    fn owned_flags_are_refused_in_every_spelling_argparse_reads() {
+        for (args, flag) in [
+            ("--served_model_name gpt-4", "--served-model-name"),
+            ("--served-model", "--served-model-name"),
+            ("--serv=x", "--served-model-name"),
+            ("--po 9000", "--port"),
+            ("--ho=0.0.0.0", "--host"),
+            ("--mod other/model", "--model"),
+        ] {
+            match split(args).unwrap_err() {
+                VllmArgsError::Owned { flag: f, .. } => assert_eq!(f, flag, "{args}"),
+                other => panic!("{args}: {other:?}"),
+            }
+        }
+        // Other flags that share a beginning are not the agent's.
+        for args in [
+            "--max-model-len 4096",
+            "--model-impl vllm",
+            "--port-range x",
+            "--hf-token=hf_1",
+            "-p 2",
+        ] {
+            assert!(split(args).is_ok(), "{args}");
+        }
+    }
+
+    #[test]
+    fn a_secret_flag_is_read_and_redacted_in_every_spelling() {
+        let words = split("--api_key sk-1 --hf_token=hf_2").unwrap();
+        assert_eq!(value_of(&words, "--api-key"), Some("sk-1"));
+        assert_eq!(value_of(&words, "--hf-token"), Some("hf_2"));
+        assert_eq!(
+            redact("--api_key sk-1 --hf_token=hf_2 --api-k sk-3"),
+            "--api_key '<redacted>' '--hf_token=<redacted>' --api-k '<redacted>'"
+        );
     }
 
     #[test]

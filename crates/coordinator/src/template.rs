@@ -44,6 +44,12 @@ pub fn validate(
                 "must be a non-empty name without `=`",
             ));
         }
+        if let Some(why) = crossfade_common::engine_env::owned(&var.name) {
+            return Err(CoordinatorError::invalid(
+                format!("{field}.name"),
+                format!("{} may not be set: {why}", var.name),
+            ));
+        }
         match &var.source {
             None => {
                 return Err(CoordinatorError::invalid(
@@ -186,5 +192,26 @@ mod tests {
             ..from_env("x", "y")
         });
         assert!(message(validate(&t, no_env)).starts_with("template.env[0].name: "));
+    }
+
+    #[test]
+    fn loaders_and_devices_are_refused_at_promotion() {
+        for name in ["LD_PRELOAD", "CUDA_VISIBLE_DEVICES", "PATH"] {
+            let mut t = template("--served_model_name gpt-4");
+            assert!(
+                message(validate(&t, no_env))
+                    .starts_with("template.vllm_args: may not set --served-model-name: ")
+            );
+            t.vllm_args.clear();
+            t.env.push(v1::EnvVar {
+                name: name.into(),
+                ..from_env("x", "y")
+            });
+            let text = message(validate(&t, no_env));
+            assert!(
+                text.starts_with(&format!("template.env[0].name: {name} may not be set: ")),
+                "{text}"
+            );
+        }
     }
 }

@@ -369,6 +369,12 @@ pub fn plan(
                 "spec.template.env[{i}].name: must be a non-empty name without `=` or NUL"
             ));
         }
+        if let Some(why) = crossfade_common::engine_env::owned(&var.name) {
+            return invalid(format!(
+                "spec.template.env[{i}].name: {} may not be set: {why}",
+                var.name
+            ));
+        }
         match &var.source {
             Some(v1::env_var::Source::Value(value)) if !value.contains('\0') => {
                 env.push((var.name.clone(), value.clone()));
@@ -1257,6 +1263,20 @@ mod tests {
             false,
         )]);
         assert!(error(&unnamed).starts_with("spec.template.env[0].name: "));
+        for owned in ["LD_PRELOAD", "CUDA_VISIBLE_DEVICES", "PYTHONPATH"] {
+            let hijack = spec(vec![var(
+                owned,
+                v1::env_var::Source::Value("/tmp/evil.so".into()),
+                false,
+            )]);
+            assert!(
+                error(&hijack).starts_with(&format!(
+                    "spec.template.env[0].name: {owned} may not be set: "
+                )),
+                "{}",
+                error(&hijack)
+            );
+        }
         let mut quoted = spec(Vec::new());
         if let Some(t) = quoted.template.as_mut() {
             t.vllm_args = "--chat-template '{{ x }}".into();
