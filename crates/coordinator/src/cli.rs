@@ -53,6 +53,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             agents: config.agents.clone(),
             routers: config.routers.clone(),
             router_ack_bound: config.router_ack_timeout,
+            template_env: config.template_env.iter().cloned().collect(),
         },
         &shutdown,
     )

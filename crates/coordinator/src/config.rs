@@ -28,6 +28,10 @@ pub struct Config {
     /// goes ahead without it (1s ..= 10m).
     #[serde(with = "humantime_serde")]
     pub router_ack_timeout: Duration,
+    /// Variables of the coordinator's environment that templates may read
+    /// (`from_coordinator_env`), e.g. `["HF_TOKEN"]`; none by default, so
+    /// a template cannot read the coordinator's other secrets.
+    pub template_env: Vec<String>,
 }
 
 /// `[listen]`.
@@ -57,6 +61,7 @@ impl Default for Config {
             agents: Vec::new(),
             routers: Vec::new(),
             router_ack_timeout: crate::actor::ROUTER_ACK_BOUND,
+            template_env: Vec::new(),
         }
     }
 }
@@ -100,6 +105,14 @@ impl Validate for Config {
                         format!("`{address}` must be host:port"),
                     ));
                 }
+            }
+        }
+        for (i, name) in self.template_env.iter().enumerate() {
+            if name.is_empty() || name.contains(['=', '\0']) {
+                errors.push(FieldError::new(
+                    format!("template_env[{i}]"),
+                    "must be a variable name, without `=`",
+                ));
             }
         }
         errors.extend(FieldError::check_duration(
@@ -149,5 +162,6 @@ mod tests {
         assert_eq!(config.agents.len(), 4);
         assert_eq!(config.routers, ["10.0.0.9:7001"]);
         assert_eq!(config.router_ack_timeout, Duration::from_secs(10));
+        assert_eq!(config.template_env, ["HF_TOKEN"]);
     }
 }

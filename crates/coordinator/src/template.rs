@@ -1,17 +1,23 @@
 //! A template is checked when it is promoted, not on a worker: a model, a
 //! `vllm_args` every agent can launch (it splits, and sets no flag the
 //! agent owns), and an environment whose values the coordinator can supply
-//! now. The check names the field; it never quotes a secret.
+//! now, from the variables its configuration lets templates read
+//! (`template_env`). The check names the field; it never quotes a secret,
+//! nor lists what the coordinator's environment holds.
+
+use std::collections::BTreeSet;
 
 use crossfade_common::vllm_args::{self, VllmArgsError};
 use crossfade_proto::v1;
 
 use crate::error::CoordinatorError;
 
-/// Checks `template` for promotion; `env` reads the coordinator's
-/// environment (the process's, outside tests).
+/// Checks `template` for promotion; `allowed` names the variables of the
+/// coordinator's environment templates may read, and `env` reads it (the
+/// process's, outside tests).
 pub fn validate(
     template: &v1::Template,
+    allowed: &BTreeSet<String>,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<(), CoordinatorError> {
     if template.model.trim().is_empty() {
@@ -57,6 +63,15 @@ pub fn validate(
                     format!("{} needs a value or from_coordinator_env", var.name),
                 ));
             }
+            Some(v1::env_var::Source::FromCoordinatorEnv(name)) if !allowed.contains(name) => {
+                return Err(CoordinatorError::invalid(
+                    format!("{field}.from_coordinator_env"),
+                    format!(
+                        "{name} (for {}) is not a variable templates may read: list it in the coordinator's `template_env`",
+                        var.name
+                    ),
+                ));
+            }
             Some(v1::env_var::Source::FromCoordinatorEnv(name)) if env(name).is_none() => {
                 return Err(CoordinatorError::invalid(
                     format!("{field}.from_coordinator_env"),
@@ -72,14 +87,21 @@ pub fn validate(
     Ok(())
 }
 
-/// Resolves `from_coordinator_env` variables from `env`, for an `Apply`;
-/// the values never appear in an error.
+/// Resolves `from_coordinator_env` variables from `env`, for an `Apply`,
+/// reading only the `allowed` ones; the values never appear in an error.
 pub fn resolve(
     mut template: v1::Template,
+    allowed: &BTreeSet<String>,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<v1::Template, String> {
     for var in &mut template.env {
         if let Some(v1::env_var::Source::FromCoordinatorEnv(name)) = &var.source {
+            if !allowed.contains(name) {
+                return Err(format!(
+                    "{name} (for {}) is not a variable templates may read",
+                    var.name
+                ));
+            }
             let value = env(name).ok_or_else(|| {
                 format!(
                     "environment variable {name} (for {}) is not set on the coordinator",
@@ -123,6 +145,11 @@ mod tests {
         None
     }
 
+    /// The variables these tests' coordinator lets templates read.
+    fn allowed() -> BTreeSet<String> {
+        ["CROSSFADE_TEST_UNSET".to_owned(), "y".to_owned()].into()
+    }
+
     fn message(result: Result<(), CoordinatorError>) -> String {
         tonic::Status::from(result.unwrap_err())
             .message()
@@ -134,12 +161,17 @@ mod tests {
         assert!(
             validate(
                 &template("--max-model-len 4096 --chat-template '{{ x }}'"),
+                &allowed(),
                 no_env
             )
             .is_ok()
         );
-        assert!(validate(&template("--api-key sk-secret"), no_env).is_ok());
-        let text = message(validate(&template("--api-key 'sk-secret"), no_env));
+        assert!(validate(&template("--api-key sk-secret"), &allowed(), no_env).is_ok());
+        let text = message(validate(
+            &template("--api-key 'sk-secret"),
+            &allowed(),
+            no_env,
+        ));
         assert!(
             text.starts_with("template.vllm_args: does not split"),
             "{text}"
@@ -155,7 +187,7 @@ mod tests {
             ("--served-model-name x", "--served-model-name"),
             ("--model other", "--model"),
         ] {
-            let text = message(validate(&template(args), no_env));
+            let text = message(validate(&template(args), &allowed(), no_env));
             assert!(
                 text.starts_with(&format!("template.vllm_args: may not set {flag}: ")),
                 "{text}"
@@ -167,14 +199,24 @@ mod tests {
     fn a_variable_the_coordinator_lacks_is_refused_at_promotion() {
         let mut t = template("");
         t.env.push(from_env("HF_TOKEN", "CROSSFADE_TEST_UNSET"));
-        let text = message(validate(&t, no_env));
+        let text = message(validate(&t, &allowed(), no_env));
         assert_eq!(
             text,
             "template.env[0].from_coordinator_env: environment variable CROSSFADE_TEST_UNSET (for HF_TOKEN) is not set on the coordinator"
         );
         let set = |name: &str| (name == "CROSSFADE_TEST_UNSET").then(|| "hf_value".to_owned());
-        assert!(validate(&t, set).is_ok());
-        let resolved = resolve(t, set).unwrap();
+        assert!(validate(&t, &allowed(), set).is_ok());
+        // A variable the configuration does not list is refused, set or
+        // not, and the answer does not tell what the environment holds.
+        let mut other = template("");
+        other.env.push(from_env("HF_TOKEN", "PATH"));
+        let text = message(validate(&other, &allowed(), process_env));
+        assert_eq!(
+            text,
+            "template.env[0].from_coordinator_env: PATH (for HF_TOKEN) is not a variable templates may read: list it in the coordinator's `template_env`"
+        );
+        assert!(resolve(other, &allowed(), process_env).is_err());
+        let resolved = resolve(t, &allowed(), set).unwrap();
         assert_eq!(
             resolved.env[0].source,
             Some(v1::env_var::Source::Value("hf_value".into()))
@@ -185,13 +227,13 @@ mod tests {
     fn a_model_and_named_variables_are_required() {
         let mut t = template("");
         t.model = " ".into();
-        assert!(message(validate(&t, no_env)).starts_with("template.model: required"));
+        assert!(message(validate(&t, &allowed(), no_env)).starts_with("template.model: required"));
         let mut t = template("");
         t.env.push(v1::EnvVar {
             name: "A=B".into(),
             ..from_env("x", "y")
         });
-        assert!(message(validate(&t, no_env)).starts_with("template.env[0].name: "));
+        assert!(message(validate(&t, &allowed(), no_env)).starts_with("template.env[0].name: "));
     }
 
     #[test]
@@ -199,7 +241,7 @@ mod tests {
         for name in ["LD_PRELOAD", "CUDA_VISIBLE_DEVICES", "PATH"] {
             let mut t = template("--served_model_name gpt-4");
             assert!(
-                message(validate(&t, no_env))
+                message(validate(&t, &allowed(), no_env))
                     .starts_with("template.vllm_args: may not set --served-model-name: ")
             );
             t.vllm_args.clear();
@@ -207,7 +249,7 @@ mod tests {
                 name: name.into(),
                 ..from_env("x", "y")
             });
-            let text = message(validate(&t, no_env));
+            let text = message(validate(&t, &allowed(), no_env));
             assert!(
                 text.starts_with(&format!("template.env[0].name: {name} may not be set: ")),
                 "{text}"

@@ -82,7 +82,11 @@ impl Actor {
             .map_or(e.settings.ready_timeout_seconds, |p| {
                 p.rollout.settings.ready_timeout_seconds
             });
-        let spec = match crate::template::resolve(record.template(), crate::template::process_env) {
+        let spec = match crate::template::resolve(
+            record.template(),
+            &self.options.template_env,
+            crate::template::process_env,
+        ) {
             Ok(template) => v1::EngineSpec {
                 deployment_id: deployment.clone(),
                 endpoint: endpoint.to_owned(),

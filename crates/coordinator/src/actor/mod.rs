@@ -213,6 +213,8 @@ pub struct Options {
     pub routers: Vec<String>,
     /// How long a router may take to acknowledge a table.
     pub router_ack_bound: Duration,
+    /// Variables of the coordinator's environment templates may read.
+    pub template_env: BTreeSet<String>,
 }
 
 /// Starts the actor over the state in `store`; fails when the store cannot

@@ -4,6 +4,17 @@
 use super::*;
 
 impl Actor {
+    /// A template to promote, checked against this coordinator's
+    /// environment and the variables templates may read.
+    fn template_target(&self, template: v1::Template) -> Result<Target, CoordinatorError> {
+        crate::template::validate(
+            &template,
+            &self.options.template_env,
+            crate::template::process_env,
+        )?;
+        Ok(Target::Template(template))
+    }
+
     // === requests ===
 
     /// Handles a request; its answer is sent once the change is stored and
@@ -194,7 +205,7 @@ impl Actor {
         endpoint.record(now, "created", format!("endpoint `{}` created", r.name), "");
         self.state.endpoints.insert(r.name.clone(), endpoint);
         if let Some(template) = r.template {
-            self.start_promotion(&r.name, template_target(template)?, None, actions)?;
+            self.start_promotion(&r.name, self.template_target(template)?, None, actions)?;
         }
         Ok(())
     }
@@ -262,7 +273,9 @@ impl Actor {
             None => endpoint.settings,
         };
         let target = match r.target {
-            Some(v1::promote_request::Target::Template(template)) => template_target(template)?,
+            Some(v1::promote_request::Target::Template(template)) => {
+                self.template_target(template)?
+            }
             Some(v1::promote_request::Target::DeploymentId(id)) => {
                 let deployment = self.state.deployments.get(&id).ok_or_else(|| {
                     CoordinatorError::not_found("deployment_id", "deployment", &id)
@@ -438,12 +451,6 @@ impl Actor {
 pub(super) enum Target {
     Template(v1::Template),
     Existing(String),
-}
-
-/// A template to promote, checked against this coordinator's environment.
-fn template_target(template: v1::Template) -> Result<Target, CoordinatorError> {
-    crate::template::validate(&template, crate::template::process_env)?;
-    Ok(Target::Template(template))
 }
 
 fn validate_names(field: &str, names: &[String]) -> Result<(), CoordinatorError> {
