@@ -1224,6 +1224,40 @@ async fn a_host_that_hangs_mid_promotion_is_lost_and_the_promotion_ends() {
 async fn deleting_an_endpoint_stops_its_engines_once_the_routers_forget_it() {
     let fleet = start_fleet(2);
     create_chat(&fleet, rolling(50, 0, 0)).await;
+    // A deployment whose template holds a literal secret.
+    let mut secret = template("org/v2");
+    secret.env.push(v1::EnvVar {
+        name: "HF_TOKEN".into(),
+        secret: true,
+        source: Some(v1::env_var::Source::Value("hf_delete_me_123".into())),
+        ..Default::default()
+    });
+    fleet
+        .client()
+        .await
+        .promote(v1::PromoteRequest {
+            endpoint: "chat".into(),
+            target: Some(v1::promote_request::Target::Template(secret)),
+            settings: None,
+        })
+        .await
+        .unwrap();
+    let store = fleet.coordinator_config.with_file_name("state.json");
+    // The store holds templates protobuf-encoded in hex.
+    let hex: String = b"hf_delete_me_123"
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let stored = || std::fs::read_to_string(&store).unwrap();
+    assert!(stored().contains(&hex), "the check can see the secret");
+    fleet
+        .wait_endpoint("org/v2 active", Duration::from_secs(60), |e| {
+            last_status(e) == Some(v1::PromotionStatus::Succeeded)
+                && e.active_deployment
+                    .as_ref()
+                    .is_some_and(|d| d.template.as_ref().is_some_and(|t| t.model == "org/v2"))
+        })
+        .await;
     let deleted = fleet
         .client()
         .await
@@ -1250,6 +1284,9 @@ async fn deleting_an_endpoint_stops_its_engines_once_the_routers_forget_it() {
     }
     let (status, _, body) = chat(fleet.publics[0], "chat", false).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    // The deleted endpoint's deployments, and their secrets, are gone
+    // from the store.
+    assert!(!stored().contains(&hex), "the secret outlived its endpoint");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

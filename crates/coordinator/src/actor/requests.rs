@@ -229,6 +229,9 @@ impl Actor {
             .map(|r| r.claimed().into_iter().collect())
             .unwrap_or_default();
         self.state.endpoints.remove(&r.name);
+        // Its deployments go with it, and their templates' secrets with
+        // them (a stray engine of theirs is stopped as no deployment's).
+        self.state.deployments.retain(|_, d| d.endpoint != r.name);
         // Out of every table first; the stops are stored, and sent once
         // every router has acknowledged a table without the endpoint (or
         // to a lost worker as soon as it answers).
