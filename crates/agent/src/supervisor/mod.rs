@@ -401,6 +401,48 @@ pub fn plan(
     })
 }
 
+/// The secret values of `spec`: its secret environment variables and the
+/// values of secret flags in its `vllm_args` (`--api-key`, ...).
+fn secret_values(spec: &v1::EngineSpec) -> Vec<String> {
+    let Some(template) = &spec.template else {
+        return Vec::new();
+    };
+    let mut secrets: Vec<String> = template
+        .env
+        .iter()
+        .filter(|var| var.secret)
+        .filter_map(|var| match &var.source {
+            Some(v1::env_var::Source::Value(value)) => Some(value.clone()),
+            _ => None,
+        })
+        .collect();
+    if let Ok(words) = crossfade_common::vllm_args::split(&template.vllm_args) {
+        for flag in crossfade_common::vllm_args::SECRET_FLAGS {
+            if let Some(value) = crossfade_common::vllm_args::value_of(&words, flag) {
+                secrets.push(value.to_owned());
+            }
+        }
+    }
+    secrets.retain(|s| !s.is_empty());
+    // The longest first: a secret that contains another is masked whole.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    secrets
+}
+
+/// The engine log's last `lines`, each secret value masked: what an engine
+/// prints (a failing one echoing its environment) leaves the agent only
+/// masked, in the status, the failure reason and the agent's own log.
+fn masked_tail(path: &std::path::Path, lines: usize, secrets: &[String]) -> Vec<String> {
+    log_tail(path, lines)
+        .into_iter()
+        .map(|line| {
+            secrets.iter().fold(line, |line, secret| {
+                line.replace(secret.as_str(), crossfade_common::vllm_args::REDACTED)
+            })
+        })
+        .collect()
+}
+
 /// The deployment being run.
 struct Current {
     spec: v1::EngineSpec,
@@ -843,8 +885,9 @@ impl Actor {
                 }
             );
             tracing::error!(deployment = %view.deployment_id, %reason, "giving up on the engine");
+            let secrets = secret_values(&current.spec);
             let exit = self.stop_engine().await;
-            let tail = log_tail(&self.log_path, self.settings.log_tail_lines);
+            let tail = masked_tail(&self.log_path, self.settings.log_tail_lines, &secrets);
             self.set(|view| {
                 view.state = EngineState::Failed;
                 view.failure_reason = reason.clone();
@@ -889,7 +932,8 @@ impl Actor {
         }
         current.consecutive_crashes += 1;
         let crashes = current.consecutive_crashes;
-        let tail = log_tail(&self.log_path, self.settings.log_tail_lines);
+        let secrets = secret_values(&current.spec);
+        let tail = masked_tail(&self.log_path, self.settings.log_tail_lines, &secrets);
         let last_line = tail.last().cloned().unwrap_or_default();
         let deployment = current.spec.deployment_id.clone();
         if crashes > self.settings.max_restarts {
@@ -1241,6 +1285,42 @@ mod tests {
                 .any(|w| w == ["--shutdown-timeout", "30"])
         );
         assert!(!format!("{plan:?}").contains("hf_abcdef"));
+    }
+
+    #[test]
+    fn secrets_of_the_spec_are_masked_in_the_engine_log_tail() {
+        let mut secret_spec = spec(vec![
+            var(
+                "HF_TOKEN",
+                v1::env_var::Source::Value("hf_s3cr3t".into()),
+                true,
+            ),
+            var(
+                "LOG_LEVEL",
+                v1::env_var::Source::Value("INFO".into()),
+                false,
+            ),
+        ]);
+        if let Some(t) = secret_spec.template.as_mut() {
+            t.vllm_args = "--api_key sk-abc123 --max-model-len 4096".into();
+        }
+        let dir = std::env::temp_dir().join(format!("crossfade-mask-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("engine.log");
+        std::fs::write(
+            &log,
+            "HF_TOKEN=hf_s3cr3t LOG_LEVEL=INFO\nOSError: bad key sk-abc123\n",
+        )
+        .unwrap();
+        let tail = masked_tail(&log, 5, &secret_values(&secret_spec));
+        assert_eq!(
+            tail,
+            [
+                "HF_TOKEN=<redacted> LOG_LEVEL=INFO",
+                "OSError: bad key <redacted>"
+            ]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

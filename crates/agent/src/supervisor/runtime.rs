@@ -133,7 +133,7 @@ impl Runtime for ProcessRuntime {
     }
 
     fn launch(&self, plan: &LaunchPlan) -> Result<Box<dyn Engine>, LaunchError> {
-        let log = File::create(&plan.log_path).map_err(|source| LaunchError::Log {
+        let log = private_log(&plan.log_path).map_err(|source| LaunchError::Log {
             path: plan.log_path.clone(),
             source,
         })?;
@@ -254,6 +254,21 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
 
 /// The last `lines` lines of a log file, read from its end (a log can be
 /// large; at most 64 KiB are read).
+/// The engine's log, emptied, readable by the agent's user only (an engine
+/// may print its secrets).
+fn private_log(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    // A file from an older agent keeps its mode: narrow it.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
+}
+
 pub fn log_tail(path: &Path, lines: usize) -> Vec<String> {
     const WINDOW: u64 = 64 * 1024;
     let Ok(mut file) = File::open(path) else {
@@ -333,6 +348,13 @@ mod tests {
         );
         assert_eq!(exit.to_string(), "exit code 7");
         assert_eq!(log_tail(&plan.log_path, 3), ["line 4", "line 5", "hunter2"]);
+        // What the engine prints stays in a log only the agent's user reads.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&plan.log_path)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
