@@ -309,7 +309,8 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("crossfade: {e:#}");
+            // A server's message may quote what a user sent.
+            eprintln!("crossfade: {}", output::clean(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
@@ -440,9 +441,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             match out {
                 Output::Json => print_message("crossfade.v1.PromoteResponse", &promoted)?,
-                Output::Text => println!(
+                Output::Text => output::say!(
                     "promotion {} to deployment {} started; `crossfade status {endpoint} --watch` follows it",
-                    promoted.promotion_id, promoted.deployment_id
+                    promoted.promotion_id,
+                    promoted.deployment_id
                 ),
             }
         }

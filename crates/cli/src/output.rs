@@ -12,6 +12,29 @@ use crossfade_proto::v1::coordinator_client::CoordinatorClient;
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 use tonic::transport::Channel;
 
+/// `text` as a terminal may show it: every control character that came
+/// from a user or an engine (an escape sequence in a model name, a carriage
+/// return in an event) is written as its Rust escape (`\u{1b}`), line
+/// breaks excepted. JSON needs no such care: its encoder escapes them.
+pub fn clean(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c == '\n' || !c.is_control() {
+            out.push(c);
+        } else {
+            out.extend(c.escape_default());
+        }
+    }
+    out
+}
+
+/// `println!` for text that holds what users and engines wrote.
+macro_rules! say {
+    () => { println!() };
+    ($($arg:tt)*) => { println!("{}", $crate::output::clean(&format!($($arg)*))) };
+}
+pub(crate) use say;
+
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -190,12 +213,15 @@ pub fn endpoint_text(e: &v1::Endpoint) -> String {
     if !e.events.is_empty() {
         let _ = writeln!(s, "events");
         for event in e.events.iter().rev().take(6).rev() {
-            let mut line = format!("  {:<18} {}", event.kind, event.message);
-            line.truncate(79);
+            // By characters: a model name need not be ASCII.
+            let line: String = format!("  {:<18} {}", event.kind, event.message)
+                .chars()
+                .take(79)
+                .collect();
             let _ = writeln!(s, "{line}");
         }
     }
-    s
+    clean(&s)
 }
 
 /// A promotion after a control command.
@@ -203,7 +229,7 @@ pub fn print_promotion(out: Output, p: &v1::Promotion) -> anyhow::Result<()> {
     match out {
         Output::Json => print_message("crossfade.v1.Promotion", p),
         Output::Text => {
-            println!(
+            say!(
                 "{} {}  {} {} % to {}",
                 p.id,
                 status_name(p.status),
@@ -218,9 +244,12 @@ pub fn print_promotion(out: Output, p: &v1::Promotion) -> anyhow::Result<()> {
 
 /// `endpoint list`.
 pub fn endpoints_table(endpoints: &[v1::Endpoint]) {
-    println!(
+    say!(
         "{:<20} {:<14} {:<14} {:>9}",
-        "NAME", "ACTIVE", "PROMOTION", "CANDIDATE"
+        "NAME",
+        "ACTIVE",
+        "PROMOTION",
+        "CANDIDATE"
     );
     for e in endpoints {
         let active = e.active_deployment.as_ref().map_or("-", |d| d.id.as_str());
@@ -233,21 +262,28 @@ pub fn endpoints_table(endpoints: &[v1::Endpoint]) {
                         format!("{} %", p.percent_traffic_to_new_version),
                     )
                 });
-        println!(
+        say!(
             "{:<20} {:<14} {:<14} {:>9}",
-            e.name, active, status, percent
+            e.name,
+            active,
+            status,
+            percent
         );
     }
 }
 
 /// `history`.
 pub fn history_table(history: &v1::HistoryResponse) {
-    println!(
+    say!(
         "{:<12} {:<12} {:<12} {:<14} {:>5}",
-        "PROMOTION", "FROM", "TO", "STATUS", "STEPS"
+        "PROMOTION",
+        "FROM",
+        "TO",
+        "STATUS",
+        "STEPS"
     );
     for p in &history.promotions {
-        println!(
+        say!(
             "{:<12} {:<12} {:<12} {:<14} {:>5}",
             p.id,
             if p.from_deployment_id.is_empty() {
@@ -260,14 +296,14 @@ pub fn history_table(history: &v1::HistoryResponse) {
             p.current_step
         );
     }
-    println!();
-    println!("{:<12} {:<12} MODEL", "DEPLOYMENT", "STATE");
+    say!();
+    say!("{:<12} {:<12} MODEL", "DEPLOYMENT", "STATE");
     for d in &history.deployments {
         let state = v1::DeploymentState::try_from(d.state).map_or("-", |s| {
             s.as_str_name().trim_start_matches("DEPLOYMENT_STATE_")
         });
         let model = d.template.as_ref().map_or("", |t| t.model.as_str());
-        println!("{:<12} {:<12} {model}", d.id, state);
+        say!("{:<12} {:<12} {model}", d.id, state);
     }
 }
 
@@ -284,9 +320,13 @@ pub fn print_worker(out: Output, worker: &v1::Worker) -> anyhow::Result<()> {
 
 /// `workers`.
 pub fn workers_table(workers: &[v1::Worker]) {
-    println!(
+    say!(
         "{:<22} {:<9} {:<10} {:<10} {:>8}",
-        "WORKER", "REACHABLE", "ENGINE", "DEPLOYMENT", "IN-FLIGHT"
+        "WORKER",
+        "REACHABLE",
+        "ENGINE",
+        "DEPLOYMENT",
+        "IN-FLIGHT"
     );
     for w in workers {
         let engine = w
@@ -304,7 +344,7 @@ pub fn workers_table(workers: &[v1::Worker]) {
         if w.cordoned {
             name.push_str(" (cordoned)");
         }
-        println!(
+        say!(
             "{:<22} {:<9} {:<10} {:<10} {:>8}",
             name,
             if w.reachable { "yes" } else { "no" },
@@ -456,5 +496,25 @@ mod tests {
         let text = endpoint_text(&endpoint);
         assert!(text.contains("RAMPING_UP"));
         assert!(text.lines().all(|l| l.chars().count() <= 80), "{text}");
+    }
+
+    #[test]
+    fn what_users_and_engines_wrote_reaches_the_terminal_escaped() {
+        let endpoint = v1::Endpoint {
+            name: "chat\x1b[2J".into(),
+            events: vec![v1::Event {
+                kind: "failed".into(),
+                // Control characters, then a cut that falls inside a
+                // character of a script that is not ASCII.
+                message: format!("\r\x07x{}", "é".repeat(70)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = endpoint_text(&endpoint);
+        assert!(!text.contains('\x1b') && !text.contains('\r') && !text.contains('\x07'));
+        assert!(text.contains("chat\\u{1b}[2J"), "{text}");
+        assert!(text.contains("\\r\\u{7}xéé"), "{text}");
+        assert_eq!(clean("a\tb\nc"), "a\\tb\nc");
     }
 }
