@@ -12,6 +12,87 @@ use crossfade_proto::v1;
 
 use crate::error::CoordinatorError;
 
+/// Sizes a template may have: every deployment is stored, so a caller must
+/// not be able to bloat the store.
+const MAX_MODEL: usize = 512;
+const MAX_IMAGE: usize = 512;
+const MAX_VLLM_ARGS: usize = 16 * 1024;
+const MAX_ENV: usize = 128;
+const MAX_ENV_NAME: usize = 256;
+const MAX_ENV_VALUE: usize = 32 * 1024;
+const MAX_LABELS: usize = 64;
+const MAX_LABEL: usize = 256;
+
+fn too_long(field: impl Into<String>, len: usize, max: usize) -> CoordinatorError {
+    CoordinatorError::invalid(field, format!("{len} bytes; at most {max}"))
+}
+
+/// The sizes of `template`, each against its bound.
+fn check_sizes(template: &v1::Template) -> Result<(), CoordinatorError> {
+    for (field, len, max) in [
+        ("template.model", template.model.len(), MAX_MODEL),
+        ("template.image", template.image.len(), MAX_IMAGE),
+        (
+            "template.vllm_args",
+            template.vllm_args.len(),
+            MAX_VLLM_ARGS,
+        ),
+    ] {
+        if len > max {
+            return Err(too_long(field, len, max));
+        }
+    }
+    if template.env.len() > MAX_ENV {
+        return Err(CoordinatorError::invalid(
+            "template.env",
+            format!("{} variables; at most {MAX_ENV}", template.env.len()),
+        ));
+    }
+    for (i, var) in template.env.iter().enumerate() {
+        if var.name.len() > MAX_ENV_NAME {
+            return Err(too_long(
+                format!("template.env[{i}].name"),
+                var.name.len(),
+                MAX_ENV_NAME,
+            ));
+        }
+        let value = match &var.source {
+            Some(v1::env_var::Source::Value(v) | v1::env_var::Source::FromCoordinatorEnv(v)) => v,
+            None => continue,
+        };
+        if value.len() > MAX_ENV_VALUE {
+            return Err(too_long(
+                format!("template.env[{i}]"),
+                value.len(),
+                MAX_ENV_VALUE,
+            ));
+        }
+    }
+    if template.labels.len() > MAX_LABELS {
+        return Err(CoordinatorError::invalid(
+            "template.labels",
+            format!("{} labels; at most {MAX_LABELS}", template.labels.len()),
+        ));
+    }
+    if let Some((key, value)) = template
+        .labels
+        .iter()
+        .find(|(k, v)| k.len() > MAX_LABEL || v.len() > MAX_LABEL)
+    {
+        let prefix: String = key.chars().take(32).collect();
+        return Err(CoordinatorError::invalid(
+            "template.labels",
+            format!(
+                "`{}`: keys and values of at most {MAX_LABEL} bytes ({} and {})",
+                prefix.escape_debug(),
+                key.len(),
+                value.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks `template` for promotion; `allowed` names the variables of the
 /// coordinator's environment templates may read, and `env` reads it (the
 /// process's, outside tests).
@@ -20,6 +101,7 @@ pub fn validate(
     allowed: &BTreeSet<String>,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<(), CoordinatorError> {
+    check_sizes(template)?;
     if template.model.trim().is_empty() {
         return Err(CoordinatorError::invalid(
             "template.model",
@@ -234,6 +316,42 @@ mod tests {
             ..from_env("x", "y")
         });
         assert!(message(validate(&t, &allowed(), no_env)).starts_with("template.env[0].name: "));
+    }
+
+    #[test]
+    fn a_template_too_big_to_store_is_refused_by_field_and_bound() {
+        let huge = template(&"--x ".repeat(5000));
+        assert_eq!(
+            message(validate(&huge, &allowed(), no_env)),
+            "template.vllm_args: 20000 bytes; at most 16384"
+        );
+        let mut many = template("");
+        for i in 0..129 {
+            many.env.push(v1::EnvVar {
+                name: format!("V{i}"),
+                source: Some(v1::env_var::Source::Value("x".into())),
+                ..Default::default()
+            });
+        }
+        assert_eq!(
+            message(validate(&many, &allowed(), no_env)),
+            "template.env: 129 variables; at most 128"
+        );
+        let mut big = template("");
+        big.env.push(v1::EnvVar {
+            name: "BLOB".into(),
+            source: Some(v1::env_var::Source::Value("x".repeat(40_000))),
+            ..Default::default()
+        });
+        assert_eq!(
+            message(validate(&big, &allowed(), no_env)),
+            "template.env[0]: 40000 bytes; at most 32768"
+        );
+        let mut labeled = template("");
+        labeled.labels.insert("k\x1b".repeat(200), "v".into());
+        let text = message(validate(&labeled, &allowed(), no_env));
+        assert!(text.starts_with("template.labels: `k\\u{1b}k"), "{text}");
+        assert!(text.len() < 200, "{text}");
     }
 
     #[test]

@@ -464,10 +464,14 @@ fn validate_names(field: &str, names: &[String]) -> Result<(), CoordinatorError>
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_./:".contains(c));
         if !ok {
+            // A short prefix of what was sent, never all of it.
+            let prefix: String = name.chars().take(64).collect();
             return Err(CoordinatorError::invalid(
                 field,
                 format!(
-                    "`{name}` must be 1 to 256 characters of letters, digits, `-`, `_`, `.`, `/`, `:`"
+                    "`{}{}` must be 1 to 256 characters of letters, digits, `-`, `_`, `.`, `/`, `:`",
+                    prefix.escape_debug(),
+                    if prefix.len() < name.len() { "..." } else { "" }
                 ),
             ));
         }
