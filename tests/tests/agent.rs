@@ -62,11 +62,22 @@ async fn standalone_refuses_until_ready_then_serves() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
 
+    // The gate forwards the inference API only: not the engine's
+    // `/metrics`, nothing under `/_`.
+    for path in ["/metrics", "/_fake/fault", "/v1/../metrics"] {
+        let refused = admin_get(agent.gate, path).await;
+        assert!(
+            refused.contains("not an inference path"),
+            "{path}: {refused}"
+        );
+    }
+
     let metrics = admin_get(agent.admin, "/metrics").await;
     assert!(
         metrics.contains("crossfade_agent_engine_state{state=\"ready\"} 1"),
         "{metrics}"
     );
+    assert!(metrics.contains("crossfade_agent_gate_requests_total{outcome=\"refused_path\"} 3"));
     assert!(metrics.contains("crossfade_agent_gate_requests_total{outcome=\"refused_not_ready\"}"));
     assert!(metrics.contains("crossfade_agent_gpu_health{gpu=\"1\"} 1"));
     assert_eq!(

@@ -192,6 +192,16 @@ impl Gate {
 
     /// Handles one request from the host's inference port.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<GateBody> {
+        if !is_inference_path(req.uri().path()) {
+            // The engine's own `/metrics`, `/_...` and the rest are not the
+            // host's to serve.
+            metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => "refused_path").increment(1);
+            return error_response(
+                StatusCode::NOT_FOUND,
+                "not an inference path: the gate forwards /v1/... and vLLM's inference API only",
+                "not_found",
+            );
+        }
         let http1 = req.version() <= Version::HTTP_11;
         let (in_flight, port) = match self.admit() {
             Ok(admitted) => admitted,
@@ -432,6 +442,58 @@ impl Body for GateBody {
             Self::Full(full) => full.size_hint(),
             Self::Upstream(upstream) if upstream.cut.is_some() => SizeHint::default(),
             Self::Upstream(upstream) => upstream.inner.size_hint(),
+        }
+    }
+}
+
+/// vLLM's inference API, the only paths the gate forwards: `/v1/...`,
+/// `/v2/...` (rerank) and the top-level inference routes. Never `/metrics`,
+/// nothing under `/_`, no `..` segment.
+pub fn is_inference_path(path: &str) -> bool {
+    const TOP: &[&str] = &[
+        "/tokenize",
+        "/detokenize",
+        "/pooling",
+        "/classify",
+        "/score",
+        "/rerank",
+        "/invocations",
+    ];
+    if path
+        .split('/')
+        .any(|segment| segment == ".." || segment == ".")
+    {
+        return false;
+    }
+    path.starts_with("/v1/") || path.starts_with("/v2/") || TOP.contains(&path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_inference_api_passes_the_gate() {
+        for path in [
+            "/v1/chat/completions",
+            "/v1/models",
+            "/v2/rerank",
+            "/tokenize",
+            "/invocations",
+        ] {
+            assert!(is_inference_path(path), "{path}");
+        }
+        for path in [
+            "/metrics",
+            "/_fake/fault",
+            "/health",
+            "/",
+            "/v1/../metrics",
+            "/v1/./x",
+            "/v1",
+            "/tokenize/x",
+        ] {
+            assert!(!is_inference_path(path), "{path}");
         }
     }
 }
