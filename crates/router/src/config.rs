@@ -66,6 +66,11 @@ pub struct Listen {
 pub struct Limits {
     /// Largest request body, in bytes (1 ..= 1 GiB).
     pub max_body_bytes: usize,
+    /// Longest time a request's body may take to arrive once its headers
+    /// have (1s ..= 10m); past it, 408. A client that trickles a body in
+    /// holds its concurrency slot no longer.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
     /// Longest time to receive a request's headers (hyper's header read
     /// timeout, which is off unless set with a timer).
     #[serde(with = "humantime_serde")]
@@ -148,6 +153,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            body_read_timeout: ProxySettings::default().body_read_timeout,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             h2_max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
             max_concurrent_requests: ProxySettings::default().max_concurrent_requests,
@@ -208,6 +214,7 @@ impl Config {
     pub fn proxy_settings(&self) -> ProxySettings {
         ProxySettings {
             max_body_bytes: self.limits.max_body_bytes,
+            body_read_timeout: self.limits.body_read_timeout,
             response_header_timeout: self.upstream.response_header_timeout,
             idle_chunk_timeout: self.upstream.idle_chunk_timeout,
             max_attempts: self.upstream.max_attempts,
@@ -235,6 +242,11 @@ impl Validate for Config {
             "limits.max_body_bytes",
             self.limits.max_body_bytes,
             1..=1 << 30,
+        ));
+        errors.extend(FieldError::check_duration(
+            "limits.body_read_timeout",
+            self.limits.body_read_timeout,
+            Duration::from_secs(1)..=Duration::from_secs(600),
         ));
         errors.extend(FieldError::check_range(
             "limits.h2_max_concurrent_streams",

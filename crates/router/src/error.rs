@@ -53,6 +53,10 @@ pub enum RouteError {
     /// No response headers within the time-to-first-token bound.
     #[error("no response within {0:?}")]
     Timeout(Duration),
+    /// The request body did not arrive within its bound (a client that
+    /// trickles it in holds no slot for longer).
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(Duration),
 }
 
 /// How long a client should wait before retrying a 429 or 503.
@@ -65,6 +69,7 @@ impl RouteError {
             Self::UnknownRoute { .. } | Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::NoCapacity { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unreachable { .. } | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
@@ -78,6 +83,7 @@ impl RouteError {
             Self::UnknownRoute { .. }
             | Self::BadRequest(_)
             | Self::TooLarge { .. }
+            | Self::BodyTimeout(_)
             | Self::ModelNotFound(_) => "invalid_request_error",
             Self::Overloaded => "rate_limit_error",
             Self::NoCapacity { .. }
@@ -94,6 +100,7 @@ impl RouteError {
             Self::UnknownRoute { .. } => "unknown_url",
             Self::BadRequest(_) => "invalid_request",
             Self::TooLarge { .. } => "request_too_large",
+            Self::BodyTimeout(_) => "request_timeout",
             Self::ModelNotFound(_) => "model_not_found",
             Self::Overloaded => "rate_limit_exceeded",
             Self::NoCapacity { .. } => "no_capacity",

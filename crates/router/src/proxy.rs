@@ -52,6 +52,8 @@ pub const SESSION_HEADER: HeaderName = HeaderName::from_static("x-session-id");
 pub struct ProxySettings {
     /// Largest request body accepted (and kept for retries), in bytes.
     pub max_body_bytes: usize,
+    /// Longest time a request's body may take to arrive.
+    pub body_read_timeout: Duration,
     /// Longest wait for an upstream's response headers (time to first token).
     pub response_header_timeout: Duration,
     /// Longest gap between two chunks of a response body.
@@ -73,6 +75,7 @@ impl Default for ProxySettings {
     fn default() -> Self {
         Self {
             max_body_bytes: 4 << 20,
+            body_read_timeout: Duration::from_secs(30),
             response_header_timeout: Duration::from_secs(300),
             idle_chunk_timeout: Duration::from_secs(120),
             max_attempts: 4,
@@ -249,7 +252,11 @@ impl Proxy {
         if declared.is_some_and(|len| len > limit as u64) {
             return Err(RouteError::TooLarge { limit });
         }
-        match Limited::new(body, limit).collect().await {
+        let timeout = self.settings.body_read_timeout;
+        let read = tokio::time::timeout(timeout, Limited::new(body, limit).collect())
+            .await
+            .map_err(|_| RouteError::BodyTimeout(timeout))?;
+        match read {
             Ok(collected) => Ok(collected.to_bytes()),
             Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
                 Err(RouteError::TooLarge { limit })

@@ -411,6 +411,46 @@ async fn past_the_concurrency_limit_requests_are_shed_until_a_stream_ends() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_trickles_in_gets_408_and_frees_its_slot() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let engine = engine("org/model", f64::INFINITY).await;
+    let router = TestRouter::start(
+        table(0, vec![deployment("v1", 1, &[engine.addr()])]),
+        ProxySettings {
+            max_concurrent_requests: 1,
+            body_read_timeout: Duration::from_secs(1),
+            ..ProxySettings::default()
+        },
+    )
+    .await;
+    // Headers, ten bytes of a hundred, then nothing.
+    let mut slow = tokio::net::TcpStream::connect(router.addr).await.unwrap();
+    slow.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\": ",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = slow.read(&mut buf).await.unwrap();
+            answer.extend_from_slice(&buf[..n]);
+            if n == 0 || answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer to a trickling body");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    // The slot it held is free again.
+    let (status, _, body) = chat(&client(), &router).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_with_prior_knowledge_streams_too() {
     let engine = engine("org/model", 200.0).await;
     let router = TestRouter::start(
