@@ -59,6 +59,22 @@ pub enum RouteError {
     BodyTimeout(Duration),
 }
 
+/// What a client sent, as an error may quote it: at most 64 characters,
+/// control characters escaped, `...` when cut. An error never echoes a
+/// caller's whole input back.
+pub fn short(input: &str) -> String {
+    let mut out: String = input
+        .chars()
+        .take(64)
+        .collect::<String>()
+        .escape_debug()
+        .to_string();
+    if input.chars().nth(64).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
 /// How long a client should wait before retrying a 429 or 503.
 pub const RETRY_AFTER_SECONDS: u32 = 1;
 
@@ -152,6 +168,14 @@ impl RouteError {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_quotes_a_short_escaped_prefix_of_the_input() {
+        assert_eq!(short("gpt-4"), "gpt-4");
+        let long = short(&"x".repeat(10_000));
+        assert_eq!(long, format!("{}...", "x".repeat(64)));
+        assert_eq!(short("a\x1b[2Jb"), "a\\u{1b}[2Jb");
+    }
 
     #[test]
     fn errors_are_openai_shaped_with_the_right_status() {

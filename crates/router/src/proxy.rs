@@ -170,10 +170,11 @@ impl Proxy {
             },
             None => (None, path),
         };
-        if parts.method != Method::POST || !upstream_path.starts_with("/v1/") {
+        let escapes = upstream_path.split('/').any(|s| s == ".." || s == ".");
+        if parts.method != Method::POST || !upstream_path.starts_with("/v1/") || escapes {
             return Err(RouteError::UnknownRoute {
                 method: parts.method.to_string(),
-                path: path.to_owned(),
+                path: crate::error::short(path),
             });
         }
         // Unchanged, the client's own path is forwarded (a cheap clone of
@@ -213,7 +214,7 @@ impl Proxy {
         let table = self.routes.load();
         let endpoint = table
             .endpoint(model)
-            .ok_or_else(|| RouteError::ModelNotFound(model.to_owned()))?;
+            .ok_or_else(|| RouteError::ModelNotFound(crate::error::short(model)))?;
         let session_key = parts
             .headers
             .get(&SESSION_HEADER)

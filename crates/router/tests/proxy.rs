@@ -266,6 +266,22 @@ async fn the_router_answers_bad_requests_itself() {
     let (status, _, _) = post(&client, &url, big, &[]).await.unwrap();
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
 
+    // A model name of a megabyte is not echoed back whole.
+    let huge = serde_json::json!({"model": "m".repeat(1_000)}).to_string();
+    let (status, _, body) = post(&client, &url, huge, &[]).await.unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body.len() < 400, "{body}");
+    // Nor does a path with `..` reach a gate.
+    let (status, _, _) = post(
+        &client,
+        &router.url("/v1/../metrics"),
+        chat_body("chat", false),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
     let (status, _, body) = post(&client, &url, "{not json", &[]).await.unwrap();
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     let (status, _, _) = post(&client, &url, r#"{"messages": []}"#, &[])
