@@ -459,9 +459,11 @@ pub fn is_inference_path(path: &str) -> bool {
         "/rerank",
         "/invocations",
     ];
-    if path
-        .split('/')
-        .any(|segment| segment == ".." || segment == ".")
+    // The segment scan runs only when a segment starts with a dot.
+    if path.contains("/.")
+        && path
+            .split('/')
+            .any(|segment| segment == ".." || segment == ".")
     {
         return false;
     }
