@@ -128,13 +128,27 @@ pub async fn serve_with_close<F, Fut, B>(
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler(req).await) }
         });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
+        let builder = builder.clone();
+        let first_byte_timeout = options.header_read_timeout;
         let mut close = close.clone();
         close.mark_unchanged();
         let token = shutdown.token();
         connections.spawn(async move {
+            // hyper learns the protocol from the first bytes, and its header
+            // timeout starts only after that: a connection that sends
+            // nothing is closed here, after the same bound.
+            let mut first = [0u8; 1];
+            tokio::select! {
+                peeked = tokio::time::timeout(first_byte_timeout, stream.peek(&mut first)) => {
+                    if !matches!(peeked, Ok(Ok(n)) if n > 0) {
+                        return;
+                    }
+                }
+                () = token.cancelled() => return,
+            }
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
             let mut connection = std::pin::pin!(connection);
             let mut closing = false;
             loop {
@@ -242,6 +256,33 @@ pub fn metrics(handle: Option<&PrometheusHandle>) -> Response<Full<Bytes>> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_connection_that_sends_nothing_is_closed_after_the_header_bound() {
+        use tokio::io::AsyncReadExt as _;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let options = ServeOptions {
+            header_read_timeout: Duration::from_millis(300),
+            ..ServeOptions::default()
+        };
+        let shutdown = Shutdown::new();
+        let stop = shutdown.clone();
+        let server = tokio::spawn(async move {
+            serve(listener, &options, stop, |_req| async {
+                text(StatusCode::OK, "ok\n")
+            })
+            .await;
+        });
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        // The server closes it: the read ends (0 bytes or a reset) well
+        // before the test's own bound.
+        let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+        shutdown.trigger();
+        server.await.unwrap();
+    }
 
     #[test]
     fn hop_by_hop_headers_and_those_connection_names_are_removed() {
