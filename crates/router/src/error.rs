@@ -22,6 +22,9 @@ pub enum RouteError {
     /// The body is not JSON, or has no usable `model`.
     #[error("{0}")]
     BadRequest(String),
+    /// The URL exceeds [`MAX_URL_BYTES`].
+    #[error("the URL is {0} bytes; at most {max}", max = MAX_URL_BYTES)]
+    UrlTooLong(usize),
     /// The body exceeds the configured limit.
     #[error("request body exceeds the limit of {limit} bytes")]
     TooLarge {
@@ -75,6 +78,10 @@ pub fn short(input: &str) -> String {
     out
 }
 
+/// The longest URL (path and query) the router accepts: the inference API
+/// needs short ones.
+pub const MAX_URL_BYTES: usize = 8 * 1024;
+
 /// How long a client should wait before retrying a 429 or 503.
 pub const RETRY_AFTER_SECONDS: u32 = 1;
 
@@ -85,6 +92,7 @@ impl RouteError {
             Self::UnknownRoute { .. } | Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UrlTooLong(_) => StatusCode::URI_TOO_LONG,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::NoCapacity { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -99,6 +107,7 @@ impl RouteError {
             Self::UnknownRoute { .. }
             | Self::BadRequest(_)
             | Self::TooLarge { .. }
+            | Self::UrlTooLong(_)
             | Self::BodyTimeout(_)
             | Self::ModelNotFound(_) => "invalid_request_error",
             Self::Overloaded => "rate_limit_error",
@@ -116,6 +125,7 @@ impl RouteError {
             Self::UnknownRoute { .. } => "unknown_url",
             Self::BadRequest(_) => "invalid_request",
             Self::TooLarge { .. } => "request_too_large",
+            Self::UrlTooLong(_) => "url_too_long",
             Self::BodyTimeout(_) => "request_timeout",
             Self::ModelNotFound(_) => "model_not_found",
             Self::Overloaded => "rate_limit_exceeded",

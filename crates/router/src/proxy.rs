@@ -159,6 +159,10 @@ impl Proxy {
             .try_acquire_owned()
             .map_err(|_| RouteError::Overloaded)?;
         let (parts, body) = req.into_parts();
+        let url_len = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+        if url_len > crate::error::MAX_URL_BYTES {
+            return Err(RouteError::UrlTooLong(url_len));
+        }
         let path = parts.uri.path();
         if parts.method == Method::GET && path == "/v1/models" {
             return Ok(self.models());

@@ -271,6 +271,17 @@ async fn the_router_answers_bad_requests_itself() {
     let (status, _, body) = post(&client, &url, huge, &[]).await.unwrap();
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body.len() < 400, "{body}");
+    // A URL longer than any the inference API needs gets 414.
+    let (status, _, body) = post(
+        &client,
+        &router.url(&format!("/v1/chat/completions?{}", "q".repeat(9_000))),
+        chat_body("chat", false),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::URI_TOO_LONG, "{body}");
+    assert!(body.contains("url_too_long"), "{body}");
     // Nor does a path with `..` reach a gate.
     let (status, _, _) = post(
         &client,
