@@ -6,6 +6,7 @@
 //! commands: `serve` is fake-vllm, `__router`, `__agent`, `__coordinator`),
 //! so that `cargo run --bin crossfade -- demo` needs nothing else built.
 
+mod certs;
 mod demo;
 mod output;
 mod template;
@@ -50,6 +51,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// A private CA for the fleet's mutual TLS, and certificates that name
+    /// their role (`certs init`, `certs issue --role agent --name gpu-07`).
+    Certs {
+        #[command(subcommand)]
+        command: certs::CertsCommand,
+    },
     /// Create, show, list or delete endpoints.
     Endpoint {
         #[command(subcommand)]
@@ -337,14 +344,20 @@ fn rpc(e: tonic::Status) -> anyhow::Error {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    if let Command::Demo(args) = cli.command {
-        return demo::run(args, cli.output).await;
-    }
+    let cli = match cli.command {
+        Command::Demo(args) => return demo::run(args, cli.output).await,
+        // Files only: no coordinator.
+        Command::Certs { command } => {
+            certs::run(command)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        command => Cli { command, ..cli },
+    };
     let mut client = connect(&cli.coordinator).await?;
     let out = cli.output;
     match cli.command {
-        // Handled above: it needs no coordinator.
-        Command::Demo(_) => {}
+        // Handled above: they need no coordinator.
+        Command::Demo(_) | Command::Certs { .. } => {}
         Command::Endpoint { command } => match command {
             EndpointCommand::Create {
                 name,
