@@ -1436,6 +1436,16 @@ async fn an_api_key_in_vllm_args_is_probed_with_and_never_shown() {
         assert!(!text.contains("sk-e2e-secret"), "{text}");
         assert!(text.contains("<redacted>"), "{text}");
     }
+    // Nor in the process list: the engines got it as VLLM_API_KEY.
+    let keyed_id = endpoint.active_deployment.as_ref().unwrap().id.clone();
+    let engines = engines_of(&fleet, &keyed_id).await;
+    assert_eq!(engines.len(), 2, "{engines:?}");
+    for (pid, _) in engines.values() {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(cmdline.contains("--max-model-len"), "{cmdline}");
+        assert!(!cmdline.contains("sk-e2e-secret"), "{cmdline}");
+    }
 }
 
 /// Engines of `deployment` on the fleet's workers: control address →

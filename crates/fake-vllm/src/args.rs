@@ -93,6 +93,11 @@ impl Config {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ArgsError> {
         let mut config = parse_command_line(args.into_iter().collect())?;
+        // As vLLM: `--api-key` first, else `VLLM_API_KEY` (which keeps the
+        // key out of the process list).
+        if config.api_key.is_none() {
+            config.api_key = env("VLLM_API_KEY").filter(|k| !k.is_empty()).map(ApiKey);
+        }
         apply_knobs(&mut config, env)?;
         config.validate()?;
         Ok(config)
@@ -484,6 +489,18 @@ mod tests {
         assert_eq!(c.max_num_seqs, 2);
         assert_eq!(c.shutdown_timeout, Some(Duration::from_millis(1500)));
         assert_eq!(c.max_model_len, 32_000);
+    }
+
+    #[test]
+    fn the_api_key_may_come_from_vllm_api_key_as_in_vllm() {
+        let c = parse_env(&["serve", "m"], &[("VLLM_API_KEY", "sk-env")]).expect("parses");
+        assert_eq!(c.api_key.map(|k| k.0).as_deref(), Some("sk-env"));
+        let c = parse_env(
+            &["serve", "m", "--api-key", "sk-flag"],
+            &[("VLLM_API_KEY", "sk-env")],
+        )
+        .expect("parses");
+        assert_eq!(c.api_key.map(|k| k.0).as_deref(), Some("sk-flag"));
     }
 
     #[test]

@@ -356,7 +356,10 @@ pub fn plan(
         shutdown_timeout_seconds: template.shutdown_timeout_seconds,
     })
     .map_err(|e| SupervisorError::Invalid(format!("spec.template: {e}")))?;
-    let mut env = Vec::with_capacity(template.env.len() + 1);
+    let mut env = Vec::with_capacity(template.env.len() + 3);
+    // Secrets the engine also reads from its environment leave its command
+    // line, which every user of the host can read (`ps`).
+    let args = secrets_to_env(args, &mut env);
     if !settings.cuda_visible_devices.is_empty() {
         env.push((
             "CUDA_VISIBLE_DEVICES".to_owned(),
@@ -399,6 +402,36 @@ pub fn plan(
         env,
         log_path,
     })
+}
+
+/// Secret flags vLLM also reads from its environment, and those variables.
+const SECRET_FLAG_ENV: &[(&str, &str)] =
+    &[("--api-key", "VLLM_API_KEY"), ("--hf-token", "HF_TOKEN")];
+
+/// Moves the values of [`SECRET_FLAG_ENV`] flags (one value each, in any
+/// spelling) from `args` to `env`.
+fn secrets_to_env(args: Vec<String>, env: &mut Vec<(String, String)>) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut words = args.into_iter().peekable();
+    while let Some(word) = words.next() {
+        let Some((_, var)) = SECRET_FLAG_ENV
+            .iter()
+            .find(|(flag, _)| crossfade_common::vllm_args::names(&word, flag))
+        else {
+            out.push(word);
+            continue;
+        };
+        let value = match word.split_once('=') {
+            Some((_, value)) => Some(value.to_owned()),
+            None => words.next_if(|next| !next.starts_with("--")),
+        };
+        match value {
+            Some(value) => env.push(((*var).to_owned(), value)),
+            // No value: vLLM reports it, as it would.
+            None => out.push(word),
+        }
+    }
+    out
 }
 
 /// The secret values of `spec`: its secret environment variables and the
@@ -1285,6 +1318,33 @@ mod tests {
                 .any(|w| w == ["--shutdown-timeout", "30"])
         );
         assert!(!format!("{plan:?}").contains("hf_abcdef"));
+    }
+
+    #[test]
+    fn secret_flags_leave_the_command_line_for_the_environment() {
+        let settings = config::Engine::default();
+        let mut keyed = spec(Vec::new());
+        if let Some(t) = keyed.template.as_mut() {
+            t.vllm_args = "--api-key sk-abc --max-model-len 4096 --hf_token=hf_x".into();
+        }
+        let plan = plan(&settings, &keyed, "l".into()).unwrap();
+        assert!(
+            !plan
+                .args
+                .iter()
+                .any(|a| a.contains("sk-abc") || a.contains("hf_x")),
+            "{:?}",
+            plan.args
+        );
+        assert!(plan.args.iter().any(|a| a == "--max-model-len"));
+        assert!(
+            plan.env
+                .contains(&("VLLM_API_KEY".to_owned(), "sk-abc".to_owned()))
+        );
+        assert!(
+            plan.env
+                .contains(&("HF_TOKEN".to_owned(), "hf_x".to_owned()))
+        );
     }
 
     #[test]
