@@ -322,21 +322,26 @@ impl Rollout {
 
     /// Moves back to `from`, step by step; `end` once there.
     pub(super) fn turn_back(&mut self, end: Status, out: &mut Vec<Action>) {
-        self.abandon_step(out);
-        // Old replicas on their way out and not yet stopped serve again:
-        // one draining is told to stop draining (no reload), one whose
-        // drain has not begun is still ready. The steps route them again
-        // as soon as they report ready.
+        // Old replicas on their way out of a table and not yet stopped
+        // serve again: one draining is told to stop draining (no reload),
+        // one whose drain has not begun is still ready. The steps route
+        // them again as soon as they report ready. Chosen before the step
+        // is abandoned: a worker whose start is abandoned was never routed,
+        // and what its view says of the old deployment predates its
+        // `Apply`.
         let back: Vec<(String, Leaving)> = self
             .leaving
             .iter()
-            .filter(|(id, r)| {
-                matches!(r.stage, Leaving::AwaitAck(_) | Leaving::Draining)
-                    && self.workers.get(*id).and_then(|w| w.deployment.as_deref())
-                        == Some(self.from.as_str())
+            .filter(|(_, r)| {
+                matches!(r.stage, Leaving::AwaitAck(seq) if seq > 0) || r.stage == Leaving::Draining
+            })
+            .filter(|(id, _)| {
+                self.workers.get(*id).and_then(|w| w.deployment.as_deref())
+                    == Some(self.from.as_str())
             })
             .map(|(id, r)| (id.clone(), r.stage))
             .collect();
+        self.abandon_step(out);
         for (worker, stage) in back {
             // Held until the routers have acknowledged the table it left.
             self.leaving

@@ -694,7 +694,12 @@ impl Rollout {
         };
         let warm = fresh
             .iter()
-            .filter(|w| self.workers.get(*w).and_then(|v| v.deployment.as_deref()) == Some(new))
+            .filter(|w| {
+                self.workers.get(*w).is_some_and(|v| {
+                    v.deployment.as_deref() == Some(new)
+                        && matches!(v.engine, Engine::Ready | Engine::Draining)
+                })
+            })
             .count();
         out.push(record(
             "step-started",
