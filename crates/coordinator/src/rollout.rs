@@ -343,6 +343,11 @@ pub struct Rollout {
     /// step and the pause.
     #[serde(default)]
     scaling: BTreeMap<String, String>,
+    /// What each worker's view was when it was asked to start (`Apply`):
+    /// until its agent reports anything else, that view predates the start
+    /// and says nothing of it (a failure there is an earlier engine's).
+    #[serde(default)]
+    applied_over: BTreeMap<String, Worker>,
     /// Old replicas this step takes out once the new ones are in.
     removes: BTreeSet<String>,
     /// Workers on their way out.
@@ -390,6 +395,7 @@ impl Rollout {
             starting: BTreeSet::new(),
             ready: BTreeSet::new(),
             scaling: BTreeMap::new(),
+            applied_over: BTreeMap::new(),
             removes: BTreeSet::new(),
             leaving: BTreeMap::new(),
             failed: BTreeSet::new(),
@@ -478,6 +484,7 @@ impl Rollout {
                 self.from.clone()
             };
             self.scaling.insert(worker.clone(), deployment.clone());
+            self.note_apply(&worker);
             out.push(Action::Apply { worker, deployment });
         }
         self.advance(&mut out);

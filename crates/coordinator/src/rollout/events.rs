@@ -17,6 +17,10 @@ impl Rollout {
     /// Compares every worker in the table, starting or ready with what its
     /// agent reports now, and corrects the plan where they differ.
     pub(super) fn observe(&mut self, out: &mut Vec<Action>) {
+        let (starting, ready, scaling) = (&self.starting, &self.ready, &self.scaling);
+        self.applied_over.retain(|id, _| {
+            starting.contains(id) || ready.contains(id) || scaling.contains_key(id)
+        });
         for id in self.claimed() {
             let Some(worker) = self.workers.get(&id).cloned() else {
                 continue;
@@ -53,6 +57,15 @@ impl Rollout {
             ));
             self.push_table(out);
             self.unroute(id);
+        }
+        // A start: nothing its agent reported since the `Apply` yet, so
+        // nothing to read from the view about it.
+        match self.applied_over.get(id) {
+            Some(before) if before == worker => return,
+            Some(_) => {
+                self.applied_over.remove(id);
+            }
+            None => {}
         }
         if let Some(deployment) = self.scaling.get(id).cloned() {
             self.observe_scaling(id, worker, &deployment, out);
@@ -238,11 +251,7 @@ impl Rollout {
         if retirement.then_start && !self.status.is_terminal() && !self.is_evicted(worker) {
             self.leaving.remove(worker);
             let deployment = self.new_deployment();
-            self.starting.insert(worker.to_owned());
-            out.push(Action::Apply {
-                worker: worker.to_owned(),
-                deployment,
-            });
+            self.start_on(worker.to_owned(), deployment, out);
         } else if retirement.keep_running {
             self.leaving.remove(worker);
         } else {

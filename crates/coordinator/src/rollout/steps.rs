@@ -95,6 +95,20 @@ impl Rollout {
             && !self.failed.contains(id)
     }
 
+    /// Asks `worker` to start `deployment`.
+    pub(super) fn start_on(&mut self, worker: String, deployment: String, out: &mut Vec<Action>) {
+        self.starting.insert(worker.clone());
+        self.note_apply(&worker);
+        out.push(Action::Apply { worker, deployment });
+    }
+
+    /// Remembers `worker`'s view as it was when it was asked to start.
+    pub(super) fn note_apply(&mut self, worker: &str) {
+        if let Some(view) = self.workers.get(worker) {
+            self.applied_over.insert(worker.to_owned(), view.clone());
+        }
+    }
+
     /// Idle workers, the free ones first, then those holding a kept
     /// engine.
     pub(super) fn idle_workers(&self) -> Vec<String> {
@@ -297,11 +311,7 @@ impl Rollout {
                 .take(target - serving_count)
                 .collect();
             for worker in starts {
-                self.starting.insert(worker.clone());
-                out.push(Action::Apply {
-                    worker,
-                    deployment: serving.clone(),
-                });
+                self.start_on(worker, serving.clone(), out);
             }
         } else if self.starting.is_empty() && staying.len() > target {
             for worker in staying.iter().skip(target) {
@@ -560,11 +570,7 @@ impl Rollout {
                     ),
                 ));
                 for worker in chosen {
-                    self.starting.insert(worker.clone());
-                    out.push(Action::Apply {
-                        worker,
-                        deployment: self.from.clone(),
-                    });
+                    self.start_on(worker, self.from.clone(), out);
                 }
                 self.phase = Phase::WaitingReady;
                 return;
@@ -719,11 +725,7 @@ impl Rollout {
             } else {
                 // Idle, or warm and drained: the agent takes an `Apply` of
                 // the deployment it runs as an undrain (no reload).
-                self.starting.insert(worker.clone());
-                out.push(Action::Apply {
-                    worker,
-                    deployment: new.to_owned(),
-                });
+                self.start_on(worker, new.to_owned(), out);
             }
         }
         if new_routed == 0 && !in_place.is_empty() && in_place.len() == old_routed as usize {

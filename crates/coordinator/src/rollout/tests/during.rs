@@ -301,3 +301,31 @@ fn a_warm_rollback_with_keep_runs_on_the_wall_clock_without_a_pause() {
     applied.sort();
     assert_eq!(applied, ["c", "d"]);
 }
+
+#[test]
+fn a_failure_in_a_view_older_than_the_apply_is_not_the_new_starts() {
+    // w2's last engine of the candidate crashed before this promotion.
+    let (mut workers, routed) = fleet(2, 1);
+    workers.insert("w2".into(), {
+        let mut w = worker(Some("new"), Engine::Failed);
+        w.eligible = true;
+        w
+    });
+    let mut r = Rollout::new("old", "new", rolling_surge(), 2, workers, routed);
+    let start = r.start(0);
+    assert_eq!(applies(&start), [("w2".to_owned(), "new".to_owned())]);
+    // Nothing new from its agent yet: the old failure is not this start's.
+    handle(&mut r, Event::Tick { now_ms: 1_000 });
+    assert_eq!(r.status, Status::Releasing);
+    assert!(r.is_starting("w2"));
+    // Its agent reports the start, then a failure: that one counts.
+    handle(
+        &mut r,
+        Event::Worker {
+            id: "w2".into(),
+            worker: worker(Some("new"), Engine::Starting),
+        },
+    );
+    handle(&mut r, failed("w2", "new"));
+    assert_eq!(r.status, Status::Failed, "{}", r.reason);
+}
