@@ -1244,10 +1244,7 @@ async fn deleting_an_endpoint_stops_its_engines_once_the_routers_forget_it() {
         .unwrap();
     let store = fleet.coordinator_config.with_file_name("state.json");
     // The store holds templates protobuf-encoded in hex.
-    let hex: String = b"hf_delete_me_123"
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hex = crossfade_common::files::hex(b"hf_delete_me_123");
     let stored = || std::fs::read_to_string(&store).unwrap();
     assert!(stored().contains(&hex), "the check can see the secret");
     fleet

@@ -4,9 +4,7 @@
 //! `crossfade://role/ROLE`. Keys are written with mode 0600 and never
 //! printed. Built on rcgen.
 
-use std::io::Write as _;
 use std::net::IpAddr;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
@@ -179,17 +177,14 @@ pub fn issue(dir: &Path, role: Role, name: &str, sans: &[String]) -> anyhow::Res
     Ok(vec![cert_path, key_path])
 }
 
-/// A key: created 0600, never world- or group-readable, even for a moment.
+/// A key: 0600 from its first byte (the project's private-file writer),
+/// and never over an existing one.
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
-    file.write_all(contents.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    if path.exists() {
+        bail!("{} exists: keys are never overwritten", path.display());
+    }
+    crossfade_common::files::write_private(path, contents.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn write_public(path: &Path, contents: &str) -> anyhow::Result<()> {

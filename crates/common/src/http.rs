@@ -267,21 +267,21 @@ mod tests {
             ..ServeOptions::default()
         };
         let shutdown = Shutdown::new();
-        let stop = shutdown.clone();
-        let server = tokio::spawn(async move {
-            serve(listener, &options, stop, |_req| async {
-                text(StatusCode::OK, "ok\n")
-            })
-            .await;
+        let server = serve(listener, &options, shutdown.clone(), |_req| async {
+            text(StatusCode::OK, "ok\n")
         });
-        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut buf = [0u8; 16];
-        // The server closes it: the read ends (0 bytes or a reset) well
-        // before the test's own bound.
-        let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf)).await;
-        assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
-        shutdown.trigger();
-        server.await.unwrap();
+        let client = async {
+            let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut buf = [0u8; 16];
+            // The server closes it: the read ends (0 bytes or a reset) well
+            // before the test's own bound.
+            let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf)).await;
+            assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+            shutdown.trigger();
+        };
+        // The server runs beside the client, not spawned: it ends with the
+        // test.
+        tokio::join!(server, client);
     }
 
     #[test]

@@ -552,14 +552,8 @@ mod tests {
             health_gate_min_requests: Some(0),
             ..Default::default()
         };
-        let errors: Vec<String> = PromotionSettings::default()
-            .updated(&update, "settings")
-            .unwrap_err()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
         assert_eq!(
-            errors,
+            refused(update),
             [
                 "`settings.health_gate_margin_percent`: must be within 0..=100, got 101",
                 "`settings.health_gate_min_requests`: must be within 1..=1000000, got 0",

@@ -95,17 +95,7 @@ impl Rollout {
             // there is a report from before the `Apply`: an in-place worker
             // still draining.)
             Engine::Starting | Engine::Ready if self.is_foreign(worker) => {
-                // Not barred: once that engine is stopped, the worker is
-                // idle again.
-                self.starting.remove(id);
-                self.ready.remove(id);
-                out.push(record(
-                    "start-lost",
-                    format!(
-                        "{id} runs {} instead of {expected}; starting elsewhere",
-                        worker.deployment.as_deref().unwrap_or_default()
-                    ),
-                ));
+                self.start_lost(id, worker, &expected, out);
             }
             // A report older than the `Apply` may still show an earlier
             // engine's failure: only the expected deployment's counts.
@@ -127,6 +117,22 @@ impl Rollout {
             }
             _ => {}
         }
+    }
+
+    /// `id` runs `worker`'s foreign deployment instead of `expected`: its
+    /// start will not come, and one starts elsewhere. The worker is not
+    /// barred: once that engine is stopped, it is idle again.
+    fn start_lost(&mut self, id: &str, worker: &Worker, expected: &str, out: &mut Vec<Action>) {
+        self.starting.remove(id);
+        self.ready.remove(id);
+        self.scaling.remove(id);
+        out.push(record(
+            "start-lost",
+            format!(
+                "{id} runs {} instead of {expected}: that start will not come",
+                worker.deployment.as_deref().unwrap_or_default()
+            ),
+        ));
     }
 
     /// `worker` runs a deployment that is neither side of this promotion.
@@ -165,14 +171,7 @@ impl Rollout {
             // promotion is a lost start (the old one there is a report from
             // before the `Apply`).
             Engine::Starting | Engine::Ready if self.is_foreign(worker) => {
-                self.scaling.remove(id);
-                out.push(record(
-                    "start-lost",
-                    format!(
-                        "{id} runs {} instead of {deployment}",
-                        worker.deployment.as_deref().unwrap_or_default()
-                    ),
-                ));
+                self.start_lost(id, worker, deployment, out);
             }
             _ => {}
         }
