@@ -58,14 +58,21 @@ impl Rollout {
             self.push_table(out);
             self.unroute(id);
         }
-        // A start: nothing its agent reported since the `Apply` yet, so
-        // nothing to read from the view about it.
+        // A start whose agent has reported nothing since the `Apply`: a
+        // failure (or a foreign engine) in that view is an earlier engine's,
+        // not this start's. A view already ready with the deployment is
+        // read as it is (an `Apply` of what runs changes nothing to report).
         match self.applied_over.get(id) {
-            Some(before) if before == worker => return,
-            Some(_) => {
+            Some(before)
+                if before == worker
+                    && (worker.engine == Engine::Failed || self.is_foreign(worker)) =>
+            {
+                return;
+            }
+            Some(before) if before != worker => {
                 self.applied_over.remove(id);
             }
-            None => {}
+            _ => {}
         }
         if let Some(deployment) = self.scaling.get(id).cloned() {
             self.observe_scaling(id, worker, &deployment, out);
