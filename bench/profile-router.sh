@@ -29,6 +29,8 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 w1=$(port) w2=$(port) w3=$(port) w4=$(port) public=$(port) admin=$(port) control=$(port)
 
 cat > "$work/router.toml" <<EOF
+[control_tls]
+insecure = true
 [listen]
 public = "127.0.0.1:$public"
 admin = "127.0.0.1:$admin"

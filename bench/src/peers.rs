@@ -184,6 +184,8 @@ fn crossfade(setup: &Setup) -> Result<Running, Skip> {
     let [w1, w2, w3, w4] = setup.workers;
     let config = format!(
         r#"# crossfade-router, as the benchmark runs it.
+[control_tls]
+insecure = true
 [listen]
 public = "127.0.0.1:{public}"
 admin = "127.0.0.1:{admin}"

@@ -514,6 +514,10 @@ async fn unbalanced_quotes_in_vllm_args_stop_the_agent_with_a_clear_error() {
         .args([
             "--set",
             &format!("engine.state_dir={}", host.state_dir().display()),
+            "--set",
+            "control_tls.insecure=true",
+            "--set",
+            &format!("listen.control=127.0.0.1:{}", host.control),
         ])
         .env("MODEL_NAME", "org/m")
         .env("VLLM_ARGS", "--max-model-len 4096 --chat-template '{{ x }}")

@@ -69,7 +69,7 @@ fn errors_name_the_coordinator_or_the_setting() {
     std::fs::write(
         &config,
         format!(
-            "[listen]\napi = \"{api}\"\nadmin = \"127.0.0.1:{}\"\n[store]\npath = \"{}\"\n",
+            "[control_tls]\ninsecure = true\n[listen]\napi = \"{api}\"\nadmin = \"127.0.0.1:{}\"\n[store]\npath = \"{}\"\n",
             free_port().unwrap(),
             dir.path().join("state.json").display()
         ),

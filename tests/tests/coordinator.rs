@@ -77,7 +77,7 @@ fn start_fleet(workers: usize) -> Fleet {
     std::fs::write(
         &config,
         format!(
-            "agents = [{}]\nrouters = [{}]\nrouter_ack_timeout = \"60s\"\n[listen]\napi = \"{api}\"\nadmin = \"{admin}\"\n[store]\npath = \"{}\"\n",
+            "agents = [{}]\nrouters = [{}]\nrouter_ack_timeout = \"60s\"\n[control_tls]\ninsecure = true\n[listen]\napi = \"{api}\"\nadmin = \"{admin}\"\n[store]\npath = \"{}\"\n",
             agents_list.join(", "),
             routers_list.join(", "),
             dir.path().join("state.json").display()
@@ -112,7 +112,7 @@ fn start_router(dir: &TempDir, i: usize) -> (Process, SocketAddr, SocketAddr) {
     std::fs::write(
         &config,
         format!(
-            "[listen]\npublic = \"{public}\"\nadmin = \"127.0.0.1:{}\"\ncontrol = \"{control}\"\n",
+            "[control_tls]\ninsecure = true\n[listen]\npublic = \"{public}\"\nadmin = \"127.0.0.1:{}\"\ncontrol = \"{control}\"\n",
             free_port().unwrap()
         ),
     )

@@ -41,6 +41,8 @@ fn config_text(
 ) -> String {
     format!(
         r#"
+[control_tls]
+insecure = true
 [listen]
 public = "{public}"
 admin = "{admin}"

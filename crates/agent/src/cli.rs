@@ -9,7 +9,7 @@ use crate::gate::{Gate, Mode};
 use crate::gpu::fake::FakeGpuProbe;
 use crate::gpu::nvml::NvmlProbe;
 use crate::gpu::{self, GpuProbe, Unavailable};
-use crate::service::{AgentService, Defaults};
+use crate::service::{AgentService, Defaults, policy};
 use crate::status::{Identity, Reporter, monitor_gpus};
 use crate::supervisor::runtime::ProcessRuntime;
 use crate::supervisor::{self, Supervisor};
@@ -20,6 +20,7 @@ use clap::Parser;
 use crossfade_common::config::{self, CommonArgs};
 use crossfade_common::http::{self as common_http, ServeOptions};
 use crossfade_common::{Shutdown, telemetry};
+use crossfade_proto::tls::Role;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -75,6 +76,10 @@ async fn run(
         .context("installing the Prometheus recorder")?;
     m::describe();
 
+    let tls = config
+        .control_tls
+        .load(Role::Agent)
+        .context("control_tls")?;
     let probe = gpu_probe(&config)?;
     let gate_listener = TcpListener::bind(config.listen.gate)
         .await
@@ -147,7 +152,7 @@ async fn run(
     );
     let control_shutdown = shutdown.clone();
     let control_server =
-        crossfade_proto::server::serve(control, service.into_server(), async move {
+        crossfade_proto::server::serve(control, service.into_server(), &tls, policy, async move {
             control_shutdown.triggered().await;
         });
     let admin_gate = Arc::clone(&gate);

@@ -11,6 +11,7 @@ use crossfade_common::FieldError;
 use crossfade_common::config::Validate;
 use crossfade_common::http::ServeOptions;
 use crossfade_common::telemetry::LogConfig;
+use crossfade_proto::tls::ControlTls;
 use serde::{Deserialize, Serialize};
 
 /// Default gate listener: the host's inference port.
@@ -37,6 +38,8 @@ pub struct Config {
     pub listen: Listen,
     /// Logging.
     pub log: LogConfig,
+    /// Mutual TLS on the control plane (or, explicitly, plain text).
+    pub control_tls: ControlTls,
     /// The inference engine.
     pub engine: Engine,
     /// The gate in front of it.
@@ -286,6 +289,10 @@ fn host_name() -> String {
 impl Validate for Config {
     fn validate(&self) -> Vec<FieldError> {
         let mut errors = self.log.validate("log");
+        errors.extend(
+            self.control_tls
+                .validate("control_tls", &[("listen.control", self.listen.control)]),
+        );
         let listen = [
             ("listen.gate", self.listen.gate),
             ("listen.control", self.listen.control),
@@ -413,14 +420,36 @@ impl Validate for Config {
 mod tests {
     use super::*;
 
+    /// The defaults, with the certificates they lack.
+    fn with_certificates() -> Config {
+        Config {
+            control_tls: ControlTls {
+                ca: Some("/etc/crossfade/certs/ca.pem".into()),
+                cert: Some("/etc/crossfade/certs/gpu-host-1.pem".into()),
+                key: Some("/etc/crossfade/certs/gpu-host-1.key".into()),
+                ..ControlTls::default()
+            },
+            ..Config::default()
+        }
+    }
+
     #[test]
-    fn the_defaults_are_valid() {
-        assert_eq!(Config::default().validate(), Vec::new());
+    fn the_defaults_are_valid_once_given_certificates() {
+        assert_eq!(with_certificates().validate(), Vec::new());
+        let keys: Vec<String> = Config::default()
+            .validate()
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
+        assert_eq!(
+            keys,
+            ["control_tls.ca", "control_tls.cert", "control_tls.key"]
+        );
     }
 
     #[test]
     fn every_bad_key_is_named_with_its_range() {
-        let mut config = Config::default();
+        let mut config = with_certificates();
         config.engine.port = 80;
         config.engine.max_restarts = 1000;
         config.engine.probe_interval = Duration::ZERO;
@@ -455,11 +484,12 @@ mod tests {
         assert_eq!(config.engine.port, 8200);
         assert_eq!(config.engine.ready_timeout, Duration::from_secs(1800));
         assert!(config.gpu.require);
+        assert!(!config.control_tls.insecure);
     }
 
     #[test]
     fn the_engine_may_not_take_an_agent_port() {
-        let mut config = Config::default();
+        let mut config = with_certificates();
         config.engine.port = config.listen.gate.port();
         let errors: Vec<String> = config.validate().iter().map(ToString::to_string).collect();
         assert_eq!(

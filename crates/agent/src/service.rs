@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use crossfade_common::Shutdown;
+use crossfade_proto::tls::Role;
 use crossfade_proto::v1;
 use crossfade_proto::v1::agent_server::{Agent, AgentServer};
 use tokio_stream::Stream;
@@ -58,6 +59,14 @@ impl AgentService {
 
     fn fence(&self, epoch: u64) -> Result<(), Status> {
         self.reporter.fence().check(epoch, "agent")
+    }
+}
+
+/// Who may call the Agent API: the coordinator; an operator may also read.
+pub fn policy(path: &str) -> &'static [Role] {
+    match path.strip_prefix("/crossfade.v1.Agent/") {
+        Some("GetStatus" | "WatchStatus") => &[Role::Coordinator, Role::Operator],
+        _ => &[Role::Coordinator],
     }
 }
 

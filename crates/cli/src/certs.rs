@@ -8,7 +8,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
-use clap::{Subcommand, ValueEnum};
+use clap::Subcommand;
+use crossfade_proto::tls::Role;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -29,8 +30,8 @@ pub enum CertsCommand {
         /// Where the CA is, and where the files go.
         #[arg(long, default_value = "crossfade-certs")]
         dir: PathBuf,
-        /// What the holder may do.
-        #[arg(long, value_enum)]
+        /// What the holder may do: coordinator, router, agent or operator.
+        #[arg(long, value_parser = str::parse::<Role>)]
         role: Role,
         /// The holder's name: the file names and a DNS name in the
         /// certificate (letters, digits, `-`, `.`).
@@ -40,35 +41,6 @@ pub enum CertsCommand {
         #[arg(long = "san")]
         sans: Vec<String>,
     },
-}
-
-/// A role a certificate names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Role {
-    /// Calls agents and routers; serves the Coordinator API.
-    Coordinator,
-    /// Serves RouterControl; sends demand hints to the coordinator.
-    Router,
-    /// Serves the Agent API.
-    Agent,
-    /// A person or CI/CD calling the Coordinator API.
-    Operator,
-}
-
-impl Role {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Coordinator => "coordinator",
-            Self::Router => "router",
-            Self::Agent => "agent",
-            Self::Operator => "operator",
-        }
-    }
-
-    /// The URI SAN that names this role.
-    pub fn uri(self) -> String {
-        format!("crossfade://role/{}", self.name())
-    }
 }
 
 /// Runs a `certs` command; prints the files written.

@@ -15,12 +15,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
+use crossfade_proto::tls::{Control, Role};
 use crossfade_proto::v1;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::output::{Output, endpoint_text};
+use crate::{certs, connection};
 
 /// `crossfade demo` flags.
 #[derive(clap::Args)]
@@ -100,6 +102,46 @@ impl Drop for Fleet {
     }
 }
 
+/// The demo's fleet CA and its members' certificates, all for 127.0.0.1.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(dir: PathBuf) -> anyhow::Result<Self> {
+        certs::init(&dir)?;
+        Ok(Self { dir })
+    }
+
+    /// Issues `name`'s certificate for `role`: its files.
+    fn issue(&self, role: Role, name: &str) -> anyhow::Result<[PathBuf; 3]> {
+        certs::issue(&self.dir, role, name, &["127.0.0.1".to_owned()])?;
+        Ok([
+            self.dir.join("ca.pem"),
+            self.dir.join(format!("{name}.pem")),
+            self.dir.join(format!("{name}.key")),
+        ])
+    }
+
+    /// Issues `name`'s certificate: the `[control_tls]` section of its
+    /// configuration.
+    fn section(&self, role: Role, name: &str) -> anyhow::Result<String> {
+        let [ca, cert, key] = self.issue(role, name)?;
+        Ok(format!(
+            "[control_tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            ca.display(),
+            cert.display(),
+            key.display()
+        ))
+    }
+
+    /// Issues `name`'s certificate: the CLI's side of mutual TLS.
+    fn control(&self, role: Role, name: &str) -> anyhow::Result<Control> {
+        let [ca, cert, key] = self.issue(role, name)?;
+        Ok(Control::mutual(role, &ca, &cert, &key)?)
+    }
+}
+
 /// A free port on 127.0.0.1.
 fn port() -> anyhow::Result<u16> {
     Ok(crossfade_common::net::free_loopback_port()?)
@@ -142,6 +184,11 @@ impl Fleet {
             .arg("--config")
             .arg(config)
             .env("RUST_LOG", "warn")
+            // The CLI's own variables are not the programs' configuration.
+            .env_remove("CROSSFADE_COORDINATOR")
+            .env_remove("CROSSFADE_CA")
+            .env_remove("CROSSFADE_CERT")
+            .env_remove("CROSSFADE_KEY")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -180,6 +227,8 @@ pub async fn run(args: DemoArgs, out: Output) -> anyhow::Result<ExitCode> {
         state_dirs: Vec::new(),
     };
     let exe = std::env::current_exe()?;
+    // Mutual TLS, as a fleet should run: one CA, a certificate per member.
+    let pki = Pki::new(dir.join("certs"))?;
 
     // The fleet.
     say(&format!(
@@ -202,9 +251,10 @@ pub async fn run(args: DemoArgs, out: Output) -> anyhow::Result<ExitCode> {
         std::fs::write(
             &config,
             format!(
-                "worker_id = \"worker-{i}\"\n[listen]\ngate = \"127.0.0.1:{gate}\"\ncontrol = \"127.0.0.1:{control}\"\nadmin = \"127.0.0.1:{admin}\"\n[engine]\ncommand = \"{}\"\nport = {engine}\nstate_dir = \"{}\"\nprobe_interval = \"100ms\"\nmetrics_interval = \"250ms\"\nstop_timeout = \"10s\"\n[gpu]\nprobe = \"fake\"\nfake_gpus = 1\n[status]\nheartbeat = \"1s\"\n",
+                "worker_id = \"worker-{i}\"\n[listen]\ngate = \"127.0.0.1:{gate}\"\ncontrol = \"127.0.0.1:{control}\"\nadmin = \"127.0.0.1:{admin}\"\n[engine]\ncommand = \"{}\"\nport = {engine}\nstate_dir = \"{}\"\nprobe_interval = \"100ms\"\nmetrics_interval = \"250ms\"\nstop_timeout = \"10s\"\n[gpu]\nprobe = \"fake\"\nfake_gpus = 1\n[status]\nheartbeat = \"1s\"\n{}",
                 exe.display(),
-                state.display()
+                state.display(),
+                pki.section(Role::Agent, &format!("agent-{i}"))?
             ),
         )?;
         let index = fleet.spawn(&format!("agent-{i}"), &["__agent"], &config, &knobs)?;
@@ -216,7 +266,8 @@ pub async fn run(args: DemoArgs, out: Output) -> anyhow::Result<ExitCode> {
     std::fs::write(
         &router_config,
         format!(
-            "[listen]\npublic = \"127.0.0.1:{public}\"\nadmin = \"127.0.0.1:{router_admin}\"\ncontrol = \"127.0.0.1:{router_control}\"\n"
+            "[listen]\npublic = \"127.0.0.1:{public}\"\nadmin = \"127.0.0.1:{router_admin}\"\ncontrol = \"127.0.0.1:{router_control}\"\n{}",
+            pki.section(Role::Router, "router")?
         ),
     )?;
     let router = fleet.spawn("router", &["__router"], &router_config, &[])?;
@@ -244,9 +295,10 @@ pub async fn run(args: DemoArgs, out: Output) -> anyhow::Result<ExitCode> {
     std::fs::write(
         &coordinator_config,
         format!(
-            "agents = [{}]\nrouters = [\"127.0.0.1:{router_control}\"]\n[listen]\napi = \"127.0.0.1:{api}\"\nadmin = \"127.0.0.1:{coordinator_admin}\"\n[store]\npath = \"{}\"\n",
+            "agents = [{}]\nrouters = [\"127.0.0.1:{router_control}\"]\n[listen]\napi = \"127.0.0.1:{api}\"\nadmin = \"127.0.0.1:{coordinator_admin}\"\n[store]\npath = \"{}\"\n{}",
             agent_list.join(", "),
-            dir.join("coordinator.json").display()
+            dir.join("coordinator.json").display(),
+            pki.section(Role::Coordinator, "coordinator")?
         ),
     )?;
     let coordinator = fleet.spawn("coordinator", &["__coordinator"], &coordinator_config, &[])?;
@@ -259,7 +311,11 @@ pub async fn run(args: DemoArgs, out: Output) -> anyhow::Result<ExitCode> {
         &mut fleet.children[0],
         &dir.join("coordinator.log"),
     )?;
-    let mut client = crate::connect(&format!("http://127.0.0.1:{api}")).await?;
+    let mut client = connection::dial(
+        &format!("http://127.0.0.1:{api}"),
+        &pki.control(Role::Operator, "operator")?,
+    )
+    .await?;
 
     let interrupted = Arc::new(AtomicBool::new(false));
     {

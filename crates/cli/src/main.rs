@@ -1,4 +1,4 @@
-//! `crossfade [--coordinator URL] [-o json] <command>`: the command line
+//! `crossfade [--coordinator URL] [--ca/--cert/--key FILE] [-o json] <command>`: the command line
 //! over the Coordinator service, and `crossfade demo`, a whole fleet on
 //! 127.0.0.1.
 //!
@@ -7,15 +7,14 @@
 //! so that `cargo run --bin crossfade -- demo` needs nothing else built.
 
 mod certs;
+mod connection;
 mod demo;
 mod output;
 mod template;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use crossfade_proto::v1;
 use crossfade_proto::v1::coordinator_client::CoordinatorClient;
@@ -28,14 +27,8 @@ use crate::output::{Output, print_endpoint, print_message};
 #[derive(Parser)]
 #[command(name = "crossfade", version)]
 struct Cli {
-    /// The coordinator's API.
-    #[arg(
-        long,
-        env = "CROSSFADE_COORDINATOR",
-        default_value = "http://127.0.0.1:7000",
-        global = true
-    )]
-    coordinator: String,
+    #[command(flatten)]
+    connect: connection::ConnectArgs,
     /// `text` (tables, live views) or `json` (for scripts and pipelines).
     #[arg(
         short = 'o',
@@ -323,20 +316,6 @@ fn main() -> ExitCode {
     }
 }
 
-async fn connect(url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-        .with_context(|| format!("--coordinator: `{url}` is not a URL"))?
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach the coordinator at {url} (set --coordinator or CROSSFADE_COORDINATOR)"
-            )
-        })?;
-    Ok(CoordinatorClient::new(channel))
-}
-
 /// A gRPC error as a user reads it: the coordinator's message names the
 /// field and its range.
 fn rpc(e: tonic::Status) -> anyhow::Error {
@@ -353,7 +332,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         command => Cli { command, ..cli },
     };
-    let mut client = connect(&cli.coordinator).await?;
+    let mut client = connection::connect(cli.connect.clone()).await?;
     let out = cli.output;
     match cli.command {
         // Handled above: they need no coordinator.

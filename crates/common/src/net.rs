@@ -1,4 +1,5 @@
-//! Local ports for programs started on 127.0.0.1 (the demo, the tests).
+//! Addresses: `host:port` checks, and local ports for programs started on
+//! 127.0.0.1 (the demo, the tests).
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -39,6 +40,13 @@ pub fn free_loopback_port() -> std::io::Result<u16> {
         std::io::ErrorKind::AddrInUse,
         "no free port on 127.0.0.1 between 20000 and 32767",
     ))
+}
+
+/// Whether `address` is `host:port` with a host and a port above 0.
+pub fn is_host_port(address: &str) -> bool {
+    address
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
 }
 
 #[cfg(test)]

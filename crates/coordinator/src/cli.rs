@@ -12,6 +12,7 @@ use clap::Parser;
 use crossfade_common::config::{self, CommonArgs};
 use crossfade_common::http::{self as common_http, ServeOptions};
 use crossfade_common::{Shutdown, telemetry};
+use crossfade_proto::tls::Role;
 use http::{Method, StatusCode};
 use tokio::net::TcpListener;
 
@@ -41,6 +42,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = crossfade_common::metrics::install(crate::metrics::HISTOGRAMS, &shutdown)
         .context("installing the Prometheus recorder")?;
     crate::metrics::describe();
+    let tls = config
+        .control_tls
+        .load(Role::Coordinator)
+        .context("control_tls")?;
     let api = TcpListener::bind(config.listen.api)
         .await
         .with_context(|| format!("binding the API listener on {}", config.listen.api))?;
@@ -54,6 +59,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             routers: config.routers.clone(),
             router_ack_bound: config.router_ack_timeout,
             template_env: config.template_env.iter().cloned().collect(),
+            control: tls.clone(),
         },
         &shutdown,
     )
@@ -82,7 +88,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     });
-    let api_server = service::serve(api, coordinator, shutdown.clone());
+    let api_server = service::serve(api, coordinator, &tls, shutdown.clone());
     let ((), api) = tokio::join!(admin_server, api_server);
     if let Err(e) = api {
         tracing::error!("the API listener failed: {e}");

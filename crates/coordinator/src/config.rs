@@ -8,6 +8,7 @@ use std::time::Duration;
 use crossfade_common::FieldError;
 use crossfade_common::config::Validate;
 use crossfade_common::telemetry::LogConfig;
+use crossfade_proto::tls::ControlTls;
 use serde::{Deserialize, Serialize};
 
 /// The coordinator's whole configuration.
@@ -18,6 +19,8 @@ pub struct Config {
     pub listen: Listen,
     /// Logging.
     pub log: LogConfig,
+    /// Mutual TLS on the control plane (or, explicitly, plain text).
+    pub control_tls: ControlTls,
     /// The embedded store.
     pub store: StoreConfig,
     /// Agents' control addresses (`host:port`).
@@ -57,6 +60,7 @@ impl Default for Config {
         Self {
             listen: Listen::default(),
             log: LogConfig::default(),
+            control_tls: ControlTls::default(),
             store: StoreConfig::default(),
             agents: Vec::new(),
             routers: Vec::new(),
@@ -87,6 +91,10 @@ impl Default for StoreConfig {
 impl Validate for Config {
     fn validate(&self) -> Vec<FieldError> {
         let mut errors = self.log.validate("log");
+        errors.extend(
+            self.control_tls
+                .validate("control_tls", &[("listen.api", self.listen.api)]),
+        );
         errors.extend(FieldError::distinct_listeners(&[
             ("listen.api", self.listen.api),
             ("listen.admin", self.listen.admin),
@@ -96,14 +104,13 @@ impl Validate for Config {
         }
         for (key, list) in [("agents", &self.agents), ("routers", &self.routers)] {
             for (i, address) in list.iter().enumerate() {
-                let ok = address.rsplit_once(':').is_some_and(|(host, port)| {
-                    !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-                });
-                if !ok {
+                if !crossfade_common::net::is_host_port(address) {
                     errors.push(FieldError::new(
                         format!("{key}[{i}]"),
                         format!("`{address}` must be host:port"),
                     ));
+                } else if let Err(refused) = self.control_tls.check_peer(address) {
+                    errors.push(FieldError::new(format!("{key}[{i}]"), refused));
                 }
             }
         }
@@ -132,21 +139,39 @@ mod tests {
     #[test]
     fn bad_addresses_and_bounds_are_named() {
         let config = Config {
-            agents: vec!["10.0.0.1:7002".into(), "nohost".into()],
+            agents: vec![
+                "127.0.0.1:7002".into(),
+                "nohost".into(),
+                "10.0.0.1:7002".into(),
+            ],
             routers: vec![":7001".into()],
             router_ack_timeout: Duration::from_millis(10),
+            control_tls: ControlTls {
+                insecure: true,
+                ..ControlTls::default()
+            },
             ..Config::default()
         };
         let errors: Vec<String> = config.validate().iter().map(ToString::to_string).collect();
         assert_eq!(
             errors,
             [
+                "`listen.api`: `0.0.0.0:7000` is not a loopback address: plain-text control calls there are open to the network; set control_tls.ca, cert and key (see `crossfade certs`), or control_tls.insecure_remote = true",
                 "`agents[1]`: `nohost` must be host:port",
+                "`agents[2]`: `10.0.0.1:7002` is not a loopback address: control calls in plain text would cross the network; use certificates (control_tls.ca, cert and key) or control_tls.insecure_remote = true",
                 "`routers[0]`: `:7001` must be host:port",
                 "`router_ack_timeout`: must be within 1s..=10m, got 10ms",
             ]
         );
-        assert_eq!(Config::default().validate(), Vec::new());
+        let keys: Vec<String> = Config::default()
+            .validate()
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
+        assert_eq!(
+            keys,
+            ["control_tls.ca", "control_tls.cert", "control_tls.key"]
+        );
     }
 
     #[test]
@@ -163,5 +188,9 @@ mod tests {
         assert_eq!(config.routers, ["10.0.0.9:7001"]);
         assert_eq!(config.router_ack_timeout, Duration::from_secs(10));
         assert_eq!(config.template_env, ["HF_TOKEN"]);
+        assert_eq!(
+            config.control_tls.cert.as_deref(),
+            Some(std::path::Path::new("/etc/crossfade/certs/coordinator.pem"))
+        );
     }
 }

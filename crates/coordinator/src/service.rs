@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use crossfade_common::Shutdown;
+use crossfade_proto::tls::{self, Role};
 use crossfade_proto::v1;
 use crossfade_proto::v1::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
 use tokio_stream::Stream;
@@ -613,14 +614,21 @@ impl CoordinatorService {
     }
 }
 
+/// Who may call the Coordinator API: operators. (Routers' demand hints
+/// will be theirs.)
+pub fn policy(_path: &str) -> &'static [Role] {
+    &[Role::Operator]
+}
+
 /// Serves the Coordinator service, health and reflection on `listener`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     coordinator: Coordinator,
+    tls: &tls::Control,
     shutdown: Shutdown,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let service = CoordinatorService::new(coordinator, shutdown.clone()).into_server();
-    crossfade_proto::server::serve(listener, service, async move {
+    crossfade_proto::server::serve(listener, service, tls, policy, async move {
         shutdown.triggered().await;
     })
     .await

@@ -6,7 +6,8 @@
 //! the wire needs: the `Debug` of secret-bearing messages, the descriptor
 //! set that the gRPC servers hand to the reflection service, and the
 //! [`server`] helpers every gRPC server shares (coordinator fencing, health
-//! and reflection beside the service).
+//! and reflection beside the service), and the control plane's mutual TLS
+//! with roles ([`tls`]).
 
 pub mod v1 {
     #![allow(missing_docs, clippy::all, clippy::pedantic, rust_2018_idioms)]
@@ -15,6 +16,7 @@ pub mod v1 {
 
 mod redact;
 pub mod server;
+pub mod tls;
 
 pub use server::Fence;
 

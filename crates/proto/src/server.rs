@@ -10,6 +10,8 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
 
+use crate::tls::{AuthorizeLayer, Control, Policy};
+
 /// The highest coordinator epoch a program obeys: a mutating call from an
 /// older coordinator (one that lost its leadership) is refused.
 #[derive(Debug, Default)]
@@ -39,10 +41,13 @@ impl Fence {
 }
 
 /// Serves `service`, the gRPC health service (reporting it as serving) and
-/// reflection on `listener` until `shutdown` resolves.
+/// reflection on `listener` until `shutdown` resolves: with mutual TLS,
+/// each call only from the roles `policy` allows (see [`crate::tls`]).
 pub async fn serve<S>(
     listener: tokio::net::TcpListener,
     service: S,
+    control: &Control,
+    policy: Policy,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
@@ -62,7 +67,13 @@ where
         .set_service_status(S::NAME, tonic_health::ServingStatus::Serving)
         .await;
     let reflection = crate::reflection_service(&[tonic_health::pb::FILE_DESCRIPTOR_SET])?;
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = control.server() {
+        server = server.tls_config(tls)?;
+    }
+    let authorize = (!control.is_insecure()).then_some(policy);
+    server
+        .layer(AuthorizeLayer(authorize))
         .add_service(health)
         .add_service(reflection)
         .add_service(service)

@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use crossfade_common::config::{self, CommonArgs, Sources};
 use crossfade_common::{Shutdown, telemetry};
+use crossfade_proto::tls::{self, Role};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -45,6 +46,10 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Routes::new(&config.routing_table()).context("building the configured routing table")?,
     );
     let proxy = Arc::new(Proxy::new(Arc::clone(&routes), config.proxy_settings()));
+    let tls = config
+        .control_tls
+        .load(Role::Router)
+        .context("control_tls")?;
 
     let public = TcpListener::bind(config.listen.public)
         .await
@@ -80,7 +85,13 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     } else {
         config.router_id.clone()
     };
-    let control_server = control_plane(control, Arc::clone(&routes), router_id, shutdown.clone());
+    let control_server = control_plane(
+        control,
+        Arc::clone(&routes),
+        router_id,
+        tls,
+        shutdown.clone(),
+    );
     let admin_proxy = Arc::clone(&proxy);
     let admin_server = server::serve(admin, &config.limits, shutdown.clone(), move |req| {
         server::admin(req, Arc::clone(&admin_proxy), Some(metrics.clone()))
@@ -111,6 +122,7 @@ fn control_plane(
     listener: std::net::TcpListener,
     routes: Arc<Routes>,
     router_id: String,
+    tls: tls::Control,
     shutdown: crossfade_common::Shutdown,
 ) -> impl std::future::Future<Output = anyhow::Result<()>> {
     let (done, finished) = tokio::sync::oneshot::channel();
@@ -125,7 +137,7 @@ fn control_plane(
                 runtime.block_on(async move {
                     let listener = TcpListener::from_std(listener)
                         .context("registering the control listener")?;
-                    crate::control::serve(listener, routes, router_id, shutdown).await
+                    crate::control::serve(listener, routes, router_id, tls, shutdown).await
                 })
             };
             let _ = done.send(serve());

@@ -8,6 +8,7 @@ use std::time::Duration;
 use crossfade_common::FieldError;
 use crossfade_common::config::Validate;
 use crossfade_common::telemetry::LogConfig;
+use crossfade_proto::tls::ControlTls;
 use crossfade_proto::v1;
 use serde::{Deserialize, Serialize};
 
@@ -40,6 +41,8 @@ pub struct Config {
     pub listen: Listen,
     /// Logging.
     pub log: LogConfig,
+    /// Mutual TLS on the control plane (or, explicitly, plain text).
+    pub control_tls: ControlTls,
     /// Limits on what clients may send.
     pub limits: Limits,
     /// How requests are sent to gates.
@@ -232,6 +235,10 @@ impl Config {
 impl Validate for Config {
     fn validate(&self) -> Vec<FieldError> {
         let mut errors = self.log.validate("log");
+        errors.extend(
+            self.control_tls
+                .validate("control_tls", &[("listen.control", self.listen.control)]),
+        );
         let listen = [
             ("listen.public", self.listen.public),
             ("listen.admin", self.listen.admin),
@@ -314,11 +321,19 @@ mod tests {
 
     use super::*;
 
+    /// Loads `text`, with certificates named by the environment.
     fn load_str(text: &str) -> Result<Config, crossfade_common::ConfigError> {
         let path = std::env::temp_dir().join(format!("router-config-{}.toml", fastrand::u64(..)));
         std::fs::write(&path, text).unwrap();
+        let env = ["CA", "CERT", "KEY"].map(|key| {
+            (
+                format!("CROSSFADE_CONTROL_TLS__{key}"),
+                format!("/certs/{key}"),
+            )
+        });
         let result = load::<Config>(&Sources {
             file: Some(path.clone()),
+            env: env.into(),
             ..Default::default()
         });
         std::fs::remove_file(path).unwrap();

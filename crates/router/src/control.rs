@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use crossfade_proto::Fence;
+use crossfade_proto::tls::{self, Role};
 use crossfade_proto::v1::router_control_server::{RouterControl, RouterControlServer};
 use crossfade_proto::v1::{self, TableSource};
 use tonic::{Request, Response, Status};
@@ -120,17 +121,28 @@ impl RouterControl for Control {
     }
 }
 
+/// Who may call RouterControl: the coordinator; an operator may also read.
+pub fn policy(path: &str) -> &'static [Role] {
+    match path.strip_prefix("/crossfade.v1.RouterControl/") {
+        Some("GetTable" | "GetStats") => &[Role::Coordinator, Role::Operator],
+        _ => &[Role::Coordinator],
+    }
+}
+
 /// Serves RouterControl, gRPC health and reflection on `listener` until
 /// `shutdown` triggers.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     routes: Arc<Routes>,
     router_id: String,
+    tls: tls::Control,
     shutdown: crossfade_common::Shutdown,
 ) -> anyhow::Result<()> {
     crossfade_proto::server::serve(
         listener,
         Control::new(routes, router_id).into_server(),
+        &tls,
+        policy,
         async move { shutdown.triggered().await },
     )
     .await

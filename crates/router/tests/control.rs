@@ -30,6 +30,7 @@ async fn a_coordinator_swaps_tables_and_reads_stats() {
         listener,
         std::sync::Arc::clone(&router.routes),
         "router-test".into(),
+        crossfade_proto::tls::Control::Insecure { remote: false },
         shutdown.clone(),
     ));
     let mut control = RouterControlClient::connect(format!("http://{control_addr}"))

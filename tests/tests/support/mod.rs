@@ -62,6 +62,8 @@ worker_id = "worker-1"
 [labels]
 zone = "test"
 
+[control_tls]
+insecure = true
 [listen]
 gate = "127.0.0.1:{gate}"
 control = "127.0.0.1:{control}"
@@ -294,6 +296,8 @@ pub fn start_router(dir: &TempDir, workers: &[SocketAddr]) -> (Process, SocketAd
         &config,
         format!(
             r#"
+[control_tls]
+insecure = true
 [listen]
 public = "{public}"
 admin = "127.0.0.1:{admin}"

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossfade_common::Shutdown;
+use crossfade_proto::tls::{self, Role};
 use crossfade_proto::v1;
 use crossfade_proto::v1::agent_client::AgentClient;
 use crossfade_proto::v1::router_control_client::RouterControlClient;
@@ -40,19 +41,18 @@ pub const SHORT_CALL: Duration = Duration::from_secs(5);
 /// not at the next write.
 const KEEPALIVE: Duration = Duration::from_secs(5);
 
-/// A channel to `address`, dialled on first use, with keep-alive pings.
-pub fn channel(address: &str) -> Channel {
-    match Dial::from_shared(format!("http://{address}")) {
-        Ok(dial) => dial
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(KEEPALIVE)
-            .keep_alive_timeout(KEEPALIVE)
-            .keep_alive_while_idle(true)
-            .connect_lazy(),
-        // Addresses are checked when added; this is a bug guard.
-        Err(_) => Dial::from_static("http://127.0.0.1:1").connect_lazy(),
-    }
+/// A channel to the `peer` at `address` (secured as `control` says),
+/// dialled on first use, with keep-alive pings.
+pub fn channel(control: &tls::Control, address: &str, peer: Role) -> Channel {
+    // Addresses are checked when added; the fallback is a bug guard.
+    let endpoint = tls::Control::endpoint(address)
+        .unwrap_or_else(|_| Dial::from_static("http://127.0.0.1:1"))
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE)
+        .keep_alive_while_idle(true);
+    control.lazy(&endpoint, peer)
 }
 
 /// One call to an agent, and the endpoint it is made for.
@@ -143,6 +143,7 @@ impl AgentCall {
 /// The agents' call queues.
 #[derive(Debug)]
 pub struct Agents {
+    control: tls::Control,
     queues: std::collections::BTreeMap<String, mpsc::Sender<AgentCall>>,
     clients: std::collections::BTreeMap<String, AgentClient<Channel>>,
     internal: mpsc::UnboundedSender<Internal>,
@@ -151,8 +152,13 @@ pub struct Agents {
 
 impl Agents {
     /// No queues yet; outcomes go to `internal`.
-    pub fn new(internal: mpsc::UnboundedSender<Internal>, shutdown: Shutdown) -> Self {
+    pub fn new(
+        control: tls::Control,
+        internal: mpsc::UnboundedSender<Internal>,
+        shutdown: Shutdown,
+    ) -> Self {
         Self {
+            control,
             queues: Default::default(),
             clients: Default::default(),
             internal,
@@ -164,7 +170,7 @@ impl Agents {
     pub fn client(&mut self, address: &str) -> AgentClient<Channel> {
         self.clients
             .entry(address.to_owned())
-            .or_insert_with(|| AgentClient::new(channel(address)))
+            .or_insert_with(|| AgentClient::new(channel(&self.control, address, Role::Agent)))
             .clone()
     }
 
@@ -321,12 +327,13 @@ pub type Push = Option<(u64, Arc<v1::RoutingTable>)>;
 /// Starts the pusher of the router at `address`: it sends the latest table
 /// given to the returned sender, until the sender is dropped.
 pub fn router_pusher(
+    control: &tls::Control,
     address: &str,
     internal: mpsc::UnboundedSender<Internal>,
     shutdown: &Shutdown,
 ) -> watch::Sender<Push> {
     let (tables, latest) = watch::channel(None);
-    let client = RouterControlClient::new(channel(address));
+    let client = RouterControlClient::new(channel(control, address, Role::Router));
     shutdown.spawn(push_tables(
         address.to_owned(),
         client,

@@ -345,12 +345,14 @@ impl Actor {
         let endpoint = name.to_owned();
         let promotion_id = promotion.id.clone();
         let since = crate::state::timestamp(promotion.started_at_ms);
+        let control = self.options.control.clone();
         self.shutdown.spawn(async move {
             let mut by_deployment: BTreeMap<String, crate::health::Counts> = BTreeMap::new();
             let mut answered = 0;
             let asked = routers.len();
             for address in routers {
-                let mut client = RouterControlClient::new(calls::channel(&address));
+                let mut client =
+                    RouterControlClient::new(calls::channel(&control, &address, Role::Router));
                 let request = v1::GetStatsRequest {
                     since: Some(since),
                     endpoint: endpoint.clone(),
@@ -447,7 +449,11 @@ impl Actor {
         for address in self.state.routers.keys() {
             let internal = self.internal.clone();
             let address = address.clone();
-            let mut client = RouterControlClient::new(calls::channel(&address));
+            let mut client = RouterControlClient::new(calls::channel(
+                &self.options.control,
+                &address,
+                Role::Router,
+            ));
             self.shutdown.spawn(async move {
                 let answer =
                     tokio::time::timeout(SHORT_CALL, client.get_table(v1::GetTableRequest {}))
@@ -470,7 +476,12 @@ impl Actor {
         let table = Arc::new(self.table(version));
         let epoch = self.state.epoch;
         let pusher = self.pushers.entry(address.to_owned()).or_insert_with(|| {
-            calls::router_pusher(address, self.internal.clone(), &self.shutdown)
+            calls::router_pusher(
+                &self.options.control,
+                address,
+                self.internal.clone(),
+                &self.shutdown,
+            )
         });
         pusher.send_replace(Some((epoch, table)));
     }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossfade_common::Shutdown;
+use crossfade_proto::tls::{self, Role};
 use crossfade_proto::v1;
 use crossfade_proto::v1::router_control_client::RouterControlClient;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -215,6 +216,8 @@ pub struct Options {
     pub router_ack_bound: Duration,
     /// Variables of the coordinator's environment templates may read.
     pub template_env: BTreeSet<String>,
+    /// How calls to agents and routers are secured.
+    pub control: tls::Control,
 }
 
 /// Starts the actor over the state in `store`; fails when the store cannot
@@ -252,6 +255,7 @@ pub fn start(
         state: state.clone(),
         ..View::default()
     }));
+    let control = options.control.clone();
     let mut actor = Actor {
         store,
         state,
@@ -260,7 +264,7 @@ pub fn start(
         view: view_tx,
         observed: BTreeMap::new(),
         routers: BTreeMap::new(),
-        agents: calls::Agents::new(internal.clone(), shutdown.clone()),
+        agents: calls::Agents::new(control, internal.clone(), shutdown.clone()),
         pushers: BTreeMap::new(),
         pending: Vec::new(),
         pushed_at: BTreeMap::new(),

@@ -79,18 +79,19 @@ impl Actor {
                 answer(answers, reply, self.control(command, &r, actions));
             }
             Request::AddWorker(address, reply) => {
-                let result = check_address("control_address", &address).map(|()| {
-                    if !self.state.workers.contains_key(&address) {
-                        self.state.workers.insert(
-                            address.clone(),
-                            WorkerRecord {
-                                address: address.clone(),
-                                ..WorkerRecord::default()
-                            },
-                        );
-                        self.watch_agent(&address);
-                    }
-                });
+                let result =
+                    check_address("control_address", &address, &self.options.control).map(|()| {
+                        if !self.state.workers.contains_key(&address) {
+                            self.state.workers.insert(
+                                address.clone(),
+                                WorkerRecord {
+                                    address: address.clone(),
+                                    ..WorkerRecord::default()
+                                },
+                            );
+                            self.watch_agent(&address);
+                        }
+                    });
                 answer(answers, reply, result);
             }
             Request::RemoveWorker(address, reply) => {
@@ -121,15 +122,16 @@ impl Actor {
                 answer(answers, reply, result);
             }
             Request::AddRouter(address, reply) => {
-                let result = check_address("control_address", &address).map(|()| {
-                    self.state
-                        .routers
-                        .entry(address.clone())
-                        .or_insert_with(|| RouterRecord {
-                            address: address.clone(),
-                            acknowledged_version: 0,
-                        });
-                });
+                let result =
+                    check_address("control_address", &address, &self.options.control).map(|()| {
+                        self.state
+                            .routers
+                            .entry(address.clone())
+                            .or_insert_with(|| RouterRecord {
+                                address: address.clone(),
+                                acknowledged_version: 0,
+                            });
+                    });
                 if result.is_ok() {
                     self.push_tables(actions);
                 }
@@ -479,18 +481,22 @@ fn validate_names(field: &str, names: &[String]) -> Result<(), CoordinatorError>
     Ok(())
 }
 
-fn check_address(field: &str, address: &str) -> Result<(), CoordinatorError> {
-    let ok = address
-        .rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
-    if ok {
-        Ok(())
-    } else {
-        Err(CoordinatorError::invalid(
+/// A peer's control address: `host:port`, and not beyond loopback in
+/// plain text unless the configuration allows it.
+fn check_address(
+    field: &str,
+    address: &str,
+    control: &tls::Control,
+) -> Result<(), CoordinatorError> {
+    if !crossfade_common::net::is_host_port(address) {
+        return Err(CoordinatorError::invalid(
             field,
             format!("`{address}` must be host:port"),
-        ))
+        ));
     }
+    control
+        .check_peer(address)
+        .map_err(|refused| CoordinatorError::invalid(field, refused))
 }
 
 #[cfg(test)]
@@ -504,8 +510,13 @@ mod tests {
         let bad = Status::from(validate_names("aliases", &["a b".into()]).unwrap_err());
         assert!(bad.message().starts_with("aliases: `a b` must be"));
         assert_eq!(bad.code(), tonic::Code::InvalidArgument);
-        assert!(check_address("control_address", "10.0.0.1:7002").is_ok());
-        assert!(check_address("control_address", "host").is_err());
-        assert!(check_address("control_address", "host:0").is_err());
+        let remote = tls::Control::Insecure { remote: true };
+        assert!(check_address("control_address", "10.0.0.1:7002", &remote).is_ok());
+        assert!(check_address("control_address", "host", &remote).is_err());
+        assert!(check_address("control_address", "host:0", &remote).is_err());
+        let local = tls::Control::Insecure { remote: false };
+        assert!(check_address("control_address", "127.0.0.1:7002", &local).is_ok());
+        let refused = check_address("control_address", "10.0.0.1:7002", &local).unwrap_err();
+        assert!(refused.to_string().contains("insecure_remote"), "{refused}");
     }
 }
