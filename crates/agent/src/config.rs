@@ -251,6 +251,7 @@ impl Gate {
             header_read_timeout: self.header_read_timeout,
             h2_max_concurrent_streams: self.h2_max_concurrent_streams,
             shutdown_grace: self.shutdown_grace,
+            tls: None,
         }
     }
 }

@@ -9,6 +9,7 @@
 mod certs;
 mod connection;
 mod demo;
+mod keys;
 mod output;
 mod template;
 
@@ -49,6 +50,11 @@ enum Command {
     Certs {
         #[command(subcommand)]
         command: certs::CertsCommand,
+    },
+    /// The router's API keys: add (printed once), list, revoke.
+    Keys {
+        #[command(subcommand)]
+        command: keys::KeysCommand,
     },
     /// Create, show, list or delete endpoints.
     Endpoint {
@@ -330,13 +336,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             certs::run(command)?;
             return Ok(ExitCode::SUCCESS);
         }
+        Command::Keys { command } => {
+            keys::run(command, cli.output)?;
+            return Ok(ExitCode::SUCCESS);
+        }
         command => Cli { command, ..cli },
     };
     let mut client = connection::connect(cli.connect.clone()).await?;
     let out = cli.output;
     match cli.command {
         // Handled above: they need no coordinator.
-        Command::Demo(_) | Command::Certs { .. } => {}
+        Command::Demo(_) | Command::Certs { .. } | Command::Keys { .. } => {}
         Command::Endpoint { command } => match command {
             EndpointCommand::Create {
                 name,

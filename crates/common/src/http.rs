@@ -7,8 +7,11 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
@@ -21,9 +24,18 @@ use hyper_util::server::conn::auto;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
 use tokio_util::task::TaskTracker;
 
 use crate::Shutdown;
+
+/// Most header fields a request may carry; hyper answers 431 beyond it.
+/// Programs check their own, lower limits to answer in their own format.
+pub const MAX_HEADERS: usize = 200;
+/// Most bytes of header fields a request may carry (HTTP/1.1: the read
+/// buffer; HTTP/2: the decoded header list).
+pub const MAX_HEADER_BYTES: usize = 128 << 10;
 
 /// An error a body may fail with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -39,6 +51,9 @@ pub struct ServeOptions {
     /// How long shutdown waits for open connections to finish the requests
     /// they carry.
     pub shutdown_grace: Duration,
+    /// TLS (rustls) on this listener, swapped on reload; plain text when
+    /// `None`.
+    pub tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
 }
 
 impl Default for ServeOptions {
@@ -47,6 +62,7 @@ impl Default for ServeOptions {
             header_read_timeout: Duration::from_secs(10),
             h2_max_concurrent_streams: 256,
             shutdown_grace: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -88,22 +104,43 @@ pub async fn serve_with_close<F, Fut, B>(
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    serve_clients(listener, options, shutdown, close, move |_| handler.clone()).await;
+}
+
+/// [`serve_with_close`] with a handler made for each connection from the
+/// client's address (for limits per client).
+pub async fn serve_clients<M, F, Fut, B>(
+    listener: TcpListener,
+    options: &ServeOptions,
+    shutdown: Shutdown,
+    close: watch::Receiver<u64>,
+    make: M,
+) where
+    M: Fn(SocketAddr) -> F,
+    F: Fn(http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         // Without a timer, hyper's header read timeout is silently off.
         .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout);
+        .header_read_timeout(options.header_read_timeout)
+        .max_headers(MAX_HEADERS)
+        .max_buf_size(MAX_HEADER_BYTES);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(options.h2_max_concurrent_streams);
+        .max_concurrent_streams(options.h2_max_concurrent_streams)
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
     let connections = TaskTracker::new();
 
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors and the like: back off rather
                     // than spin, and keep serving the connections we have.
@@ -117,7 +154,7 @@ pub async fn serve_with_close<F, Fut, B>(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        let handler = handler.clone();
+        let handler = make(peer);
         // Whether the connection speaks HTTP/2, learnt from its first request.
         let http2 = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let seen = std::sync::Arc::clone(&http2);
@@ -130,56 +167,37 @@ pub async fn serve_with_close<F, Fut, B>(
         });
         let builder = builder.clone();
         let first_byte_timeout = options.header_read_timeout;
+        // The configuration now: a reload applies to the next connections.
+        let tls = options.tls.as_ref().map(|tls| tls.load_full());
         let mut close = close.clone();
         close.mark_unchanged();
         let token = shutdown.token();
         connections.spawn(async move {
             // hyper learns the protocol from the first bytes, and its header
             // timeout starts only after that: a connection that sends
-            // nothing is closed here, after the same bound.
+            // nothing is closed here, after the same bound (which a TLS
+            // handshake shares).
+            let deadline = tokio::time::Instant::now() + first_byte_timeout;
             let mut first = [0u8; 1];
             tokio::select! {
-                peeked = tokio::time::timeout(first_byte_timeout, stream.peek(&mut first)) => {
+                peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => {
                     if !matches!(peeked, Ok(Ok(n)) if n > 0) {
                         return;
                     }
                 }
                 () = token.cancelled() => return,
             }
-            let connection = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            let mut connection = std::pin::pin!(connection);
-            let mut closing = false;
-            loop {
-                tokio::select! {
-                    result = connection.as_mut() => {
-                        if let Err(e) = result {
-                            tracing::debug!(error = %e, "connection ended with an error");
-                        }
-                        return;
-                    }
-                    () = token.cancelled(), if !closing => {
-                        closing = true;
-                        connection.as_mut().graceful_shutdown();
-                    }
-                    changed = close.changed(), if !closing => {
-                        if changed.is_err() {
-                            // Nobody can ask for a close any more; stop watching.
-                            std::future::pending::<()>().await;
-                        }
-                        // HTTP/2: GOAWAY tells the client which streams were
-                        // taken, so none is lost. HTTP/1.1 has no such
-                        // signal: closing an idle connection races with a
-                        // request already on its way. Its next response
-                        // carries `Connection: close` instead (the handler
-                        // sets it), and the connection ends after it.
-                        if http2.load(std::sync::atomic::Ordering::Relaxed) {
-                            closing = true;
-                            connection.as_mut().graceful_shutdown();
-                        }
-                    }
-                }
+            let Some(tls) = tls else {
+                return drive(&builder, stream, service, &token, &mut close, &http2).await;
+            };
+            let accepted = tokio::select! {
+                accepted = tokio::time::timeout_at(deadline, TlsAcceptor::from(tls).accept(stream)) => accepted,
+                () = token.cancelled() => return,
+            };
+            match accepted {
+                Ok(Ok(stream)) => drive(&builder, stream, service, &token, &mut close, &http2).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
     }
@@ -190,6 +208,87 @@ pub async fn serve_with_close<F, Fut, B>(
         .is_err()
     {
         tracing::warn!(grace = ?options.shutdown_grace, "connections still open after the shutdown grace");
+    }
+}
+
+/// A TLS server configuration from a certificate chain and its key (PEM
+/// files), offering HTTP/2 and HTTP/1.1 (ALPN); the error names the file.
+pub fn tls_server_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<rustls::ServerConfig, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: holds no certificate", cert.display()));
+    }
+    let private = PrivateKeyDer::from_pem_file(key)
+        .map_err(|_| format!("{}: cannot be read as a PEM private key", key.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(chain, private)
+    .map_err(|e| format!("{} and {}: {e}", cert.display(), key.display()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Serves one connection until it ends, closing it gracefully on shutdown
+/// or (HTTP/2) when `close` changes.
+async fn drive<I, S, B>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    service: S,
+    token: &tokio_util::sync::CancellationToken,
+    close: &mut watch::Receiver<u64>,
+    http2: &std::sync::atomic::AtomicBool,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<http::Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    let mut connection = std::pin::pin!(connection);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            () = token.cancelled(), if !closing => {
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            changed = close.changed(), if !closing => {
+                if changed.is_err() {
+                    // Nobody can ask for a close any more; stop watching.
+                    std::future::pending::<()>().await;
+                }
+                // HTTP/2: GOAWAY tells the client which streams were
+                // taken, so none is lost. HTTP/1.1 has no such
+                // signal: closing an idle connection races with a
+                // request already on its way. Its next response
+                // carries `Connection: close` instead (the handler
+                // sets it), and the connection ends after it.
+                if http2.load(std::sync::atomic::Ordering::Relaxed) {
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
+        }
     }
 }
 

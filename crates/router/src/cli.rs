@@ -1,9 +1,16 @@
 //! `crossfade-router --config router.toml`
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use crossfade_common::http::tls_server_config;
+use tokio_rustls::rustls::ServerConfig;
 
 use crate::config::Config;
+use crate::keys::{KeyFile, Keys};
 use crate::proxy::Proxy;
 use crate::table::Routes;
 use crate::{server, stats};
@@ -50,6 +57,25 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         .control_tls
         .load(Role::Router)
         .context("control_tls")?;
+    let public_tls = match (&config.public_tls.cert, &config.public_tls.key) {
+        (Some(cert), Some(key)) => Some(Arc::new(ArcSwap::from_pointee(
+            tls_server_config(cert, key)
+                .map_err(anyhow::Error::msg)
+                .context("public_tls")?,
+        ))),
+        _ => None,
+    };
+    match &config.auth.api_keys {
+        Some(path) => {
+            let keys = load_keys(path).context("auth.api_keys")?;
+            tracing::info!(keys = keys.len(), path = %path.display(), "API keys required");
+            proxy.admission().set_keys(Some(keys));
+            watch_keys(path.clone(), Arc::clone(&proxy), &shutdown);
+        }
+        None => tracing::warn!(
+            "auth.api_keys is not set: the public listener serves requests without an API key"
+        ),
+    }
 
     let public = TcpListener::bind(config.listen.public)
         .await
@@ -71,10 +97,11 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let reload_shutdown = shutdown.clone();
     let reload_routes = Arc::clone(&routes);
+    let reload_tls = public_tls.clone();
     shutdown.spawn(async move {
         loop {
             tokio::select! {
-                _ = hangup.recv() => reload(&cli.common, &reload_routes),
+                _ = hangup.recv() => reload(&cli.common, &reload_routes, reload_tls.as_deref()),
                 () = reload_shutdown.triggered() => return,
             }
         }
@@ -96,12 +123,8 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     let admin_server = server::serve(admin, &config.limits, shutdown.clone(), move |req| {
         server::admin(req, Arc::clone(&admin_proxy), Some(metrics.clone()))
     });
-    let public_server = server::serve(
-        public,
-        &config.limits,
-        shutdown.clone(),
-        server::public_handler(proxy),
-    );
+    let public_options = server::options(&config.limits, public_tls);
+    let public_server = server::serve_public(public, &public_options, shutdown.clone(), proxy);
     let ((), (), control) = tokio::join!(admin_server, public_server, control_server);
     if let Err(e) = control {
         // The proxy kept serving; the coordinator could not reach us.
@@ -152,13 +175,67 @@ fn control_plane(
 
 /// SIGHUP: re-read the configuration file and swap its table in. A bad file
 /// changes nothing and says why.
-fn reload(args: &CommonArgs, routes: &Routes) {
-    let loaded = config::load::<Config>(&Sources::new(args, config::process_env()));
-    match loaded {
-        Ok(config) => match routes.apply_from_config(&config.routing_table()) {
-            Ok(applied) => tracing::info!(version = applied.version(), "routing table reloaded"),
-            Err(e) => tracing::warn!(error = %e, "routing table not reloaded"),
-        },
-        Err(e) => tracing::warn!(error = %e, "configuration not reloaded"),
+/// SIGHUP: the static table and the public certificate are read again;
+/// open connections keep theirs.
+fn reload(args: &CommonArgs, routes: &Routes, public_tls: Option<&ArcSwap<ServerConfig>>) {
+    let config = match config::load::<Config>(&Sources::new(args, config::process_env())) {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::warn!(error = %e, "configuration not reloaded");
+            return;
+        }
+    };
+    match routes.apply_from_config(&config.routing_table()) {
+        Ok(applied) => tracing::info!(version = applied.version(), "routing table reloaded"),
+        Err(e) => tracing::warn!(error = %e, "routing table not reloaded"),
     }
+    if let (Some(current), Some(cert), Some(key)) =
+        (public_tls, &config.public_tls.cert, &config.public_tls.key)
+    {
+        match tls_server_config(cert, key) {
+            Ok(loaded) => {
+                current.store(Arc::new(loaded));
+                tracing::info!("public TLS certificate reloaded");
+            }
+            Err(e) => tracing::warn!(error = %e, "public TLS certificate not reloaded"),
+        }
+    }
+}
+
+fn load_keys(path: &Path) -> anyhow::Result<Keys> {
+    KeyFile::load(path)
+        .and_then(|file| Keys::new(&file))
+        .map_err(anyhow::Error::msg)
+}
+
+/// How often the keys file is checked for changes.
+const KEYS_POLL: Duration = Duration::from_secs(2);
+
+/// Reads the keys file again whenever it changes (`crossfade keys` replaces
+/// it), so a new or revoked key takes effect within seconds, without a
+/// restart; an unreadable file leaves the keys in force.
+fn watch_keys(path: PathBuf, proxy: Arc<Proxy>, shutdown: &Shutdown) {
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let mut seen = modified(&path);
+    let stop = shutdown.clone();
+    shutdown.spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(KEYS_POLL) => {}
+                () = stop.triggered() => return,
+            }
+            let now = modified(&path);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match load_keys(&path) {
+                Ok(keys) => {
+                    tracing::info!(keys = keys.len(), "API keys reloaded");
+                    proxy.admission().set_keys(Some(keys));
+                }
+                Err(e) => tracing::warn!(error = %e, "API keys not reloaded"),
+            }
+        }
+    });
 }

@@ -3,6 +3,7 @@
 //! coordinator pushes one and which SIGHUP re-reads.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crossfade_common::FieldError;
@@ -43,6 +44,10 @@ pub struct Config {
     pub log: LogConfig,
     /// Mutual TLS on the control plane (or, explicitly, plain text).
     pub control_tls: ControlTls,
+    /// TLS on the public listener.
+    pub public_tls: PublicTls,
+    /// API keys of the public listener.
+    pub auth: Auth,
     /// Limits on what clients may send.
     pub limits: Limits,
     /// How requests are sent to gates.
@@ -63,6 +68,26 @@ pub struct Listen {
     pub control: SocketAddr,
 }
 
+/// `[public_tls]`: TLS on the public listener (ALPN `h2` and
+/// `http/1.1`); re-read on SIGHUP without dropping connections.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublicTls {
+    /// The certificate chain (PEM); plain HTTP when unset.
+    pub cert: Option<PathBuf>,
+    /// Its key (PEM).
+    pub key: Option<PathBuf>,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// The API keys file (`crossfade keys` writes it): when set, every
+    /// request needs one of its keys. Re-read when it changes.
+    pub api_keys: Option<PathBuf>,
+}
+
 /// `[limits]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -81,8 +106,21 @@ pub struct Limits {
     /// Concurrent streams per HTTP/2 connection (1 ..= 10000).
     pub h2_max_concurrent_streams: u32,
     /// Requests in flight through the router at once (1 ..= 1000000); more
-    /// are shed with 429 and `Retry-After`.
+    /// are shed with 429 and `Retry-After`. A request takes its slot once
+    /// its body has arrived.
     pub max_concurrent_requests: u32,
+    /// Requests in flight, bodies being read included, from one client:
+    /// one API key, else one address (1 ..= max_concurrent_requests); more
+    /// get 429. A key may carry its own limit.
+    pub max_concurrent_per_client: u32,
+    /// Slowest body accepted, in bytes a second, judged after its first
+    /// 5 s (0 ..= 1 GiB/s; 0: no minimum); slower ones get 408.
+    pub min_body_rate: u32,
+    /// Most header fields in a request (1 ..= 200); more get 431.
+    pub max_header_count: usize,
+    /// Most bytes of header fields in a request, 32 bytes counted per
+    /// field as HTTP/2 does (1 KiB ..= 128 KiB); more get 431.
+    pub max_header_bytes: usize,
     /// How long shutdown waits for in-flight requests to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -160,6 +198,10 @@ impl Default for Limits {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             h2_max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
             max_concurrent_requests: ProxySettings::default().max_concurrent_requests,
+            max_concurrent_per_client: ProxySettings::default().max_concurrent_per_client,
+            min_body_rate: ProxySettings::default().min_body_rate,
+            max_header_count: ProxySettings::default().max_header_count,
+            max_header_bytes: ProxySettings::default().max_header_bytes,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
@@ -222,6 +264,10 @@ impl Config {
             idle_chunk_timeout: self.upstream.idle_chunk_timeout,
             max_attempts: self.upstream.max_attempts,
             max_concurrent_requests: self.limits.max_concurrent_requests,
+            max_concurrent_per_client: self.limits.max_concurrent_per_client,
+            min_body_rate: self.limits.min_body_rate,
+            max_header_count: self.limits.max_header_count,
+            max_header_bytes: self.limits.max_header_bytes,
             ejection: EjectionPolicy {
                 base: self.upstream.ejection_base,
                 max: self.upstream.ejection_max,
@@ -265,6 +311,32 @@ impl Validate for Config {
             self.limits.max_concurrent_requests,
             1..=1_000_000,
         ));
+        errors.extend(FieldError::check_range(
+            "limits.max_concurrent_per_client",
+            self.limits.max_concurrent_per_client,
+            1..=self.limits.max_concurrent_requests.max(1),
+        ));
+        errors.extend(FieldError::check_range(
+            "limits.min_body_rate",
+            self.limits.min_body_rate,
+            0..=1 << 30,
+        ));
+        errors.extend(FieldError::check_range(
+            "limits.max_header_count",
+            self.limits.max_header_count,
+            1..=crossfade_common::http::MAX_HEADERS,
+        ));
+        errors.extend(FieldError::check_range(
+            "limits.max_header_bytes",
+            self.limits.max_header_bytes,
+            1024..=crossfade_common::http::MAX_HEADER_BYTES,
+        ));
+        if self.public_tls.cert.is_some() != self.public_tls.key.is_some() {
+            errors.push(FieldError::new(
+                "public_tls",
+                "cert and key go together: set both (PEM files), or neither for plain HTTP",
+            ));
+        }
         errors.extend(FieldError::check_range(
             "upstream.max_attempts",
             self.upstream.max_attempts,

@@ -60,6 +60,35 @@ pub enum RouteError {
     /// trickles it in holds no slot for longer).
     #[error("the request body did not arrive within {0:?}")]
     BodyTimeout(Duration),
+    /// The request body arrives slower than the minimum rate.
+    #[error("the request body arrives slower than {rate} bytes a second")]
+    BodyTooSlow {
+        /// The minimum, in bytes a second.
+        rate: u32,
+    },
+    /// Too many header fields, or too many bytes of them.
+    #[error("request header fields too large: {0}")]
+    HeadersTooLarge(String),
+    /// Keys are required and the request shows none.
+    #[error(
+        "You didn't provide an API key. Send it as `Authorization: Bearer KEY` (or in an `api-key` header)."
+    )]
+    NoApiKey,
+    /// No such key, or a wrong one.
+    #[error("Incorrect API key provided.")]
+    WrongApiKey,
+    /// The key was revoked.
+    #[error("This API key has been revoked.")]
+    RevokedApiKey,
+    /// The key may not call this endpoint.
+    #[error("This API key may not call `{0}`.")]
+    EndpointNotAllowed(String),
+    /// The client (its key, else its address) is at its concurrency limit.
+    #[error("this client already has {limit} requests in flight, its limit; retry later")]
+    ClientOverloaded {
+        /// The limit.
+        limit: u32,
+    },
 }
 
 /// What a client sent, as an error may quote it: at most 64 characters,
@@ -93,8 +122,11 @@ impl RouteError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UrlTooLong(_) => StatusCode::URI_TOO_LONG,
-            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            Self::BodyTimeout(_) | Self::BodyTooSlow { .. } => StatusCode::REQUEST_TIMEOUT,
+            Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::NoApiKey | Self::WrongApiKey | Self::RevokedApiKey => StatusCode::UNAUTHORIZED,
+            Self::EndpointNotAllowed(_) => StatusCode::FORBIDDEN,
+            Self::Overloaded | Self::ClientOverloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NoCapacity { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unreachable { .. } | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -109,8 +141,14 @@ impl RouteError {
             | Self::TooLarge { .. }
             | Self::UrlTooLong(_)
             | Self::BodyTimeout(_)
+            | Self::BodyTooSlow { .. }
+            | Self::HeadersTooLarge(_)
+            | Self::NoApiKey
+            | Self::WrongApiKey
+            | Self::RevokedApiKey
             | Self::ModelNotFound(_) => "invalid_request_error",
-            Self::Overloaded => "rate_limit_error",
+            Self::EndpointNotAllowed(_) => "permission_error",
+            Self::Overloaded | Self::ClientOverloaded { .. } => "rate_limit_error",
             Self::NoCapacity { .. }
             | Self::Unreachable { .. }
             | Self::Upstream(_)
@@ -126,7 +164,11 @@ impl RouteError {
             Self::BadRequest(_) => "invalid_request",
             Self::TooLarge { .. } => "request_too_large",
             Self::UrlTooLong(_) => "url_too_long",
-            Self::BodyTimeout(_) => "request_timeout",
+            Self::BodyTimeout(_) | Self::BodyTooSlow { .. } => "request_timeout",
+            Self::HeadersTooLarge(_) => "request_header_fields_too_large",
+            Self::NoApiKey | Self::WrongApiKey | Self::RevokedApiKey => "invalid_api_key",
+            Self::EndpointNotAllowed(_) => "endpoint_not_allowed",
+            Self::ClientOverloaded { .. } => "client_rate_limit_exceeded",
             Self::ModelNotFound(_) => "model_not_found",
             Self::Overloaded => "rate_limit_exceeded",
             Self::NoCapacity { .. } => "no_capacity",
@@ -169,6 +211,9 @@ impl RouteError {
         );
         if self.is_retryable_by_client() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        }
+        if self.status() == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

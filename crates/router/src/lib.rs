@@ -7,11 +7,13 @@
 //! It is not a load balancer of arbitrary HTTP: it understands the OpenAI
 //! routes well enough to route by `model`, and it never rewrites bodies.
 
+pub mod admission;
 pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod keys;
 pub mod proxy;
 pub mod server;
 pub mod stats;

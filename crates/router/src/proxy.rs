@@ -10,18 +10,19 @@
 //! the body limit) so that it can be sent again.
 
 use std::borrow::Cow;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -29,6 +30,7 @@ use tower::retry::budget::{Budget as _, TpsBudget};
 
 use crossfade_common::http::strip_hop_by_hop;
 
+use crate::admission::{self, Admission, ClientSlot};
 use crate::balance::{choose_deployment, choose_worker};
 use crate::error::RouteError;
 use crate::stats::{Outcome, REJECTED_TOTAL, RequestRecord, RetryReason};
@@ -63,6 +65,14 @@ pub struct ProxySettings {
     /// Most requests in flight through this router at once; past it,
     /// requests are shed with 429 and `Retry-After`.
     pub max_concurrent_requests: u32,
+    /// Most requests in flight from one client (key, else address).
+    pub max_concurrent_per_client: u32,
+    /// Slowest body accepted, in bytes a second (0: no minimum).
+    pub min_body_rate: u32,
+    /// Most header fields in a request.
+    pub max_header_count: usize,
+    /// Most bytes of header fields in a request.
+    pub max_header_bytes: usize,
     /// Back-off for workers that refuse connections.
     pub ejection: EjectionPolicy,
     /// Longest time to establish a connection to a gate.
@@ -80,6 +90,10 @@ impl Default for ProxySettings {
             idle_chunk_timeout: Duration::from_secs(120),
             max_attempts: 4,
             max_concurrent_requests: 10_000,
+            max_concurrent_per_client: 1_000,
+            min_body_rate: 1024,
+            max_header_count: 100,
+            max_header_bytes: 32 << 10,
             ejection: EjectionPolicy::default(),
             connect_timeout: Duration::from_secs(2),
             pool_idle_timeout: Duration::from_secs(90),
@@ -99,6 +113,16 @@ pub struct Proxy {
     /// One semaphore for all connections: a permit per request, held until
     /// its response's last byte.
     capacity: Arc<Semaphore>,
+    /// Keys, header limits and per-client limits.
+    admission: Admission,
+}
+
+/// What a request holds until its response's last byte: its client's slot
+/// and a router-wide one.
+#[derive(Debug)]
+pub struct Slots {
+    _client: ClientSlot,
+    _router: OwnedSemaphorePermit,
 }
 
 /// The fields of an OpenAI request body the router reads: only these are
@@ -121,6 +145,7 @@ impl Proxy {
                 idle_timeout: settings.pool_idle_timeout,
             },
             capacity: Arc::new(Semaphore::new(settings.max_concurrent_requests as usize)),
+            admission: Admission::new(&settings),
             settings,
             budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
         }
@@ -131,13 +156,18 @@ impl Proxy {
         &self.routes
     }
 
-    /// Serves one public request.
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<ProxyBody>
+    /// Its admission checks (to set the keys).
+    pub fn admission(&self) -> &Admission {
+        &self.admission
+    }
+
+    /// Serves one public request from `peer`.
+    pub async fn handle<B>(&self, req: Request<B>, peer: IpAddr) -> Response<ProxyBody>
     where
         B: Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
-        match self.route(req).await {
+        match self.route(req, peer).await {
             Ok(response) => response,
             Err(error) => {
                 // Only errors before a deployment was chosen arrive here; a
@@ -149,20 +179,22 @@ impl Proxy {
         }
     }
 
-    async fn route<B>(&self, req: Request<B>) -> Result<Response<ProxyBody>, RouteError>
+    async fn route<B>(
+        &self,
+        req: Request<B>,
+        peer: IpAddr,
+    ) -> Result<Response<ProxyBody>, RouteError>
     where
         B: Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
-        // Shed before reading the body: an overloaded router must not buffer more.
-        let permit = Arc::clone(&self.capacity)
-            .try_acquire_owned()
-            .map_err(|_| RouteError::Overloaded)?;
         let (parts, body) = req.into_parts();
         let url_len = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
         if url_len > crate::error::MAX_URL_BYTES {
             return Err(RouteError::UrlTooLong(url_len));
         }
+        // Headers, key and the client's own limit, before anything is read.
+        let admitted = self.admission.admit(&parts.headers, peer)?;
         let path = parts.uri.path();
         if parts.method == Method::GET && path == "/v1/models" {
             return Ok(self.models());
@@ -198,7 +230,14 @@ impl Proxy {
             }
         };
 
-        let bytes = self.read_body(&parts.headers, body).await?;
+        let bytes = admission::read_body(&self.settings, &parts.headers, body).await?;
+        // The router-wide slot, once the request is whole.
+        let slots = Slots {
+            _client: admitted.slot,
+            _router: Arc::clone(&self.capacity)
+                .try_acquire_owned()
+                .map_err(|_| RouteError::Overloaded)?,
+        };
         let peek = match serde_json::from_slice::<Peek<'_>>(&bytes) {
             Ok(peek) => Some(peek),
             // Routed by path: the body is the engine's business.
@@ -222,6 +261,11 @@ impl Proxy {
         let endpoint = table
             .endpoint(model)
             .ok_or_else(|| RouteError::ModelNotFound(crate::error::short(model)))?;
+        if let Some(key) = &admitted.key
+            && !key.allows(endpoint.name())
+        {
+            return Err(RouteError::EndpointNotAllowed(endpoint.name().to_owned()));
+        }
         let session_key = parts
             .headers
             .get(&SESSION_HEADER)
@@ -244,35 +288,7 @@ impl Proxy {
             path_and_query: upstream_path_and_query,
             endpoint,
         };
-        Ok(self.forward(request, deployment, permit, &mut rng).await)
-    }
-
-    async fn read_body<B>(&self, headers: &HeaderMap, body: B) -> Result<Bytes, RouteError>
-    where
-        B: Body<Data = Bytes>,
-        B::Error: Into<BoxError>,
-    {
-        let limit = self.settings.max_body_bytes;
-        let declared = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > limit as u64) {
-            return Err(RouteError::TooLarge { limit });
-        }
-        let timeout = self.settings.body_read_timeout;
-        let read = tokio::time::timeout(timeout, Limited::new(body, limit).collect())
-            .await
-            .map_err(|_| RouteError::BodyTimeout(timeout))?;
-        match read {
-            Ok(collected) => Ok(collected.to_bytes()),
-            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-                Err(RouteError::TooLarge { limit })
-            }
-            Err(e) => Err(RouteError::BadRequest(format!(
-                "could not read the request body: {e}"
-            ))),
-        }
+        Ok(self.forward(request, deployment, slots, &mut rng).await)
     }
 
     /// Sends the request to a worker of `deployment`, retrying on another
@@ -283,12 +299,12 @@ impl Proxy {
         &self,
         request: Forward<'_>,
         deployment: &Deployment,
-        permit: OwnedSemaphorePermit,
+        slots: Slots,
         rng: &mut fastrand::Rng,
     ) -> Response<ProxyBody> {
         let mut record = deployment.stats().start();
         match self.attempts(&request, deployment, rng, &mut record).await {
-            Ok(answer) => self.respond(answer, record, permit),
+            Ok(answer) => self.respond(answer, record, slots),
             Err(error) => {
                 record.finish(match error {
                     RouteError::Timeout(_) => Outcome::Timeout,
@@ -424,7 +440,7 @@ impl Proxy {
         &self,
         answer: Answer<'_>,
         mut record: RequestRecord,
-        permit: OwnedSemaphorePermit,
+        slots: Slots,
     ) -> Response<ProxyBody> {
         let Answer {
             response,
@@ -450,7 +466,7 @@ impl Proxy {
             in_flight,
             connection: Some((connection, self.pool)),
             record: Some((record, outcome)),
-            _permit: permit,
+            _slots: slots,
             idle_timeout: self.settings.idle_chunk_timeout,
             idle: Box::pin(tokio::time::sleep(self.settings.idle_chunk_timeout)),
             last_data: tokio::time::Instant::now(),
@@ -522,6 +538,9 @@ fn upstream_request(
 // === ProxyBody ===
 
 /// A response body: the router's own (a buffer) or an upstream's, streamed.
+// Unboxed: every proxied response is the large variant, and boxing it
+// would cost an allocation per request to save bytes on error answers.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum ProxyBody {
     /// A body the router produced.
@@ -550,8 +569,9 @@ pub struct UpstreamBody {
     /// Finished with its outcome at the last byte; dropped before that, it
     /// counts the request as aborted.
     record: Option<(RequestRecord, Outcome)>,
-    /// The router-wide concurrency slot, freed with the body.
-    _permit: OwnedSemaphorePermit,
+    /// The client's and the router-wide concurrency slots, freed with the
+    /// body.
+    _slots: Slots,
     idle_timeout: Duration,
     /// Fires at the idle bound counted from some earlier chunk; when it
     /// does, it is moved to the bound counted from `last_data`, so a chunk

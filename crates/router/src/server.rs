@@ -3,11 +3,18 @@
 //! endpoints.
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio_rustls::rustls::ServerConfig;
 
 use bytes::Bytes;
 use crossfade_common::Shutdown;
-use crossfade_common::http::{ServeOptions, metrics as render_metrics, serve as serve_http, text};
+use crossfade_common::http::{
+    ServeOptions, metrics as render_metrics, serve as serve_http, serve_clients, text,
+};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::Full;
@@ -16,7 +23,17 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
 use crate::config::Limits;
-use crate::proxy::{BoxError, Proxy};
+use crate::proxy::{BoxError, Proxy, ProxyBody};
+
+/// How the router's listeners serve: its limits, and TLS where given.
+pub fn options(limits: &Limits, tls: Option<Arc<ArcSwap<ServerConfig>>>) -> ServeOptions {
+    ServeOptions {
+        header_read_timeout: limits.header_read_timeout,
+        h2_max_concurrent_streams: limits.h2_max_concurrent_streams,
+        shutdown_grace: limits.shutdown_grace,
+        tls,
+    }
+}
 
 /// Serves `handler` on `listener` with the router's limits until
 /// `shutdown` triggers (see [`crossfade_common::http::serve`]).
@@ -31,28 +48,26 @@ pub async fn serve<F, Fut, B>(
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let options = ServeOptions {
-        header_read_timeout: limits.header_read_timeout,
-        h2_max_concurrent_streams: limits.h2_max_concurrent_streams,
-        shutdown_grace: limits.shutdown_grace,
-    };
-    serve_http(listener, &options, shutdown, handler).await;
+    serve_http(listener, &options(limits, None), shutdown, handler).await;
 }
 
-/// The public listener's handler.
-pub fn public_handler(
+/// Serves the public listener: each connection's requests go to `proxy`
+/// with the client's address (for its concurrency limit).
+pub async fn serve_public(
+    listener: TcpListener,
+    options: &ServeOptions,
+    shutdown: Shutdown,
     proxy: Arc<Proxy>,
-) -> impl Fn(
-    Request<Incoming>,
-) -> std::pin::Pin<Box<dyn Future<Output = Response<crate::proxy::ProxyBody>> + Send>>
-+ Clone
-+ Send
-+ Sync
-+ 'static {
-    move |req| {
+) {
+    let (_never, close) = tokio::sync::watch::channel(0);
+    serve_clients(listener, options, shutdown, close, move |peer: SocketAddr| {
         let proxy = Arc::clone(&proxy);
-        Box::pin(async move { proxy.handle(req).await })
-    }
+        move |req: Request<Incoming>| -> Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>> {
+            let proxy = Arc::clone(&proxy);
+            Box::pin(async move { proxy.handle(req, peer.ip()).await })
+        }
+    })
+    .await;
 }
 
 /// The admin endpoints: `/metrics` (Prometheus), `/healthz` (the process

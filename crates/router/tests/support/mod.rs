@@ -64,6 +64,7 @@ pub fn table(version: u64, deployments: Vec<v1::DeploymentRoute>) -> v1::Routing
 pub struct TestRouter {
     pub addr: SocketAddr,
     pub routes: Arc<Routes>,
+    pub proxy: Arc<Proxy>,
     shutdown: Shutdown,
 }
 
@@ -79,12 +80,14 @@ impl TestRouter {
             ..Limits::default()
         };
         let s = shutdown.clone();
+        let serving = Arc::clone(&proxy);
         tokio::spawn(async move {
-            server::serve(listener, &limits, s, server::public_handler(proxy)).await;
+            server::serve_public(listener, &server::options(&limits, None), s, serving).await;
         });
         Self {
             addr,
             routes,
+            proxy,
             shutdown,
         }
     }
