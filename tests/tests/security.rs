@@ -325,3 +325,103 @@ fn futures_block<T>(
         .unwrap()
         .into_inner()
 }
+
+/// With the official `openai` client over TLS, HTTP/1.1 then HTTP/2: a
+/// valid key is served; a wrong or revoked one gets 401. Prints one line
+/// per call.
+const OPENAI_WITH_KEYS: &str = r#"
+import ssl, sys
+import httpx, openai
+base, ca, good, revoked = sys.argv[1:5]
+context = ssl.create_default_context(cafile=ca)
+for http2 in (False, True):
+    http = httpx.Client(http2=http2, verify=context)
+    client = openai.OpenAI(base_url=base, api_key=good, http_client=http, max_retries=0, timeout=30)
+    raw = client.chat.completions.with_raw_response.create(
+        model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    print(raw.http_response.http_version, raw.parse().model, flush=True)
+for key in (good[:-1] + ("0" if good[-1] != "0" else "1"), revoked):
+    client = openai.OpenAI(base_url=base, api_key=key, http_client=httpx.Client(verify=context), max_retries=0)
+    try:
+        client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])
+        print("served", flush=True)
+    except openai.AuthenticationError as e:
+        print(e.status_code, e.code, flush=True)
+"#;
+
+/// `vllm:request_success_total` of the fake engine at `addr`, summed.
+fn served(addr: SocketAddr) -> f64 {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    use std::io::{Read as _, Write as _};
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("vllm:request_success_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn the_public_port_serves_the_openai_client_over_tls_only_with_a_valid_key() {
+    let Some(python) = crossfade_e2e::python_for_test() else {
+        return;
+    };
+    let dir = TempDir::new().unwrap();
+    let certs = Certs::new(dir.path());
+    let [ca, cert, key] = certs.issue(Role::Router, "public");
+    let keys = dir.path().join("api-keys.toml");
+    let keys_arg = keys.to_str().unwrap();
+    let good = crossfade(&["keys", "add", "--file", keys_arg, "--name", "sdk"]);
+    let revoked = crossfade(&["keys", "add", "--file", keys_arg, "--name", "old"]);
+    crossfade(&["keys", "revoke", "--file", keys_arg, "old"]);
+    let (_engine, engine) = crossfade_e2e::start_fake_vllm("org/model", &["chat"], &[]).unwrap();
+
+    let public = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let config = dir.path().join("router.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\npublic = \"{public}\"\nadmin = \"127.0.0.1:{}\"\ncontrol = \"127.0.0.1:{}\"\n\
+             [control_tls]\ninsecure = true\n[public_tls]\ncert = \"{}\"\nkey = \"{}\"\n[auth]\napi_keys = \"{}\"\n\
+             [[endpoint]]\nname = \"chat\"\n[[endpoint.deployment]]\nid = \"v1\"\nweight = 1\nworkers = [\"{engine}\"]\n",
+            free_port().unwrap(),
+            free_port().unwrap(),
+            cert.display(),
+            key.display(),
+            keys.display(),
+        ),
+    )
+    .unwrap();
+    let _router = spawn_router(&config, public);
+
+    let output = Command::new(&python)
+        .args(["-c", OPENAI_WITH_KEYS])
+        .arg(format!("https://{public}/v1"))
+        .arg(&ca)
+        .arg(good.trim())
+        .arg(revoked.trim())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "HTTP/1.1 chat",
+            "HTTP/2 chat",
+            "401 invalid_api_key",
+            "401 invalid_api_key"
+        ],
+        "{stdout}"
+    );
+    // Only the two valid calls reached the engine.
+    assert_eq!(served(engine), 2.0);
+}
