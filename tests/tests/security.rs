@@ -117,7 +117,7 @@ fn failed_handshake<T: std::fmt::Debug>(result: Result<T, tonic::Status>) {
     assert!(
         matches!(
             status.code(),
-            Code::Unknown | Code::Unavailable | Code::Internal
+            Code::Unknown | Code::Unavailable | Code::Internal | Code::Cancelled
         ),
         "{status:?}"
     );
