@@ -395,7 +395,7 @@ fn the_public_port_serves_the_openai_client_over_tls_only_with_a_valid_key() {
         ),
     )
     .unwrap();
-    let _router = spawn_router(&config, public);
+    let router = spawn_router(&config, public);
 
     let output = Command::new(&python)
         .args(["-c", OPENAI_WITH_KEYS])
@@ -424,4 +424,62 @@ fn the_public_port_serves_the_openai_client_over_tls_only_with_a_valid_key() {
     );
     // Only the two valid calls reached the engine.
     assert_eq!(served(engine), 2.0);
+
+    // A renewed certificate, read on SIGHUP: new connections get it, an
+    // open HTTP/2 connection goes on.
+    let mut client = std::process::Command::new(&python)
+        .args(["-c", TLS_RELOAD, &public.to_string()])
+        .arg(&ca)
+        .arg(good.trim())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(client.stdout.take().unwrap()));
+    let before = lines.next().unwrap().unwrap();
+    let [renewed_cert, renewed_key] = {
+        let [_, cert, key] = certs.issue(Role::Router, "public-renewed");
+        [cert, key]
+    };
+    std::fs::copy(renewed_cert, &cert).unwrap();
+    std::fs::copy(renewed_key, &key).unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &router.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    std::thread::sleep(Duration::from_millis(500));
+    use std::io::Write as _;
+    writeln!(client.stdin.as_mut().unwrap()).unwrap();
+    let after = lines.next().unwrap().unwrap();
+    assert!(client.wait().unwrap().success());
+    // "CERTIFICATE STATUS LOCAL-PORT"
+    let fields = |line: &str| line.split(' ').map(str::to_owned).collect::<Vec<_>>();
+    let (before, after) = (fields(&before), fields(&after));
+    assert_ne!(before[0], after[0], "the certificate was not renewed");
+    assert_eq!((before[1].as_str(), after[1].as_str()), ("200", "200"));
+    assert_eq!(before[2], after[2], "the open connection was dropped");
 }
+
+/// Prints the certificate a new connection gets, the status of a call on
+/// one HTTP/2 connection, and that connection's local port; then waits for
+/// a line on stdin and does it again.
+const TLS_RELOAD: &str = r#"
+import hashlib, socket, ssl, sys
+import httpx
+address, ca, key = sys.argv[1:4]
+host, port = address.rsplit(":", 1)
+context = ssl.create_default_context(cafile=ca)
+def certificate():
+    with socket.create_connection((host, int(port))) as tcp:
+        with context.wrap_socket(tcp, server_hostname=host) as tls:
+            return hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest()[:16]
+client = httpx.Client(http2=True, verify=context, headers={"authorization": "Bearer " + key})
+def call():
+    r = client.post(f"https://{address}/v1/chat/completions",
+                    json={"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    return f"{r.status_code} {r.extensions['network_stream'].get_extra_info('client_addr')[1]}"
+print(certificate(), call(), flush=True)
+sys.stdin.readline()
+print(certificate(), call(), flush=True)
+"#;
