@@ -110,8 +110,8 @@ pub struct Limits {
     /// its body has arrived.
     pub max_concurrent_requests: u32,
     /// Requests in flight, bodies being read included, from one client:
-    /// one API key, else one address (1 ..= max_concurrent_requests); more
-    /// get 429. A key may carry its own limit.
+    /// one API key, else one address (1 ..= 1000000); more get 429. A key
+    /// may carry its own limit.
     pub max_concurrent_per_client: u32,
     /// Slowest body accepted, in bytes a second, judged after its first
     /// 5 s (0 ..= 1 GiB/s; 0: no minimum); slower ones get 408.
@@ -314,7 +314,7 @@ impl Validate for Config {
         errors.extend(FieldError::check_range(
             "limits.max_concurrent_per_client",
             self.limits.max_concurrent_per_client,
-            1..=self.limits.max_concurrent_requests.max(1),
+            1..=1_000_000,
         ));
         errors.extend(FieldError::check_range(
             "limits.min_body_rate",
@@ -474,6 +474,20 @@ mod tests {
         assert_eq!(
             err.keys(),
             ["limits.max_body_bytes", "upstream.max_attempts"]
+        );
+
+        let err = load_str(
+            "[limits]\nmax_header_count = 0\nmax_header_bytes = 10\nmax_concurrent_per_client = 0\n[public_tls]\ncert = \"c.pem\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.keys(),
+            [
+                "limits.max_concurrent_per_client",
+                "limits.max_header_count",
+                "limits.max_header_bytes",
+                "public_tls"
+            ]
         );
 
         let err = load_str("[listen]\nadmin = \"0.0.0.0:8080\"\n").unwrap_err();
