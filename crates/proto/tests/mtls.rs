@@ -146,6 +146,19 @@ async fn read(channel: Channel) -> Result<(), Status> {
         .map(drop)
 }
 
+/// A call that died in a refused handshake: a transport error, never an
+/// answer.
+fn failed_handshake(result: Result<(), Status>) {
+    let status = result.unwrap_err();
+    assert!(
+        matches!(
+            status.code(),
+            Code::Unknown | Code::Unavailable | Code::Cancelled
+        ),
+        "{status:?}"
+    );
+}
+
 #[tokio::test]
 async fn each_call_is_open_only_to_the_roles_of_its_policy() {
     let dir = std::env::temp_dir().join(format!("crossfade-mtls-{}", std::process::id()));
@@ -185,14 +198,7 @@ async fn each_call_is_open_only_to_the_roles_of_its_policy() {
     let stranger = other.control("stranger", Role::Coordinator, &fleet);
     if let Ok(channel) = dial(&stranger, &address, Role::Router).await {
         // The handshake fails at the first read: a transport error.
-        let refused = apply(channel).await.unwrap_err();
-        assert!(
-            matches!(
-                refused.code(),
-                Code::Unknown | Code::Unavailable | Code::Cancelled
-            ),
-            "{refused:?}"
-        );
+        failed_handshake(apply(channel).await);
     }
 
     // TLS without a client certificate, and plain text, are refused.
@@ -205,25 +211,11 @@ async fn each_call_is_open_only_to_the_roles_of_its_policy() {
         )
         .unwrap();
     if let Ok(channel) = anonymous.connect().await {
-        let refused = apply(channel).await.unwrap_err();
-        assert!(
-            matches!(
-                refused.code(),
-                Code::Unknown | Code::Unavailable | Code::Cancelled
-            ),
-            "{refused:?}"
-        );
+        failed_handshake(apply(channel).await);
     }
     let plain = Endpoint::from_shared(format!("http://{address}")).unwrap();
     if let Ok(channel) = plain.connect().await {
-        let refused = read(channel).await.unwrap_err();
-        assert!(
-            matches!(
-                refused.code(),
-                Code::Unknown | Code::Unavailable | Code::Cancelled
-            ),
-            "{refused:?}"
-        );
+        failed_handshake(read(channel).await);
     }
 
     // And the client checks the server: a router is not an agent.

@@ -133,16 +133,6 @@ fn digest(salt: &[u8], secret: &[u8]) -> [u8; 32] {
     hash.finalize().into()
 }
 
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 /// A key that passed: what limits it carries.
 #[derive(Debug)]
 pub struct Key {
@@ -186,8 +176,9 @@ impl Keys {
     pub fn new(file: &KeyFile) -> Result<Self, String> {
         let mut keys = HashMap::new();
         for (i, record) in file.keys.iter().enumerate() {
-            let salt = unhex(&record.salt);
-            let hash = unhex(&record.sha256).and_then(|h| <[u8; 32]>::try_from(h).ok());
+            let salt = crossfade_common::files::unhex(&record.salt);
+            let hash = crossfade_common::files::unhex(&record.sha256)
+                .and_then(|h| <[u8; 32]>::try_from(h).ok());
             let (Some(salt), Some(hash)) = (salt, hash) else {
                 return Err(format!(
                     "key[{i}] ({}): salt or sha256 is not hex",
