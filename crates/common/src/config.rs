@@ -3,6 +3,9 @@
 //! flags (later wins), then the program's own [`Validate`]. An invalid
 //! configuration is refused with a message naming the key, and where the
 //! value came from, before anything is bound ([`load_or_exit`], status 64).
+//! A variable without a section (`CROSSFADE_WORKER_ID`) counts only when it
+//! names one of the program's top-level keys: `CROSSFADE_COORDINATOR` is
+//! the CLI's, and a server in the same shell ignores it.
 //!
 //! The loader takes its sources as arguments ([`Sources`]), so tests never
 //! touch the process environment.
@@ -238,13 +241,19 @@ where
     let defaults = toml::Table::try_from(C::default()).unwrap_or_default();
     let mut origins = BTreeMap::new();
 
-    for (origin, key, raw) in overrides(sources) {
+    for (origin, key, raw, from_env) in overrides(sources) {
         let path = parse_key(&key).map_err(|message| ConfigError::Override {
             origin: origin.clone(),
             key: key.clone(),
             message,
         })?;
         let existing = lookup(&table, &path).or_else(|| lookup(&defaults, &path));
+        // `CROSSFADE_NAME` without a section is this program's only when
+        // it names one of its top-level keys; otherwise it is another
+        // program's (the CLI's `CROSSFADE_COORDINATOR`), not a mistake.
+        if from_env && path.len() == 1 && existing.is_none() {
+            continue;
+        }
         let value = typed_value(&raw, existing).map_err(|message| ConfigError::Override {
             origin: origin.clone(),
             key: key.clone(),
@@ -331,7 +340,7 @@ fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
 
 /// Environment overrides (sorted by name, so the result never depends on the
 /// order the OS lists them in), then flags in the order given.
-fn overrides(sources: &Sources) -> Vec<(String, String, String)> {
+fn overrides(sources: &Sources) -> Vec<(String, String, String, bool)> {
     let mut env: Vec<_> = sources
         .env
         .iter()
@@ -342,14 +351,14 @@ fn overrides(sources: &Sources) -> Vec<(String, String, String)> {
                 .map(str::to_ascii_lowercase)
                 .collect::<Vec<_>>()
                 .join(".");
-            Some((format!("environment variable {name}"), key, value.clone()))
+            Some((format!("environment variable {name}"), key, value.clone(), true))
         })
         .collect();
     env.sort();
     let flags = sources
         .flags
         .iter()
-        .map(|(key, value)| (format!("--set {key}"), key.clone(), value.clone()));
+        .map(|(key, value)| (format!("--set {key}"), key.clone(), value.clone(), false));
     env.into_iter().chain(flags).collect()
 }
 

@@ -24,7 +24,7 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:9401";
 pub const DEFAULT_CONTROL: &str = "0.0.0.0:7001";
 /// Largest request body, in bytes: generous for long prompts, bounded
 /// because it is kept in memory for retries.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 << 20;
 /// Longest time a client may take to send its request headers.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent HTTP/2 streams per client connection.

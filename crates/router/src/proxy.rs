@@ -84,7 +84,7 @@ pub struct ProxySettings {
 impl Default for ProxySettings {
     fn default() -> Self {
         Self {
-            max_body_bytes: 4 << 20,
+            max_body_bytes: crate::config::DEFAULT_MAX_BODY_BYTES,
             body_read_timeout: Duration::from_secs(30),
             response_header_timeout: Duration::from_secs(300),
             idle_chunk_timeout: Duration::from_secs(120),

@@ -153,6 +153,33 @@ fn file_then_environment_then_flags() {
 }
 
 #[test]
+fn another_programs_variable_is_not_a_configuration_key() {
+    // The CLI's variables, set in the same shell as a server.
+    let sources = Sources {
+        env: env(&[
+            ("CROSSFADE_COORDINATOR", "https://10.0.0.5:7000"),
+            ("CROSSFADE_CA", "ca.pem"),
+        ]),
+        ..Default::default()
+    };
+    let config: Sample = load(&sources).unwrap();
+    assert_eq!(config, Sample::default());
+    // With a section, a variable is this program's: a typo is named.
+    let sources = Sources {
+        env: env(&[("CROSSFADE_ENGINE__PROT", "1")]),
+        ..Default::default()
+    };
+    let error = load::<Sample>(&sources).unwrap_err();
+    assert!(error.to_string().contains("CROSSFADE_ENGINE__PROT"), "{error}");
+    // A flag is always this program's.
+    let sources = Sources {
+        flags: flags(&[("coordinator", "x")]),
+        ..Default::default()
+    };
+    assert!(load::<Sample>(&sources).is_err());
+}
+
+#[test]
 fn a_string_key_keeps_digits_as_a_string() {
     let sources = Sources {
         env: env(&[("CROSSFADE_WORKER_ID", "0042")]),
