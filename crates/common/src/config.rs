@@ -351,7 +351,12 @@ fn overrides(sources: &Sources) -> Vec<(String, String, String, bool)> {
                 .map(str::to_ascii_lowercase)
                 .collect::<Vec<_>>()
                 .join(".");
-            Some((format!("environment variable {name}"), key, value.clone(), true))
+            Some((
+                format!("environment variable {name}"),
+                key,
+                value.clone(),
+                true,
+            ))
         })
         .collect();
     env.sort();

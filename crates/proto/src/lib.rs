@@ -26,26 +26,50 @@ pub use server::Fence;
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/crossfade_descriptor.bin"));
 
-/// The gRPC reflection service (v1) over crossfade's descriptor set, for
-/// every program's gRPC server. `extra` adds the encoded descriptor sets of
-/// other services the server carries, such as
-/// `tonic_health::pb::FILE_DESCRIPTOR_SET`.
-pub fn reflection_service(
-    extra: &[&'static [u8]],
+/// The services every crossfade gRPC port carries beside its own.
+pub const STANDARD_SERVICES: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// A reflection builder over crossfade's descriptor set, the health
+/// service's and reflection's own, advertising `service` and
+/// [`STANDARD_SERVICES`] only: a port lists what it serves.
+fn reflection_builder(service: &str) -> tonic_reflection::server::Builder<'static> {
+    [service].into_iter().chain(STANDARD_SERVICES).fold(
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+            .include_reflection_service(false),
+        |builder, name| builder.with_service_name(name),
+    )
+}
+
+/// gRPC reflection, `v1` and `v1alpha` (grpcurl 1.8 and many IDE plugins
+/// speak only the latter), for a port serving `service` (its fully
+/// qualified name).
+pub fn reflection_services(
+    service: &str,
 ) -> Result<
-    tonic_reflection::server::v1::ServerReflectionServer<
-        impl tonic_reflection::server::v1::ServerReflection,
-    >,
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
     tonic_reflection::server::Error,
 > {
-    extra
-        .iter()
-        .fold(
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET),
-            |builder, set| builder.register_encoded_file_descriptor_set(set),
-        )
-        .build_v1()
+    Ok((
+        reflection_builder(service).build_v1()?,
+        reflection_builder(service).build_v1alpha()?,
+    ))
 }
 
 /// Fully qualified names of the three services, as gRPC health and

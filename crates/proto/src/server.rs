@@ -66,7 +66,7 @@ where
     health_reporter
         .set_service_status(S::NAME, tonic_health::ServingStatus::Serving)
         .await;
-    let reflection = crate::reflection_service(&[tonic_health::pb::FILE_DESCRIPTOR_SET])?;
+    let (reflection, reflection_v1alpha) = crate::reflection_services(S::NAME)?;
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = control.server() {
         server = server.tls_config(tls)?;
@@ -76,6 +76,7 @@ where
         .layer(AuthorizeLayer(authorize))
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(service)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

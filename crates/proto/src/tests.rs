@@ -227,7 +227,7 @@ async fn reflection_and_health_serve_the_contract() {
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
 
-    let reflection = crate::reflection_service(&[tonic_health::pb::FILE_DESCRIPTOR_SET])
+    let (reflection, reflection_v1alpha) = crate::reflection_services(crate::service_names::AGENT)
         .expect("the descriptor set is complete");
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -243,6 +243,7 @@ async fn reflection_and_health_serve_the_contract() {
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(health)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -271,6 +272,38 @@ async fn reflection_and_health_serve_the_contract() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
 
+    // v1alpha, as grpcurl 1.8 asks: the port's services, and only those.
+    let mut alpha =
+        tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(
+            channel.clone(),
+        );
+    let mut listed = alpha
+        .server_reflection_info(tokio_stream::iter([
+            tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(
+                    tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest::ListServices(
+                        String::new(),
+                    ),
+                ),
+            },
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        listed.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a list of services");
+    };
+    let alpha_services: BTreeSet<String> = list.service.into_iter().map(|s| s.name).collect();
+    let expected: BTreeSet<String> = [crate::service_names::AGENT]
+        .into_iter()
+        .chain(crate::STANDARD_SERVICES)
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(alpha_services, expected);
+
     let mut client = ServerReflectionClient::new(channel);
     let requests = tokio_stream::iter([
         MessageRequest::ListServices(String::new()),
@@ -295,14 +328,10 @@ async fn reflection_and_health_serve_the_contract() {
         panic!("expected a list of services");
     };
     let services: BTreeSet<String> = list.service.into_iter().map(|s| s.name).collect();
-    for name in [
-        "grpc.health.v1.Health",
-        crate::service_names::AGENT,
-        crate::service_names::ROUTER_CONTROL,
-        crate::service_names::COORDINATOR,
-    ] {
-        assert!(services.contains(name), "{name} missing from {services:?}");
-    }
+    assert_eq!(
+        services, expected,
+        "the Agent's port lists no other crossfade service"
+    );
 
     for expected in [
         "crossfade/v1/agent.proto",

@@ -170,7 +170,10 @@ fn another_programs_variable_is_not_a_configuration_key() {
         ..Default::default()
     };
     let error = load::<Sample>(&sources).unwrap_err();
-    assert!(error.to_string().contains("CROSSFADE_ENGINE__PROT"), "{error}");
+    assert!(
+        error.to_string().contains("CROSSFADE_ENGINE__PROT"),
+        "{error}"
+    );
     // A flag is always this program's.
     let sources = Sources {
         flags: flags(&[("coordinator", "x")]),
