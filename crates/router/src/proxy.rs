@@ -448,7 +448,7 @@ impl Proxy {
             in_flight,
             deployment,
         } = answer;
-        record.first_byte(in_flight.worker());
+        record.responded(in_flight.worker());
         let (mut parts, body) = response.into_parts();
         let outcome = if parts.status.is_server_error() {
             Outcome::ServerError
@@ -614,6 +614,11 @@ impl Body for ProxyBody {
                 .map_err(|never| match never {}),
             ProxyBody::Upstream(up) => match Pin::new(&mut up.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
+                    if let Some((record, _)) = &mut up.record
+                        && frame.data_ref().is_some_and(|data| !data.is_empty())
+                    {
+                        record.body_byte();
+                    }
                     if up.inner.is_end_stream() {
                         // hyper stops polling once the body says it ended, so
                         // the frame that ends it is the request's end; no

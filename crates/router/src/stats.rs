@@ -249,9 +249,10 @@ impl DeploymentStats {
     }
 }
 
-/// One request's statistics in progress. Call [`RequestRecord::first_byte`]
-/// when the response headers arrive and [`RequestRecord::finish`] at the
-/// end; dropped unfinished, it counts as aborted.
+/// One request's statistics in progress. Call [`RequestRecord::responded`]
+/// when the response headers arrive, [`RequestRecord::body_byte`] as body
+/// bytes do, and [`RequestRecord::finish`] at the end; dropped unfinished,
+/// it counts as aborted.
 #[derive(Debug)]
 #[must_use = "a request is recorded when the record finishes or drops"]
 pub struct RequestRecord {
@@ -265,9 +266,16 @@ pub struct RequestRecord {
 
 impl RequestRecord {
     /// The response headers arrived now, from `worker`.
-    pub fn first_byte(&mut self, worker: &Arc<crate::table::Worker>) {
-        self.ttft = Some(self.started.elapsed());
+    pub fn responded(&mut self, worker: &Arc<crate::table::Worker>) {
         self.worker = Some(Arc::clone(worker));
+    }
+
+    /// Body bytes arrived now: the first ones are the time to first token
+    /// (engines send a stream's headers before its first token).
+    pub fn body_byte(&mut self) {
+        if self.ttft.is_none() {
+            self.ttft = Some(self.started.elapsed());
+        }
     }
 
     /// The request ended with `outcome`.

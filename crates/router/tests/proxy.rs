@@ -123,6 +123,32 @@ async fn streams_pass_through_chunk_by_chunk() {
     assert_eq!((counts.total, counts.success), (1, 1), "{counts:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_time_to_first_token_is_the_first_body_byte_not_the_headers() {
+    // The engine sends the stream's headers at once, its first token after
+    // a second, as vLLM does while it prefills.
+    let mut config = fake_vllm::Config::new("org/model");
+    config.served_model_names = vec!["chat".into()];
+    config.port = 0;
+    config.ttft = Duration::from_secs(1);
+    config.default_max_tokens = 2;
+    let engine = fake_vllm::Handle::bind(config).await.unwrap();
+    let router = TestRouter::start(
+        table(0, vec![deployment("v1", 1, &[engine.addr()])]),
+        ProxySettings::default(),
+    )
+    .await;
+    let response = client().request(stream_request(&router)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(text.ends_with(b"data: [DONE]\n\n"));
+    let ttft = report(&router)[0].deployments[0]
+        .time_to_first_token
+        .unwrap();
+    assert_eq!(ttft.count, 1);
+    assert!(ttft.max_seconds >= 1.0, "{ttft:?}");
+}
+
 /// The first deployment's request counts, from the start of time.
 fn counts(router: &TestRouter) -> crossfade_proto::v1::RequestCounts {
     report(router)[0].deployments[0].requests.unwrap()
