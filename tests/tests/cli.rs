@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use crossfade_e2e::{Process, TempDir, binary, free_port, wait_for_port};
 
-#[test]
-fn the_demo_promotes_under_load_without_a_failed_request() {
+/// Runs `crossfade demo -o json ARGS` briefly; its summary.
+fn demo(args: &[&str]) -> serde_json::Value {
     let output = Command::new(binary("crossfade").unwrap())
         .args([
             "demo",
@@ -22,12 +22,18 @@ fn the_demo_promotes_under_load_without_a_failed_request() {
             "--clients",
             "4",
         ])
+        .args(args)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");
-    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    serde_json::from_str(&stdout).unwrap()
+}
+
+#[test]
+fn the_demo_promotes_under_load_without_a_failed_request() {
+    let summary = demo(&[]);
     assert_eq!(summary["failed"], 0, "{summary}");
     assert_eq!(summary["promotion_status"], "SUCCEEDED");
     let sent = summary["requests_sent"].as_u64().unwrap();
@@ -37,6 +43,27 @@ fn the_demo_promotes_under_load_without_a_failed_request() {
     let by = summary["by_deployment"].as_object().unwrap();
     assert_eq!(by.len(), 2, "{summary}");
     assert!(summary["promotion_seconds"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn one_host_updated_in_place_fails_no_request_the_router_holds_them() {
+    let summary = demo(&["--workers", "1", "--replicas", "1"]);
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert_eq!(summary["promotion_status"], "SUCCEEDED");
+    assert_eq!(
+        summary["by_deployment"].as_object().unwrap().len(),
+        2,
+        "{summary}"
+    );
+    // The only replica reloaded: requests arriving meanwhile waited.
+    assert!(
+        summary["held_for_a_replica"].as_u64().unwrap() > 0,
+        "{summary}"
+    );
+    assert!(
+        summary["longest_hold_ms"].as_u64().unwrap() > 0,
+        "{summary}"
+    );
 }
 
 fn crossfade(coordinator: &str, args: &[&str]) -> (bool, String, String) {

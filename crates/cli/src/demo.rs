@@ -206,6 +206,8 @@ struct Sample {
     ttft: Option<Duration>,
     ok: bool,
     deployment: String,
+    /// How long the router held it for a replica.
+    queued: Duration,
 }
 
 /// Runs the demo.
@@ -493,6 +495,8 @@ pub async fn run(args: DemoArgs, out: Output) -> anyhow::Result<ExitCode> {
         };
         serde_json::json!({"p50_ms": (at(0.5) * 10.0).round() / 10.0, "p99_ms": (at(0.99) * 10.0).round() / 10.0, "requests": values.len()})
     };
+    let held = samples.iter().filter(|s| !s.queued.is_zero()).count();
+    let longest_hold = samples.iter().map(|s| s.queued).max().unwrap_or_default();
     let status = v1::PromotionStatus::try_from(finished.status).map_or("UNKNOWN", |s| {
         s.as_str_name().trim_start_matches("PROMOTION_STATUS_")
     });
@@ -505,6 +509,8 @@ pub async fn run(args: DemoArgs, out: Output) -> anyhow::Result<ExitCode> {
         "promotion_seconds": (promotion_seconds * 10.0).round() / 10.0,
         "from_deployment": finished.from_deployment_id,
         "to_deployment": finished.to_deployment_id,
+        "held_for_a_replica": held,
+        "longest_hold_ms": u64::try_from(longest_hold.as_millis()).unwrap_or(u64::MAX),
         "time_to_first_token": {
             "before": ttft(None, Some(promotion_started)),
             "during": ttft(Some(promotion_started), Some(promotion_ended)),
@@ -522,6 +528,12 @@ pub async fn run(args: DemoArgs, out: Output) -> anyhow::Result<ExitCode> {
             println!("requests       {sent} sent, {succeeded} succeeded, {failed} failed");
             for (deployment, count) in &by_deployment {
                 println!("  answered by  {deployment:<10} {count}");
+            }
+            if held > 0 {
+                println!(
+                    "held          {held} requests waited for a replica in the router's queue, the longest {:.1} s",
+                    longest_hold.as_secs_f64()
+                );
             }
             for phase in ["before", "during", "after"] {
                 let t = &summary["time_to_first_token"][phase];
@@ -570,6 +582,7 @@ async fn one_request(
         ttft: None,
         ok: false,
         deployment: String::new(),
+        queued: Duration::ZERO,
     };
     let Ok(request) = http::Request::post(url)
         .header("content-type", "application/json")
@@ -591,6 +604,11 @@ async fn one_request(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
+    let queued = response
+        .headers()
+        .get("x-crossfade-queued-ms")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .map_or(Duration::ZERO, Duration::from_millis);
     let mut body = response.into_body();
     let mut ttft = None;
     let mut text = Vec::new();
@@ -615,5 +633,6 @@ async fn one_request(
         ttft,
         ok,
         deployment,
+        queued,
     }
 }

@@ -116,6 +116,13 @@ pub struct Limits {
     /// Slowest body accepted, in bytes a second, judged after its first
     /// 5 s (0 ..= 1 GiB/s; 0: no minimum); slower ones get 408.
     pub min_body_rate: u32,
+    /// Most requests held per endpoint while it has no replica (0 ..=
+    /// 1000000; 0: none is held); more get 503.
+    pub queue_max: usize,
+    /// Longest a request is held for a replica (0s ..= 10m, and never past
+    /// `upstream.response_header_timeout`); then 503 with `Retry-After`.
+    #[serde(with = "humantime_serde")]
+    pub queue_timeout: Duration,
     /// Most header fields in a request (1 ..= 200); more get 431.
     pub max_header_count: usize,
     /// Most bytes of header fields in a request, 32 bytes counted per
@@ -200,6 +207,8 @@ impl Default for Limits {
             max_concurrent_requests: ProxySettings::default().max_concurrent_requests,
             max_concurrent_per_client: ProxySettings::default().max_concurrent_per_client,
             min_body_rate: ProxySettings::default().min_body_rate,
+            queue_max: ProxySettings::default().queue_max,
+            queue_timeout: ProxySettings::default().queue_timeout,
             max_header_count: ProxySettings::default().max_header_count,
             max_header_bytes: ProxySettings::default().max_header_bytes,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
@@ -266,6 +275,8 @@ impl Config {
             max_concurrent_requests: self.limits.max_concurrent_requests,
             max_concurrent_per_client: self.limits.max_concurrent_per_client,
             min_body_rate: self.limits.min_body_rate,
+            queue_max: self.limits.queue_max,
+            queue_timeout: self.limits.queue_timeout,
             max_header_count: self.limits.max_header_count,
             max_header_bytes: self.limits.max_header_bytes,
             ejection: EjectionPolicy {
@@ -320,6 +331,16 @@ impl Validate for Config {
             "limits.min_body_rate",
             self.limits.min_body_rate,
             0..=1 << 30,
+        ));
+        errors.extend(FieldError::check_range(
+            "limits.queue_max",
+            self.limits.queue_max,
+            0..=1_000_000,
+        ));
+        errors.extend(FieldError::check_duration(
+            "limits.queue_timeout",
+            self.limits.queue_timeout,
+            Duration::ZERO..=Duration::from_secs(600),
         ));
         errors.extend(FieldError::check_range(
             "limits.max_header_count",

@@ -83,6 +83,20 @@ pub enum RouteError {
     /// The key may not call this endpoint.
     #[error("This API key may not call `{0}`.")]
     EndpointNotAllowed(String),
+    /// The endpoint has no replica and its queue is full.
+    #[error("no replica of `{endpoint}` is ready and its queue is full; retry later")]
+    QueueFull {
+        /// The endpoint.
+        endpoint: String,
+    },
+    /// The endpoint had no replica for as long as a request may wait.
+    #[error("no replica of `{endpoint}` became ready within {waited:?}; retry later")]
+    QueueTimeout {
+        /// The endpoint.
+        endpoint: String,
+        /// How long the request waited.
+        waited: Duration,
+    },
     /// The client (its key, else its address) is at its concurrency limit.
     #[error("this client already has {limit} requests in flight, its limit; retry later")]
     ClientOverloaded {
@@ -127,7 +141,9 @@ impl RouteError {
             Self::NoApiKey | Self::WrongApiKey | Self::RevokedApiKey => StatusCode::UNAUTHORIZED,
             Self::EndpointNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::Overloaded | Self::ClientOverloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::NoCapacity { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoCapacity { .. } | Self::QueueFull { .. } | Self::QueueTimeout { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Unreachable { .. } | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -150,6 +166,8 @@ impl RouteError {
             Self::EndpointNotAllowed(_) => "permission_error",
             Self::Overloaded | Self::ClientOverloaded { .. } => "rate_limit_error",
             Self::NoCapacity { .. }
+            | Self::QueueFull { .. }
+            | Self::QueueTimeout { .. }
             | Self::Unreachable { .. }
             | Self::Upstream(_)
             | Self::Timeout(_) => "server_error",
@@ -172,6 +190,8 @@ impl RouteError {
             Self::ModelNotFound(_) => "model_not_found",
             Self::Overloaded => "rate_limit_exceeded",
             Self::NoCapacity { .. } => "no_capacity",
+            Self::QueueFull { .. } => "queue_full",
+            Self::QueueTimeout { .. } => "queue_timeout",
             Self::Unreachable { .. } => "upstream_unreachable",
             Self::Upstream(_) => "upstream_error",
             Self::Timeout(_) => "upstream_timeout",

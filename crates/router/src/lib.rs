@@ -15,6 +15,7 @@ pub mod control;
 pub mod error;
 pub mod keys;
 pub mod proxy;
+pub mod queue;
 pub mod server;
 pub mod stats;
 pub mod table;

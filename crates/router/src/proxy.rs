@@ -33,6 +33,7 @@ use crossfade_common::http::strip_hop_by_hop;
 use crate::admission::{self, Admission, ClientSlot};
 use crate::balance::{choose_deployment, choose_worker};
 use crate::error::RouteError;
+use crate::queue::Queue;
 use crate::stats::{Outcome, REJECTED_TOTAL, RequestRecord, RetryReason};
 use crate::table::{Deployment, EjectionPolicy, Endpoint, InFlight, Routes, Worker, now_ms};
 use crate::upstream::{self, Checkout, PoolSettings};
@@ -45,6 +46,10 @@ pub const RETRY_HEADER: HeaderName = HeaderName::from_static("x-crossfade-retry"
 
 /// The header that tells a caller which deployment answered.
 pub const DEPLOYMENT_HEADER: HeaderName = HeaderName::from_static("x-crossfade-deployment");
+
+/// The header that says how long a request was held for a replica, in
+/// milliseconds (only on requests that were).
+pub const QUEUED_HEADER: HeaderName = HeaderName::from_static("x-crossfade-queued-ms");
 
 /// The header that carries a session key.
 pub const SESSION_HEADER: HeaderName = HeaderName::from_static("x-session-id");
@@ -73,6 +78,12 @@ pub struct ProxySettings {
     pub max_header_count: usize,
     /// Most bytes of header fields in a request.
     pub max_header_bytes: usize,
+    /// Most requests held per endpoint while it has no replica; more get
+    /// 503.
+    pub queue_max: usize,
+    /// Longest a request is held waiting for a replica (and never longer
+    /// than `response_header_timeout`); then 503.
+    pub queue_timeout: Duration,
     /// Back-off for workers that refuse connections.
     pub ejection: EjectionPolicy,
     /// Longest time to establish a connection to a gate.
@@ -94,6 +105,8 @@ impl Default for ProxySettings {
             min_body_rate: 1024,
             max_header_count: 100,
             max_header_bytes: 32 << 10,
+            queue_max: 1_000,
+            queue_timeout: Duration::from_secs(60),
             ejection: EjectionPolicy::default(),
             connect_timeout: Duration::from_secs(2),
             pool_idle_timeout: Duration::from_secs(90),
@@ -115,6 +128,8 @@ pub struct Proxy {
     capacity: Arc<Semaphore>,
     /// Keys, header limits and per-client limits.
     admission: Admission,
+    /// Requests held while their endpoint has no replica.
+    queue: Queue,
 }
 
 /// What a request holds until its response's last byte: its client's slot
@@ -146,6 +161,10 @@ impl Proxy {
             },
             capacity: Arc::new(Semaphore::new(settings.max_concurrent_requests as usize)),
             admission: Admission::new(&settings),
+            queue: Queue::new(
+                settings.queue_max,
+                settings.queue_timeout.min(settings.response_header_timeout),
+            ),
             settings,
             budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
         }
@@ -231,13 +250,6 @@ impl Proxy {
         };
 
         let bytes = admission::read_body(&self.settings, &parts.headers, body).await?;
-        // The router-wide slot, once the request is whole.
-        let slots = Slots {
-            _client: admitted.slot,
-            _router: Arc::clone(&self.capacity)
-                .try_acquire_owned()
-                .map_err(|_| RouteError::Overloaded)?,
-        };
         let peek = match serde_json::from_slice::<Peek<'_>>(&bytes) {
             Ok(peek) => Some(peek),
             // Routed by path: the body is the engine's business.
@@ -257,10 +269,18 @@ impl Proxy {
             (None, None) => return Err(RouteError::BadRequest("`model` is required".into())),
         };
 
-        let table = self.routes.load();
+        // Held while the endpoint has no replica (the usual path: no wait).
+        let (table, queued) = self.queue.table_for(&self.routes, model).await?;
         let endpoint = table
             .endpoint(model)
             .ok_or_else(|| RouteError::ModelNotFound(crate::error::short(model)))?;
+        // The router-wide slot, once the request is whole and can be sent.
+        let slots = Slots {
+            _client: admitted.slot,
+            _router: Arc::clone(&self.capacity)
+                .try_acquire_owned()
+                .map_err(|_| RouteError::Overloaded)?,
+        };
         if let Some(key) = &admitted.key
             && !key.allows(endpoint.name())
         {
@@ -288,7 +308,14 @@ impl Proxy {
             path_and_query: upstream_path_and_query,
             endpoint,
         };
-        Ok(self.forward(request, deployment, slots, &mut rng).await)
+        let mut response = self.forward(request, deployment, slots, &mut rng).await;
+        if !queued.is_zero() {
+            let millis = u64::try_from(queued.as_millis()).unwrap_or(u64::MAX);
+            response
+                .headers_mut()
+                .insert(QUEUED_HEADER, HeaderValue::from(millis));
+        }
+        Ok(response)
     }
 
     /// Sends the request to a worker of `deployment`, retrying on another

@@ -32,6 +32,14 @@ pub const EJECTIONS_TOTAL: &str = "crossfade_router_worker_ejections_total";
 /// `crossfade_router_rejected_requests_total{reason}`: answered by the
 /// router before a deployment was chosen.
 pub const REJECTED_TOTAL: &str = "crossfade_router_rejected_requests_total";
+/// `crossfade_router_queue_depth{endpoint}`: requests held for a replica.
+pub const QUEUE_DEPTH: &str = "crossfade_router_queue_depth";
+/// `crossfade_router_queue_wait_seconds{endpoint}`: how long held requests
+/// waited for a replica.
+pub const QUEUE_WAIT_SECONDS: &str = "crossfade_router_queue_wait_seconds";
+/// `crossfade_router_queue_timeouts_total{endpoint}`: held requests that no
+/// replica came for.
+pub const QUEUE_TIMEOUTS_TOTAL: &str = "crossfade_router_queue_timeouts_total";
 /// `crossfade_router_table_version`.
 pub const TABLE_VERSION: &str = "crossfade_router_table_version";
 
@@ -39,6 +47,7 @@ pub const TABLE_VERSION: &str = "crossfade_router_table_version";
 pub const HISTOGRAMS: &[(&str, &[f64])] = &[
     (REQUEST_DURATION_SECONDS, LATENCY_SECONDS_BUCKETS),
     (TIME_TO_FIRST_TOKEN_SECONDS, LATENCY_SECONDS_BUCKETS),
+    (QUEUE_WAIT_SECONDS, LATENCY_SECONDS_BUCKETS),
 ];
 
 /// Describes every metric once, at start.
@@ -52,7 +61,20 @@ pub fn describe() {
     metrics::describe_histogram!(
         TIME_TO_FIRST_TOKEN_SECONDS,
         metrics::Unit::Seconds,
-        "Time from receiving a request to its response headers."
+        "Time from receiving a request to the first byte of its response's body."
+    );
+    metrics::describe_gauge!(
+        QUEUE_DEPTH,
+        "Requests held until their endpoint has a replica."
+    );
+    metrics::describe_histogram!(
+        QUEUE_WAIT_SECONDS,
+        metrics::Unit::Seconds,
+        "How long held requests waited for a replica."
+    );
+    metrics::describe_counter!(
+        QUEUE_TIMEOUTS_TOTAL,
+        "Held requests that no replica came for in time (503)."
     );
     metrics::describe_gauge!(
         IN_FLIGHT_REQUESTS,

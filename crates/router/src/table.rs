@@ -261,6 +261,12 @@ impl Endpoint {
         &self.deployments
     }
 
+    /// Whether a request can be sent now: a deployment has weight (and so
+    /// workers).
+    pub fn has_capacity(&self) -> bool {
+        self.deployments.iter().any(|d| d.weight > 0)
+    }
+
     /// The deployment that owns `point` (0..[`BASIS_POINTS`]) of the
     /// endpoint's traffic; `None` when every weight is 0 (no capacity).
     ///
@@ -564,6 +570,9 @@ impl Workers {
 #[derive(Debug)]
 pub struct Routes {
     current: ArcSwap<Table>,
+    /// The version of each table swapped in, for requests held until one
+    /// gives their endpoint a replica.
+    swapped: tokio::sync::watch::Sender<u64>,
     shared: Shared,
     /// Serialises updates, so that the version check and the swap are one
     /// step. Requests never take it.
@@ -595,6 +604,7 @@ impl Routes {
         let table = Table::build(spec, Source::Config, &shared)?;
         metrics::gauge!(crate::stats::TABLE_VERSION).set(table.version as f64);
         Ok(Self {
+            swapped: tokio::sync::watch::Sender::new(table.version),
             current: ArcSwap::from_pointee(table),
             shared,
             update: Mutex::new(()),
@@ -648,9 +658,15 @@ impl Routes {
         Ok(Applied::Swapped(self.swap(table)))
     }
 
+    /// Wakes on every table swapped in from now on.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.swapped.subscribe()
+    }
+
     fn swap(&self, table: Table) -> u64 {
         let version = table.version;
         self.current.store(Arc::new(table));
+        self.swapped.send_replace(version);
         metrics::gauge!(crate::stats::TABLE_VERSION).set(version as f64);
         version
     }

@@ -149,6 +149,54 @@ async fn the_time_to_first_token_is_the_first_body_byte_not_the_headers() {
     assert!(ttft.max_seconds >= 1.0, "{ttft:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_a_replica_is_held_until_one_enters_the_table() {
+    let engine = engine("org/model", f64::INFINITY).await;
+    // The only replica is out of the table (reloading in place).
+    let router = TestRouter::start(
+        table(1, vec![deployment("v1", 0, &[engine.addr()])]),
+        ProxySettings::default(),
+    )
+    .await;
+    let held = {
+        let url = router.url("/v1/chat/completions");
+        tokio::spawn(async move { post(&client(), &url, chat_body("chat", false), &[]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "answered without a replica");
+    router
+        .routes
+        .apply_from_coordinator(&table(2, vec![deployment("v2", 1, &[engine.addr()])]))
+        .unwrap();
+    let (status, headers, body) = held.await.unwrap().unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(headers["x-crossfade-deployment"], "v2");
+    let queued: u64 = headers["x-crossfade-queued-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(queued >= 300, "{queued}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_request_gets_503_when_no_replica_comes_in_time() {
+    let engine = engine("org/model", f64::INFINITY).await;
+    let router = TestRouter::start(
+        table(1, vec![deployment("v1", 0, &[engine.addr()])]),
+        ProxySettings {
+            queue_timeout: Duration::from_millis(200),
+            ..ProxySettings::default()
+        },
+    )
+    .await;
+    let (status, headers, body) = chat(&client(), &router).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(headers["retry-after"], "1");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["error"]["code"], "queue_timeout");
+}
+
 /// The first deployment's request counts, from the start of time.
 fn counts(router: &TestRouter) -> crossfade_proto::v1::RequestCounts {
     report(router)[0].deployments[0].requests.unwrap()

@@ -1,0 +1,206 @@
+//! Requests held while their endpoint has no replica in the table (a
+//! single host reloading in place, every worker draining, a scale from
+//! zero), as Knative's activator and RunPod's queue hold them: a request
+//! waits, bounded in number per endpoint and in time, and goes on the
+//! moment a table with a replica is swapped in. A client that goes away
+//! leaves at once (its request future is dropped, and its place with it).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::error::RouteError;
+use crate::stats::{QUEUE_DEPTH, QUEUE_TIMEOUTS_TOTAL, QUEUE_WAIT_SECONDS};
+use crate::table::{Routes, Table};
+
+/// Requests held per endpoint, and the bounds.
+#[derive(Debug)]
+pub struct Queue {
+    held: Mutex<HashMap<String, usize>>,
+    max: usize,
+    timeout: Duration,
+}
+
+/// A request's place in its endpoint's queue; freed when dropped.
+struct Place<'a> {
+    queue: &'a Queue,
+    endpoint: String,
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        let mut held = self.queue.lock();
+        if let Some(count) = held.get_mut(&self.endpoint) {
+            *count -= 1;
+            metrics::gauge!(QUEUE_DEPTH, "endpoint" => self.endpoint.clone()).set(*count as f64);
+            if *count == 0 {
+                held.remove(&self.endpoint);
+            }
+        }
+    }
+}
+
+impl Queue {
+    /// At most `max` requests held per endpoint, each at most `timeout`.
+    pub fn new(max: usize, timeout: Duration) -> Self {
+        Self {
+            held: Mutex::default(),
+            max,
+            timeout,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn enter(&self, endpoint: &str) -> Result<Place<'_>, RouteError> {
+        let mut held = self.lock();
+        let count = held.entry(endpoint.to_owned()).or_insert(0);
+        if *count >= self.max {
+            return Err(RouteError::QueueFull {
+                endpoint: endpoint.to_owned(),
+            });
+        }
+        *count += 1;
+        metrics::gauge!(QUEUE_DEPTH, "endpoint" => endpoint.to_owned()).set(*count as f64);
+        Ok(Place {
+            queue: self,
+            endpoint: endpoint.to_owned(),
+        })
+    }
+
+    /// The table to route `model` with: the one in force when its endpoint
+    /// has a replica (no wait, the usual path), else the first one swapped
+    /// in that gives it one, within the bounds; and how long that took.
+    pub async fn table_for(
+        &self,
+        routes: &Routes,
+        model: &str,
+    ) -> Result<(Arc<Table>, Duration), RouteError> {
+        let table = routes.load();
+        let endpoint = table
+            .endpoint(model)
+            .ok_or_else(|| RouteError::ModelNotFound(crate::error::short(model)))?;
+        if endpoint.has_capacity() {
+            return Ok((table, Duration::ZERO));
+        }
+        let name = endpoint.name().to_owned();
+        let _place = self.enter(&name)?;
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        // Subscribed before the table is read again: a swap after the read
+        // wakes this request.
+        let mut swapped = routes.subscribe();
+        loop {
+            let table = routes.load();
+            match table.endpoint(model) {
+                None => return Err(RouteError::ModelNotFound(crate::error::short(model))),
+                Some(endpoint) if endpoint.has_capacity() => {
+                    let waited = started.elapsed();
+                    metrics::histogram!(QUEUE_WAIT_SECONDS, "endpoint" => name)
+                        .record(waited.as_secs_f64());
+                    return Ok((table, waited));
+                }
+                Some(_) => {}
+            }
+            if tokio::time::timeout_at(deadline, swapped.changed())
+                .await
+                .is_err()
+            {
+                metrics::counter!(QUEUE_TIMEOUTS_TOTAL, "endpoint" => name.clone()).increment(1);
+                return Err(RouteError::QueueTimeout {
+                    endpoint: name,
+                    waited: self.timeout,
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use crossfade_proto::v1;
+
+    use super::*;
+
+    /// `chat` on one worker, with traffic or (weight 0) without.
+    fn table(version: u64, weight: u32) -> v1::RoutingTable {
+        v1::RoutingTable {
+            version,
+            endpoints: vec![v1::EndpointRoute {
+                name: "chat".into(),
+                aliases: vec!["org/model".into()],
+                deployments: vec![v1::DeploymentRoute {
+                    id: "v1".into(),
+                    weight,
+                    workers: vec![v1::WorkerRoute {
+                        address: "10.0.0.1:8000".into(),
+                        worker_id: String::new(),
+                    }],
+                }],
+            }],
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_request_goes_on_when_a_replica_enters_the_table() {
+        let routes = Arc::new(Routes::new(&table(0, 0)).unwrap());
+        let queue = Arc::new(Queue::new(8, Duration::from_secs(60)));
+        let waiting = {
+            let (routes, queue) = (Arc::clone(&routes), Arc::clone(&queue));
+            tokio::spawn(async move { queue.table_for(&routes, "org/model").await })
+        };
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!waiting.is_finished());
+        assert_eq!(queue.lock().get("chat"), Some(&1));
+        routes.apply_from_coordinator(&table(1, 1)).unwrap();
+        let (table, waited) = waiting.await.unwrap().unwrap();
+        assert_eq!(table.version(), 1);
+        assert_eq!(waited, Duration::from_secs(5));
+        assert!(queue.lock().is_empty(), "its place was freed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_queue_is_bounded_in_number_and_in_time() {
+        let routes = Routes::new(&table(0, 0)).unwrap();
+        let queue = Queue::new(1, Duration::from_secs(3));
+        let first = queue.table_for(&routes, "chat");
+        let second = queue.table_for(&routes, "chat");
+        let (first, second) = tokio::join!(first, second);
+        let mut errors = [first.unwrap_err(), second.unwrap_err()];
+        errors.sort_by_key(|e| e.code());
+        assert_eq!(
+            errors,
+            [
+                RouteError::QueueFull {
+                    endpoint: "chat".into()
+                },
+                RouteError::QueueTimeout {
+                    endpoint: "chat".into(),
+                    waited: Duration::from_secs(3)
+                },
+            ]
+        );
+        assert!(queue.lock().is_empty());
+        // An unknown model is not held.
+        assert_eq!(
+            queue.table_for(&routes, "other").await.unwrap_err(),
+            RouteError::ModelNotFound("other".into())
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_goes_away_leaves_its_place() {
+        let routes = Routes::new(&table(0, 0)).unwrap();
+        let queue = Queue::new(1, Duration::from_secs(60));
+        let gone = tokio::time::timeout(Duration::from_secs(1), queue.table_for(&routes, "chat"));
+        assert!(gone.await.is_err());
+        assert!(queue.lock().is_empty());
+    }
+}
