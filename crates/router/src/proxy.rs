@@ -488,6 +488,10 @@ impl Proxy {
         parts
             .headers
             .insert(DEPLOYMENT_HEADER, deployment.header().clone());
+        let sse = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         let body = ProxyBody::Upstream(UpstreamBody {
             inner: body,
             in_flight,
@@ -497,6 +501,8 @@ impl Proxy {
             idle_timeout: self.settings.idle_chunk_timeout,
             idle: Box::pin(tokio::time::sleep(self.settings.idle_chunk_timeout)),
             last_data: tokio::time::Instant::now(),
+            sse,
+            ended: false,
         });
         Response::from_parts(parts, body)
     }
@@ -605,7 +611,20 @@ pub struct UpstreamBody {
     /// costs a clock read rather than a timer update.
     idle: Pin<Box<tokio::time::Sleep>>,
     last_data: tokio::time::Instant,
+    /// An SSE stream: if the upstream breaks off, the client gets a final
+    /// error event and a clean end, as the gate gives when its engine dies.
+    sse: bool,
+    /// Ended by the router after such an event.
+    ended: bool,
 }
+
+/// The SSE event that ends a stream whose upstream broke off (a gate whose
+/// agent was killed, a lost host).
+pub const UPSTREAM_FAILED_EVENT: &str = "data: {\"error\":{\"message\":\"the worker serving this stream broke off\",\"type\":\"server_error\",\"code\":\"upstream_failed\"}}\n\n";
+
+/// The SSE event that ends a stream whose upstream fell silent for longer
+/// than the idle bound.
+pub const UPSTREAM_IDLE_EVENT: &str = "data: {\"error\":{\"message\":\"the worker serving this stream fell silent\",\"type\":\"server_error\",\"code\":\"upstream_idle_timeout\"}}\n\n";
 
 /// The upstream sent nothing for longer than the idle bound.
 #[derive(Debug, thiserror::Error)]
@@ -616,6 +635,26 @@ pub struct IdleTimeout {
 }
 
 impl UpstreamBody {
+    /// The upstream broke off (`error`): counted as an aborted stream, its
+    /// connection closed; an SSE stream ends with `event`, another body
+    /// fails.
+    fn broken(
+        &mut self,
+        error: BoxError,
+        event: &'static str,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.connection = None;
+        if let Some((record, _)) = self.record.take() {
+            record.finish(Outcome::Aborted);
+        }
+        if !self.sse {
+            return Poll::Ready(Some(Err(error)));
+        }
+        tracing::debug!(%error, "an upstream broke off a stream; ending it with an error event");
+        self.ended = true;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(event.as_bytes())))))
+    }
+
     fn finish(&mut self) {
         if let Some((connection, settings)) = self.connection.take() {
             // The in-flight guard names the worker the response came from.
@@ -639,6 +678,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(full) => Pin::new(full)
                 .poll_frame(cx)
                 .map_err(|never| match never {}),
+            ProxyBody::Upstream(up) if up.ended => Poll::Ready(None),
             ProxyBody::Upstream(up) => match Pin::new(&mut up.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some((record, _)) = &mut up.record
@@ -656,7 +696,7 @@ impl Body for ProxyBody {
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(Some(Err(e))) => up.broken(e.into(), UPSTREAM_FAILED_EVENT),
                 Poll::Ready(None) => {
                     up.finish();
                     Poll::Ready(None)
@@ -667,10 +707,11 @@ impl Body for ProxyBody {
                     }
                     let deadline = up.last_data + up.idle_timeout;
                     if deadline <= tokio::time::Instant::now() {
-                        return Poll::Ready(Some(Err(Box::new(IdleTimeout {
+                        let silent = Box::new(IdleTimeout {
                             worker: up.in_flight.worker().address().to_owned(),
                             timeout: up.idle_timeout,
-                        }))));
+                        });
+                        return up.broken(silent, UPSTREAM_IDLE_EVENT);
                     }
                     // Chunks came since it was set: the silence is shorter.
                     up.idle.as_mut().reset(deadline);
@@ -682,7 +723,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Full(full) => full.is_end_stream(),
-            ProxyBody::Upstream(up) => up.inner.is_end_stream(),
+            ProxyBody::Upstream(up) => up.ended || up.inner.is_end_stream(),
         }
     }
 

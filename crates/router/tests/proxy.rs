@@ -269,7 +269,7 @@ async fn when_every_worker_is_draining_the_client_gets_a_retryable_503() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_retry_once_response_bytes_were_sent() {
+async fn no_retry_once_response_bytes_were_sent_and_a_broken_stream_ends_with_an_error_event() {
     let dying = engine("org/model-a", 50.0).await;
     let other = engine("org/model-b", f64::INFINITY).await;
     let router = TestRouter::start(
@@ -292,19 +292,25 @@ async fn no_retry_once_response_bytes_were_sent() {
         .unwrap();
     let mut body = response.into_body();
     let _ = dying.abort().await.unwrap();
-    let mut failed = false;
+    // The client gets a final error event and a clean end, not a broken
+    // connection.
+    let mut text = String::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         match body.frame().await {
-            Some(Ok(_)) => continue,
-            Some(Err(_)) => {
-                failed = true;
-                break;
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    text.push_str(std::str::from_utf8(data).unwrap());
+                }
             }
+            Some(Err(e)) => panic!("the stream failed instead of ending: {e}"),
             None => break,
         }
     }
-    assert!(failed, "the client sees the stream fail");
+    assert!(
+        text.ends_with(crossfade_router::proxy::UPSTREAM_FAILED_EVENT),
+        "{text}"
+    );
     assert_eq!(other.stats().served, 0, "the request was not sent again");
     drop(body);
     let counts = counts(&router);
@@ -615,7 +621,8 @@ async fn time_outs_bound_the_first_byte_and_idle_gaps_never_a_whole_stream() {
     assert!(started.elapsed() < Duration::from_secs(5));
     engine.set_fault(fake_vllm::Fault::None);
 
-    // A stream that stalls after it began: cut at the idle bound.
+    // A stream that stalls after it began: cut at the idle bound, with a
+    // final error event.
     let request = stream_request(&router);
     let response = client.request(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -624,9 +631,10 @@ async fn time_outs_bound_the_first_byte_and_idle_gaps_never_a_whole_stream() {
     let outcome =
         tokio::time::timeout(Duration::from_secs(10), response.into_body().collect()).await;
     engine.release();
+    let text = outcome.unwrap().unwrap().to_bytes();
     assert!(
-        matches!(outcome, Ok(Err(_))),
-        "the stalled stream fails: {outcome:?}"
+        text.ends_with(crossfade_router::proxy::UPSTREAM_IDLE_EVENT.as_bytes()),
+        "the stalled stream ends with an error event: {text:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
 }
