@@ -24,7 +24,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use crossfade_common::http::strip_hop_by_hop;
+use crossfade_common::http::{is_inference_path, strip_hop_by_hop};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -442,60 +442,6 @@ impl Body for GateBody {
             Self::Full(full) => full.size_hint(),
             Self::Upstream(upstream) if upstream.cut.is_some() => SizeHint::default(),
             Self::Upstream(upstream) => upstream.inner.size_hint(),
-        }
-    }
-}
-
-/// vLLM's inference API, the only paths the gate forwards: `/v1/...`,
-/// `/v2/...` (rerank) and the top-level inference routes. Never `/metrics`,
-/// nothing under `/_`, no `..` segment.
-pub fn is_inference_path(path: &str) -> bool {
-    const TOP: &[&str] = &[
-        "/tokenize",
-        "/detokenize",
-        "/pooling",
-        "/classify",
-        "/score",
-        "/rerank",
-        "/invocations",
-    ];
-    // The segment scan runs only when a segment starts with a dot.
-    if path.contains("/.")
-        && path
-            .split('/')
-            .any(|segment| segment == ".." || segment == ".")
-    {
-        return false;
-    }
-    path.starts_with("/v1/") || path.starts_with("/v2/") || TOP.contains(&path)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_inference_api_passes_the_gate() {
-        for path in [
-            "/v1/chat/completions",
-            "/v1/models",
-            "/v2/rerank",
-            "/tokenize",
-            "/invocations",
-        ] {
-            assert!(is_inference_path(path), "{path}");
-        }
-        for path in [
-            "/metrics",
-            "/_fake/fault",
-            "/health",
-            "/",
-            "/v1/../metrics",
-            "/v1/./x",
-            "/v1",
-            "/tokenize/x",
-        ] {
-            assert!(!is_inference_path(path), "{path}");
         }
     }
 }

@@ -292,6 +292,32 @@ async fn drive<I, S, B>(
     }
 }
 
+/// vLLM's OpenAI-compatible API, the only paths an agent's gate forwards
+/// and the router sends on: `/v1/...`, `/v2/...` (rerank) and the
+/// top-level routes. Never `/metrics`, `/health` (each program answers its
+/// own), nothing under `/_`, no `.` or `..` segment.
+pub fn is_inference_path(path: &str) -> bool {
+    const TOP: &[&str] = &[
+        "/tokenize",
+        "/detokenize",
+        "/pooling",
+        "/classify",
+        "/score",
+        "/rerank",
+        "/invocations",
+        "/version",
+    ];
+    // The segment scan runs only when a segment starts with a dot.
+    if path.contains("/.")
+        && path
+            .split('/')
+            .any(|segment| segment == ".." || segment == ".")
+    {
+        return false;
+    }
+    path.starts_with("/v1/") || path.starts_with("/v2/") || TOP.contains(&path)
+}
+
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1):
 /// a proxy never forwards them in either direction.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -355,6 +381,32 @@ pub fn metrics(handle: Option<&PrometheusHandle>) -> Response<Full<Bytes>> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_inference_api_passes_the_gate() {
+        for path in [
+            "/v1/chat/completions",
+            "/v1/models",
+            "/v2/rerank",
+            "/tokenize",
+            "/invocations",
+            "/version",
+        ] {
+            assert!(is_inference_path(path), "{path}");
+        }
+        for path in [
+            "/metrics",
+            "/_fake/fault",
+            "/health",
+            "/",
+            "/v1/../metrics",
+            "/v1/./x",
+            "/v1",
+            "/tokenize/x",
+        ] {
+            assert!(!is_inference_path(path), "{path}");
+        }
+    }
 
     #[tokio::test]
     async fn a_connection_that_sends_nothing_is_closed_after_the_header_bound() {

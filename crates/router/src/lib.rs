@@ -19,4 +19,5 @@ pub mod queue;
 pub mod server;
 pub mod stats;
 pub mod table;
+pub mod target;
 pub mod upstream;

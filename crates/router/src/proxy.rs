@@ -9,7 +9,6 @@
 //! then on its bytes only flow through. The request body is kept (bounded by
 //! the body limit) so that it can be sent again.
 
-use std::borrow::Cow;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,11 +19,10 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::retry::budget::{Budget as _, TpsBudget};
 
@@ -36,6 +34,7 @@ use crate::error::RouteError;
 use crate::queue::Queue;
 use crate::stats::{Outcome, REJECTED_TOTAL, RequestRecord, RetryReason};
 use crate::table::{Deployment, EjectionPolicy, Endpoint, InFlight, Routes, Worker, now_ms};
+use crate::target::{self, Target};
 use crate::upstream::{self, Checkout, PoolSettings};
 
 /// A boxed error, as bodies and clients report them.
@@ -140,16 +139,6 @@ pub struct Slots {
     _router: OwnedSemaphorePermit,
 }
 
-/// The fields of an OpenAI request body the router reads: only these are
-/// parsed out; everything else is skipped and forwarded as it came.
-#[derive(Deserialize)]
-struct Peek<'a> {
-    #[serde(borrow, default)]
-    model: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    user: Option<Cow<'a, str>>,
-}
-
 impl Proxy {
     /// A proxy over `routes`.
     pub fn new(routes: Arc<Routes>, settings: ProxySettings) -> Self {
@@ -215,26 +204,15 @@ impl Proxy {
         // Headers, key and the client's own limit, before anything is read.
         let admitted = self.admission.admit(&parts.headers, peer)?;
         let path = parts.uri.path();
-        if parts.method == Method::GET && path == "/v1/models" {
-            return Ok(self.models());
-        }
-        let (path_endpoint, upstream_path) = match path.strip_prefix("/endpoints/") {
-            Some(rest) => match rest.split_once('/') {
-                Some((name, tail)) => (Some(name), &path[path.len() - tail.len() - 1..]),
-                None => (Some(rest), "/"),
-            },
-            None => (None, path),
+        let (path_endpoint, upstream_path) = match target::classify(&parts.method, path)? {
+            Target::Health => return Ok(json_response(StatusCode::OK, Bytes::new())),
+            Target::Models => return Ok(self.models()),
+            Target::Model(id) => return self.model(id),
+            Target::Forward {
+                endpoint,
+                upstream_path,
+            } => (endpoint, upstream_path),
         };
-        // A `.` or `..` segment never reaches a gate (the scan runs only
-        // when a segment starts with a dot: the hot path pays a memchr).
-        let escapes =
-            upstream_path.contains("/.") && upstream_path.split('/').any(|s| s == ".." || s == ".");
-        if parts.method != Method::POST || !upstream_path.starts_with("/v1/") || escapes {
-            return Err(RouteError::UnknownRoute {
-                method: parts.method.to_string(),
-                path: crate::error::short(path),
-            });
-        }
         // Unchanged, the client's own path is forwarded (a cheap clone of
         // what hyper parsed); only `/endpoints/{name}/...` is rewritten.
         let upstream_path_and_query = match (path_endpoint, parts.uri.path_and_query()) {
@@ -250,23 +228,24 @@ impl Proxy {
         };
 
         let bytes = admission::read_body(&self.settings, &parts.headers, body).await?;
-        let peek = match serde_json::from_slice::<Peek<'_>>(&bytes) {
+        let peek = match target::peek(&parts.headers, &bytes) {
             Ok(peek) => Some(peek),
             // Routed by path: the body is the engine's business.
             Err(_) if path_endpoint.is_some() => None,
-            Err(e) => {
-                return Err(RouteError::BadRequest(format!(
-                    "the request body is not valid JSON with a string `model`: {e}"
-                )));
-            }
+            Err(e) => return Err(e),
         };
+        let only;
         let model = match (
             path_endpoint,
             peek.as_ref().and_then(|p| p.model.as_deref()),
         ) {
             (Some(name), _) => name,
             (None, Some(model)) => model,
-            (None, None) => return Err(RouteError::BadRequest("`model` is required".into())),
+            // `GET /version`, `/tokenize` without a model: the only endpoint.
+            (None, None) => {
+                only = self.only_endpoint()?;
+                only.as_str()
+            }
         };
 
         // Held while the endpoint has no replica (the usual path: no wait).
@@ -514,19 +493,51 @@ impl Proxy {
         let data: Vec<_> = table
             .endpoints()
             .iter()
-            .flat_map(|e| std::iter::once(e.name()).chain(e.aliases().iter().map(String::as_str)))
-            .map(|id| {
-                serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "crossfade"})
+            .flat_map(|e| {
+                std::iter::once(e.name())
+                    .chain(e.aliases().iter().map(String::as_str))
+                    .map(|id| model_object(id, e.name()))
             })
             .collect();
         let body = serde_json::json!({"object": "list", "data": data}).to_string();
-        let mut response = Response::new(ProxyBody::from(Bytes::from(body)));
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        response
+        json_response(StatusCode::OK, Bytes::from(body))
     }
+
+    /// `GET /v1/models/{id}` (the SDKs' `models.retrieve`), from the table.
+    fn model(&self, id: &str) -> Result<Response<ProxyBody>, RouteError> {
+        let table = self.routes.load();
+        let endpoint = table
+            .endpoint(id)
+            .ok_or_else(|| RouteError::ModelNotFound(crate::error::short(id)))?;
+        let body = model_object(id, endpoint.name()).to_string();
+        Ok(json_response(StatusCode::OK, Bytes::from(body)))
+    }
+
+    /// The table's only endpoint, for a request that names none.
+    fn only_endpoint(&self) -> Result<String, RouteError> {
+        match self.routes.load().endpoints() {
+            [only] => Ok(only.name().to_owned()),
+            _ => Err(RouteError::BadRequest(
+                "`model` is required: name the endpoint in the body's `model` or in the path, /endpoints/{name}/...".into(),
+            )),
+        }
+    }
+}
+
+/// An OpenAI model object: `id` as asked for, `root` the endpoint it
+/// names.
+fn model_object(id: &str, root: &str) -> serde_json::Value {
+    serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "crossfade", "root": root})
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 /// A worker's response, with what it holds until the body's end.

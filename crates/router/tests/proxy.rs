@@ -375,10 +375,12 @@ async fn the_router_answers_bad_requests_itself() {
 
     let (status, _, body) = post(&client, &url, "{not json", &[]).await.unwrap();
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    let (status, _, _) = post(&client, &url, r#"{"messages": []}"#, &[])
+    // Without a `model`, a router with one endpoint sends it there.
+    let (status, headers, body) = post(&client, &url, r#"{"messages": []}"#, &[])
         .await
         .unwrap();
-    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(deployment_of(&headers), "v1");
 
     // The alias routes to the endpoint, and so does the path prefix.
     let (status, headers, _) = post(&client, &url, chat_body("Qwen/Qwen3-8B", false), &[])
@@ -413,6 +415,34 @@ async fn the_router_answers_bad_requests_itself() {
         .map(|m| m["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["chat", "Qwen/Qwen3-8B"]);
+
+    // `models.retrieve`, the router's own health, and a GET the engine
+    // answers.
+    let get = |path: &str| {
+        let request = Request::get(router.url(path))
+            .body(Full::default())
+            .unwrap();
+        let client = client.clone();
+        async move {
+            let response = client.request(request).await.unwrap();
+            let status = response.status();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8(body.to_vec()).unwrap())
+        }
+    };
+    let (status, body) = get("/v1/models/Qwen/Qwen3-8B").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let model: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (model["id"].as_str(), model["root"].as_str()),
+        (Some("Qwen/Qwen3-8B"), Some("chat"))
+    );
+    assert_eq!(get("/v1/models/gpt-9").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(get("/health").await.0, StatusCode::OK);
+    let (status, body) = get("/version").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("version"), "{body}");
+    assert_eq!(get("/metrics").await.0, StatusCode::NOT_FOUND);
 }
 
 /// Streams run while the table is swapped 200 times: not one fails.
