@@ -248,6 +248,13 @@ impl Proxy {
             }
         };
 
+        // A key may call only its endpoints; checked before any wait.
+        if let Some(key) = &admitted.key
+            && let Some(endpoint) = self.routes.load().endpoint(model)
+            && !key.allows(endpoint.name())
+        {
+            return Err(RouteError::EndpointNotAllowed(endpoint.name().to_owned()));
+        }
         // Held while the endpoint has no replica (the usual path: no wait).
         let (table, queued) = self.queue.table_for(&self.routes, model).await?;
         let endpoint = table
@@ -260,11 +267,6 @@ impl Proxy {
                 .try_acquire_owned()
                 .map_err(|_| RouteError::Overloaded)?,
         };
-        if let Some(key) = &admitted.key
-            && !key.allows(endpoint.name())
-        {
-            return Err(RouteError::EndpointNotAllowed(endpoint.name().to_owned()));
-        }
         let session_key = parts
             .headers
             .get(&SESSION_HEADER)
