@@ -154,6 +154,9 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
     }
     let get = req.method() == Method::GET;
     let post = req.method() == Method::POST;
+    if post && let Some(route) = crate::extra::Route::of(path) {
+        return crate::extra::handle(shared, route, req).await;
+    }
     match path {
         "/health" | "/ping" if get => empty(StatusCode::OK),
         "/v1/models" if get => json(StatusCode::OK, shared.models_body.clone()),

@@ -5,7 +5,8 @@
 //! It IS faithful where crossfade can observe vLLM: the command line (every
 //! vLLM flag is accepted), the closed port while the model loads, `/health`,
 //! `/v1/models`, `/v1/completions` and `/v1/chat/completions` (JSON and
-//! token-by-token SSE), vLLM's error bodies, truthful `/metrics` gauges and
+//! token-by-token SSE), `/v1/embeddings`, `/v1/audio/transcriptions`,
+//! `/tokenize` and `/detokenize` (deterministic answers in vLLM's shapes), vLLM's error bodies, truthful `/metrics` gauges and
 //! counters under vLLM's names, `--max-num-seqs` queueing, and SIGTERM
 //! handling with and without `--shutdown-timeout`.
 //!
@@ -23,6 +24,7 @@ mod api;
 mod args;
 mod control;
 mod engine;
+mod extra;
 mod faults;
 mod load;
 mod metrics;
