@@ -173,10 +173,9 @@ fn control_plane(
     }
 }
 
-/// SIGHUP: re-read the configuration file and swap its table in. A bad file
+/// SIGHUP: re-read the configuration file, swap its table in and load the
+/// public certificate again (open connections keep theirs). A bad file
 /// changes nothing and says why.
-/// SIGHUP: the static table and the public certificate are read again;
-/// open connections keep theirs.
 fn reload(args: &CommonArgs, routes: &Routes, public_tls: Option<&ArcSwap<ServerConfig>>) {
     let config = match config::load::<Config>(&Sources::new(args, config::process_env())) {
         Ok(config) => config,
