@@ -408,6 +408,14 @@ impl Proxy {
                     });
                     continue;
                 }
+                Ok(Err(e)) if e.is_closed_idle() => {
+                    // Sent again, on a new connection (the worker is not
+                    // excluded: it did nothing wrong).
+                    tracing::debug!(worker = worker.address(), error = %e, "kept-alive connection closed; sending again");
+                    retry_reason = Some(RetryReason::ConnectError);
+                    last_error = Some(RouteError::Upstream(e.to_string()));
+                    continue;
+                }
                 Ok(Err(e)) => {
                     worker.counts().record(Outcome::ServerError);
                     return Err(RouteError::Upstream(e.to_string()));

@@ -53,6 +53,15 @@ pub enum SendError {
         /// What failed.
         reason: String,
     },
+    /// A kept-alive connection ended (closed or reset) before any byte of a
+    /// response: the gate closed it as idle just as the request went out
+    /// (Go's `errServerClosedIdle`; a reset when the request's bytes reach
+    /// a socket already closed). Sent again on a new connection. A gate
+    /// that crashed mid-request resets too; its engine then aborts the
+    /// request whose connection went away, as vLLM does, so a second
+    /// attempt costs at most a repeated prefill.
+    #[error("the gate closed a kept-alive connection before answering: {0}")]
+    ClosedIdle(hyper::Error),
     /// The request was sent, or may have been, and failed.
     #[error(transparent)]
     Http(#[from] hyper::Error),
@@ -62,6 +71,12 @@ impl SendError {
     /// Whether the connection failed before anything was sent.
     pub fn is_connect(&self) -> bool {
         matches!(self, SendError::Connect { .. })
+    }
+
+    /// Whether the gate cannot have read the request, on a kept-alive
+    /// connection it closed (see [`SendError::ClosedIdle`]).
+    pub fn is_closed_idle(&self) -> bool {
+        matches!(self, SendError::ClosedIdle(_))
     }
 }
 
@@ -147,6 +162,9 @@ pub async fn send(
             Ok(response) => return Ok((response, Checkout { sender })),
             Err(mut e) => match e.take_message() {
                 Some(unsent) => request = unsent,
+                None if closed_before_answer(e.error()) => {
+                    return Err(SendError::ClosedIdle(e.into_error()));
+                }
                 None => return Err(SendError::Http(e.into_error())),
             },
         }
@@ -154,6 +172,22 @@ pub async fn send(
     let mut sender = connect(worker, settings).await?;
     let response = sender.send_request(request).await?;
     Ok((response, Checkout { sender }))
+}
+
+/// The connection ended, or was reset, before any byte of a response.
+fn closed_before_answer(error: &hyper::Error) -> bool {
+    use std::io::ErrorKind;
+    error.is_incomplete_message()
+        || std::error::Error::source(error)
+            .and_then(|source| source.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    ErrorKind::ConnectionReset
+                        | ErrorKind::BrokenPipe
+                        | ErrorKind::ConnectionAborted
+                )
+            })
 }
 
 async fn connect(
