@@ -243,6 +243,28 @@ for chunk in stream:
                       "model": chunk.model, "usage": usage}), flush=True)
 "#;
 
+/// Runs `script` with `python` and `args`; its output lines, or an error
+/// with its standard error when it fails.
+pub fn run_python(
+    python: &Path,
+    script: &str,
+    args: &[&std::ffi::OsStr],
+) -> anyhow::Result<Vec<String>> {
+    let out = Command::new(python)
+        .args(["-c", script])
+        .args(args)
+        .output()
+        .context("running python")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "the script failed: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout.lines().map(str::to_owned).collect())
+}
+
 /// One chunk as the official client saw it.
 #[derive(Debug, Clone)]
 pub struct ClientChunk {

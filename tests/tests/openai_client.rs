@@ -88,17 +88,8 @@ fn the_openai_client_works_through_the_router_on_every_api_it_carries() {
     let _router = crossfade_e2e::Process::spawn("crossfade-router", command).unwrap();
     crossfade_e2e::wait_for_port(public, std::time::Duration::from_secs(20)).unwrap();
 
-    let output = std::process::Command::new(&python)
-        .args(["-c", THROUGH_THE_ROUTER, &format!("http://{public}")])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let lines: Vec<&str> = stdout.lines().collect();
+    let base = format!("http://{public}");
+    let lines = crossfade_e2e::run_python(&python, THROUGH_THE_ROUTER, &[base.as_ref()]).unwrap();
     assert_eq!(
         lines,
         [
@@ -113,6 +104,5 @@ fn the_openai_client_works_through_the_router_on_every_api_it_carries() {
             "detokenize 200",
             "model chat",
         ],
-        "{stdout}"
     );
 }

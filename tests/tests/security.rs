@@ -397,21 +397,18 @@ fn the_public_port_serves_the_openai_client_over_tls_only_with_a_valid_key() {
     .unwrap();
     let router = spawn_router(&config, public);
 
-    let output = Command::new(&python)
-        .args(["-c", OPENAI_WITH_KEYS])
-        .arg(format!("https://{public}/v1"))
-        .arg(&ca)
-        .arg(good.trim())
-        .arg(revoked.trim())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let lines: Vec<&str> = stdout.lines().collect();
+    let base = format!("https://{public}/v1");
+    let lines = crossfade_e2e::run_python(
+        &python,
+        OPENAI_WITH_KEYS,
+        &[
+            base.as_ref(),
+            ca.as_os_str(),
+            good.trim().as_ref(),
+            revoked.trim().as_ref(),
+        ],
+    )
+    .unwrap();
     assert_eq!(
         lines,
         [
@@ -420,7 +417,6 @@ fn the_public_port_serves_the_openai_client_over_tls_only_with_a_valid_key() {
             "401 invalid_api_key",
             "401 invalid_api_key"
         ],
-        "{stdout}"
     );
     // Only the two valid calls reached the engine.
     assert_eq!(served(engine), 2.0);
