@@ -5,8 +5,7 @@
 //! moment a table with a replica is swapped in. A client that goes away
 //! leaves at once (its request future is dropped, and its place with it).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -15,26 +14,27 @@ use crate::error::RouteError;
 use crate::stats::{QUEUE_DEPTH, QUEUE_TIMEOUTS_TOTAL, QUEUE_WAIT_SECONDS};
 use crate::table::{Routes, Table};
 
-/// Requests held per endpoint, and the bounds.
+/// The bounds of the queues; the counts are kept in the routes'
+/// statistics, which `GetStats` reports.
 #[derive(Debug)]
 pub struct Queue {
-    held: Mutex<HashMap<String, usize>>,
-    max: usize,
+    max: u32,
     timeout: Duration,
 }
 
 /// A request's place in its endpoint's queue; freed when dropped.
 struct Place<'a> {
-    queue: &'a Queue,
+    routes: &'a Routes,
     endpoint: String,
 }
 
 impl Drop for Place<'_> {
     fn drop(&mut self) {
-        let mut held = self.queue.lock();
+        let mut held = self.routes.stats().held();
         if let Some(count) = held.get_mut(&self.endpoint) {
             *count -= 1;
-            metrics::gauge!(QUEUE_DEPTH, "endpoint" => self.endpoint.clone()).set(*count as f64);
+            metrics::gauge!(QUEUE_DEPTH, "endpoint" => self.endpoint.clone())
+                .set(f64::from(*count));
             if *count == 0 {
                 held.remove(&self.endpoint);
             }
@@ -46,20 +46,13 @@ impl Queue {
     /// At most `max` requests held per endpoint, each at most `timeout`.
     pub fn new(max: usize, timeout: Duration) -> Self {
         Self {
-            held: Mutex::default(),
-            max,
+            max: u32::try_from(max).unwrap_or(u32::MAX),
             timeout,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
-        self.held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn enter(&self, endpoint: &str) -> Result<Place<'_>, RouteError> {
-        let mut held = self.lock();
+    fn enter<'a>(&self, routes: &'a Routes, endpoint: &str) -> Result<Place<'a>, RouteError> {
+        let mut held = routes.stats().held();
         let count = held.entry(endpoint.to_owned()).or_insert(0);
         if *count >= self.max {
             return Err(RouteError::QueueFull {
@@ -67,9 +60,9 @@ impl Queue {
             });
         }
         *count += 1;
-        metrics::gauge!(QUEUE_DEPTH, "endpoint" => endpoint.to_owned()).set(*count as f64);
+        metrics::gauge!(QUEUE_DEPTH, "endpoint" => endpoint.to_owned()).set(f64::from(*count));
         Ok(Place {
-            queue: self,
+            routes,
             endpoint: endpoint.to_owned(),
         })
     }
@@ -90,7 +83,7 @@ impl Queue {
             return Ok((table, Duration::ZERO));
         }
         let name = endpoint.name().to_owned();
-        let _place = self.enter(&name)?;
+        let _place = self.enter(routes, &name)?;
         let started = Instant::now();
         let deadline = started + self.timeout;
         // Subscribed before the table is read again: a swap after the read
@@ -158,12 +151,17 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(!waiting.is_finished());
-        assert_eq!(queue.lock().get("chat"), Some(&1));
+        assert_eq!(routes.stats().held().get("chat"), Some(&1));
+        // GetStats reports the demand that no deployment shows.
+        let report = routes
+            .stats()
+            .report(&routes.load(), std::time::UNIX_EPOCH, None);
+        assert_eq!(report[0].queued, 1);
         routes.apply_from_coordinator(&table(1, 1)).unwrap();
         let (table, waited) = waiting.await.unwrap().unwrap();
         assert_eq!(table.version(), 1);
         assert_eq!(waited, Duration::from_secs(5));
-        assert!(queue.lock().is_empty(), "its place was freed");
+        assert!(routes.stats().held().is_empty(), "its place was freed");
     }
 
     #[tokio::test(start_paused = true)]
@@ -187,7 +185,7 @@ mod tests {
                 },
             ]
         );
-        assert!(queue.lock().is_empty());
+        assert!(routes.stats().held().is_empty());
         // An unknown model is not held.
         assert_eq!(
             queue.table_for(&routes, "other").await.unwrap_err(),
@@ -201,6 +199,6 @@ mod tests {
         let queue = Queue::new(1, Duration::from_secs(60));
         let gone = tokio::time::timeout(Duration::from_secs(1), queue.table_for(&routes, "chat"));
         assert!(gone.await.is_err());
-        assert!(queue.lock().is_empty());
+        assert!(routes.stats().held().is_empty());
     }
 }

@@ -527,6 +527,8 @@ fn now_bucket() -> u64 {
 pub struct Stats {
     started: SystemTime,
     known: Registry<DeploymentStats>,
+    /// Requests held per endpoint now (see [`crate::queue`]).
+    held: Mutex<std::collections::HashMap<String, u32>>,
 }
 
 impl Default for Stats {
@@ -534,6 +536,7 @@ impl Default for Stats {
         Self {
             started: SystemTime::now(),
             known: Registry::default(),
+            held: Mutex::default(),
         }
     }
 }
@@ -545,6 +548,14 @@ impl Stats {
             Ok::<_, std::convert::Infallible>(DeploymentStats::new(endpoint, deployment))
         });
         made.unwrap_or_else(|never| match never {})
+    }
+
+    /// Requests held per endpoint now; the queue keeps the counts here, so
+    /// that `GetStats` reports them.
+    pub(crate) fn held(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u32>> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The window that `since` asks for: never before the router started,
@@ -568,6 +579,7 @@ impl Stats {
             .filter(|e| endpoint.is_none_or(|name| e.name() == name))
             .map(|e| v1::EndpointStats {
                 endpoint: e.name().to_owned(),
+                queued: self.held().get(e.name()).copied().unwrap_or(0),
                 deployments: e
                     .deployments()
                     .iter()
