@@ -796,6 +796,45 @@ async fn scaling_follows_the_load_and_zero_stops_everything() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_at_zero_serves_its_first_request_and_returns_to_zero() {
+    let fleet = start_fleet(1);
+    fleet
+        .client()
+        .await
+        .create_endpoint(v1::CreateEndpointRequest {
+            name: "chat".into(),
+            template: Some(template("org/v1")),
+            scaling: Some(v1::ScalingSettings {
+                min_replicas: 0,
+                max_replicas: 1,
+                target_in_flight_per_replica: 8,
+                scale_down_delay_seconds: 1,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    fleet
+        .wait_endpoint("created, with no replica", Duration::from_secs(60), |e| {
+            last_status(e) == Some(v1::PromotionStatus::Succeeded) && ready_replicas(e) == 0
+        })
+        .await;
+    // The router holds the request; its demand starts a replica.
+    let (status, headers, body) = chat(fleet.publics[0], "chat", false).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(headers.contains_key("x-crossfade-queued-ms"), "{headers:?}");
+    // No traffic: back to zero after the delay.
+    fleet
+        .wait_endpoint("back to zero replicas", Duration::from_secs(60), |e| {
+            ready_replicas(e) == 0
+                && e.replicas
+                    .iter()
+                    .all(|r| r.starting == 0 && r.draining == 0)
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cordoned_worker_is_replaced_before_it_drains() {
     let fleet = start_fleet(4);
     create_chat(&fleet, rolling(50, 0, 0)).await;

@@ -11,16 +11,9 @@ impl Actor {
             Action::Record { .. } => {}
             Action::JudgeHealth => self.read_stats(endpoint),
             Action::PushTable { seq, .. } => {
-                // Routes are read back from every rollout: one table for all.
-                // Versions carry the epoch in their high bits, so a table
-                // pushed after a restart is newer than any pushed before,
-                // even one the store did not record before the crash.
-                self.state.table_version =
-                    (self.state.table_version + 1).max(self.state.epoch << 32);
-                let version = self.state.table_version;
+                let version = self.announce_table();
                 self.pending.push((version, endpoint.to_owned(), seq));
                 self.pushed_at.insert(version, Instant::now());
-                self.push_table_now(version);
             }
             Action::Apply { worker, deployment } => self.apply(endpoint, worker, deployment),
             Action::Drain { worker } => {
@@ -52,6 +45,18 @@ impl Actor {
                 self.agents.call(&worker, call);
             }
         }
+    }
+
+    /// Pushes the table under a new version to every router; the version.
+    /// Routes are read back from every rollout: one table for all. Versions
+    /// carry the epoch in their high bits, so a table pushed after a restart
+    /// is newer than any pushed before, even one the store did not record
+    /// before the crash.
+    pub(super) fn announce_table(&mut self) -> u64 {
+        self.state.table_version = (self.state.table_version + 1).max(self.state.epoch << 32);
+        let version = self.state.table_version;
+        self.push_table_now(version);
+        version
     }
 
     pub(super) fn drain_timeout(&self, endpoint: &str) -> Duration {
@@ -280,7 +285,18 @@ impl Actor {
                 .filter_map(|s| s.in_flight.as_ref())
                 .map(|f| u64::from(f.gate))
                 .sum();
-            let desired = endpoint.scaling.desired(in_flight);
+            let mut desired = endpoint.scaling.desired(in_flight);
+            // Requests held at a router for an endpoint with no replica
+            // (a scale from zero) want one, for as long as the scale-down
+            // delay: the new replica's own traffic takes over from there.
+            let delay = Duration::from_secs(u64::from(endpoint.scaling.scale_down_delay_seconds));
+            if self
+                .demand
+                .get(&name)
+                .is_some_and(|at| at.elapsed() < delay.max(DEMAND_HOLDS))
+            {
+                desired = desired.max(1).min(endpoint.scaling.max_replicas);
+            }
             let max_replicas = endpoint.scaling.max_replicas;
             let current = rollout.target;
             if endpoint.promotion.is_some() {
@@ -299,7 +315,6 @@ impl Actor {
                 }
                 continue;
             }
-            let delay = Duration::from_secs(u64::from(endpoint.scaling.scale_down_delay_seconds));
             let now = Instant::now();
             let go = if desired > current || endpoint.scaling.max_replicas == 0 && desired < current
             {
@@ -325,6 +340,49 @@ impl Actor {
             let start = actions.len();
             actions.extend(produced.into_iter().map(|a| (name.clone(), a)));
             self.settle(&name, &actions[start..]);
+        }
+    }
+
+    /// Asks every router whether it holds requests for an endpoint that has
+    /// no replica (and may have some); each that does is a demand.
+    pub(super) fn read_demand(&self) {
+        let idle: Vec<String> = self
+            .state
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.promotion.is_none() && e.scaling.max_replicas > 0)
+            .filter(|(_, e)| current_rollout(e).is_none_or(|r| r.target == 0))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if idle.is_empty() {
+            return;
+        }
+        for address in self.state.routers.keys() {
+            let mut client = RouterControlClient::new(calls::channel(
+                &self.options.control,
+                address,
+                Role::Router,
+            ));
+            let internal = self.internal.clone();
+            let idle = idle.clone();
+            self.shutdown.spawn(async move {
+                let request = v1::GetStatsRequest {
+                    since: None,
+                    endpoint: String::new(),
+                };
+                let Ok(Ok(answer)) =
+                    tokio::time::timeout(SHORT_CALL, client.get_stats(request)).await
+                else {
+                    return;
+                };
+                for stats in answer.into_inner().endpoints {
+                    if stats.queued > 0 && idle.contains(&stats.endpoint) {
+                        let _ = internal.send(Internal::Demand {
+                            endpoint: stats.endpoint,
+                        });
+                    }
+                }
+            });
         }
     }
 

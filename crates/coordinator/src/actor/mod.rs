@@ -186,6 +186,10 @@ enum Internal {
         version: u64,
         reason: String,
     },
+    /// A router holds requests for an endpoint that has no replica.
+    Demand {
+        endpoint: String,
+    },
     /// A router serves an older table than the last one pushed (it
     /// restarted): it gets the current one again.
     RouterBehind {
@@ -204,6 +208,9 @@ enum Internal {
 
 /// How often the health gate reads the routers' stats.
 const GATE_EVERY: Duration = Duration::from_secs(2);
+
+/// The least time a demand from a router keeps one replica wanted.
+const DEMAND_HOLDS: Duration = Duration::from_secs(5);
 
 /// Settings of the actor.
 #[derive(Debug, Clone)]
@@ -272,6 +279,7 @@ pub fn start(
         step_started: BTreeMap::new(),
         last_gate: Instant::now(),
         low_since: BTreeMap::new(),
+        demand: BTreeMap::new(),
         starts: BTreeMap::new(),
         stopping: BTreeSet::new(),
         started: Instant::now(),
@@ -309,6 +317,9 @@ struct Actor {
     last_gate: Instant,
     /// Since when each endpoint has wanted fewer replicas.
     low_since: BTreeMap<String, Instant>,
+    /// When a router last held requests for each endpoint that had no
+    /// replica: it scales from zero.
+    demand: BTreeMap<String, Instant>,
     /// Starts sent, by worker: (endpoint, deployment, when the coordinator
     /// gives up on them).
     starts: BTreeMap<String, (String, String, Instant)>,
@@ -466,6 +477,11 @@ impl Actor {
                 tracing::debug!(endpoint, ?verdict, ?by_deployment, "health gate");
                 self.feed(&endpoint, Event::Health(verdict), actions);
             }
+            Internal::Demand { endpoint } => {
+                tracing::debug!(endpoint, "requests held at a router: scaling from zero");
+                self.demand.insert(endpoint, Instant::now());
+                self.autoscale(actions);
+            }
             Internal::RouterBehind { address } => {
                 tracing::info!(
                     router = address,
@@ -544,6 +560,7 @@ impl Actor {
                 self.read_stats(&name);
             }
             self.check_routers();
+            self.read_demand();
             if !self.unseen_checked && self.started.elapsed() >= HEARTBEAT_BOUND {
                 // Workers not heard from since the start are lost now.
                 self.unseen_checked = true;

@@ -209,6 +209,9 @@ impl Actor {
         if let Some(template) = r.template {
             self.start_promotion(&r.name, self.template_target(template)?, None, actions)?;
         }
+        // Routers learn the endpoint now, replicas or not: a request to one
+        // at zero replicas is held (and its demand starts one), not 404.
+        self.announce_table();
         Ok(())
     }
 
