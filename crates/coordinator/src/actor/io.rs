@@ -263,6 +263,9 @@ impl Actor {
     /// replica), min, max), down only after the scale-down delay (at once
     /// when `max_replicas` is 0: that drains and stops everything).
     pub(super) fn autoscale(&mut self, actions: &mut Vec<(String, Action)>) {
+        // Demands of deleted endpoints go with them.
+        let endpoints = &self.state.endpoints;
+        self.demand.retain(|name, _| endpoints.contains_key(name));
         let names: Vec<String> = self
             .state
             .endpoints
