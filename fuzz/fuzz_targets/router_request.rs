@@ -1,8 +1,9 @@
 //! The router's request path, from the first byte a client controls:
 //! method, path, headers and body, through the URL and header limits, the
 //! body reading, the `model` extraction and the table lookup. The only
-//! endpoint has no weight, so nothing is dialled. Any answer is fine; a
-//! panic is a finding.
+//! endpoint has no weight, so nothing is dialled, and no request is held
+//! for a replica (`queue_max = 0`). Any answer is fine; a panic is a
+//! finding.
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -37,7 +38,11 @@ fn proxy() -> &'static (Proxy, tokio::runtime::Runtime) {
             .enable_time()
             .build()
             .expect("a runtime");
-        (Proxy::new(routes, ProxySettings::default()), runtime)
+        let settings = ProxySettings {
+            queue_max: 0,
+            ..ProxySettings::default()
+        };
+        (Proxy::new(routes, settings), runtime)
     })
 }
 
