@@ -346,9 +346,29 @@ impl Actor {
         }
     }
 
+    /// A client of every router, in address order: one channel (and so one
+    /// connection, one TLS handshake) per router, kept across calls.
+    pub(super) fn router_clients(&mut self) -> Vec<RouterControlClient<tonic::transport::Channel>> {
+        let control = &self.options.control;
+        let clients = &mut self.router_clients;
+        clients.retain(|address, _| self.state.routers.contains_key(address));
+        self.state
+            .routers
+            .keys()
+            .map(|address| {
+                clients
+                    .entry(address.clone())
+                    .or_insert_with(|| {
+                        RouterControlClient::new(calls::channel(control, address, Role::Router))
+                    })
+                    .clone()
+            })
+            .collect()
+    }
+
     /// Asks every router whether it holds requests for an endpoint that has
     /// no replica (and may have some); each that does is a demand.
-    pub(super) fn read_demand(&self) {
+    pub(super) fn read_demand(&mut self) {
         let idle: Vec<String> = self
             .state
             .endpoints
@@ -360,12 +380,7 @@ impl Actor {
         if idle.is_empty() {
             return;
         }
-        for address in self.state.routers.keys() {
-            let mut client = RouterControlClient::new(calls::channel(
-                &self.options.control,
-                address,
-                Role::Router,
-            ));
+        for mut client in self.router_clients() {
             let internal = self.internal.clone();
             let idle = idle.clone();
             self.shutdown.spawn(async move {
@@ -391,7 +406,7 @@ impl Actor {
 
     /// Reads every router's stats for a promotion's endpoint since it
     /// started, for the health gate.
-    pub(super) fn read_stats(&self, name: &str) {
+    pub(super) fn read_stats(&mut self, name: &str) {
         let Some(promotion) = self
             .state
             .endpoints
@@ -401,19 +416,16 @@ impl Actor {
         else {
             return;
         };
-        let routers: Vec<String> = self.state.routers.keys().cloned().collect();
-        let internal = self.internal.clone();
         let endpoint = name.to_owned();
         let promotion_id = promotion.id.clone();
         let since = crate::state::timestamp(promotion.started_at_ms);
-        let control = self.options.control.clone();
+        let internal = self.internal.clone();
+        let clients = self.router_clients();
         self.shutdown.spawn(async move {
             let mut by_deployment: BTreeMap<String, crate::health::Counts> = BTreeMap::new();
             let mut answered = 0;
-            let asked = routers.len();
-            for address in routers {
-                let mut client =
-                    RouterControlClient::new(calls::channel(&control, &address, Role::Router));
+            let asked = clients.len();
+            for mut client in clients {
                 let request = v1::GetStatsRequest {
                     since: Some(since),
                     endpoint: endpoint.clone(),
@@ -502,19 +514,14 @@ impl Actor {
 
     /// Asks every router which table it serves; one behind the last pushed
     /// (restarted with its configuration's table) gets the current one.
-    pub(super) fn check_routers(&self) {
+    pub(super) fn check_routers(&mut self) {
         let version = self.state.table_version;
         if version == 0 {
             return;
         }
-        for address in self.state.routers.keys() {
+        let addresses: Vec<String> = self.state.routers.keys().cloned().collect();
+        for (address, mut client) in addresses.into_iter().zip(self.router_clients()) {
             let internal = self.internal.clone();
-            let address = address.clone();
-            let mut client = RouterControlClient::new(calls::channel(
-                &self.options.control,
-                &address,
-                Role::Router,
-            ));
             self.shutdown.spawn(async move {
                 let answer =
                     tokio::time::timeout(SHORT_CALL, client.get_table(v1::GetTableRequest {}))

@@ -280,6 +280,7 @@ pub fn start(
         last_gate: Instant::now(),
         low_since: BTreeMap::new(),
         demand: BTreeMap::new(),
+        router_clients: BTreeMap::new(),
         starts: BTreeMap::new(),
         stopping: BTreeSet::new(),
         started: Instant::now(),
@@ -320,6 +321,8 @@ struct Actor {
     /// When a router last held requests for each endpoint that had no
     /// replica: it scales from zero.
     demand: BTreeMap<String, Instant>,
+    /// A client of each router, for reads (stats, tables, demand).
+    router_clients: BTreeMap<String, RouterControlClient<tonic::transport::Channel>>,
     /// Starts sent, by worker: (endpoint, deployment, when the coordinator
     /// gives up on them).
     starts: BTreeMap<String, (String, String, Instant)>,
