@@ -184,11 +184,6 @@ impl Fleet {
             .arg("--config")
             .arg(config)
             .env("RUST_LOG", "warn")
-            // The CLI's own variables are not the programs' configuration.
-            .env_remove("CROSSFADE_COORDINATOR")
-            .env_remove("CROSSFADE_CA")
-            .env_remove("CROSSFADE_CERT")
-            .env_remove("CROSSFADE_KEY")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)

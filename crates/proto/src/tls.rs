@@ -172,13 +172,7 @@ impl ControlTls {
 
     /// See [`Control::check_peer`].
     pub fn check_peer(&self, address: &str) -> Result<(), String> {
-        if !self.insecure {
-            return Ok(());
-        }
-        Control::Insecure {
-            remote: self.insecure_remote,
-        }
-        .check_peer(address)
+        check_plain_peer(address, !self.insecure || self.insecure_remote)
     }
 
     /// Reads the certificates for a program of `role`: its own certificate
@@ -322,19 +316,7 @@ impl Control {
     /// loopback interface unless `insecure_remote` allows it: what goes
     /// there (a template's secrets) would cross the network in clear.
     pub fn check_peer(&self, address: &str) -> Result<(), String> {
-        let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let loopback = host == "localhost"
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback());
-        match self {
-            Self::Insecure { remote: false } if !loopback => Err(format!(
-                "`{address}` is not a loopback address: control calls in plain text would cross the network; \
-                 use certificates (control_tls.ca, cert and key) or control_tls.insecure_remote = true"
-            )),
-            _ => Ok(()),
-        }
+        check_plain_peer(address, !matches!(self, Self::Insecure { remote: false }))
     }
 
     /// What the server side of a listener needs; `None` in plain text.
@@ -390,6 +372,24 @@ impl Control {
             }
         }
     }
+}
+
+/// Refuses `address` unless it is loopback or `allowed` (see
+/// [`Control::check_peer`]).
+fn check_plain_peer(address: &str, allowed: bool) -> Result<(), String> {
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if allowed || loopback {
+        return Ok(());
+    }
+    Err(format!(
+        "`{address}` is not a loopback address: control calls in plain text would cross the network; \
+         use certificates (control_tls.ca, cert and key) or control_tls.insecure_remote = true"
+    ))
 }
 
 fn list(roles: &[Role]) -> String {

@@ -7,9 +7,8 @@
 //! trickle their bodies in, holds only its own client's slots: the
 //! router-wide slot is taken after the body has arrived.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -22,6 +21,7 @@ use tokio::time::Instant;
 use crate::error::RouteError;
 use crate::keys::{Key, Keys, Refusal};
 use crate::proxy::{BoxError, ProxySettings};
+use crate::tally::Tally;
 
 /// Who a request comes from, for its concurrency limit.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -30,31 +30,17 @@ enum Client {
     Address(IpAddr),
 }
 
-/// Requests in flight per client.
-#[derive(Debug, Default)]
-struct Clients(Mutex<HashMap<Client, u32>>);
-
 /// One request's place in its client's count, given back when dropped
 /// (with the response's last byte).
 #[derive(Debug)]
 pub struct ClientSlot {
-    clients: Arc<Clients>,
+    clients: Arc<Tally<Client>>,
     client: Client,
 }
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
-        let mut counts = self
-            .clients
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(count) = counts.get_mut(&self.client) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.client);
-            }
-        }
+        self.clients.remove(&self.client);
     }
 }
 
@@ -71,7 +57,8 @@ pub struct Admitted {
 #[derive(Debug)]
 pub struct Admission {
     keys: ArcSwapOption<Keys>,
-    clients: Arc<Clients>,
+    /// Requests in flight per client.
+    clients: Arc<Tally<Client>>,
     per_client: u32,
     max_header_count: usize,
     max_header_bytes: usize,
@@ -129,17 +116,8 @@ impl Admission {
             Some(key) => (Client::Key(Arc::clone(&key.id)), self.per_client),
             None => (Client::Address(peer), self.per_client),
         };
-        {
-            let mut counts = self
-                .clients
-                .0
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let count = counts.entry(client.clone()).or_insert(0);
-            if *count >= limit {
-                return Err(RouteError::ClientOverloaded { limit });
-            }
-            *count += 1;
+        if self.clients.add(&client, limit).is_none() {
+            return Err(RouteError::ClientOverloaded { limit });
         }
         Ok(Admitted {
             key,
@@ -263,7 +241,7 @@ mod tests {
         drop(a);
         let _d = admission.admit(&headers, peer(1)).unwrap();
         drop((_b, _c, _d));
-        assert!(admission.clients.0.lock().unwrap().is_empty());
+        assert!(admission.clients.lock().is_empty());
     }
 
     #[test]

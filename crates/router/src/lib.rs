@@ -19,5 +19,6 @@ pub mod queue;
 pub mod server;
 pub mod stats;
 pub mod table;
+mod tally;
 pub mod target;
 pub mod upstream;

@@ -30,15 +30,8 @@ struct Place<'a> {
 
 impl Drop for Place<'_> {
     fn drop(&mut self) {
-        let mut held = self.routes.stats().held();
-        if let Some(count) = held.get_mut(&self.endpoint) {
-            *count -= 1;
-            metrics::gauge!(QUEUE_DEPTH, "endpoint" => self.endpoint.clone())
-                .set(f64::from(*count));
-            if *count == 0 {
-                held.remove(&self.endpoint);
-            }
-        }
+        let left = self.routes.stats().held.remove(&self.endpoint);
+        metrics::gauge!(QUEUE_DEPTH, "endpoint" => self.endpoint.clone()).set(f64::from(left));
     }
 }
 
@@ -52,19 +45,12 @@ impl Queue {
     }
 
     fn enter<'a>(&self, routes: &'a Routes, endpoint: &str) -> Result<Place<'a>, RouteError> {
-        let mut held = routes.stats().held();
-        let count = held.entry(endpoint.to_owned()).or_insert(0);
-        if *count >= self.max {
-            return Err(RouteError::QueueFull {
-                endpoint: endpoint.to_owned(),
-            });
-        }
-        *count += 1;
-        metrics::gauge!(QUEUE_DEPTH, "endpoint" => endpoint.to_owned()).set(f64::from(*count));
-        Ok(Place {
-            routes,
-            endpoint: endpoint.to_owned(),
-        })
+        let endpoint = endpoint.to_owned();
+        let Some(count) = routes.stats().held.add(&endpoint, self.max) else {
+            return Err(RouteError::QueueFull { endpoint });
+        };
+        metrics::gauge!(QUEUE_DEPTH, "endpoint" => endpoint.clone()).set(f64::from(count));
+        Ok(Place { routes, endpoint })
     }
 
     /// The table to route `model` with: the one in force when its endpoint
@@ -151,7 +137,7 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(!waiting.is_finished());
-        assert_eq!(routes.stats().held().get("chat"), Some(&1));
+        assert_eq!(routes.stats().held.lock().get("chat"), Some(&1));
         // GetStats reports the demand that no deployment shows.
         let report = routes
             .stats()
@@ -161,7 +147,7 @@ mod tests {
         let (table, waited) = waiting.await.unwrap().unwrap();
         assert_eq!(table.version(), 1);
         assert_eq!(waited, Duration::from_secs(5));
-        assert!(routes.stats().held().is_empty(), "its place was freed");
+        assert!(routes.stats().held.lock().is_empty(), "its place was freed");
     }
 
     #[tokio::test(start_paused = true)]
@@ -185,7 +171,7 @@ mod tests {
                 },
             ]
         );
-        assert!(routes.stats().held().is_empty());
+        assert!(routes.stats().held.lock().is_empty());
         // An unknown model is not held.
         assert_eq!(
             queue.table_for(&routes, "other").await.unwrap_err(),
@@ -199,6 +185,6 @@ mod tests {
         let queue = Queue::new(1, Duration::from_secs(60));
         let gone = tokio::time::timeout(Duration::from_secs(1), queue.table_for(&routes, "chat"));
         assert!(gone.await.is_err());
-        assert!(routes.stats().held().is_empty());
+        assert!(routes.stats().held.lock().is_empty());
     }
 }

@@ -528,7 +528,7 @@ pub struct Stats {
     started: SystemTime,
     known: Registry<DeploymentStats>,
     /// Requests held per endpoint now (see [`crate::queue`]).
-    held: Mutex<std::collections::HashMap<String, u32>>,
+    pub(crate) held: crate::tally::Tally<String>,
 }
 
 impl Default for Stats {
@@ -536,7 +536,7 @@ impl Default for Stats {
         Self {
             started: SystemTime::now(),
             known: Registry::default(),
-            held: Mutex::default(),
+            held: crate::tally::Tally::default(),
         }
     }
 }
@@ -548,14 +548,6 @@ impl Stats {
             Ok::<_, std::convert::Infallible>(DeploymentStats::new(endpoint, deployment))
         });
         made.unwrap_or_else(|never| match never {})
-    }
-
-    /// Requests held per endpoint now; the queue keeps the counts here, so
-    /// that `GetStats` reports them.
-    pub(crate) fn held(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u32>> {
-        self.held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The window that `since` asks for: never before the router started,
@@ -579,7 +571,7 @@ impl Stats {
             .filter(|e| endpoint.is_none_or(|name| e.name() == name))
             .map(|e| v1::EndpointStats {
                 endpoint: e.name().to_owned(),
-                queued: self.held().get(e.name()).copied().unwrap_or(0),
+                queued: self.held.lock().get(e.name()).copied().unwrap_or(0),
                 deployments: e
                     .deployments()
                     .iter()

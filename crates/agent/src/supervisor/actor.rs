@@ -69,6 +69,9 @@ pub(super) struct Actor {
     pub(super) generation: u64,
     /// Bumped by `Undrain`: a drain in progress returns at once.
     pub(super) undrained: watch::Sender<u64>,
+    /// Tracks the tasks it starts (probes, drain waits), so that shutdown
+    /// waits for them.
+    pub(super) tasks: Shutdown,
 }
 
 impl Actor {
@@ -337,7 +340,7 @@ impl Actor {
         let port = self.settings.port;
         let name = current.spec.endpoint.clone();
         let interval = self.settings.probe_interval;
-        current.probe = Some(tokio::spawn(async move {
+        current.probe = Some(self.tasks.spawn(async move {
             let mut phase = from;
             let mut detail = String::new();
             loop {
@@ -571,7 +574,7 @@ impl Actor {
         let gate = Arc::clone(&self.gate);
         let mut undrained = self.undrained.subscribe();
         undrained.mark_unchanged();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let started = Instant::now();
             let until = tokio::time::Instant::now() + deadline;
             let (left, result) = tokio::select! {

@@ -243,6 +243,7 @@ impl Supervisor {
             events,
             generation: 0,
             undrained: watch::Sender::new(0),
+            tasks: shutdown.clone(),
         };
         actor.adopt();
         shutdown.spawn(actor.run(receiver, events_rx, shutdown.clone()));
