@@ -43,6 +43,8 @@ fn config_text(
         r#"
 [control_tls]
 insecure = true
+[metrics]
+retired_series_grace = "1s"
 [listen]
 public = "{public}"
 admin = "{admin}"
@@ -229,6 +231,69 @@ async fn two_hundred_sighup_swaps_under_streaming_load_fail_nothing() {
             .await
             .starts_with("ok: table version 200")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metric_series_stay_bounded_over_twenty_promotions() {
+    let knobs = [("FAKE_VLLM_MAX_TOKENS", "2")];
+    let (_a, a) = start_fake_vllm("org/model-a", SERVED, &knobs).unwrap();
+    let (_b, b) = start_fake_vllm("org/model-b", SERVED, &knobs).unwrap();
+    let router = start_router(a, b);
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let url = format!("http://{}/v1/chat/completions", router.public);
+    let body = r#"{"model":"chat","messages":[{"role":"user","content":"hi"}]}"#;
+
+    let mut after_two = None;
+    for i in 1..=20u32 {
+        // Promotion i: from deployment p(i-1) to p(i), each on a worker.
+        let (from, to) = (format!("p{}", i - 1), format!("p{i}"));
+        let text = config_text(
+            router.public,
+            router.admin,
+            router.control,
+            (&from, 50, a),
+            (&to, 50, b),
+        );
+        std::fs::write(&router.config, text).unwrap();
+        hangup(router.pid);
+        let listed = format!("deployment=\"{to}\"");
+        let mut tries = 0;
+        while !http_get(router.admin, "/metrics").await.contains(&listed) {
+            tries += 1;
+            assert!(tries < 200, "the reload to {to} never took effect");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        for _ in 0..4 {
+            let request = http::Request::post(&url)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            let response = client.request(request).await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.into_body().collect().await.unwrap();
+        }
+        if i == 2 || i == 20 {
+            // Past the grace period (1 s), retired deployments are gone.
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            let metrics = http_get(router.admin, "/metrics").await;
+            let series = metrics.lines().filter(|l| !l.starts_with('#')).count();
+            let mut families: Vec<&str> = metrics
+                .lines()
+                .filter(|l| l.starts_with("# TYPE "))
+                .collect();
+            let all = families.len();
+            families.dedup();
+            assert_eq!(all, families.len(), "a family named twice: {metrics}");
+            assert!(!metrics.contains("deployment=\"p0\""), "{metrics}");
+            match after_two {
+                None => after_two = Some(series),
+                Some(two) => assert!(
+                    series <= two,
+                    "{series} series after 20 promotions, {two} after 2:\n{metrics}"
+                ),
+            }
+        }
+    }
 }
 
 async fn http_get(addr: SocketAddr, path: &str) -> String {

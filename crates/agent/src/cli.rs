@@ -72,7 +72,7 @@ async fn run(
     shutdown
         .trigger_on_signals()
         .context("installing the SIGTERM and SIGINT handlers")?;
-    let metrics = crossfade_common::metrics::install(m::HISTOGRAMS, &shutdown)
+    let metrics = crossfade_common::metrics::install(m::HISTOGRAMS, None, &shutdown)
         .context("installing the Prometheus recorder")?;
     m::describe();
 

@@ -365,16 +365,19 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>>
 /// The Prometheus text exposition of `handle`, or 404 when metrics are off.
 pub fn metrics(handle: Option<&PrometheusHandle>) -> Response<Full<Bytes>> {
     match handle {
-        Some(handle) => {
-            let mut response = text(StatusCode::OK, handle.render());
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            response
-        }
+        Some(handle) => exposition(handle.render()),
         None => text(StatusCode::NOT_FOUND, "metrics are not enabled\n"),
     }
+}
+
+/// A Prometheus text exposition as a response.
+pub fn exposition(body: String) -> Response<Full<Bytes>> {
+    let mut response = text(StatusCode::OK, body);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
 }
 
 #[cfg(test)]

@@ -39,8 +39,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     shutdown
         .trigger_on_signals()
         .context("installing the SIGTERM and SIGINT handlers")?;
-    let metrics = crossfade_common::metrics::install(crate::metrics::HISTOGRAMS, &shutdown)
-        .context("installing the Prometheus recorder")?;
+    let metrics = crossfade_common::metrics::install(
+        crate::metrics::HISTOGRAMS,
+        Some(crate::metrics::IDLE_GAUGES),
+        &shutdown,
+    )
+    .context("installing the Prometheus recorder")?;
     crate::metrics::describe();
     let tls = config
         .control_tls

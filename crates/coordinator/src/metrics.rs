@@ -24,6 +24,12 @@ pub const TABLE_VERSION: &str = "crossfade_coordinator_table_version";
 /// Workers by state (`reachable`, `unreachable`, `cordoned`).
 pub const WORKERS: &str = "crossfade_coordinator_workers";
 
+/// How long a gauge not set again stays in `/metrics`. Every gauge still
+/// meant is set on each pass of the coordinator's loop (every 200 ms), so
+/// the series of a deployment no promotion names any more, or of a deleted
+/// endpoint, go after this long.
+pub const IDLE_GAUGES: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Histograms and their buckets.
 pub const HISTOGRAMS: &[(&str, &[f64])] = &[(STEP_SECONDS, OPERATION_SECONDS_BUCKETS)];
 

@@ -46,11 +46,12 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     shutdown
         .trigger_on_signals()
         .context("installing the SIGTERM and SIGINT handlers")?;
-    let metrics = crossfade_common::metrics::install(stats::HISTOGRAMS, &shutdown)
+    let metrics = crossfade_common::metrics::install(stats::HISTOGRAMS, None, &shutdown)
         .context("installing the Prometheus recorder")?;
     stats::describe();
     let routes = Arc::new(
-        Routes::new(&config.routing_table()).context("building the configured routing table")?,
+        Routes::with_retired_grace(&config.routing_table(), config.metrics.retired_series_grace)
+            .context("building the configured routing table")?,
     );
     let proxy = Arc::new(Proxy::new(Arc::clone(&routes), config.proxy_settings()));
     let tls = config

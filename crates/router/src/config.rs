@@ -52,6 +52,8 @@ pub struct Config {
     pub limits: Limits,
     /// How requests are sent to gates.
     pub upstream: Upstream,
+    /// The admin listener's `/metrics`.
+    pub metrics: Metrics,
     /// The static routing table.
     pub endpoint: Vec<EndpointConfig>,
 }
@@ -86,6 +88,24 @@ pub struct Auth {
     /// The API keys file (`crossfade keys` writes it): when set, every
     /// request needs one of its keys. Re-read when it changes.
     pub api_keys: Option<PathBuf>,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// How long the series of a deployment that left every table stay in
+    /// `/metrics`, for a last scrape of its counts (1s ..= 1d).
+    #[serde(with = "humantime_serde")]
+    pub retired_series_grace: Duration,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            retired_series_grace: crate::stats::RETIRED_SERIES_GRACE,
+        }
+    }
 }
 
 /// `[limits]`.
@@ -311,6 +331,11 @@ impl Validate for Config {
             "limits.body_read_timeout",
             self.limits.body_read_timeout,
             Duration::from_secs(1)..=Duration::from_secs(600),
+        ));
+        errors.extend(FieldError::check_duration(
+            "metrics.retired_series_grace",
+            self.metrics.retired_series_grace,
+            Duration::from_secs(1)..=Duration::from_secs(86_400),
         ));
         errors.extend(FieldError::check_range(
             "limits.h2_max_concurrent_streams",

@@ -12,9 +12,7 @@ use tokio_rustls::rustls::ServerConfig;
 
 use bytes::Bytes;
 use crossfade_common::Shutdown;
-use crossfade_common::http::{
-    ServeOptions, metrics as render_metrics, serve as serve_http, serve_clients, text,
-};
+use crossfade_common::http::{ServeOptions, exposition, serve as serve_http, serve_clients, text};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::Full;
@@ -81,7 +79,15 @@ pub async fn admin(
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
     match req.uri().path() {
-        "/metrics" => render_metrics(metrics.as_ref()),
+        "/metrics" => match metrics {
+            Some(handle) => {
+                let mut body = handle.render();
+                let stats = proxy.routes().stats();
+                stats.render(&mut body, std::time::Instant::now());
+                exposition(body)
+            }
+            None => text(StatusCode::NOT_FOUND, "metrics are not enabled\n"),
+        },
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
             let table = proxy.routes().load();

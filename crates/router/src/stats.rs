@@ -2,18 +2,25 @@
 //! the admin listener) and a sliding window per deployment and worker that
 //! `GetStats` reads for the coordinator's autoscaling and health gates.
 //!
-//! The handles are created when a table is built, not per request: a
-//! deployment's [`DeploymentStats`] sits in the table beside its workers, so
-//! the request path records without a map lookup or a label allocation.
+//! A deployment's [`DeploymentStats`] is made when a table first lists it
+//! and sits in the table beside its workers, so the request path records
+//! without a map lookup or a label allocation. Its Prometheus series are
+//! rendered from it (not through the `metrics` recorder, which can forget a
+//! series only by idleness, and would then lose the updates of a handle still
+//! held), so they leave `/metrics` with it: a deployment that left every
+//! table lingers for [`Stats::retire`]'s grace period, for a last scrape of
+//! its final counts, and is then forgotten. The number of series stays
+//! bounded over any number of promotions.
 
 use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossfade_common::metrics::LATENCY_SECONDS_BUCKETS;
 use crossfade_proto::v1;
-use metrics::{Counter, Gauge, Histogram};
 
 use crate::table::Registry;
 
@@ -44,25 +51,15 @@ pub const QUEUE_TIMEOUTS_TOTAL: &str = "crossfade_router_queue_timeouts_total";
 pub const TABLE_VERSION: &str = "crossfade_router_table_version";
 
 /// Histograms and their buckets, for the recorder.
-pub const HISTOGRAMS: &[(&str, &[f64])] = &[
-    (REQUEST_DURATION_SECONDS, LATENCY_SECONDS_BUCKETS),
-    (TIME_TO_FIRST_TOKEN_SECONDS, LATENCY_SECONDS_BUCKETS),
-    (QUEUE_WAIT_SECONDS, LATENCY_SECONDS_BUCKETS),
-];
+pub const HISTOGRAMS: &[(&str, &[f64])] = &[(QUEUE_WAIT_SECONDS, LATENCY_SECONDS_BUCKETS)];
 
-/// Describes every metric once, at start.
+/// How long the series of a deployment that left every table stay in
+/// `/metrics`, by default: several scrapes at any usual interval.
+pub const RETIRED_SERIES_GRACE: Duration = Duration::from_secs(300);
+
+/// Describes every metric the recorder holds once, at start (the
+/// per-deployment ones are described where [`Stats::render`] writes them).
 pub fn describe() {
-    metrics::describe_counter!(REQUESTS_TOTAL, "Requests finished, by outcome.");
-    metrics::describe_histogram!(
-        REQUEST_DURATION_SECONDS,
-        metrics::Unit::Seconds,
-        "Time from receiving a request to the end of its response."
-    );
-    metrics::describe_histogram!(
-        TIME_TO_FIRST_TOKEN_SECONDS,
-        metrics::Unit::Seconds,
-        "Time from receiving a request to the first byte of its response's body."
-    );
     metrics::describe_gauge!(
         QUEUE_DEPTH,
         "Requests held until their endpoint has a replica."
@@ -75,15 +72,6 @@ pub fn describe() {
     metrics::describe_counter!(
         QUEUE_TIMEOUTS_TOTAL,
         "Held requests that no replica came for in time (503)."
-    );
-    metrics::describe_gauge!(
-        IN_FLIGHT_REQUESTS,
-        "Requests in flight (until their last byte)."
-    );
-    metrics::describe_counter!(RETRIES_TOTAL, "Retries on another worker, by reason.");
-    metrics::describe_counter!(
-        EJECTIONS_TOTAL,
-        "Workers ejected after a failed connection."
     );
     metrics::describe_counter!(
         REJECTED_TOTAL,
@@ -149,6 +137,14 @@ pub enum RetryReason {
 impl RetryReason {
     const ALL: [RetryReason; 3] = [Self::ConnectError, Self::Draining, Self::NotReady];
 
+    fn count_in(self, counts: &mut v1::RetryCounts) -> &mut u64 {
+        match self {
+            Self::ConnectError => &mut counts.connect_error,
+            Self::Draining => &mut counts.draining,
+            Self::NotReady => &mut counts.not_ready,
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Self::ConnectError => "connect_error",
@@ -163,41 +159,32 @@ const BUCKET_SECONDS: u64 = 10;
 /// Buckets kept: one hour of history.
 const BUCKETS_KEPT: usize = 360;
 
-/// One deployment's statistics: metric handles and a sliding window.
+/// One deployment's statistics: totals since it was first listed (its
+/// Prometheus series) and a sliding window (for `GetStats`).
 #[derive(Debug)]
 pub struct DeploymentStats {
-    requests: [Counter; Outcome::ALL.len()],
-    retries: [Counter; RetryReason::ALL.len()],
-    ejections: Counter,
-    latency: Histogram,
-    ttft: Histogram,
-    in_flight_gauge: Gauge,
+    endpoint: String,
+    deployment: String,
     in_flight: AtomicU32,
-    window: Mutex<Window<Bucket>>,
+    ejections: AtomicU64,
+    recorded: Mutex<Recorded>,
+}
+
+/// What one lock guards: every finished request updates both.
+#[derive(Debug, Default)]
+struct Recorded {
+    totals: Bucket,
+    window: Window<Bucket>,
 }
 
 impl DeploymentStats {
     fn new(endpoint: &str, deployment: &str) -> Self {
-        let labels = [
-            ("endpoint", endpoint.to_owned()),
-            ("deployment", deployment.to_owned()),
-        ];
-        let with = |key: &'static str, value: &'static str| {
-            let mut l = labels.to_vec();
-            l.push((key, value.to_owned()));
-            l
-        };
         Self {
-            requests: Outcome::ALL
-                .map(|o| metrics::counter!(REQUESTS_TOTAL, &with("outcome", o.label()))),
-            retries: RetryReason::ALL
-                .map(|r| metrics::counter!(RETRIES_TOTAL, &with("reason", r.label()))),
-            ejections: metrics::counter!(EJECTIONS_TOTAL, &labels),
-            latency: metrics::histogram!(REQUEST_DURATION_SECONDS, &labels),
-            ttft: metrics::histogram!(TIME_TO_FIRST_TOKEN_SECONDS, &labels),
-            in_flight_gauge: metrics::gauge!(IN_FLIGHT_REQUESTS, &labels),
+            endpoint: endpoint.to_owned(),
+            deployment: deployment.to_owned(),
             in_flight: AtomicU32::new(0),
-            window: Mutex::new(Window::default()),
+            ejections: AtomicU64::new(0),
+            recorded: Mutex::new(Recorded::default()),
         }
     }
 
@@ -205,7 +192,6 @@ impl DeploymentStats {
     /// guard records its outcome or drops (an abort).
     pub fn start(self: &Arc<Self>) -> RequestRecord {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.in_flight_gauge.increment(1.0);
         RequestRecord {
             stats: Arc::clone(self),
             worker: None,
@@ -217,19 +203,19 @@ impl DeploymentStats {
 
     /// A retry on another worker.
     pub fn retried(&self, reason: RetryReason) {
-        self.retries[reason as usize].increment(1);
-        let mut window = self.lock();
-        let retries = &mut window.current(now_bucket()).retries;
-        match reason {
-            RetryReason::ConnectError => retries.connect_error += 1,
-            RetryReason::Draining => retries.draining += 1,
-            RetryReason::NotReady => retries.not_ready += 1,
+        let mut recorded = self.lock();
+        let Recorded { totals, window } = &mut *recorded;
+        for retries in [
+            &mut totals.retries,
+            &mut window.current(now_bucket()).retries,
+        ] {
+            *reason.count_in(retries) += 1;
         }
     }
 
     /// A worker of this deployment was ejected.
     pub fn ejected(&self) {
-        self.ejections.increment(1);
+        self.ejections.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Requests in flight now.
@@ -239,32 +225,28 @@ impl DeploymentStats {
 
     fn finish(&self, outcome: Outcome, latency: Duration, ttft: Option<Duration>) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.in_flight_gauge.decrement(1.0);
-        self.requests[outcome as usize].increment(1);
-        self.latency.record(latency.as_secs_f64());
-        if let Some(ttft) = ttft {
-            self.ttft.record(ttft.as_secs_f64());
-        }
-        let mut window = self.lock();
-        let bucket = window.current(now_bucket());
-        count(&mut bucket.counts, outcome);
-        bucket.latency.record(latency);
-        if let Some(ttft) = ttft {
-            bucket.ttft.record(ttft);
+        let mut recorded = self.lock();
+        let Recorded { totals, window } = &mut *recorded;
+        for bucket in [totals, window.current(now_bucket())] {
+            count(&mut bucket.counts, outcome);
+            bucket.latency.record(latency);
+            if let Some(ttft) = ttft {
+                bucket.ttft.record(ttft);
+            }
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Window<Bucket>> {
-        self.window
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recorded> {
+        self.recorded
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The window since `since_bucket`, summed.
     fn summary(&self, since_bucket: u64) -> Bucket {
-        let window = self.lock();
+        let recorded = self.lock();
         let mut sum = Bucket::default();
-        for bucket in window.since(since_bucket) {
+        for bucket in recorded.window.since(since_bucket) {
             sum.add(bucket);
         }
         sum
@@ -448,6 +430,25 @@ impl Hist {
         self.max
     }
 
+    /// The histogram's series in the text format: cumulative buckets, sum
+    /// and count.
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut seen = 0;
+        for (i, n) in self.counts.iter().enumerate() {
+            seen += n;
+            match LATENCY_SECONDS_BUCKETS.get(i) {
+                Some(le) => {
+                    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {seen}");
+                }
+                None => {
+                    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {seen}");
+                }
+            }
+        }
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {seen}");
+    }
+
     fn summary(&self) -> v1::LatencySummary {
         v1::LatencySummary {
             count: self.counts.iter().sum(),
@@ -457,6 +458,39 @@ impl Hist {
             p99_seconds: self.quantile(0.99),
             max_seconds: self.max,
         }
+    }
+}
+
+fn write_family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A label value as the text format quotes it.
+fn escape_label(value: &str) -> std::borrow::Cow<'_, str> {
+    if !value.contains(['\\', '"', '\n']) {
+        return value.into();
+    }
+    let mut escaped = String::with_capacity(value.len() + 2);
+    for c in value.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '\n' => escaped.push_str("\\n"),
+            c => escaped.push(c),
+        }
+    }
+    escaped.into()
+}
+
+fn outcome_count(counts: &v1::RequestCounts, outcome: Outcome) -> u64 {
+    match outcome {
+        Outcome::Success => counts.success,
+        Outcome::ClientError => counts.client_errors,
+        Outcome::ServerError => counts.server_errors,
+        Outcome::Unreachable => counts.upstream_unreachable,
+        Outcome::Timeout => counts.upstream_timeouts,
+        Outcome::Aborted => counts.aborted_streams,
+        Outcome::Shed => counts.shed,
     }
 }
 
@@ -527,21 +561,158 @@ fn now_bucket() -> u64 {
 pub struct Stats {
     started: SystemTime,
     known: Registry<DeploymentStats>,
+    /// Deployments that left every table, kept until the time beside them
+    /// so that their last counts can still be scraped.
+    retired: Mutex<Vec<(Instant, Arc<DeploymentStats>)>>,
+    retired_grace: Duration,
     /// Requests held per endpoint now (see [`crate::queue`]).
     pub(crate) held: crate::tally::Tally<String>,
 }
 
 impl Default for Stats {
     fn default() -> Self {
-        Self {
-            started: SystemTime::now(),
-            known: Registry::default(),
-            held: crate::tally::Tally::default(),
-        }
+        Self::new(RETIRED_SERIES_GRACE)
     }
 }
 
 impl Stats {
+    /// Statistics whose retired deployments stay in `/metrics` for
+    /// `retired_grace`.
+    pub fn new(retired_grace: Duration) -> Self {
+        Self {
+            started: SystemTime::now(),
+            known: Registry::default(),
+            retired: Mutex::new(Vec::new()),
+            retired_grace,
+            held: crate::tally::Tally::default(),
+        }
+    }
+
+    /// `old` was replaced by `new`: the deployments only `old` listed keep
+    /// their series for the grace period, from `now`.
+    pub(crate) fn retire(
+        &self,
+        old: &crate::table::Table,
+        new: &crate::table::Table,
+        now: Instant,
+    ) {
+        let listed = |table: &crate::table::Table| -> Vec<Arc<DeploymentStats>> {
+            let endpoints = table.endpoints().iter();
+            let deployments = endpoints.flat_map(|e| e.deployments().iter());
+            deployments.map(|d| Arc::clone(d.stats())).collect()
+        };
+        let kept = listed(new);
+        let mut retired = self.lock_retired();
+        let until = now + self.retired_grace;
+        retired.retain(|(end, _)| *end > now);
+        for stats in listed(old) {
+            if !kept.iter().any(|k| Arc::ptr_eq(k, &stats)) {
+                retired.push((until, stats));
+            }
+        }
+    }
+
+    /// Appends the per-deployment series, in the Prometheus text format, to
+    /// `out`: those of every deployment a table lists or a request still
+    /// holds, and of those retired less than the grace period before `now`.
+    pub fn render(&self, out: &mut String, now: Instant) {
+        self.lock_retired().retain(|(end, _)| *end > now);
+        let mut all = self.known.alive();
+        all.sort_by(|a, b| (&a.endpoint, &a.deployment).cmp(&(&b.endpoint, &b.deployment)));
+        let snapshots: Vec<(String, Bucket, u32, u64)> = all
+            .iter()
+            .map(|d| {
+                let labels = format!(
+                    "endpoint=\"{}\",deployment=\"{}\"",
+                    escape_label(&d.endpoint),
+                    escape_label(&d.deployment)
+                );
+                let totals = d.lock().totals.clone();
+                (
+                    labels,
+                    totals,
+                    d.in_flight(),
+                    d.ejections.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        write_family(
+            out,
+            REQUESTS_TOTAL,
+            "counter",
+            "Requests finished, by outcome.",
+        );
+        for (labels, totals, _, _) in &snapshots {
+            for outcome in Outcome::ALL {
+                let n = outcome_count(&totals.counts, outcome);
+                let _ = writeln!(
+                    out,
+                    "{REQUESTS_TOTAL}{{{labels},outcome=\"{}\"}} {n}",
+                    outcome.label()
+                );
+            }
+        }
+        write_family(
+            out,
+            RETRIES_TOTAL,
+            "counter",
+            "Retries on another worker, by reason.",
+        );
+        for (labels, totals, _, _) in &snapshots {
+            let mut retries = totals.retries;
+            for reason in RetryReason::ALL {
+                let n = *reason.count_in(&mut retries);
+                let _ = writeln!(
+                    out,
+                    "{RETRIES_TOTAL}{{{labels},reason=\"{}\"}} {n}",
+                    reason.label()
+                );
+            }
+        }
+        write_family(
+            out,
+            EJECTIONS_TOTAL,
+            "counter",
+            "Workers ejected after a failed connection.",
+        );
+        for (labels, _, _, ejections) in &snapshots {
+            let _ = writeln!(out, "{EJECTIONS_TOTAL}{{{labels}}} {ejections}");
+        }
+        write_family(
+            out,
+            IN_FLIGHT_REQUESTS,
+            "gauge",
+            "Requests in flight (until their last byte).",
+        );
+        for (labels, _, in_flight, _) in &snapshots {
+            let _ = writeln!(out, "{IN_FLIGHT_REQUESTS}{{{labels}}} {in_flight}");
+        }
+        write_family(
+            out,
+            REQUEST_DURATION_SECONDS,
+            "histogram",
+            "Time from receiving a request to the end of its response.",
+        );
+        for (labels, totals, _, _) in &snapshots {
+            totals.latency.render(out, REQUEST_DURATION_SECONDS, labels);
+        }
+        write_family(
+            out,
+            TIME_TO_FIRST_TOKEN_SECONDS,
+            "histogram",
+            "Time from receiving a request to the first byte of its response's body.",
+        );
+        for (labels, totals, _, _) in &snapshots {
+            totals.ttft.render(out, TIME_TO_FIRST_TOKEN_SECONDS, labels);
+        }
+    }
+
+    fn lock_retired(&self) -> std::sync::MutexGuard<'_, Vec<(Instant, Arc<DeploymentStats>)>> {
+        self.retired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The statistics of `deployment` of `endpoint`, created on first use.
     pub fn deployment(&self, endpoint: &str, deployment: &str) -> Arc<DeploymentStats> {
         let made = self.known.get_or_try_insert((endpoint, deployment), || {
@@ -635,6 +806,52 @@ mod tests {
         assert_eq!(d.summary(now_bucket() + 1).counts.total, 0);
         // The same deployment in the next table shares the window.
         assert!(Arc::ptr_eq(&d, &stats.deployment("chat", "v1")));
+    }
+
+    #[test]
+    fn series_render_in_the_text_format() {
+        let stats = Stats::default();
+        let d = stats.deployment("chat", "v\"1");
+        let mut ok = d.start();
+        ok.ttft = Some(Duration::from_millis(30));
+        ok.finish(Outcome::Success);
+        d.start().finish(Outcome::Shed);
+        d.retried(RetryReason::Draining);
+        d.ejected();
+        let _in_flight = d.start();
+
+        let mut out = String::new();
+        stats.render(&mut out, Instant::now());
+        let labels = r#"endpoint="chat",deployment="v\"1""#;
+        for line in [
+            format!("crossfade_router_requests_total{{{labels},outcome=\"success\"}} 1"),
+            format!("crossfade_router_requests_total{{{labels},outcome=\"shed\"}} 1"),
+            format!("crossfade_router_requests_total{{{labels},outcome=\"aborted\"}} 0"),
+            format!("crossfade_router_retries_total{{{labels},reason=\"draining\"}} 1"),
+            format!("crossfade_router_worker_ejections_total{{{labels}}} 1"),
+            format!("crossfade_router_in_flight_requests{{{labels}}} 1"),
+            format!(
+                "crossfade_router_time_to_first_token_seconds_bucket{{{labels},le=\"0.025\"}} 0"
+            ),
+            format!(
+                "crossfade_router_time_to_first_token_seconds_bucket{{{labels},le=\"0.05\"}} 1"
+            ),
+            format!(
+                "crossfade_router_time_to_first_token_seconds_bucket{{{labels},le=\"+Inf\"}} 1"
+            ),
+            format!("crossfade_router_time_to_first_token_seconds_count{{{labels}}} 1"),
+            format!("crossfade_router_request_duration_seconds_count{{{labels}}} 2"),
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} not in\n{out}");
+        }
+        let families: Vec<&str> = out.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+        assert_eq!(families.len(), 6, "one TYPE line per family: {families:?}");
+        assert!(
+            out.lines().filter(|l| !l.starts_with('#')).all(|l| families
+                .iter()
+                .any(|f| l.starts_with(f.split(' ').nth(2).unwrap()))),
+            "every series belongs to a family: {out}"
+        );
     }
 
     #[test]

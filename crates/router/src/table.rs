@@ -542,6 +542,15 @@ impl<V> Registry<V> {
         Ok(value)
     }
 
+    /// Every value alive now.
+    pub(crate) fn alive(&self) -> Vec<Arc<V>> {
+        let known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        known.values().filter_map(Weak::upgrade).collect()
+    }
+
     /// Whether every entry is still alive (dead ones were pruned).
     #[cfg(test)]
     pub(crate) fn all_alive(&self) -> bool {
@@ -600,7 +609,19 @@ impl Applied {
 impl Routes {
     /// Routes starting from the configuration file's table.
     pub fn new(spec: &v1::RoutingTable) -> Result<Self, TableError> {
-        let shared = Shared::default();
+        Self::with_retired_grace(spec, crate::stats::RETIRED_SERIES_GRACE)
+    }
+
+    /// Routes whose retired deployments keep their series for
+    /// `retired_grace` (`[metrics] retired_series_grace`).
+    pub fn with_retired_grace(
+        spec: &v1::RoutingTable,
+        retired_grace: std::time::Duration,
+    ) -> Result<Self, TableError> {
+        let shared = Shared {
+            workers: Workers::default(),
+            stats: Stats::new(retired_grace),
+        };
         let table = Table::build(spec, Source::Config, &shared)?;
         metrics::gauge!(crate::stats::TABLE_VERSION).set(table.version as f64);
         Ok(Self {
@@ -665,7 +686,11 @@ impl Routes {
 
     fn swap(&self, table: Table) -> u64 {
         let version = table.version;
-        self.current.store(Arc::new(table));
+        let table = Arc::new(table);
+        let old = self.current.swap(Arc::clone(&table));
+        self.shared
+            .stats
+            .retire(&old, &table, std::time::Instant::now());
         self.swapped.send_replace(version);
         metrics::gauge!(crate::stats::TABLE_VERSION).set(version as f64);
         version

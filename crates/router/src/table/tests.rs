@@ -402,3 +402,57 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn a_retired_deployment_keeps_its_series_for_the_grace_period_only() {
+    use crate::stats::Outcome;
+    let grace = std::time::Duration::from_secs(60);
+    let routes = Routes::with_retired_grace(&chat(0, 0), grace).unwrap();
+    let series = |at: std::time::Instant| {
+        let mut out = String::new();
+        routes.stats().render(&mut out, at);
+        out
+    };
+    let v1_success =
+        r#"crossfade_router_requests_total{endpoint="chat",deployment="v1",outcome="success"} 1"#;
+    routes.load().endpoint("chat").unwrap().deployments()[1]
+        .stats()
+        .start()
+        .finish(Outcome::Success);
+    let before = series(std::time::Instant::now());
+    assert!(before.contains(v1_success), "{before}");
+
+    // Twenty promotions, each to a new deployment.
+    for version in 1..=20u64 {
+        let id = format!("d{version}");
+        let table = spec(
+            version,
+            vec![endpoint(
+                "chat",
+                &[],
+                vec![deployment(&id, 10_000, &["127.0.0.1:8004"])],
+            )],
+        );
+        routes.apply_from_coordinator(&table).unwrap();
+    }
+    // Within the grace period, the final counts can still be scraped ...
+    let within = series(std::time::Instant::now());
+    assert!(within.contains(v1_success), "{within}");
+    assert!(within.contains(r#"deployment="d20""#));
+    // ... and after it, only the deployment listed has series.
+    let after = series(std::time::Instant::now() + grace + std::time::Duration::from_secs(1));
+    for gone in ["v1", "v2", "d1", "d19"] {
+        assert!(
+            !after.contains(&format!("deployment=\"{gone}\"")),
+            "{after}"
+        );
+    }
+    assert!(after.contains(r#"deployment="d20""#));
+    let count = |text: &str| text.lines().filter(|l| !l.starts_with('#')).count();
+    assert!(
+        count(&after) * 2 <= count(&before),
+        "one deployment's series after, two before: {} and {}",
+        count(&after),
+        count(&before)
+    );
+}
