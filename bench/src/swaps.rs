@@ -58,6 +58,7 @@ fn table_with(version: u64, v1_weight: u32, workers: [u16; 4]) -> v1::RoutingTab
     let deployment = |id: &str, weight: u32, ports: &[u16]| v1::DeploymentRoute {
         id: id.into(),
         weight,
+        max_model_len: 0,
         workers: ports
             .iter()
             .map(|p| v1::WorkerRoute {
@@ -71,6 +72,7 @@ fn table_with(version: u64, v1_weight: u32, workers: [u16; 4]) -> v1::RoutingTab
         endpoints: vec![v1::EndpointRoute {
             name: "chat".into(),
             aliases: vec![],
+            created: 0,
             deployments: vec![
                 deployment("v1", v1_weight, &workers[..2]),
                 deployment("v2", 10_000 - v1_weight, &workers[2..]),

@@ -21,9 +21,11 @@ fn proxy() -> &'static (Proxy, tokio::runtime::Runtime) {
         let table = v1::RoutingTable {
             version: 1,
             endpoints: vec![v1::EndpointRoute {
+                created: 0,
                 name: "chat".into(),
                 aliases: vec!["org/model".into()],
                 deployments: vec![v1::DeploymentRoute {
+                    max_model_len: 0,
                     id: "v1".into(),
                     weight: 0,
                     workers: vec![v1::WorkerRoute {

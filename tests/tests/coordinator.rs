@@ -1031,6 +1031,20 @@ async fn a_non_rolling_promotion_switches_all_traffic_at_once() {
     assert!(seen.iter().all(|p| *p == 0 || *p == 100), "{seen:?}");
     let (total, v2) = no_failures(outcomes, "org/v2").await;
     assert!(total > 10 && v2 > 0, "{total} requests, {v2} on v2");
+
+    // The model object, as vLLM's: the endpoint's creation and the
+    // context length its engines report (fake-vllm's default).
+    let (endpoint, _) = fleet
+        .wait_endpoint("the endpoint", Duration::from_secs(5), |_| true)
+        .await;
+    let body = admin_get(fleet.publics[0], "/v1/models/chat").await;
+    let model: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(model["max_model_len"], 4096, "{body}");
+    assert_eq!(
+        model["created"],
+        endpoint.created_at.unwrap().seconds,
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -101,12 +101,14 @@ mod tests {
         let spec = v1::RoutingTable {
             version: 1,
             endpoints: vec![v1::EndpointRoute {
+                created: 0,
                 name: "chat".into(),
                 aliases: vec![],
                 deployments: weights
                     .iter()
                     .enumerate()
                     .map(|(i, &weight)| v1::DeploymentRoute {
+                        max_model_len: 0,
                         id: format!("d{i}"),
                         weight,
                         workers: (0..workers_each)

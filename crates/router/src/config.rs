@@ -263,12 +263,14 @@ impl Config {
                 .map(|e| v1::EndpointRoute {
                     name: e.name.clone(),
                     aliases: e.aliases.clone(),
+                    created: 0,
                     deployments: e
                         .deployment
                         .iter()
                         .map(|d| v1::DeploymentRoute {
                             id: d.id.clone(),
                             weight: d.weight,
+                            max_model_len: 0,
                             workers: d
                                 .workers
                                 .iter()

@@ -506,7 +506,7 @@ impl Proxy {
             .flat_map(|e| {
                 std::iter::once(e.name())
                     .chain(e.aliases().iter().map(String::as_str))
-                    .map(|id| model_object(id, e.name()))
+                    .map(|id| self.model_object(id, e))
             })
             .collect();
         let body = serde_json::json!({"object": "list", "data": data}).to_string();
@@ -519,8 +519,29 @@ impl Proxy {
         let endpoint = table
             .endpoint(id)
             .ok_or_else(|| RouteError::ModelNotFound(crate::error::short(id)))?;
-        let body = model_object(id, endpoint.name()).to_string();
+        let body = self.model_object(id, endpoint).to_string();
         Ok(json_response(StatusCode::OK, Bytes::from(body)))
+    }
+
+    /// An OpenAI model object, as vLLM's: `id` as asked for, `root` the
+    /// endpoint it names, `created` the endpoint's creation (the router's
+    /// start for a hand-written table), `max_model_len` when its engines
+    /// report one.
+    fn model_object(&self, id: &str, endpoint: &crate::table::Endpoint) -> serde_json::Value {
+        let created = endpoint
+            .created()
+            .unwrap_or_else(|| self.routes.stats().started_unix());
+        let mut object = serde_json::json!({
+            "id": id,
+            "object": "model",
+            "created": created,
+            "owned_by": "crossfade",
+            "root": endpoint.name(),
+        });
+        if let Some(len) = endpoint.max_model_len() {
+            object["max_model_len"] = len.into();
+        }
+        object
     }
 
     /// The table's only endpoint, for a request that names none.
@@ -532,12 +553,6 @@ impl Proxy {
             )),
         }
     }
-}
-
-/// An OpenAI model object: `id` as asked for, `root` the endpoint it
-/// names.
-fn model_object(id: &str, root: &str) -> serde_json::Value {
-    serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "crossfade", "root": root})
 }
 
 fn json_response(status: StatusCode, body: Bytes) -> Response<ProxyBody> {

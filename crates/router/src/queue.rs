@@ -113,9 +113,11 @@ mod tests {
         v1::RoutingTable {
             version,
             endpoints: vec![v1::EndpointRoute {
+                created: 0,
                 name: "chat".into(),
                 aliases: vec!["org/model".into()],
                 deployments: vec![v1::DeploymentRoute {
+                    max_model_len: 0,
                     id: "v1".into(),
                     weight,
                     workers: vec![v1::WorkerRoute {

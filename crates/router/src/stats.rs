@@ -721,6 +721,13 @@ impl Stats {
         made.unwrap_or_else(|never| match never {})
     }
 
+    /// When the router started, in seconds since the Unix epoch.
+    pub(crate) fn started_unix(&self) -> i64 {
+        self.started
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    }
+
     /// The window that `since` asks for: never before the router started,
     /// aligned to the buckets.
     pub fn window_start(&self, since: Option<SystemTime>) -> SystemTime {

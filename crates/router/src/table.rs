@@ -55,6 +55,8 @@ pub struct Table {
 pub struct Endpoint {
     name: String,
     aliases: Vec<String>,
+    /// When it was created, in seconds since the Unix epoch; 0 unknown.
+    created: i64,
     deployments: Vec<Deployment>,
     /// Cumulative upper bounds of each deployment's share, in basis points:
     /// deployment `i` takes the points `bounds[i-1]..bounds[i]`.
@@ -67,6 +69,8 @@ pub struct Deployment {
     id: String,
     weight: u32,
     workers: Vec<Arc<Worker>>,
+    /// Its engines' context length; 0 unknown.
+    max_model_len: u64,
     /// `x-crossfade-deployment`, built once per table rather than per request.
     header: HeaderValue,
     /// Its statistics, shared with every table that lists it.
@@ -189,12 +193,14 @@ impl Table {
                 .map(|e| v1::EndpointRoute {
                     name: e.name.clone(),
                     aliases: e.aliases.clone(),
+                    created: e.created,
                     deployments: e
                         .deployments
                         .iter()
                         .map(|d| v1::DeploymentRoute {
                             id: d.id.clone(),
                             weight: d.weight,
+                            max_model_len: d.max_model_len,
                             workers: d
                                 .workers
                                 .iter()
@@ -241,6 +247,7 @@ impl Endpoint {
         Ok(Self {
             name: name.to_owned(),
             aliases: spec.aliases.clone(),
+            created: spec.created,
             deployments,
             bounds,
         })
@@ -259,6 +266,22 @@ impl Endpoint {
     /// Its deployments, in table order.
     pub fn deployments(&self) -> &[Deployment] {
         &self.deployments
+    }
+
+    /// When it was created, in seconds since the Unix epoch, when the
+    /// table says (a hand-written one does not).
+    pub fn created(&self) -> Option<i64> {
+        Some(self.created).filter(|&t| t > 0)
+    }
+
+    /// The context length its engines report: that of the deployment with
+    /// the most traffic among those that report one.
+    pub fn max_model_len(&self) -> Option<u64> {
+        self.deployments
+            .iter()
+            .filter(|d| d.max_model_len > 0)
+            .max_by_key(|d| d.weight)
+            .map(|d| d.max_model_len)
     }
 
     /// Whether a request can be sent now: a deployment has weight (and so
@@ -328,6 +351,7 @@ impl Deployment {
             id: id.clone(),
             weight: spec.weight,
             workers: list,
+            max_model_len: spec.max_model_len,
             header,
             stats: shared.stats.deployment(endpoint, id),
         })

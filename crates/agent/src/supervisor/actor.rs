@@ -53,6 +53,7 @@ pub(super) enum Event {
     },
     Ready {
         generation: u64,
+        max_model_len: Option<u64>,
     },
 }
 
@@ -343,6 +344,7 @@ impl Actor {
         current.probe = Some(self.tasks.spawn(async move {
             let mut phase = from;
             let mut detail = String::new();
+            let mut max_model_len = None;
             loop {
                 let mut entered = |reached: StartingPhase| {
                     let _ = events.send(Event::Phase {
@@ -351,10 +353,21 @@ impl Actor {
                         detail: String::new(),
                     });
                 };
-                let checked = probe::check(&client, port, &name, phase, &mut entered).await;
+                let checked = probe::check(
+                    &client,
+                    port,
+                    &name,
+                    phase,
+                    &mut entered,
+                    &mut max_model_len,
+                )
+                .await;
                 match checked {
                     Check::Ready => {
-                        let _ = events.send(Event::Ready { generation });
+                        let _ = events.send(Event::Ready {
+                            generation,
+                            max_model_len,
+                        });
                         return;
                     }
                     Check::Phase(now, said) => {
@@ -391,7 +404,10 @@ impl Actor {
                     }
                 });
             }
-            Event::Ready { generation } if generation == current.generation => {
+            Event::Ready {
+                generation,
+                max_model_len,
+            } if generation == current.generation => {
                 current.probe = None;
                 current.ready_since = Some(Instant::now());
                 let took = current.launched_at.elapsed();
@@ -408,6 +424,7 @@ impl Actor {
                 );
                 self.set(|view| {
                     view.state = EngineState::Ready;
+                    view.max_model_len = max_model_len;
                     view.phase = StartingPhase::Unspecified;
                     view.phase_detail.clear();
                     view.starting_since = None;

@@ -81,6 +81,8 @@ pub struct EngineView {
     pub log_tail: Vec<String>,
     /// Adopted from an earlier agent rather than launched.
     pub adopted: bool,
+    /// The context length its `/v1/models` reported when it became ready.
+    pub max_model_len: Option<u64>,
     /// The last error, whatever the state.
     pub last_error: String,
 }
@@ -101,6 +103,7 @@ impl Default for EngineView {
             port: 0,
             log_tail: Vec::new(),
             adopted: false,
+            max_model_len: None,
             last_error: String::new(),
         }
     }
@@ -127,6 +130,7 @@ impl EngineView {
             engine_port: u32::from(self.port),
             log_tail: self.log_tail.clone(),
             adopted: self.adopted,
+            max_model_len: self.max_model_len.unwrap_or(0),
         }
     }
 }

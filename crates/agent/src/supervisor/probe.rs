@@ -118,13 +118,16 @@ pub enum Check {
 
 /// Runs the readiness checks from `phase` on as far as they pass now;
 /// `entered` hears of each phase reached on the way (a warm-up request may
-/// take a while, and the status should say that is where it is).
+/// take a while, and the status should say that is where it is);
+/// `max_model_len` gets the context length `/v1/models` reports for the
+/// served name, when it does.
 pub async fn check(
     client: &EngineClient,
     port: u16,
     served_name: &str,
     mut phase: StartingPhase,
     entered: &mut (dyn FnMut(StartingPhase) + Send),
+    max_model_len: &mut Option<u64>,
 ) -> Check {
     loop {
         match phase {
@@ -160,7 +163,8 @@ pub async fn check(
             }
             StartingPhase::ModelsCheck => {
                 match client.call(port, Method::GET, "/v1/models", None).await {
-                    Ok((StatusCode::OK, body)) if lists_model(&body, served_name) => {
+                    Ok((StatusCode::OK, body)) if let Some(model) = listed(&body, served_name) => {
+                        *max_model_len = model.max_model_len;
                         phase = StartingPhase::Warmup;
                         entered(phase);
                     }
@@ -200,16 +204,22 @@ pub async fn check(
     }
 }
 
-fn lists_model(body: &[u8], name: &str) -> bool {
+/// A model object of `/v1/models`, as far as the probe reads it.
+#[derive(serde::Deserialize)]
+struct Model {
+    id: String,
+    /// vLLM's context length; other servers may not say.
+    max_model_len: Option<u64>,
+}
+
+/// The model object `/v1/models` lists for `name`, if it lists it.
+fn listed(body: &[u8], name: &str) -> Option<Model> {
     #[derive(serde::Deserialize)]
     struct Models {
         data: Vec<Model>,
     }
-    #[derive(serde::Deserialize)]
-    struct Model {
-        id: String,
-    }
-    serde_json::from_slice::<Models>(body).is_ok_and(|m| m.data.iter().any(|m| m.id == name))
+    let models = serde_json::from_slice::<Models>(body).ok()?;
+    models.data.into_iter().find(|m| m.id == name)
 }
 
 /// The engine's own load, from its Prometheus page.
@@ -305,7 +315,15 @@ vllm:gpu_cache_usage_perc 0.5
         let plain = EngineClient::new(Duration::from_secs(5));
         // vLLM with --api-key refuses /v1/* without it.
         assert_eq!(
-            check(&plain, port, "chat", StartingPhase::Launching, &mut |_| {}).await,
+            check(
+                &plain,
+                port,
+                "chat",
+                StartingPhase::Launching,
+                &mut |_| {},
+                &mut None
+            )
+            .await,
             Check::Phase(
                 StartingPhase::ModelsCheck,
                 "/v1/models: 401 Unauthorized".into()
@@ -313,7 +331,15 @@ vllm:gpu_cache_usage_perc 0.5
         );
         let keyed = plain.for_vllm_args("--max-model-len 4096 --api-key=sk-test");
         assert_eq!(
-            check(&keyed, port, "chat", StartingPhase::Launching, &mut |_| {}).await,
+            check(
+                &keyed,
+                port,
+                "chat",
+                StartingPhase::Launching,
+                &mut |_| {},
+                &mut None
+            )
+            .await,
             Check::Ready
         );
         assert!(!format!("{keyed:?}").contains("sk-test"), "{keyed:?}");
@@ -330,21 +356,33 @@ vllm:gpu_cache_usage_perc 0.5
         let port = engine.addr().port();
         let client = EngineClient::new(Duration::from_secs(5));
         let mut seen = Vec::new();
+        let mut max_model_len = None;
         assert_eq!(
-            check(&client, port, "chat", StartingPhase::Launching, &mut |p| {
-                seen.push(p)
-            })
+            check(
+                &client,
+                port,
+                "chat",
+                StartingPhase::Launching,
+                &mut |p| seen.push(p),
+                &mut max_model_len
+            )
             .await,
             Check::Ready
         );
         assert_eq!(seen, [StartingPhase::ModelsCheck, StartingPhase::Warmup]);
+        assert_eq!(
+            max_model_len,
+            Some(fake_vllm::DEFAULT_MAX_MODEL_LEN),
+            "read from /v1/models"
+        );
         assert_eq!(
             check(
                 &client,
                 port,
                 "other",
                 StartingPhase::Launching,
-                &mut |_| {}
+                &mut |_| {},
+                &mut None
             )
             .await,
             Check::Phase(
@@ -368,6 +406,7 @@ vllm:gpu_cache_usage_perc 0.5
             "chat",
             StartingPhase::Launching,
             &mut |_| {},
+            &mut None,
         )
         .await;
         assert_eq!(closed, Check::Phase(StartingPhase::Loading, String::new()));

@@ -454,6 +454,16 @@ impl Actor {
         });
     }
 
+    /// What `worker`'s agent last said of its engine, when it runs
+    /// `deployment`.
+    fn engine_of(&self, worker: &str, deployment: &str) -> Option<&v1::EngineStatus> {
+        let status = self.observed.get(worker)?.status.as_ref()?;
+        status
+            .engine
+            .as_ref()
+            .filter(|engine| engine.deployment_id == deployment)
+    }
+
     /// The whole routing table now.
     pub(super) fn table(&self, version: u64) -> v1::RoutingTable {
         let gate = |worker: &str| {
@@ -479,11 +489,19 @@ impl Actor {
                 .map(|endpoint| v1::EndpointRoute {
                     name: endpoint.name.clone(),
                     aliases: endpoint.aliases.clone(),
+                    created: i64::try_from(endpoint.created_at_ms / 1000).unwrap_or(0),
                     deployments: current_rollout(endpoint)
                         .map(Rollout::routes)
                         .unwrap_or_default()
                         .into_iter()
                         .map(|route| v1::DeploymentRoute {
+                            max_model_len: route
+                                .workers
+                                .iter()
+                                .filter_map(|w| self.engine_of(w, &route.deployment))
+                                .map(|engine| engine.max_model_len)
+                                .max()
+                                .unwrap_or(0),
                             id: route.deployment,
                             weight: route.weight,
                             workers: route

@@ -11,6 +11,7 @@ fn worker(address: &str) -> v1::WorkerRoute {
 
 fn deployment(id: &str, weight: u32, workers: &[&str]) -> v1::DeploymentRoute {
     v1::DeploymentRoute {
+        max_model_len: 0,
         id: id.into(),
         weight,
         workers: workers.iter().map(|a| worker(a)).collect(),
@@ -23,6 +24,7 @@ fn endpoint(
     deployments: Vec<v1::DeploymentRoute>,
 ) -> v1::EndpointRoute {
     v1::EndpointRoute {
+        created: 0,
         name: name.into(),
         aliases: aliases.iter().map(|a| a.to_string()).collect(),
         deployments,
@@ -335,12 +337,14 @@ mod properties {
                 .into_iter()
                 .enumerate()
                 .map(|(e, (deployments, aliases))| v1::EndpointRoute {
+                    created: 0,
                     name: format!("endpoint-{e}"),
                     aliases: (0..aliases).map(|a| format!("alias-{e}-{a}")).collect(),
                     deployments: deployments
                         .into_iter()
                         .enumerate()
                         .map(|(d, (weight, workers))| v1::DeploymentRoute {
+                            max_model_len: 0,
                             id: format!("d{d}"),
                             weight,
                             workers: (0..workers)
@@ -454,5 +458,39 @@ fn a_retired_deployment_keeps_its_series_for_the_grace_period_only() {
         "one deployment's series after, two before: {} and {}",
         count(&after),
         count(&before)
+    );
+}
+
+#[test]
+fn model_objects_take_their_creation_and_context_length_from_the_table() {
+    let mut t = chat(1, 2_000);
+    t.endpoints[0].deployments[0].max_model_len = 8_192; // v2, 20 %
+    t.endpoints[0].deployments[1].max_model_len = 4_096; // v1, 80 %
+    let routes = Routes::new(&t).unwrap();
+    let table = routes.load();
+    let endpoint = table.endpoint("chat").unwrap();
+    assert_eq!(endpoint.max_model_len(), Some(4_096), "most traffic wins");
+    assert_eq!(
+        endpoint.created(),
+        None,
+        "a hand-written table does not say"
+    );
+
+    t.version = 2;
+    t.endpoints[0].created = 1_750_000_000;
+    t.endpoints[0].deployments[1].max_model_len = 0;
+    routes.apply_from_coordinator(&t).unwrap();
+    let table = routes.load();
+    let endpoint = table.endpoint("chat").unwrap();
+    assert_eq!(endpoint.created(), Some(1_750_000_000));
+    assert_eq!(endpoint.max_model_len(), Some(8_192), "only v2 reports one");
+    assert_eq!(table.to_proto().endpoints[0].created, 1_750_000_000);
+
+    t.version = 3;
+    t.endpoints[0].deployments[0].max_model_len = 0;
+    routes.apply_from_coordinator(&t).unwrap();
+    assert_eq!(
+        routes.load().endpoint("chat").unwrap().max_model_len(),
+        None
     );
 }

@@ -36,6 +36,7 @@ pub async fn engine(model: &str, tokens_per_second: f64) -> fake_vllm::Handle {
 /// A routing-table deployment.
 pub fn deployment(id: &str, weight: u32, workers: &[SocketAddr]) -> v1::DeploymentRoute {
     v1::DeploymentRoute {
+        max_model_len: 0,
         id: id.into(),
         weight,
         workers: workers
@@ -53,6 +54,7 @@ pub fn table(version: u64, deployments: Vec<v1::DeploymentRoute>) -> v1::Routing
     v1::RoutingTable {
         version,
         endpoints: vec![v1::EndpointRoute {
+            created: 0,
             name: "chat".into(),
             aliases: vec!["Qwen/Qwen3-8B".into()],
             deployments,
