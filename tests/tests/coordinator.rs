@@ -59,15 +59,15 @@ fn start_fleet(workers: usize) -> Fleet {
     let reapers = hosts.iter().map(|h| EngineReaper(h.state_dir())).collect();
     let agents: Vec<Agent> = hosts.iter().map(|h| h.start(KNOBS, "")).collect();
 
+    let api = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
     // Two routers: every table must reach both before a worker drains.
     let routers: Vec<(Process, SocketAddr, SocketAddr)> =
-        (0..2).map(|i| start_router(&dir, i)).collect();
+        (0..2).map(|i| start_router(&dir, i, api)).collect();
     let routers_list: Vec<String> = routers.iter().map(|r| format!("\"{}\"", r.2)).collect();
     let router_configs: Vec<std::path::PathBuf> = (0..2)
         .map(|i| dir.path().join(format!("router-{i}.toml")))
         .collect();
 
-    let api = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
     let config = dir.path().join("coordinator.toml");
     let agents_list: Vec<String> = agents
@@ -104,15 +104,16 @@ fn start_fleet(workers: usize) -> Fleet {
     }
 }
 
-/// A router with an empty table: (process, public, control).
-fn start_router(dir: &TempDir, i: usize) -> (Process, SocketAddr, SocketAddr) {
+/// A router with an empty table, `router-{i}`, that reports demand to the
+/// coordinator at `api`: (process, public, control).
+fn start_router(dir: &TempDir, i: usize, api: SocketAddr) -> (Process, SocketAddr, SocketAddr) {
     let public = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
     let control = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
     let config = dir.path().join(format!("router-{i}.toml"));
     std::fs::write(
         &config,
         format!(
-            "[control_tls]\ninsecure = true\n[listen]\npublic = \"{public}\"\nadmin = \"127.0.0.1:{}\"\ncontrol = \"{control}\"\n",
+            "router_id = \"router-{i}\"\n[coordinator]\napi = [\"{api}\"]\n[control_tls]\ninsecure = true\n[listen]\npublic = \"{public}\"\nadmin = \"127.0.0.1:{}\"\ncontrol = \"{control}\"\n",
             free_port().unwrap()
         ),
     )
@@ -819,10 +820,21 @@ async fn an_endpoint_at_zero_serves_its_first_request_and_returns_to_zero() {
             last_status(e) == Some(v1::PromotionStatus::Succeeded) && ready_replicas(e) == 0
         })
         .await;
-    // The router holds the request; its demand starts a replica.
+    // The router holds the request and tells the coordinator at once; a
+    // replica starts.
     let (status, headers, body) = chat(fleet.publics[0], "chat", false).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(headers.contains_key("x-crossfade-queued-ms"), "{headers:?}");
+    let (endpoint, _) = fleet
+        .wait_endpoint("the endpoint", Duration::from_secs(5), |_| true)
+        .await;
+    assert!(
+        endpoint.events.iter().any(
+            |e| e.kind == "demand" && e.message.starts_with("router `router-0` holds requests")
+        ),
+        "{:#?}",
+        endpoint.events
+    );
     // No traffic: back to zero after the delay.
     fleet
         .wait_endpoint("back to zero replicas", Duration::from_secs(60), |e| {

@@ -285,6 +285,21 @@ async fn without_the_right_role_no_control_call_goes_through() {
         );
     }
 
+    // Demand hints: a router's alone; anyone else is refused.
+    let demand = v1::ReportDemandRequest {
+        endpoint: "chat".into(),
+        router_id: "router".into(),
+    };
+    for control in [&operator, &agent_cert] {
+        let mut client = CoordinatorClient::new(dial(control, api, Role::Coordinator).await);
+        refused(
+            client.report_demand(demand.clone()).await,
+            Code::PermissionDenied,
+        );
+    }
+    let mut as_router = CoordinatorClient::new(dial(&router_cert, api, Role::Coordinator).await);
+    refused(as_router.report_demand(demand).await, Code::NotFound);
+
     // The coordinator reaches the agent over mutual TLS, and an operator
     // reads it, with the CLI too.
     let mut client = CoordinatorClient::new(dial(&operator, api, Role::Coordinator).await);

@@ -259,11 +259,12 @@ pub async fn run(args: DemoArgs, out: Output) -> anyhow::Result<ExitCode> {
         agents.push((index, control));
     }
     let (public, router_control, router_admin) = (port()?, port()?, port()?);
+    let (api, coordinator_admin) = (port()?, port()?);
     let router_config = dir.join("router.toml");
     std::fs::write(
         &router_config,
         format!(
-            "[listen]\npublic = \"127.0.0.1:{public}\"\nadmin = \"127.0.0.1:{router_admin}\"\ncontrol = \"127.0.0.1:{router_control}\"\n{}",
+            "[listen]\npublic = \"127.0.0.1:{public}\"\nadmin = \"127.0.0.1:{router_admin}\"\ncontrol = \"127.0.0.1:{router_control}\"\n[coordinator]\napi = [\"127.0.0.1:{api}\"]\n{}",
             pki.section(Role::Router, "router")?
         ),
     )?;
@@ -283,7 +284,6 @@ pub async fn run(args: DemoArgs, out: Output) -> anyhow::Result<ExitCode> {
         &mut fleet.children[router],
         &dir.join("router.log"),
     )?;
-    let (api, coordinator_admin) = (port()?, port()?);
     let agent_list: Vec<String> = agents
         .iter()
         .map(|(_, c)| format!("\"127.0.0.1:{c}\""))

@@ -102,18 +102,8 @@ impl Validate for Config {
         if self.store.path.as_os_str().is_empty() {
             errors.push(FieldError::new("store.path", "must name a file"));
         }
-        for (key, list) in [("agents", &self.agents), ("routers", &self.routers)] {
-            for (i, address) in list.iter().enumerate() {
-                if !crossfade_common::net::is_host_port(address) {
-                    errors.push(FieldError::new(
-                        format!("{key}[{i}]"),
-                        format!("`{address}` must be host:port"),
-                    ));
-                } else if let Err(refused) = self.control_tls.check_peer(address) {
-                    errors.push(FieldError::new(format!("{key}[{i}]"), refused));
-                }
-            }
-        }
+        errors.extend(self.control_tls.check_peers("agents", &self.agents));
+        errors.extend(self.control_tls.check_peers("routers", &self.routers));
         for (i, name) in self.template_env.iter().enumerate() {
             if name.is_empty() || name.contains(['=', '\0']) {
                 errors.push(FieldError::new(

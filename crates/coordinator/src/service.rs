@@ -583,6 +583,18 @@ impl CoordinatorRpc for CoordinatorService {
         }))
     }
 
+    async fn report_demand(
+        &self,
+        request: Request<v1::ReportDemandRequest>,
+    ) -> Result<Response<v1::ReportDemandResponse>, Status> {
+        let request = request.into_inner();
+        let scaling = self
+            .coordinator
+            .ask(|reply| Ask::ReportDemand(request, reply))
+            .await?;
+        Ok(Response::new(v1::ReportDemandResponse { scaling }))
+    }
+
     async fn remove_router(
         &self,
         request: Request<v1::RemoveRouterRequest>,
@@ -614,10 +626,13 @@ impl CoordinatorService {
     }
 }
 
-/// Who may call the Coordinator API: operators. (Routers' demand hints
-/// will be theirs.)
-pub fn policy(_path: &str) -> &'static [Role] {
-    &[Role::Operator]
+/// Who may call the Coordinator API: operators; routers only to report
+/// demand.
+pub fn policy(path: &str) -> &'static [Role] {
+    match path {
+        "/crossfade.v1.Coordinator/ReportDemand" => &[Role::Router],
+        _ => &[Role::Operator],
+    }
 }
 
 /// Serves the Coordinator service, health and reflection on `listener`.

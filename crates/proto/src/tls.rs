@@ -37,6 +37,11 @@ pub const ROLE_URI_PREFIX: &str = "crossfade://role/";
 
 /// How long a TLS handshake may take, on either side.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a [`Control::dial`]led channel takes to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a [`Control::dial`]led channel pings, and how long the answer
+/// may take.
+const KEEPALIVE: Duration = Duration::from_secs(5);
 
 /// A member's role, named in its certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -173,6 +178,23 @@ impl ControlTls {
     /// See [`Control::check_peer`].
     pub fn check_peer(&self, address: &str) -> Result<(), String> {
         check_plain_peer(address, !self.insecure || self.insecure_remote)
+    }
+
+    /// Checks a configured list of peers, `key`: each `host:port`, and
+    /// allowed by [`ControlTls::check_peer`].
+    pub fn check_peers(&self, key: &str, addresses: &[String]) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        for (i, address) in addresses.iter().enumerate() {
+            if !crossfade_common::net::is_host_port(address) {
+                errors.push(FieldError::new(
+                    format!("{key}[{i}]"),
+                    format!("`{address}` must be host:port"),
+                ));
+            } else if let Err(refused) = self.check_peer(address) {
+                errors.push(FieldError::new(format!("{key}[{i}]"), refused));
+            }
+        }
+        errors
     }
 
     /// Reads the certificates for a program of `role`: its own certificate
@@ -339,6 +361,22 @@ impl Control {
         let bare = bare.strip_suffix('/').unwrap_or(bare);
         Endpoint::from_shared(format!("http://{bare}"))
             .map_err(|_| TlsError(format!("`{address}` is not host:port")))
+    }
+
+    /// A channel to the `peer` at `address` (checked when it was
+    /// configured or added), dialled on first use, with a connect timeout
+    /// and keep-alive pings: a peer that stops answering (a host that
+    /// hangs) is noticed in seconds, not at the next write.
+    pub fn dial(&self, address: &str, peer: Role) -> Channel {
+        // The fallback, an address nothing listens on, is a bug guard.
+        let endpoint = Self::endpoint(address)
+            .unwrap_or_else(|_| Endpoint::from_static("http://127.0.0.1:1"))
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE)
+            .keep_alive_while_idle(true);
+        self.lazy(&endpoint, peer)
     }
 
     /// A channel over `endpoint`, dialled on first use, to a server that

@@ -113,6 +113,11 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     } else {
         config.router_id.clone()
     };
+    if let Some(hints) =
+        crate::demand::start(&config.coordinator.api, &tls, router_id.clone(), &shutdown)
+    {
+        proxy.queue().hint_demand_to(hints);
+    }
     let control_server = control_plane(
         control,
         Arc::clone(&routes),

@@ -54,6 +54,8 @@ pub struct Config {
     pub upstream: Upstream,
     /// The admin listener's `/metrics`.
     pub metrics: Metrics,
+    /// The coordinator the router tells of demand.
+    pub coordinator: CoordinatorConfig,
     /// The static routing table.
     pub endpoint: Vec<EndpointConfig>,
 }
@@ -88,6 +90,17 @@ pub struct Auth {
     /// The API keys file (`crossfade keys` writes it): when set, every
     /// request needs one of its keys. Re-read when it changes.
     pub api_keys: Option<PathBuf>,
+}
+
+/// `[coordinator]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// The coordinators' API addresses (`host:port`), told at once when an
+    /// endpoint with no replica gets a request, so that it scales from zero
+    /// without waiting for the coordinator's next read of the router's stats
+    /// (every 2 s). Empty: that read alone.
+    pub api: Vec<String>,
 }
 
 /// `[metrics]`.
@@ -334,6 +347,10 @@ impl Validate for Config {
             self.limits.body_read_timeout,
             Duration::from_secs(1)..=Duration::from_secs(600),
         ));
+        errors.extend(
+            self.control_tls
+                .check_peers("coordinator.api", &self.coordinator.api),
+        );
         errors.extend(FieldError::check_duration(
             "metrics.retired_series_grace",
             self.metrics.retired_series_grace,
@@ -540,5 +557,10 @@ mod tests {
 
         let err = load_str("[listen]\nadmin = \"0.0.0.0:8080\"\n").unwrap_err();
         assert!(err.to_string().contains("is also listen.public"), "{err}");
+
+        // Coordinators to tell of demand: host:port each (over mutual TLS,
+        // anywhere).
+        let err = load_str("[coordinator]\napi = [\"10.0.0.5:7000\", \"nohost\"]\n").unwrap_err();
+        assert_eq!(err.keys(), ["coordinator.api[1]"]);
     }
 }

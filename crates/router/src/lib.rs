@@ -12,6 +12,7 @@ pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod demand;
 pub mod error;
 pub mod keys;
 pub mod proxy;

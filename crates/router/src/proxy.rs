@@ -164,6 +164,11 @@ impl Proxy {
         &self.routes
     }
 
+    /// Its queue of held requests (to hint demand to the coordinators).
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
     /// Its admission checks (to set the keys).
     pub fn admission(&self) -> &Admission {
         &self.admission

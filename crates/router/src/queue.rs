@@ -5,7 +5,7 @@
 //! moment a table with a replica is swapped in. A client that goes away
 //! leaves at once (its request future is dropped, and its place with it).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -20,6 +20,8 @@ use crate::table::{Routes, Table};
 pub struct Queue {
     max: u32,
     timeout: Duration,
+    /// Told of each endpoint whose queue gets its first request.
+    hints: OnceLock<crate::demand::Hints>,
 }
 
 /// A request's place in its endpoint's queue; freed when dropped.
@@ -41,7 +43,14 @@ impl Queue {
         Self {
             max: u32::try_from(max).unwrap_or(u32::MAX),
             timeout,
+            hints: OnceLock::new(),
         }
+    }
+
+    /// From now on, `hints` hears of each endpoint whose queue gets its
+    /// first request (once; later calls change nothing).
+    pub fn hint_demand_to(&self, hints: crate::demand::Hints) {
+        let _ = self.hints.set(hints);
     }
 
     fn enter<'a>(&self, routes: &'a Routes, endpoint: &str) -> Result<Place<'a>, RouteError> {
@@ -50,6 +59,13 @@ impl Queue {
             return Err(RouteError::QueueFull { endpoint });
         };
         metrics::gauge!(QUEUE_DEPTH, "endpoint" => endpoint.clone()).set(f64::from(count));
+        if count == 1
+            && let Some(hints) = self.hints.get()
+        {
+            // A full backlog drops the hint: the coordinator's read of the
+            // stats finds the demand anyway.
+            let _ = hints.try_send(endpoint.clone());
+        }
         Ok(Place { routes, endpoint })
     }
 
@@ -179,6 +195,31 @@ mod tests {
             queue.table_for(&routes, "other").await.unwrap_err(),
             RouteError::ModelNotFound("other".into())
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_request_held_hints_demand_once() {
+        let routes = Arc::new(Routes::new(&table(0, 0)).unwrap());
+        let queue = Arc::new(Queue::new(8, Duration::from_secs(60)));
+        let (hints, mut heard) = tokio::sync::mpsc::channel(4);
+        queue.hint_demand_to(hints);
+        let hold = || {
+            let (routes, queue) = (Arc::clone(&routes), Arc::clone(&queue));
+            tokio::spawn(async move { queue.table_for(&routes, "org/model").await })
+        };
+        let held = [hold(), hold()];
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(heard.try_recv().unwrap(), "chat", "by the endpoint's name");
+        assert!(heard.try_recv().is_err(), "the second held request adds none");
+        for request in held {
+            request.abort();
+            let _ = request.await;
+        }
+        // The queue emptied: the next request held is news again.
+        let again = hold();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(heard.try_recv().unwrap(), "chat");
+        again.abort();
     }
 
     #[tokio::test(start_paused = true)]

@@ -24,7 +24,7 @@ use crossfade_proto::v1::router_control_client::RouterControlClient;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tonic::Status;
-use tonic::transport::{Channel, Endpoint as Dial};
+use tonic::transport::Channel;
 
 use super::Internal;
 
@@ -36,25 +36,6 @@ const QUEUE_BOUND: usize = 64;
 pub const CALL_MARGIN: Duration = Duration::from_secs(15);
 /// The longest one attempt at a short call (a table, a stats read) may take.
 pub const SHORT_CALL: Duration = Duration::from_secs(5);
-/// How often HTTP/2 pings a connection, and how long the answer may take:
-/// a peer that stops answering (a host that hangs) is noticed in seconds,
-/// not at the next write.
-const KEEPALIVE: Duration = Duration::from_secs(5);
-
-/// A channel to the `peer` at `address` (secured as `control` says),
-/// dialled on first use, with keep-alive pings.
-pub fn channel(control: &tls::Control, address: &str, peer: Role) -> Channel {
-    // Addresses are checked when added; the fallback is a bug guard.
-    let endpoint = tls::Control::endpoint(address)
-        .unwrap_or_else(|_| Dial::from_static("http://127.0.0.1:1"))
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(KEEPALIVE)
-        .keep_alive_timeout(KEEPALIVE)
-        .keep_alive_while_idle(true);
-    control.lazy(&endpoint, peer)
-}
-
 /// One call to an agent, and the endpoint it is made for.
 #[derive(Debug, Clone)]
 pub enum AgentCall {
@@ -170,7 +151,7 @@ impl Agents {
     pub fn client(&mut self, address: &str) -> AgentClient<Channel> {
         self.clients
             .entry(address.to_owned())
-            .or_insert_with(|| AgentClient::new(channel(&self.control, address, Role::Agent)))
+            .or_insert_with(|| AgentClient::new(self.control.dial(address, Role::Agent)))
             .clone()
     }
 
@@ -333,7 +314,7 @@ pub fn router_pusher(
     shutdown: &Shutdown,
 ) -> watch::Sender<Push> {
     let (tables, latest) = watch::channel(None);
-    let client = RouterControlClient::new(channel(control, address, Role::Router));
+    let client = RouterControlClient::new(control.dial(address, Role::Router));
     shutdown.spawn(push_tables(
         address.to_owned(),
         client,

@@ -359,7 +359,7 @@ impl Actor {
                 clients
                     .entry(address.clone())
                     .or_insert_with(|| {
-                        RouterControlClient::new(calls::channel(control, address, Role::Router))
+                        RouterControlClient::new(control.dial(address, Role::Router))
                     })
                     .clone()
             })
@@ -373,8 +373,7 @@ impl Actor {
             .state
             .endpoints
             .iter()
-            .filter(|(_, e)| e.promotion.is_none() && e.scaling.max_replicas > 0)
-            .filter(|(_, e)| current_rollout(e).is_none_or(|r| r.target == 0))
+            .filter(|(_, e)| scales_on_demand(e))
             .map(|(name, _)| name.clone())
             .collect();
         if idle.is_empty() {
@@ -402,6 +401,38 @@ impl Actor {
                 }
             });
         }
+    }
+
+    /// Requests are held for `endpoint` (which [`scales_on_demand`]): one
+    /// replica is wanted for a while. `told_by` names the router that said
+    /// so itself (`ReportDemand`); the history records each such hint, and
+    /// a demand seen in the routers' stats when it is new.
+    pub(super) fn demanded(
+        &mut self,
+        endpoint: String,
+        told_by: Option<&str>,
+        actions: &mut Vec<(String, Action)>,
+    ) {
+        let fresh = self
+            .demand
+            .get(&endpoint)
+            .is_none_or(|at| at.elapsed() >= DEMAND_HOLDS);
+        let message = match told_by {
+            Some(router) => Some(format!(
+                "router `{}` holds requests and no replica serves them: scaling from zero",
+                printable(router, 64)
+            )),
+            None if fresh => Some(
+                "a router's stats show requests held and no replica serves them: scaling from zero"
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        if let (Some(message), Some(e)) = (message, self.state.endpoints.get_mut(&endpoint)) {
+            e.record(now_ms(), "demand", message, "");
+        }
+        self.demand.insert(endpoint, Instant::now());
+        self.autoscale(actions);
     }
 
     /// Reads every router's stats for a promotion's endpoint since it
@@ -655,4 +686,18 @@ impl Actor {
             self.feed(&endpoint, Event::TableAcked { seq }, actions);
         }
     }
+}
+
+/// Whether held requests for `endpoint` start a replica: it has none and
+/// may have some, and no promotion runs.
+pub(super) fn scales_on_demand(endpoint: &crate::state::Endpoint) -> bool {
+    endpoint.promotion.is_none()
+        && endpoint.scaling.max_replicas > 0
+        && current_rollout(endpoint).is_none_or(|r| r.target == 0)
+}
+
+/// At most `max` characters of what a peer sent, without control
+/// characters, for the history.
+fn printable(text: &str, max: usize) -> String {
+    text.chars().filter(|c| !c.is_control()).take(max).collect()
 }

@@ -88,6 +88,9 @@ pub enum Request {
     AddRouter(String, Reply<()>),
     /// Remove a router.
     RemoveRouter(String, Reply<()>),
+    /// A router holds requests for an endpoint with no replica: whether
+    /// that starts one.
+    ReportDemand(v1::ReportDemandRequest, Reply<bool>),
 }
 
 /// What a worker looks like from here.
@@ -482,8 +485,7 @@ impl Actor {
             }
             Internal::Demand { endpoint } => {
                 tracing::debug!(endpoint, "requests held at a router: scaling from zero");
-                self.demand.insert(endpoint, Instant::now());
-                self.autoscale(actions);
+                self.demanded(endpoint, None, actions);
             }
             Internal::RouterBehind { address } => {
                 tracing::info!(

@@ -137,6 +137,26 @@ impl Actor {
                 }
                 answer(answers, reply, result);
             }
+            Request::ReportDemand(request, reply) => {
+                let result = match self.state.endpoints.get(&request.endpoint) {
+                    None => Err(CoordinatorError::not_found(
+                        "endpoint",
+                        "endpoint",
+                        request.endpoint,
+                    )),
+                    Some(endpoint) if !super::io::scales_on_demand(endpoint) => Ok(false),
+                    Some(_) => {
+                        tracing::info!(
+                            endpoint = ?request.endpoint,
+                            router = ?request.router_id,
+                            "a router holds requests for an endpoint at zero: scaling from zero"
+                        );
+                        self.demanded(request.endpoint, Some(&request.router_id), actions);
+                        Ok(true)
+                    }
+                };
+                answer(answers, reply, result);
+            }
             Request::RemoveRouter(address, reply) => {
                 let result = match self.state.routers.remove(&address) {
                     Some(_) => {
