@@ -210,7 +210,10 @@ mod tests {
         let held = [hold(), hold()];
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(heard.try_recv().unwrap(), "chat", "by the endpoint's name");
-        assert!(heard.try_recv().is_err(), "the second held request adds none");
+        assert!(
+            heard.try_recv().is_err(),
+            "the second held request adds none"
+        );
         for request in held {
             request.abort();
             let _ = request.await;

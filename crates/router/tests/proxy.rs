@@ -147,6 +147,18 @@ async fn the_time_to_first_token_is_the_first_body_byte_not_the_headers() {
         .unwrap();
     assert_eq!(ttft.count, 1);
     assert!(ttft.max_seconds >= 1.0, "{ttft:?}");
+    // The Prometheus histogram says the same: nothing at or below 1 s.
+    let mut metrics = String::new();
+    router
+        .routes
+        .stats()
+        .render(&mut metrics, std::time::Instant::now());
+    let series =
+        r#"crossfade_router_time_to_first_token_seconds_bucket{endpoint="chat",deployment="v1","#;
+    for (le, count) in [("1", 0), ("+Inf", 1)] {
+        let line = format!("{series}le=\"{le}\"}} {count}");
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
