@@ -14,8 +14,7 @@
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
-use std::sync::atomic::AtomicU64;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -461,8 +460,12 @@ impl Hist {
     }
 }
 
-fn write_family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+/// One deployment's series, as [`Stats::render`] writes them.
+struct Series {
+    labels: String,
+    totals: Bucket,
+    in_flight: u32,
+    ejections: u64,
 }
 
 /// A label value as the text format quotes it.
@@ -619,92 +622,95 @@ impl Stats {
         self.lock_retired().retain(|(end, _)| *end > now);
         let mut all = self.known.alive();
         all.sort_by(|a, b| (&a.endpoint, &a.deployment).cmp(&(&b.endpoint, &b.deployment)));
-        let snapshots: Vec<(String, Bucket, u32, u64)> = all
+        let series: Vec<Series> = all
             .iter()
-            .map(|d| {
-                let labels = format!(
+            .map(|d| Series {
+                labels: format!(
                     "endpoint=\"{}\",deployment=\"{}\"",
                     escape_label(&d.endpoint),
                     escape_label(&d.deployment)
-                );
-                let totals = d.lock().totals.clone();
-                (
-                    labels,
-                    totals,
-                    d.in_flight(),
-                    d.ejections.load(Ordering::Relaxed),
-                )
+                ),
+                totals: d.lock().totals.clone(),
+                in_flight: d.in_flight(),
+                ejections: d.ejections.load(Ordering::Relaxed),
             })
             .collect();
-        write_family(
+        let family = |out: &mut String, name, kind, help, each: &dyn Fn(&mut String, &Series)| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for s in &series {
+                each(out, s);
+            }
+        };
+        family(
             out,
             REQUESTS_TOTAL,
             "counter",
             "Requests finished, by outcome.",
+            &|out, s| {
+                for outcome in Outcome::ALL {
+                    let n = outcome_count(&s.totals.counts, outcome);
+                    let (labels, outcome) = (&s.labels, outcome.label());
+                    let _ = writeln!(
+                        out,
+                        "{REQUESTS_TOTAL}{{{labels},outcome=\"{outcome}\"}} {n}"
+                    );
+                }
+            },
         );
-        for (labels, totals, _, _) in &snapshots {
-            for outcome in Outcome::ALL {
-                let n = outcome_count(&totals.counts, outcome);
-                let _ = writeln!(
-                    out,
-                    "{REQUESTS_TOTAL}{{{labels},outcome=\"{}\"}} {n}",
-                    outcome.label()
-                );
-            }
-        }
-        write_family(
+        family(
             out,
             RETRIES_TOTAL,
             "counter",
             "Retries on another worker, by reason.",
+            &|out, s| {
+                let mut retries = s.totals.retries;
+                for reason in RetryReason::ALL {
+                    let n = *reason.count_in(&mut retries);
+                    let (labels, reason) = (&s.labels, reason.label());
+                    let _ = writeln!(out, "{RETRIES_TOTAL}{{{labels},reason=\"{reason}\"}} {n}");
+                }
+            },
         );
-        for (labels, totals, _, _) in &snapshots {
-            let mut retries = totals.retries;
-            for reason in RetryReason::ALL {
-                let n = *reason.count_in(&mut retries);
-                let _ = writeln!(
-                    out,
-                    "{RETRIES_TOTAL}{{{labels},reason=\"{}\"}} {n}",
-                    reason.label()
-                );
-            }
-        }
-        write_family(
+        family(
             out,
             EJECTIONS_TOTAL,
             "counter",
             "Workers ejected after a failed connection.",
+            &|out, s| {
+                let _ = writeln!(out, "{EJECTIONS_TOTAL}{{{}}} {}", s.labels, s.ejections);
+            },
         );
-        for (labels, _, _, ejections) in &snapshots {
-            let _ = writeln!(out, "{EJECTIONS_TOTAL}{{{labels}}} {ejections}");
-        }
-        write_family(
+        family(
             out,
             IN_FLIGHT_REQUESTS,
             "gauge",
             "Requests in flight (until their last byte).",
+            &|out, s| {
+                let _ = writeln!(out, "{IN_FLIGHT_REQUESTS}{{{}}} {}", s.labels, s.in_flight);
+            },
         );
-        for (labels, _, in_flight, _) in &snapshots {
-            let _ = writeln!(out, "{IN_FLIGHT_REQUESTS}{{{labels}}} {in_flight}");
-        }
-        write_family(
+        family(
             out,
             REQUEST_DURATION_SECONDS,
             "histogram",
             "Time from receiving a request to the end of its response.",
+            &|out, s| {
+                s.totals
+                    .latency
+                    .render(out, REQUEST_DURATION_SECONDS, &s.labels)
+            },
         );
-        for (labels, totals, _, _) in &snapshots {
-            totals.latency.render(out, REQUEST_DURATION_SECONDS, labels);
-        }
-        write_family(
+        family(
             out,
             TIME_TO_FIRST_TOKEN_SECONDS,
             "histogram",
             "Time from receiving a request to the first byte of its response's body.",
+            &|out, s| {
+                s.totals
+                    .ttft
+                    .render(out, TIME_TO_FIRST_TOKEN_SECONDS, &s.labels)
+            },
         );
-        for (labels, totals, _, _) in &snapshots {
-            totals.ttft.render(out, TIME_TO_FIRST_TOKEN_SECONDS, labels);
-        }
     }
 
     fn lock_retired(&self) -> std::sync::MutexGuard<'_, Vec<(Instant, Arc<DeploymentStats>)>> {
@@ -784,106 +790,4 @@ impl Stats {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn outcomes_land_in_the_window_and_aborts_count() {
-        let stats = Stats::default();
-        let d = stats.deployment("chat", "v1");
-        let mut ok = d.start();
-        ok.ttft = Some(Duration::from_millis(5));
-        ok.finish(Outcome::Success);
-        d.start().finish(Outcome::ServerError);
-        let dropped = d.start();
-        assert_eq!(d.in_flight(), 1);
-        drop(dropped);
-        assert_eq!(d.in_flight(), 0);
-        d.retried(RetryReason::Draining);
-
-        let sum = d.summary(0);
-        assert_eq!(sum.counts.total, 3);
-        assert_eq!(sum.counts.success, 1);
-        assert_eq!(sum.counts.server_errors, 1);
-        assert_eq!(sum.counts.aborted_streams, 1);
-        assert_eq!(sum.retries.draining, 1);
-        assert_eq!(sum.ttft.summary().count, 1);
-        assert_eq!(sum.latency.summary().count, 3);
-        // Nothing is counted in a window that starts after it happened.
-        assert_eq!(d.summary(now_bucket() + 1).counts.total, 0);
-        // The same deployment in the next table shares the window.
-        assert!(Arc::ptr_eq(&d, &stats.deployment("chat", "v1")));
-    }
-
-    #[test]
-    fn series_render_in_the_text_format() {
-        let stats = Stats::default();
-        let d = stats.deployment("chat", "v\"1");
-        let mut ok = d.start();
-        ok.ttft = Some(Duration::from_millis(30));
-        ok.finish(Outcome::Success);
-        d.start().finish(Outcome::Shed);
-        d.retried(RetryReason::Draining);
-        d.ejected();
-        let _in_flight = d.start();
-
-        let mut out = String::new();
-        stats.render(&mut out, Instant::now());
-        let labels = r#"endpoint="chat",deployment="v\"1""#;
-        for line in [
-            format!("crossfade_router_requests_total{{{labels},outcome=\"success\"}} 1"),
-            format!("crossfade_router_requests_total{{{labels},outcome=\"shed\"}} 1"),
-            format!("crossfade_router_requests_total{{{labels},outcome=\"aborted\"}} 0"),
-            format!("crossfade_router_retries_total{{{labels},reason=\"draining\"}} 1"),
-            format!("crossfade_router_worker_ejections_total{{{labels}}} 1"),
-            format!("crossfade_router_in_flight_requests{{{labels}}} 1"),
-            format!(
-                "crossfade_router_time_to_first_token_seconds_bucket{{{labels},le=\"0.025\"}} 0"
-            ),
-            format!(
-                "crossfade_router_time_to_first_token_seconds_bucket{{{labels},le=\"0.05\"}} 1"
-            ),
-            format!(
-                "crossfade_router_time_to_first_token_seconds_bucket{{{labels},le=\"+Inf\"}} 1"
-            ),
-            format!("crossfade_router_time_to_first_token_seconds_count{{{labels}}} 1"),
-            format!("crossfade_router_request_duration_seconds_count{{{labels}}} 2"),
-        ] {
-            assert!(out.lines().any(|l| l == line), "{line} not in\n{out}");
-        }
-        let families: Vec<&str> = out.lines().filter(|l| l.starts_with("# TYPE ")).collect();
-        assert_eq!(families.len(), 6, "one TYPE line per family: {families:?}");
-        assert!(
-            out.lines().filter(|l| !l.starts_with('#')).all(|l| families
-                .iter()
-                .any(|f| l.starts_with(f.split(' ').nth(2).unwrap()))),
-            "every series belongs to a family: {out}"
-        );
-    }
-
-    #[test]
-    fn percentiles_are_bucket_upper_bounds() {
-        let mut h = Hist::default();
-        for ms in [3, 3, 3, 40, 40, 40, 40, 40, 40, 900] {
-            h.record(Duration::from_millis(ms));
-        }
-        let s = h.summary();
-        assert_eq!(s.count, 10);
-        assert_eq!(s.p50_seconds, 0.05);
-        assert_eq!(s.p90_seconds, 0.05);
-        assert_eq!(s.p99_seconds, 0.9, "capped by the largest observation");
-        assert!((s.sum_seconds - 1.149).abs() < 1e-9);
-        assert_eq!(Hist::default().summary().p99_seconds, 0.0);
-    }
-
-    #[test]
-    fn the_window_keeps_an_hour() {
-        let mut w = Window::<v1::RequestCounts>::default();
-        for b in 0..(BUCKETS_KEPT as u64 + 10) {
-            w.current(b).total += 1;
-        }
-        assert_eq!(w.buckets.len(), BUCKETS_KEPT);
-        assert_eq!(w.buckets.front().unwrap().0, 10);
-        assert_eq!(w.since(BUCKETS_KEPT as u64).count(), 10);
-    }
-}
+mod tests;

@@ -315,33 +315,14 @@ vllm:gpu_cache_usage_perc 0.5
         let plain = EngineClient::new(Duration::from_secs(5));
         // vLLM with --api-key refuses /v1/* without it.
         assert_eq!(
-            check(
-                &plain,
-                port,
-                "chat",
-                StartingPhase::Launching,
-                &mut |_| {},
-                &mut None
-            )
-            .await,
+            from_launch(&plain, port, "chat").await,
             Check::Phase(
                 StartingPhase::ModelsCheck,
                 "/v1/models: 401 Unauthorized".into()
             )
         );
         let keyed = plain.for_vllm_args("--max-model-len 4096 --api-key=sk-test");
-        assert_eq!(
-            check(
-                &keyed,
-                port,
-                "chat",
-                StartingPhase::Launching,
-                &mut |_| {},
-                &mut None
-            )
-            .await,
-            Check::Ready
-        );
+        assert_eq!(from_launch(&keyed, port, "chat").await, Check::Ready);
         assert!(!format!("{keyed:?}").contains("sk-test"), "{keyed:?}");
         let _ = engine.abort().await;
     }
@@ -376,15 +357,7 @@ vllm:gpu_cache_usage_perc 0.5
             "read from /v1/models"
         );
         assert_eq!(
-            check(
-                &client,
-                port,
-                "other",
-                StartingPhase::Launching,
-                &mut |_| {},
-                &mut None
-            )
-            .await,
+            from_launch(&client, port, "other").await,
             Check::Phase(
                 StartingPhase::ModelsCheck,
                 "/v1/models does not list \"other\"".into()
@@ -410,6 +383,20 @@ vllm:gpu_cache_usage_perc 0.5
         )
         .await;
         assert_eq!(closed, Check::Phase(StartingPhase::Loading, String::new()));
+    }
+
+    /// Every check from the launch on, for `name`.
+    async fn from_launch(client: &EngineClient, port: u16, name: &str) -> Check {
+        let mut max_model_len = None;
+        check(
+            client,
+            port,
+            name,
+            StartingPhase::Launching,
+            &mut |_| {},
+            &mut max_model_len,
+        )
+        .await
     }
 
     fn dead_port() -> u16 {
