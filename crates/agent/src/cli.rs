@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::RuntimeKind;
 use crate::config::{Config, ProbeKind};
 use crate::gate::{Gate, Mode};
 use crate::gpu::fake::FakeGpuProbe;
@@ -11,7 +12,8 @@ use crate::gpu::nvml::NvmlProbe;
 use crate::gpu::{self, GpuProbe, Unavailable};
 use crate::service::{AgentService, Defaults, policy};
 use crate::status::{Identity, Reporter, monitor_gpus};
-use crate::supervisor::runtime::ProcessRuntime;
+use crate::supervisor::container::ContainerRuntime;
+use crate::supervisor::runtime::{ProcessRuntime, Runtime};
 use crate::supervisor::{self, Supervisor};
 use crate::{metrics as m, standalone};
 use anyhow::Context as _;
@@ -91,13 +93,17 @@ async fn run(
         .await
         .with_context(|| format!("binding the admin listener on {}", config.listen.admin))?;
 
+    let runtime: Arc<dyn Runtime> = match config.engine.runtime {
+        RuntimeKind::Process => Arc::new(ProcessRuntime),
+        RuntimeKind::Container => Arc::new(
+            ContainerRuntime::connect(&config.container, &config.worker_id(), &shutdown)
+                .await
+                .map_err(anyhow::Error::msg)?,
+        ),
+    };
     let gate = Arc::new(Gate::new());
-    let supervisor = Supervisor::start(
-        config.engine.clone(),
-        Arc::new(ProcessRuntime),
-        Arc::clone(&gate),
-        &shutdown,
-    );
+    let supervisor =
+        Supervisor::start(config.engine.clone(), runtime, Arc::clone(&gate), &shutdown);
     let gpus = monitor_gpus(probe, config.gpu.poll_interval, &shutdown);
     let identity = Identity {
         worker_id: config.worker_id(),

@@ -42,6 +42,8 @@ pub struct Config {
     pub control_tls: ControlTls,
     /// The inference engine.
     pub engine: Engine,
+    /// The container runtime (`engine.runtime = "container"`).
+    pub container: Container,
     /// The gate in front of it.
     pub gate: Gate,
     /// GPU health.
@@ -69,8 +71,60 @@ pub enum RuntimeKind {
     /// A child process of the agent (in its own process group, so that it
     /// outlives the agent).
     Process,
-    /// A container through the Docker Engine API (a later issue).
+    /// A container through the Docker Engine API (see `[container]`).
     Container,
+}
+
+/// When the container runtime pulls an engine's image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    /// Before every start.
+    Always,
+    /// When the host does not have it.
+    IfNotPresent,
+    /// Never: the image must be on the host.
+    Never,
+}
+
+/// `[container]`: the engine as a container, through the Docker Engine API
+/// (Docker, or Podman's Docker-compatible socket).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Container {
+    /// The engine's API socket: `unix:///var/run/docker.sock`, or Podman's
+    /// `unix:///run/podman/podman.sock`.
+    pub socket: String,
+    /// The image of a deployment whose template names none.
+    pub image: String,
+    /// `always`, `if-not-present` or `never`.
+    pub pull: PullPolicy,
+    /// `--ipc=host`, as vLLM's tensor parallel workers need; else a
+    /// private `/dev/shm` of `shm_size` bytes.
+    pub ipc_host: bool,
+    /// `/dev/shm` in bytes when `ipc_host` is false (1 MiB ..= 1 TiB).
+    pub shm_size: u64,
+    /// The host's model cache, mounted as the container's `HF_HOME` for
+    /// every deployment, so that a rollback does not download again; none
+    /// when unset.
+    pub cache_dir: Option<PathBuf>,
+    /// Pass the GPUs of `engine.cuda_visible_devices` (all when empty) as
+    /// NVIDIA device requests; false on a host without GPUs.
+    pub gpus: bool,
+}
+
+impl Default for Container {
+    fn default() -> Self {
+        Self {
+            socket: "unix:///var/run/docker.sock".into(),
+            image: "vllm/vllm-openai:latest".into(),
+            pull: PullPolicy::IfNotPresent,
+            ipc_host: true,
+            shm_size: 16 << 30,
+            cache_dir: Some(PathBuf::from("/var/lib/crossfade/hf-cache")),
+            gpus: true,
+        }
+    }
 }
 
 /// `[engine]`.
@@ -327,9 +381,16 @@ impl Validate for Config {
             ));
         }
         if engine.runtime == RuntimeKind::Container {
-            errors.push(FieldError::new(
-                "engine.runtime",
-                "`container` is not supported yet; use `process`",
+            if self.container.socket.trim().is_empty() {
+                errors.push(FieldError::new(
+                    "container.socket",
+                    "must name the container engine's socket (unix:///var/run/docker.sock)",
+                ));
+            }
+            errors.extend(FieldError::check_range(
+                "container.shm_size",
+                self.container.shm_size,
+                1 << 20..=1 << 40,
             ));
         }
         let ms = Duration::from_millis;

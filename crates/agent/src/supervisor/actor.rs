@@ -133,7 +133,7 @@ impl Actor {
         };
         let deployment = record.spec.deployment_id.clone();
         let engine = (record.runtime == self.runtime.kind())
-            .then(|| self.runtime.adopt(record.identity))
+            .then(|| self.runtime.adopt(&record.identity))
             .flatten();
         let Some(engine) = engine else {
             tracing::info!(
@@ -181,6 +181,7 @@ impl Actor {
                 phase: StartingPhase::HealthCheck,
                 starting_since: Some(now),
                 pid: record.identity.pid,
+                container: record.identity.container.clone(),
                 port: record.port,
                 adopted: true,
                 ..EngineView::default()
@@ -285,6 +286,7 @@ impl Actor {
                     view.last_error = reason;
                     view.starting_since = None;
                     view.pid = 0;
+                    view.container.clear();
                 });
                 return;
             }
@@ -297,7 +299,7 @@ impl Actor {
         current.launched_at = now;
         current.ready_since = None;
         let record = Record {
-            identity,
+            identity: identity.clone(),
             port: self.settings.port,
             runtime: self.runtime.kind().to_owned(),
             spec: current.spec.clone(),
@@ -317,12 +319,18 @@ impl Actor {
             view.phase_detail.clear();
             view.starting_since = Some(now);
             view.pid = identity.pid;
+            view.container.clone_from(&identity.container);
             view.port = port;
             view.adopted = false;
             view.failure_reason.clear();
             view.log_tail.clear();
         });
-        tracing::info!(pid = identity.pid, port, "engine launched");
+        tracing::info!(
+            pid = identity.pid,
+            container = identity.container,
+            port,
+            "engine launched"
+        );
         self.spawn_probe(StartingPhase::Launching);
     }
 
@@ -502,6 +510,7 @@ impl Actor {
                 view.exit_code = exit.code;
                 view.last_error = error;
                 view.pid = 0;
+                view.container.clear();
             });
             return;
         }
@@ -540,6 +549,7 @@ impl Actor {
                 view.exit_code = exit.code;
                 view.log_tail = tail;
                 view.pid = 0;
+                view.container.clear();
                 view.starting_since = None;
             });
             return;
@@ -571,6 +581,7 @@ impl Actor {
             view.restart_count += 1;
             view.last_error = error;
             view.pid = 0;
+            view.container.clear();
             view.adopted = false;
         });
     }
@@ -685,6 +696,7 @@ impl Actor {
             view.state = EngineState::Stopped;
             view.exit_code = exit.and_then(|e| e.code);
             view.pid = 0;
+            view.container.clear();
             view.starting_since = None;
         });
         Stopped {

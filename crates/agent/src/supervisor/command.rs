@@ -24,7 +24,10 @@ pub struct Launch<'a> {
     pub aliases: &'a [String],
     /// `VLLM_ARGS`, one string.
     pub vllm_args: &'a str,
-    /// The loopback port the engine listens on.
+    /// The address it listens on: loopback for a process, every address of
+    /// a container's own network.
+    pub host: &'a str,
+    /// The port the engine listens on.
     pub port: u16,
     /// `--shutdown-timeout`, unless `VLLM_ARGS` sets it already.
     pub shutdown_timeout_seconds: Option<u32>,
@@ -48,7 +51,7 @@ pub fn engine_args(launch: &Launch<'_>) -> Result<Vec<String>, CommandError> {
     }
     let extra = vllm_args::split(launch.vllm_args)?;
 
-    let mut args: Vec<String> = ["serve", launch.model, "--host", "127.0.0.1", "--port"]
+    let mut args: Vec<String> = ["serve", launch.model, "--host", launch.host, "--port"]
         .map(str::to_owned)
         .into();
     args.push(launch.port.to_string());
@@ -83,6 +86,7 @@ mod tests {
             endpoint: "chat",
             aliases,
             vllm_args,
+            host: "127.0.0.1",
             port: 8100,
             shutdown_timeout_seconds: None,
         }

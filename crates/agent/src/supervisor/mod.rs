@@ -19,6 +19,7 @@
 
 mod actor;
 pub mod command;
+pub mod container;
 pub mod probe;
 pub mod runtime;
 mod spec;
@@ -75,6 +76,8 @@ pub struct EngineView {
     pub restart_count: u32,
     /// Its process id (0: none).
     pub pid: u32,
+    /// Its container's name (empty: none).
+    pub container: String,
     /// Its loopback port (0: none).
     pub port: u16,
     /// The end of its log, when it failed.
@@ -100,6 +103,7 @@ impl Default for EngineView {
             exit_code: None,
             restart_count: 0,
             pid: 0,
+            container: String::new(),
             port: 0,
             log_tail: Vec::new(),
             adopted: false,
@@ -126,7 +130,7 @@ impl EngineView {
             exit_code: self.exit_code,
             restart_count: self.restart_count,
             pid: self.pid,
-            container_id: String::new(),
+            container_id: self.container.clone(),
             engine_port: u32::from(self.port),
             log_tail: self.log_tail.clone(),
             adopted: self.adopted,

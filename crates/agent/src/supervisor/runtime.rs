@@ -1,6 +1,5 @@
-//! Where the engine runs: the [`Runtime`] trait, and the process runtime.
-//! The container runtime (Docker Engine API) comes later behind the same
-//! trait.
+//! Where the engine runs: the [`Runtime`] trait, and the process runtime
+//! (the container runtime is [`super::container`]).
 //!
 //! A process engine runs in its own process group with its output in a
 //! log file under the state directory, so it outlives the agent: a
@@ -30,6 +29,14 @@ pub struct LaunchPlan {
     pub env: Vec<(String, String)>,
     /// Where its standard output and error go.
     pub log_path: PathBuf,
+    /// The port it listens on.
+    pub port: u16,
+    /// The image (container runtime).
+    pub image: String,
+    /// Labels naming the deployment (container runtime).
+    pub labels: Vec<(String, String)>,
+    /// The GPUs it is given (`engine.cuda_visible_devices`; empty: all).
+    pub gpus: String,
 }
 
 impl fmt::Debug for LaunchPlan {
@@ -42,7 +49,8 @@ impl fmt::Debug for LaunchPlan {
             .field("args", &args)
             .field("env", &names)
             .field("log_path", &self.log_path)
-            .finish()
+            .field("image", &self.image)
+            .finish_non_exhaustive()
     }
 }
 
@@ -70,13 +78,15 @@ impl fmt::Display for Exit {
 }
 
 /// Who an engine is, as the state file records it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identity {
-    /// Process id.
+    /// Process id (0 for a container).
     pub pid: u32,
     /// Its start time in clock ticks since boot (`/proc/PID/stat` field 22):
     /// with the pid, it tells our engine from a reused pid.
     pub start_ticks: u64,
+    /// The container's name (empty for a process).
+    pub container: String,
 }
 
 /// A running engine.
@@ -120,7 +130,7 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     /// Starts an engine.
     fn launch(&self, plan: &LaunchPlan) -> Result<Box<dyn Engine>, LaunchError>;
     /// The engine an earlier agent started, if it still runs as recorded.
-    fn adopt(&self, identity: Identity) -> Option<Box<dyn Engine>>;
+    fn adopt(&self, identity: &Identity) -> Option<Box<dyn Engine>>;
 }
 
 /// Engines as child processes.
@@ -165,15 +175,19 @@ impl Runtime for ProcessRuntime {
         // A process that exited at once has no stat left; 0 never matches.
         let start_ticks = start_ticks(pid).unwrap_or(0);
         Ok(Box::new(ProcessEngine {
-            identity: Identity { pid, start_ticks },
+            identity: Identity {
+                pid,
+                start_ticks,
+                container: String::new(),
+            },
             child: Some(child),
         }))
     }
 
-    fn adopt(&self, identity: Identity) -> Option<Box<dyn Engine>> {
+    fn adopt(&self, identity: &Identity) -> Option<Box<dyn Engine>> {
         (start_ticks(identity.pid)? == identity.start_ticks).then(|| {
             Box::new(ProcessEngine {
-                identity,
+                identity: identity.clone(),
                 child: None,
             }) as Box<dyn Engine>
         })
@@ -197,7 +211,7 @@ impl ProcessEngine {
 
 impl Engine for ProcessEngine {
     fn identity(&self) -> Identity {
-        self.identity
+        self.identity.clone()
     }
 
     fn try_exit(&mut self) -> Option<Exit> {
@@ -252,11 +266,9 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
     fields.get(22 - 3)?.parse().ok()
 }
 
-/// The last `lines` lines of a log file, read from its end (a log can be
-/// large; at most 64 KiB are read).
 /// The engine's log, emptied, readable by the agent's user only (an engine
 /// may print its secrets).
-fn private_log(path: &Path) -> std::io::Result<File> {
+pub(super) fn private_log(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let file = std::fs::OpenOptions::new()
         .write(true)
@@ -269,6 +281,8 @@ fn private_log(path: &Path) -> std::io::Result<File> {
     Ok(file)
 }
 
+/// The last `lines` lines of a log file, read from its end (a log can be
+/// large; at most 64 KiB are read).
 pub fn log_tail(path: &Path, lines: usize) -> Vec<String> {
     const WINDOW: u64 = 64 * 1024;
     let Ok(mut file) = File::open(path) else {
@@ -323,6 +337,10 @@ mod tests {
             ],
             env: vec![("SECRET_NAME_ONLY".into(), "hunter2".into())],
             log_path: dir.join("engine.log"),
+            port: 0,
+            image: String::new(),
+            labels: Vec::new(),
+            gpus: String::new(),
         };
         let printed = format!("{plan:?}");
         assert!(
@@ -365,16 +383,17 @@ mod tests {
         let identity = Identity {
             pid,
             start_ticks: start_ticks(pid).unwrap(),
+            container: String::new(),
         };
         let stale = Identity {
             start_ticks: identity.start_ticks + 1,
-            ..identity
+            ..identity.clone()
         };
         assert!(
-            ProcessRuntime.adopt(stale).is_none(),
+            ProcessRuntime.adopt(&stale).is_none(),
             "a reused pid is not ours"
         );
-        let mut adopted = ProcessRuntime.adopt(identity).unwrap();
+        let mut adopted = ProcessRuntime.adopt(&identity).unwrap();
         assert_eq!(adopted.try_exit(), None);
         adopted.terminate();
         child.wait().unwrap();
@@ -395,6 +414,10 @@ mod tests {
             env: Vec::new(),
             log_path: std::env::temp_dir()
                 .join(format!("crossfade-missing-{}.log", std::process::id())),
+            port: 0,
+            image: String::new(),
+            labels: Vec::new(),
+            gpus: String::new(),
         };
         let error = ProcessRuntime.launch(&plan).unwrap_err().to_string();
         assert!(

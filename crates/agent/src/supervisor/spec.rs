@@ -20,13 +20,20 @@ pub fn plan(
     let Some(template) = &spec.template else {
         return invalid("spec.template: required".into());
     };
+    let containers = settings.runtime == config::RuntimeKind::Container;
     match v1::EngineRuntime::try_from(template.runtime) {
-        Ok(v1::EngineRuntime::Unspecified | v1::EngineRuntime::Process) => {}
-        Ok(v1::EngineRuntime::Container) => {
+        Ok(v1::EngineRuntime::Unspecified) => {}
+        Ok(v1::EngineRuntime::Process) if containers => {
             return Err(SupervisorError::Precondition(
-                "spec.template.runtime: this agent runs engines as processes; the container runtime is not supported yet".into(),
+                "spec.template.runtime: this agent runs engines as containers (engine.runtime = \"container\"), not as processes".into(),
             ));
         }
+        Ok(v1::EngineRuntime::Container) if !containers => {
+            return Err(SupervisorError::Precondition(
+                "spec.template.runtime: this agent runs engines as processes (engine.runtime = \"process\"), not as containers".into(),
+            ));
+        }
+        Ok(v1::EngineRuntime::Process | v1::EngineRuntime::Container) => {}
         Err(_) => {
             return invalid(format!(
                 "spec.template.runtime: unknown value {}",
@@ -39,6 +46,9 @@ pub fn plan(
         endpoint: &spec.endpoint,
         aliases: &spec.aliases,
         vllm_args: &template.vllm_args,
+        // In a container, the engine listens on the container's own
+        // network, published on the host's loopback only.
+        host: if containers { "0.0.0.0" } else { "127.0.0.1" },
         port: settings.port,
         shutdown_timeout_seconds: template.shutdown_timeout_seconds,
     })
@@ -88,6 +98,27 @@ pub fn plan(
         args,
         env,
         log_path,
+        port: settings.port,
+        image: template.image.clone(),
+        labels: vec![
+            (
+                super::container::LABEL_DEPLOYMENT.to_owned(),
+                spec.deployment_id.clone(),
+            ),
+            (
+                super::container::LABEL_SPEC_HASH.to_owned(),
+                format!("{:016x}", fnv1a(&prost::Message::encode_to_vec(spec))),
+            ),
+        ],
+        gpus: settings.cuda_visible_devices.clone(),
+    })
+}
+
+/// FNV-1a, 64 bits: a stable hash of a spec for a label (not a secret's
+/// digest: the spec's secrets are not in it).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
 }
 

@@ -37,6 +37,9 @@ struct OnDisk {
     format: u32,
     pid: u32,
     start_ticks: u64,
+    /// The container's name (container runtime).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    container: String,
     port: u16,
     runtime: String,
     deployment_id: String,
@@ -118,6 +121,7 @@ impl StateFile {
             identity: Identity {
                 pid: disk.pid,
                 start_ticks: disk.start_ticks,
+                container: disk.container,
             },
             port: disk.port,
             runtime: disk.runtime,
@@ -136,6 +140,7 @@ impl StateFile {
             format: FORMAT,
             pid: record.identity.pid,
             start_ticks: record.identity.start_ticks,
+            container: record.identity.container.clone(),
             port: record.port,
             runtime: record.runtime.clone(),
             deployment_id: record.spec.deployment_id.clone(),
@@ -185,6 +190,7 @@ mod tests {
             identity: Identity {
                 pid: 4242,
                 start_ticks: 987_654,
+                container: String::new(),
             },
             port: 8100,
             runtime: "process".into(),
