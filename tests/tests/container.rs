@@ -12,115 +12,13 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crossfade_e2e::{TempDir, binary};
+use crossfade_e2e::TempDir;
 use crossfade_proto::v1::{self, EngineState};
 use http::StatusCode;
 
 use support::*;
-
-/// `docker ARGS`: its standard output when it succeeds.
-fn docker(args: &[&str]) -> Option<String> {
-    let output = Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
-    output
-        .status
-        .success()
-        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
-}
-
-/// Whether a container engine answers; says so when none does.
-fn engine_answers() -> bool {
-    if docker(&["version", "--format", "{{.Server.Version}}"]).is_some() {
-        return true;
-    }
-    assert!(
-        std::env::var("CROSSFADE_REQUIRE_CONTAINERS").as_deref() != Ok("1"),
-        "CROSSFADE_REQUIRE_CONTAINERS=1 but no container engine answers (docker version)"
-    );
-    eprintln!(
-        "SKIPPED: no container engine answers (docker version); the container tests did not run"
-    );
-    false
-}
-
-/// A local image of `fake-vllm`: its binary, the libraries `ldd` names and
-/// the loader, loaded with `docker import`; removed when dropped.
-struct FakeVllmImage(String);
-
-impl FakeVllmImage {
-    fn build(dir: &Path) -> Self {
-        let tag = format!("crossfade-fake-vllm:e2e-{}", std::process::id());
-        let root = dir.join("rootfs");
-        let fake = binary("fake-vllm").unwrap();
-        let mut files = vec![fake.clone()];
-        let ldd = Command::new("ldd").arg(&fake).output().unwrap();
-        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
-            // "/lib64/ld-linux-x86-64.so.2 (0x...)".
-            if let Some(path) = line.split_whitespace().find(|word| word.starts_with('/')) {
-                files.push(path.into());
-            }
-        }
-        for file in &files {
-            let to = if *file == fake {
-                root.join("fake-vllm")
-            } else {
-                root.join(file.strip_prefix("/").unwrap())
-            };
-            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-            std::fs::copy(file, &to).unwrap();
-        }
-        std::fs::create_dir_all(root.join("tmp")).unwrap();
-        let archive = dir.join("rootfs.tar");
-        let tarred = Command::new("tar")
-            .arg("-C")
-            .arg(&root)
-            .arg("-cf")
-            .arg(&archive)
-            .arg(".")
-            .status()
-            .unwrap();
-        assert!(tarred.success());
-        let imported = Command::new("docker")
-            .args([
-                "import",
-                "--change",
-                r#"ENTRYPOINT ["/fake-vllm", "serve"]"#,
-            ])
-            .arg(&archive)
-            .arg(&tag)
-            .output()
-            .unwrap();
-        assert!(
-            imported.status.success(),
-            "docker import: {}",
-            String::from_utf8_lossy(&imported.stderr)
-        );
-        Self(tag)
-    }
-}
-
-impl Drop for FakeVllmImage {
-    fn drop(&mut self) {
-        let _ = docker(&["rmi", "-f", &self.0]);
-    }
-}
-
-/// Removes the engine container of `port` when dropped, whatever happened.
-struct ContainerReaper(String);
-
-impl Drop for ContainerReaper {
-    fn drop(&mut self) {
-        let _ = docker(&["rm", "-f", &self.0]);
-    }
-}
 
 /// When the container started, and whether it runs.
 fn started_at(name: &str) -> Option<String> {
@@ -148,7 +46,7 @@ async fn the_agent_runs_its_engine_as_a_container_through_its_whole_life() {
         return;
     }
     let dir = TempDir::new().unwrap();
-    let image = FakeVllmImage::build(dir.path());
+    let image = FakeVllmImage::build(dir.path(), &format!("e2e-{}", std::process::id()));
     let host = Host::new();
     let name = format!("crossfade-engine-{}", host.engine);
     let _reaper = ContainerReaper(name.clone());
@@ -174,7 +72,10 @@ async fn the_agent_runs_its_engine_as_a_container_through_its_whole_life() {
         .wait_state(EngineState::Ready, Duration::from_secs(60))
         .await;
     assert_eq!(engine(&ready).container_id, name, "{ready:#?}");
-    assert_eq!(engine(&ready).pid, 0);
+    // The pid is the container's main process, as the host sees it.
+    let pid = engine(&ready).pid;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(String::from_utf8_lossy(&cmdline).contains("fake-vllm"));
     let (status, _, body) = chat(agent.gate, "chat", false).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 

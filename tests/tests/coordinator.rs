@@ -57,7 +57,13 @@ fn start_fleet(workers: usize) -> Fleet {
     let dir = TempDir::new().unwrap();
     let hosts: Vec<Host> = (0..workers).map(|_| Host::new()).collect();
     let reapers = hosts.iter().map(|h| EngineReaper(h.state_dir())).collect();
-    let agents: Vec<Agent> = hosts.iter().map(|h| h.start(KNOBS, "")).collect();
+    // CROSSFADE_E2E_RUNTIME=container: every engine a container.
+    let keys = if container_mode() {
+        container_keys()
+    } else {
+        String::new()
+    };
+    let agents: Vec<Agent> = hosts.iter().map(|h| h.start(KNOBS, &keys)).collect();
 
     let api = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
     // Two routers: every table must reach both before a worker drains.
@@ -315,11 +321,26 @@ async fn promote_back(fleet: &Fleet, id: &str) -> v1::PromoteResponse {
     }
 }
 
+/// The agent's own runtime; in container mode, the fake engine's knobs
+/// travel in the template, as a container's environment is only that.
 fn template(model: &str) -> v1::Template {
+    let env = if container_mode() {
+        KNOBS
+            .iter()
+            .map(|(name, value)| v1::EnvVar {
+                name: (*name).into(),
+                source: Some(v1::env_var::Source::Value((*value).into())),
+                ..Default::default()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     v1::Template {
-        runtime: v1::EngineRuntime::Process as i32,
+        runtime: v1::EngineRuntime::Unspecified as i32,
         model: model.into(),
         vllm_args: "--max-model-len 4096".into(),
+        env,
         ..Default::default()
     }
 }

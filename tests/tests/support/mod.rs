@@ -3,8 +3,9 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -137,6 +138,10 @@ impl Drop for EngineReaper {
         let Ok(record) = serde_json::from_str::<serde_json::Value>(&text) else {
             return;
         };
+        if let Some(container) = record["container"].as_str() {
+            let _ = docker(&["rm", "-f", container]);
+            return;
+        }
         if let Some(pid) = record["pid"].as_u64() {
             // The engine leads its own process group.
             let _ = Command::new("kill")
@@ -325,4 +330,135 @@ pub fn spawn_router(config: &std::path::Path, listening: SocketAddr) -> Process 
     let process = Process::spawn("crossfade-router", command).unwrap();
     wait_for_port(listening, Duration::from_secs(20)).unwrap();
     process
+}
+
+// === Containers ===
+
+/// `docker ARGS`: its standard output when it succeeds.
+pub fn docker(args: &[&str]) -> Option<String> {
+    let output = Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// Whether a container engine answers; says so when none does.
+pub fn engine_answers() -> bool {
+    if docker(&["version", "--format", "{{.Server.Version}}"]).is_some() {
+        return true;
+    }
+    assert!(
+        std::env::var("CROSSFADE_REQUIRE_CONTAINERS").as_deref() != Ok("1"),
+        "CROSSFADE_REQUIRE_CONTAINERS=1 but no container engine answers (docker version)"
+    );
+    eprintln!(
+        "SKIPPED: no container engine answers (docker version); the container tests did not run"
+    );
+    false
+}
+
+/// A local image of `fake-vllm`: its binary, the libraries `ldd` names and
+/// the loader, loaded with `docker import`; removed when dropped.
+pub struct FakeVllmImage(pub String);
+
+impl FakeVllmImage {
+    /// Builds it in `dir`, tagged `crossfade-fake-vllm:TAG`.
+    pub fn build(dir: &Path, tag: &str) -> Self {
+        let tag = format!("crossfade-fake-vllm:{tag}");
+        let root = dir.join("rootfs");
+        let fake = binary("fake-vllm").unwrap();
+        let mut files = vec![fake.clone()];
+        let ldd = Command::new("ldd").arg(&fake).output().unwrap();
+        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+            // "/lib64/ld-linux-x86-64.so.2 (0x...)".
+            if let Some(path) = line.split_whitespace().find(|word| word.starts_with('/')) {
+                files.push(path.into());
+            }
+        }
+        for file in &files {
+            let to = if *file == fake {
+                root.join("fake-vllm")
+            } else {
+                root.join(file.strip_prefix("/").unwrap())
+            };
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::copy(file, &to).unwrap();
+        }
+        std::fs::create_dir_all(root.join("tmp")).unwrap();
+        let archive = dir.join("rootfs.tar");
+        let tarred = Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .arg("-cf")
+            .arg(&archive)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(tarred.success());
+        let imported = Command::new("docker")
+            .args([
+                "import",
+                "--change",
+                r#"ENTRYPOINT ["/fake-vllm", "serve"]"#,
+            ])
+            .arg(&archive)
+            .arg(&tag)
+            .output()
+            .unwrap();
+        assert!(
+            imported.status.success(),
+            "docker import: {}",
+            String::from_utf8_lossy(&imported.stderr)
+        );
+        // The engine holds what it needs now.
+        let _ = std::fs::remove_dir_all(&root);
+        let _ = std::fs::remove_file(&archive);
+        Self(tag)
+    }
+}
+
+impl Drop for FakeVllmImage {
+    fn drop(&mut self) {
+        let _ = docker(&["rmi", "-f", &self.0]);
+    }
+}
+
+/// Removes the engine container of `port` when dropped, whatever happened.
+pub struct ContainerReaper(pub String);
+
+impl Drop for ContainerReaper {
+    fn drop(&mut self) {
+        let _ = docker(&["rm", "-f", &self.0]);
+    }
+}
+
+/// Whether the end-to-end suites run their agents in container mode
+/// (`CROSSFADE_E2E_RUNTIME=container`, as `.ci/run` runs the promotion
+/// suite once).
+pub fn container_mode() -> bool {
+    std::env::var("CROSSFADE_E2E_RUNTIME").as_deref() == Ok("container")
+}
+
+/// The agent configuration's keys of container mode (after `[engine]`'s):
+/// the fake-vllm image, built once per test program under a fixed tag (so
+/// runs do not pile images up), never pulled, no GPUs.
+pub fn container_keys() -> String {
+    static IMAGE: OnceLock<(TempDir, FakeVllmImage)> = OnceLock::new();
+    let (dir, image) = IMAGE.get_or_init(|| {
+        assert!(engine_answers(), "container mode needs a container engine");
+        let dir = TempDir::new().unwrap();
+        let image = FakeVllmImage::build(dir.path(), "e2e");
+        (dir, image)
+    });
+    format!(
+        "runtime = \"container\"\n[container]\nimage = \"{}\"\npull = \"never\"\ngpus = false\ncache_dir = \"{}\"\n",
+        image.0,
+        dir.path().display()
+    )
 }

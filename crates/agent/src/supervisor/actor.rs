@@ -430,8 +430,11 @@ impl Actor {
                     adopted,
                     "engine ready"
                 );
+                // A container's pid is known once it runs.
+                let pid = current.engine.as_ref().map_or(0, |e| e.identity().pid);
                 self.set(|view| {
                     view.state = EngineState::Ready;
+                    view.pid = pid;
                     view.max_model_len = max_model_len;
                     view.phase = StartingPhase::Unspecified;
                     view.phase_detail.clear();

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io::Write as _;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -106,6 +107,7 @@ impl ContainerRuntime {
     fn engine(&self, name: String) -> ContainerEngine {
         ContainerEngine {
             name,
+            pid: Arc::new(AtomicU32::new(0)),
             exit: Arc::new(Mutex::new(None)),
             docker: self.docker.clone(),
             shutdown: self.shutdown.clone(),
@@ -127,11 +129,16 @@ impl Runtime for ContainerRuntime {
         let name = Self::container_name(plan.port);
         let engine = self.engine(name.clone());
         let (runtime, plan, exit) = (self.clone(), plan.clone(), Arc::clone(&engine.exit));
+        let pid = Arc::clone(&engine.pid);
         let stop = self.shutdown.clone();
         self.shutdown.spawn(async move {
             let mut log = log;
             let run = async {
                 runtime.create(&name, &plan, &mut log).await?;
+                pid.store(
+                    runtime.running_pid(&name).await.unwrap_or(0),
+                    Ordering::Relaxed,
+                );
                 runtime.follow(&name, log).await
             };
             let ended = tokio::select! {
@@ -169,12 +176,20 @@ impl Runtime for ContainerRuntime {
             identity.container.clone(),
             Arc::clone(&engine.exit),
         );
+        let pid = Arc::clone(&engine.pid);
         let stop = self.shutdown.clone();
         // Adopted as recorded; if the container is gone, it is seen to have
         // ended at once, and the supervisor restarts the deployment.
         self.shutdown.spawn(async move {
+            let waited = async {
+                match runtime.running_pid(&name).await {
+                    Some(running) => pid.store(running, Ordering::Relaxed),
+                    None => return Err("not running".to_owned()),
+                }
+                runtime.wait(&name).await
+            };
             let waited = tokio::select! {
-                waited = runtime.wait(&name) => waited,
+                waited = waited => waited,
                 () = stop.triggered() => return,
             };
             let code = waited.ok();
@@ -324,6 +339,16 @@ impl ContainerRuntime {
         self.wait(name).await
     }
 
+    /// The host pid of the container's main process, while it runs.
+    async fn running_pid(&self, name: &str) -> Option<u32> {
+        let inspected = call(self.docker.inspect_container(name, None)).await.ok()?;
+        let state = inspected.state?;
+        if state.running != Some(true) {
+            return None;
+        }
+        state.pid.and_then(|pid| u32::try_from(pid).ok())
+    }
+
     /// Waits for the container to end: its exit code.
     async fn wait(&self, name: &str) -> Result<i32, String> {
         let options = WaitContainerOptions {
@@ -363,6 +388,8 @@ impl ContainerRuntime {
 /// A running engine container.
 struct ContainerEngine {
     name: String,
+    /// The host pid of its main process, once it runs (0 before).
+    pid: Arc<AtomicU32>,
     /// Set once the container has ended (or could not start).
     exit: Arc<Mutex<Option<Exit>>>,
     docker: Docker,
@@ -394,7 +421,7 @@ impl ContainerEngine {
 impl Engine for ContainerEngine {
     fn identity(&self) -> Identity {
         Identity {
-            pid: 0,
+            pid: self.pid.load(Ordering::Relaxed),
             start_ticks: 0,
             container: self.name.clone(),
         }

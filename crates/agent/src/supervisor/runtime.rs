@@ -80,7 +80,8 @@ impl fmt::Display for Exit {
 /// Who an engine is, as the state file records it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identity {
-    /// Process id (0 for a container).
+    /// Process id (for a container, its main process's on the host, once
+    /// it runs; 0 before).
     pub pid: u32,
     /// Its start time in clock ticks since boot (`/proc/PID/stat` field 22):
     /// with the pid, it tells our engine from a reused pid.
