@@ -60,10 +60,11 @@ async fn the_agent_runs_its_engine_as_a_container_through_its_whole_life() {
     let agent = host.start(&[], &keys);
     let mut client = agent.client().await;
 
-    // Start: the container comes up and the gate serves.
+    // Start (the template names no image: the agent's own) and the gate
+    // serves.
     client
         .apply(v1::ApplyRequest {
-            spec: Some(container_spec("dep-1", &image.0, &[])),
+            spec: Some(container_spec("dep-1", "", &[])),
             ..Default::default()
         })
         .await

@@ -32,6 +32,8 @@ struct Fleet {
     hosts: Vec<Host>,
     /// The routers' public addresses.
     publics: Vec<SocketAddr>,
+    /// The routers' `/metrics`.
+    router_admins: Vec<SocketAddr>,
     api: SocketAddr,
     /// The coordinator's `/metrics`.
     admin: SocketAddr,
@@ -67,8 +69,9 @@ fn start_fleet(workers: usize) -> Fleet {
 
     let api = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
     // Two routers: every table must reach both before a worker drains.
-    let routers: Vec<(Process, SocketAddr, SocketAddr)> =
+    let routers: Vec<(Process, SocketAddr, SocketAddr, SocketAddr)> =
         (0..2).map(|i| start_router(&dir, i, api)).collect();
+    let router_admins = routers.iter().map(|r| r.3).collect();
     let routers_list: Vec<String> = routers.iter().map(|r| format!("\"{}\"", r.2)).collect();
     let router_configs: Vec<std::path::PathBuf> = (0..2)
         .map(|i| dir.path().join(format!("router-{i}.toml")))
@@ -96,10 +99,11 @@ fn start_fleet(workers: usize) -> Fleet {
         agents,
         _reapers: reapers,
         publics: routers.iter().map(|r| r.1).collect(),
+        router_admins,
         routers: routers
             .into_iter()
             .zip(router_configs)
-            .map(|((process, _, control), config)| (Some(process), config, control))
+            .map(|((process, _, control, _), config)| (Some(process), config, control))
             .collect(),
         coordinator: Some(coordinator),
         coordinator_config: config,
@@ -111,20 +115,23 @@ fn start_fleet(workers: usize) -> Fleet {
 }
 
 /// A router with an empty table, `router-{i}`, that reports demand to the
-/// coordinator at `api`: (process, public, control).
-fn start_router(dir: &TempDir, i: usize, api: SocketAddr) -> (Process, SocketAddr, SocketAddr) {
-    let public = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
-    let control = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+/// coordinator at `api`: (process, public, control, admin).
+fn start_router(
+    dir: &TempDir,
+    i: usize,
+    api: SocketAddr,
+) -> (Process, SocketAddr, SocketAddr, SocketAddr) {
+    let [public, control, admin] =
+        [0; 3].map(|_| SocketAddr::from(([127, 0, 0, 1], free_port().unwrap())));
     let config = dir.path().join(format!("router-{i}.toml"));
     std::fs::write(
         &config,
         format!(
-            "router_id = \"router-{i}\"\n[coordinator]\napi = [\"{api}\"]\n[control_tls]\ninsecure = true\n[listen]\npublic = \"{public}\"\nadmin = \"127.0.0.1:{}\"\ncontrol = \"{control}\"\n",
-            free_port().unwrap()
+            "router_id = \"router-{i}\"\n[coordinator]\napi = [\"{api}\"]\n[control_tls]\ninsecure = true\n[listen]\npublic = \"{public}\"\nadmin = \"{admin}\"\ncontrol = \"{control}\"\n",
         ),
     )
     .unwrap();
-    (spawn_router(&config, control), public, control)
+    (spawn_router(&config, control), public, control, admin)
 }
 
 fn start_coordinator(config: &std::path::Path, api: SocketAddr) -> Process {
@@ -431,6 +438,46 @@ async fn a_rolling_surge_promotion_under_load_fails_no_request() {
         assert!(metrics.contains(line), "{line} not in {metrics}");
     }
     assert!(metrics.contains("crossfade_coordinator_step_duration_seconds_bucket"));
+
+    // Every metric the Grafana dashboard queries is one these programs
+    // export.
+    let mut exported = metrics;
+    for admin in fleet
+        .router_admins
+        .iter()
+        .chain(fleet.agents.iter().map(|a| &a.admin))
+    {
+        exported.push_str(&admin_get(*admin, "/metrics").await);
+    }
+    let families: BTreeSet<&str> = exported
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/crossfade.json"),
+    )
+    .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            for name in metric_names(expr) {
+                queried += 1;
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s).filter(|f| families.contains(f)))
+                    .unwrap_or(name);
+                assert!(
+                    families.contains(family),
+                    "panel {:?} queries {name}, which no program exports: {families:?}",
+                    panel["title"]
+                );
+            }
+        }
+    }
+    assert!(queried > 15, "{queried} metric names in the dashboard");
 
     // A rollback is a promotion of the kept deployment, watched as it goes.
     let mut watch = fleet
@@ -1130,8 +1177,13 @@ async fn an_engine_killed_mid_stream_gives_a_clean_error_and_is_replaced() {
         }
     }
     assert!(whole > 10, "{whole} whole, {cut} cut");
+    // A container's published port is Docker's proxy, which accepts
+    // connections for a dead container until its ports are torn down: a
+    // few requests more meet a closed connection instead of a refused one
+    // (which the gate would have the router retry elsewhere).
+    let bound = if container_mode() { 12 } else { 6 };
     assert!(
-        cut <= 6,
+        cut <= bound,
         "more requests failed ({cut}) than were in flight on one engine"
     );
 }
@@ -1609,4 +1661,19 @@ async fn a_kept_deployment_promoted_back_serves_again_without_a_reload() {
         "{:?}",
         endpoint.events
     );
+}
+
+/// The `crossfade_*` metric names in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("crossfade_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(&tail[..end]);
+        rest = &tail[end..];
+    }
+    names
 }

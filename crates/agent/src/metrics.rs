@@ -42,9 +42,14 @@ pub const HISTOGRAMS: &[(&str, &[f64])] = &[
     (DRAIN_SECONDS, OPERATION_SECONDS_BUCKETS),
 ];
 
-/// Describes every metric once, at start.
+/// Describes every metric once, at start, and starts the counters without
+/// labels at 0, so that they are exported (and `rate()` sees their first
+/// increment) before anything happens.
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    for counter in [ENGINE_RESTARTS_TOTAL, GATE_STREAMS_CUT_TOTAL] {
+        metrics::counter!(counter).absolute(0);
+    }
     describe_counter!(
         GATE_REQUESTS_TOTAL,
         "Requests the gate answered, by outcome."

@@ -130,6 +130,15 @@ HF_TOKEN = { from_coordinator_env = "HF_TOKEN", secret = true }
     }
 
     #[test]
+    fn the_shipped_container_template_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/config/template-container.toml");
+        let template = load(&path).unwrap();
+        assert_eq!(template.runtime, v1::EngineRuntime::Container as i32);
+        assert!(template.image.starts_with("vllm/vllm-openai:"));
+    }
+
+    #[test]
     fn mistakes_are_named() {
         let error = parse("model = \"m\"\nruntime = \"vm\"\n")
             .unwrap_err()

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::RouteError;
-use crate::stats::{QUEUE_DEPTH, QUEUE_TIMEOUTS_TOTAL, QUEUE_WAIT_SECONDS};
+use crate::stats::{QUEUE_TIMEOUTS_TOTAL, QUEUE_WAIT_SECONDS};
 use crate::table::{Routes, Table};
 
 /// The bounds of the queues; the counts are kept in the routes'
@@ -32,8 +32,7 @@ struct Place<'a> {
 
 impl Drop for Place<'_> {
     fn drop(&mut self) {
-        let left = self.routes.stats().held.remove(&self.endpoint);
-        metrics::gauge!(QUEUE_DEPTH, "endpoint" => self.endpoint.clone()).set(f64::from(left));
+        self.routes.stats().held.remove(&self.endpoint);
     }
 }
 
@@ -58,7 +57,6 @@ impl Queue {
         let Some(count) = routes.stats().held.add(&endpoint, self.max) else {
             return Err(RouteError::QueueFull { endpoint });
         };
-        metrics::gauge!(QUEUE_DEPTH, "endpoint" => endpoint.clone()).set(f64::from(count));
         if count == 1
             && let Some(hints) = self.hints.get()
         {

@@ -84,6 +84,7 @@ pub async fn admin(
                 let mut body = handle.render();
                 let stats = proxy.routes().stats();
                 stats.render(&mut body, std::time::Instant::now());
+                stats.render_queues(&mut body, &proxy.routes().load());
                 exposition(body)
             }
             None => text(StatusCode::NOT_FOUND, "metrics are not enabled\n"),

@@ -38,7 +38,8 @@ pub const EJECTIONS_TOTAL: &str = "crossfade_router_worker_ejections_total";
 /// `crossfade_router_rejected_requests_total{reason}`: answered by the
 /// router before a deployment was chosen.
 pub const REJECTED_TOTAL: &str = "crossfade_router_rejected_requests_total";
-/// `crossfade_router_queue_depth{endpoint}`: requests held for a replica.
+/// `crossfade_router_queue_depth{endpoint}`: requests held for a replica
+/// now, for every endpoint of the table (rendered by [`Stats::render_queues`]).
 pub const QUEUE_DEPTH: &str = "crossfade_router_queue_depth";
 /// `crossfade_router_queue_wait_seconds{endpoint}`: how long held requests
 /// waited for a replica.
@@ -59,10 +60,6 @@ pub const RETIRED_SERIES_GRACE: Duration = Duration::from_secs(300);
 /// Describes every metric the recorder holds once, at start (the
 /// per-deployment ones are described where [`Stats::render`] writes them).
 pub fn describe() {
-    metrics::describe_gauge!(
-        QUEUE_DEPTH,
-        "Requests held until their endpoint has a replica."
-    );
     metrics::describe_histogram!(
         QUEUE_WAIT_SECONDS,
         metrics::Unit::Seconds,
@@ -711,6 +708,22 @@ impl Stats {
                     .render(out, TIME_TO_FIRST_TOKEN_SECONDS, &s.labels)
             },
         );
+    }
+
+    /// Appends `crossfade_router_queue_depth` for every endpoint of
+    /// `table`: 0 for those that hold nothing, so the series is there
+    /// before the first wait.
+    pub fn render_queues(&self, out: &mut String, table: &crate::table::Table) {
+        let _ = writeln!(
+            out,
+            "# HELP {QUEUE_DEPTH} Requests held until their endpoint has a replica.\n# TYPE {QUEUE_DEPTH} gauge"
+        );
+        let held = self.held.lock();
+        for endpoint in table.endpoints() {
+            let depth = held.get(endpoint.name()).copied().unwrap_or(0);
+            let name = escape_label(endpoint.name());
+            let _ = writeln!(out, "{QUEUE_DEPTH}{{endpoint=\"{name}\"}} {depth}");
+        }
     }
 
     fn lock_retired(&self) -> std::sync::MutexGuard<'_, Vec<(Instant, Arc<DeploymentStats>)>> {

@@ -213,7 +213,7 @@ impl ContainerRuntime {
         log: &mut std::fs::File,
     ) -> Result<(), String> {
         self.remove(name).await;
-        self.ensure_image(&plan.image, log).await?;
+        self.ensure_image(self.image(plan), log).await?;
         let body = self.body(plan);
         let options = CreateContainerOptions {
             name: Some(name.to_owned()),
@@ -226,6 +226,15 @@ impl ContainerRuntime {
             .await
             .map_err(|e| format!("cannot start the container {name}: {e}"))?;
         Ok(())
+    }
+
+    /// The deployment's image, else `[container] image`.
+    fn image<'a>(&'a self, plan: &'a LaunchPlan) -> &'a str {
+        if plan.image.is_empty() {
+            &self.settings.image
+        } else {
+            &plan.image
+        }
     }
 
     /// The container's definition.
@@ -260,7 +269,7 @@ impl ContainerRuntime {
             .chain([(LABEL_WORKER.to_owned(), self.worker_id.clone())])
             .collect();
         ContainerCreateBody {
-            image: Some(plan.image.clone()),
+            image: Some(self.image(plan).to_owned()),
             // After the image's entrypoint: `--model MODEL` rather than the
             // positional, which both of vLLM's entrypoints take.
             cmd: Some(container_args(&plan.args)),
