@@ -1,12 +1,15 @@
 //! Prints what the agent's NVML probe reads and how it classifies it, as
-//! JSON: `cargo run --example gpu_probe -p crossfade-agent` on a GPU host.
+//! JSON: `cargo run --example gpu_probe -p crossfade-agent [DEVICES]` on a
+//! GPU host, where DEVICES is read as `engine.cuda_visible_devices` (every
+//! GPU when absent).
 
 use std::time::SystemTime;
 
-use crossfade_agent::gpu::{self, GpuProbe, nvml::NvmlProbe};
+use crossfade_agent::gpu::{self, GpuProbe, Visible, nvml::NvmlProbe};
 
 fn main() {
-    let probe = match NvmlProbe::new() {
+    let visible = Visible::parse(&std::env::args().nth(1).unwrap_or_default());
+    let probe = match NvmlProbe::new(visible) {
         Ok(probe) => probe,
         Err(e) => {
             println!(

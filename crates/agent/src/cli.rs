@@ -9,7 +9,7 @@ use crate::config::{Config, ProbeKind};
 use crate::gate::{Gate, Mode};
 use crate::gpu::fake::FakeGpuProbe;
 use crate::gpu::nvml::NvmlProbe;
-use crate::gpu::{self, GpuProbe, Unavailable};
+use crate::gpu::{self, GpuProbe, Unavailable, Visible};
 use crate::service::{AgentService, Defaults, policy};
 use crate::status::{Identity, Reporter, monitor_gpus};
 use crate::supervisor::container::ContainerRuntime;
@@ -62,13 +62,23 @@ pub fn main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
         );
         return ExitCode::from(EXIT_BAD_INPUT);
     }
+    // A host that must have a GPU and has none is refused before any port
+    // is bound: restarting cannot fix it.
+    let probe = match gpu_probe(&config) {
+        Ok(probe) => probe,
+        Err(e) => {
+            eprintln!("crossfade-agent: {e}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
     let log = config.log.clone();
-    telemetry::run_program("crossfade-agent", &log, run(config, standalone))
+    telemetry::run_program("crossfade-agent", &log, run(config, standalone, probe))
 }
 
 async fn run(
     config: Config,
     standalone: Option<crossfade_proto::v1::EngineSpec>,
+    probe: Arc<dyn GpuProbe>,
 ) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     shutdown
@@ -82,7 +92,6 @@ async fn run(
         .control_tls
         .load(Role::Agent)
         .context("control_tls")?;
-    let probe = gpu_probe(&config)?;
     let gate_listener = TcpListener::bind(config.listen.gate)
         .await
         .with_context(|| format!("binding the gate on {}", config.listen.gate))?;
@@ -105,6 +114,7 @@ async fn run(
     let supervisor =
         Supervisor::start(config.engine.clone(), runtime, Arc::clone(&gate), &shutdown);
     let gpus = monitor_gpus(probe, config.gpu.poll_interval, &shutdown);
+    gpu::restart::restart_on_application_xids(gpus.clone(), supervisor.clone(), &shutdown);
     let identity = Identity {
         worker_id: config.worker_id(),
         labels: config.labels.clone(),
@@ -190,23 +200,28 @@ async fn run(
     Ok(())
 }
 
-/// The configured GPU probe. No NVML is `unknown`, and an error only when
-/// `gpu.require` is set.
+/// The configured GPU probe, reading only `engine.cuda_visible_devices`.
+/// No NVML is `unknown`, and an error only when `gpu.require` is set.
 fn gpu_probe(config: &Config) -> anyhow::Result<Arc<dyn GpuProbe>> {
+    let visible = Visible::parse(&config.engine.cuda_visible_devices);
     let probe: Arc<dyn GpuProbe> = match config.gpu.probe {
-        ProbeKind::Nvml => match NvmlProbe::new() {
+        ProbeKind::Nvml => match NvmlProbe::new(visible) {
             Ok(probe) => Arc::new(probe),
-            Err(e) => {
-                tracing::warn!(error = %e, "no NVML: GPU health is unknown");
-                Arc::new(Unavailable {
-                    kind: "nvml",
-                    reason: e.to_string(),
-                })
-            }
+            Err(e) => Arc::new(Unavailable {
+                kind: "nvml",
+                reason: e.to_string(),
+            }),
         },
-        ProbeKind::Fake => Arc::new(FakeGpuProbe::with_gpus(
-            (0..config.gpu.fake_gpus).map(FakeGpuProbe::h100).collect(),
-        )),
+        ProbeKind::Fake => {
+            let fake = FakeGpuProbe::with_gpus(
+                (0..config.gpu.fake_gpus).map(FakeGpuProbe::h100).collect(),
+            )
+            .visible(visible);
+            Arc::new(match &config.gpu.fake_faults {
+                Some(path) => fake.faults_from(path.clone()),
+                None => fake,
+            })
+        }
         ProbeKind::None => Arc::new(Unavailable {
             kind: "none",
             reason: "gpu.probe is `none`".into(),

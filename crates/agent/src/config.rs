@@ -220,6 +220,10 @@ pub struct Gpu {
     pub poll_interval: Duration,
     /// GPUs the fake probe reports (0 ..= 16).
     pub fake_gpus: u32,
+    /// A JSON file the fake probe reads its faults from at every poll
+    /// (XIDs, ECC errors, remaps, throttling, a lost GPU): how tests
+    /// script a running agent's GPUs. See `gpu::fake`.
+    pub fake_faults: Option<PathBuf>,
 }
 
 /// `[status]`.
@@ -286,6 +290,7 @@ impl Default for Gpu {
             require: false,
             poll_interval: Duration::from_secs(5),
             fake_gpus: 1,
+            fake_faults: None,
         }
     }
 }

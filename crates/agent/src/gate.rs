@@ -41,6 +41,11 @@ use crate::metrics as m;
 /// The header that tells a router a refused request may go elsewhere.
 pub const RETRY_HEADER: &str = "x-crossfade-retry";
 
+/// How long a request that failed before any answer waits for the
+/// supervisor to notice that its engine ended (it polls every 100 ms; a
+/// container's end takes a Docker call more).
+const ENGINE_END_WAIT: Duration = Duration::from_secs(2);
+
 /// Whether the gate lets requests through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -167,6 +172,19 @@ impl Gate {
         *cut = CancellationToken::new();
     }
 
+    /// Whether the engine on `port` has ended, waiting up to
+    /// [`ENGINE_END_WAIT`] for the supervisor to see it: after a request
+    /// failed before any answer, this tells an engine that died (the request
+    /// may go elsewhere) from one that failed it (the error is the answer).
+    async fn engine_ended(&self, port: u16) -> bool {
+        let mut state = self.state.subscribe();
+        let ended = state.wait_for(|s| s.mode == Mode::NotReady || s.port != port);
+        matches!(
+            tokio::time::timeout(ENGINE_END_WAIT, ended).await,
+            Ok(Ok(_))
+        )
+    }
+
     /// Admits a request if the gate is open.
     fn admit(self: &Arc<Self>) -> Result<(InFlight, u16), Mode> {
         let mut refused = None;
@@ -218,10 +236,7 @@ impl Gate {
                     _ => "refused_not_ready",
                 };
                 metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => outcome).increment(1);
-                let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, message, retry);
-                response
-                    .headers_mut()
-                    .insert(RETRY_HEADER, HeaderValue::from_static(retry));
+                let mut response = retry_elsewhere(message, retry);
                 if mode == Mode::Draining && http1 {
                     response
                         .headers_mut()
@@ -291,15 +306,23 @@ impl Gate {
                 metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => "engine_unreachable")
                     .increment(1);
                 tracing::warn!(error = %e, port, "the engine refused a connection");
-                let mut response = error_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
+                retry_elsewhere(
                     "this worker's engine is not reachable; retry on another",
                     "not-ready",
-                );
-                response
-                    .headers_mut()
-                    .insert(RETRY_HEADER, HeaderValue::from_static("not-ready"));
-                response
+                )
+            }
+            Err(e) if self.engine_ended(port).await => {
+                // The engine died before it answered (a container's port,
+                // Docker's proxy, accepts connections for a dead engine until
+                // it is torn down): the client saw nothing, so another worker
+                // may take the request, as with a refused connection.
+                metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => "engine_unreachable")
+                    .increment(1);
+                tracing::warn!(error = %e, port, "the engine ended before it answered");
+                retry_elsewhere(
+                    "this worker's engine ended before it answered; retry on another",
+                    "not-ready",
+                )
             }
             Err(e) => {
                 metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => "engine_error").increment(1);
@@ -325,6 +348,16 @@ impl Drop for InFlight {
             .send_modify(|s| s.in_flight = s.in_flight.saturating_sub(1));
         metrics::gauge!(m::GATE_IN_FLIGHT).decrement(1.0);
     }
+}
+
+/// A 503 that a router may retry on another worker: `retry` says why
+/// (`draining`, `not-ready`) in [`RETRY_HEADER`] and in the error's code.
+fn retry_elsewhere(message: &str, retry: &'static str) -> Response<GateBody> {
+    let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, message, retry);
+    response
+        .headers_mut()
+        .insert(RETRY_HEADER, HeaderValue::from_static(retry));
+    response
 }
 
 /// An OpenAI-shaped JSON error.
@@ -443,5 +476,98 @@ impl Body for GateBody {
             Self::Upstream(upstream) if upstream.cut.is_some() => SizeHint::default(),
             Self::Upstream(upstream) => upstream.inner.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use crossfade_common::shutdown::Shutdown;
+    use http_body_util::BodyExt as _;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// An engine's port as Docker's proxy keeps it for a dead container:
+    /// it accepts each connection and closes it without an answer.
+    async fn closing_port() -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                drop(stream);
+            }
+        });
+        port
+    }
+
+    async fn serve(gate: &Arc<Gate>, shutdown: &Shutdown) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gate = Arc::clone(gate);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            crossfade_common::http::serve(
+                listener,
+                &crossfade_common::http::ServeOptions::default(),
+                shutdown,
+                move |req: Request<Incoming>| Arc::clone(&gate).handle(req),
+            )
+            .await;
+        });
+        addr
+    }
+
+    async fn post(addr: SocketAddr) -> (StatusCode, Option<String>, String) {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let request = Request::post(format!("http://{addr}/v1/completions"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from_static(b"{\"model\":\"m\"}")))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        let status = response.status();
+        let retry = response
+            .headers()
+            .get(RETRY_HEADER)
+            .map(|v| v.to_str().unwrap().to_owned());
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, retry, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_engine_died_before_answering_may_go_elsewhere() {
+        let shutdown = Shutdown::new();
+        let gate = Arc::new(Gate::new());
+        gate.open(closing_port().await);
+        let addr = serve(&gate, &shutdown).await;
+        // The supervisor sees the engine's end a moment after the request
+        // failed.
+        let seen = Arc::clone(&gate);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            seen.close_for_start();
+        });
+        let (status, retry, body) = post(addr).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(retry.as_deref(), Some("not-ready"), "{body}");
+        assert!(body.contains("ended before it answered"), "{body}");
+        assert_eq!(gate.state().in_flight, 0);
+        shutdown.trigger();
+    }
+
+    #[tokio::test]
+    async fn a_request_that_a_live_engine_failed_is_not_retried() {
+        let shutdown = Shutdown::new();
+        let gate = Arc::new(Gate::new());
+        gate.open(closing_port().await);
+        let addr = serve(&gate, &shutdown).await;
+        let (status, retry, body) = post(addr).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+        assert_eq!(retry, None, "{body}");
+        assert!(body.contains("engine_error"), "{body}");
+        assert_eq!(gate.state().in_flight, 0);
+        shutdown.trigger();
     }
 }

@@ -152,6 +152,9 @@ pub fn monitor_gpus(
     shutdown: &Shutdown,
 ) -> watch::Receiver<HostGpus> {
     let first = gpu::assess(probe.as_ref(), SystemTime::now());
+    if let Some(error) = &first.error {
+        tracing::warn!(probe = first.probe, %error, "GPU health is unknown");
+    }
     record_gpu_metrics(&first);
     let (sender, receiver) = watch::channel(first);
     let stop = shutdown.clone();

@@ -53,6 +53,20 @@ impl Host {
         self.dir.path().join("state")
     }
 
+    /// The fake GPU probe's fault file (see `crossfade_agent::gpu::fake`).
+    pub fn gpu_faults(&self) -> PathBuf {
+        self.dir.path().join("gpu-faults.json")
+    }
+
+    /// Makes the host's fake GPUs show `faults` from the probe's next read.
+    pub fn inject_gpu_faults(&self, faults: &str) {
+        let path = self.gpu_faults();
+        let staged = path.with_extension("tmp");
+        std::fs::write(&staged, faults).unwrap();
+        // Whole or not at all: the agent may read at any moment.
+        std::fs::rename(&staged, &path).unwrap();
+    }
+
     /// Starts an agent with `env` (standalone variables, fake-vllm knobs)
     /// and extra `[engine]` keys.
     pub fn start(&self, env: &[(&str, &str)], engine_keys: &str) -> Agent {
@@ -85,6 +99,8 @@ stop_timeout = "10s"
 [gpu]
 probe = "fake"
 fake_gpus = 2
+poll_interval = "100ms"
+fake_faults = "{faults}"
 
 [status]
 heartbeat = "200ms"
@@ -95,6 +111,7 @@ heartbeat = "200ms"
             command = binary("fake-vllm").unwrap().display(),
             engine = self.engine,
             state = self.state_dir().display(),
+            faults = self.gpu_faults().display(),
         );
         std::fs::write(&config, text).unwrap();
         let mut command = Command::new(binary("crossfade-agent").unwrap());

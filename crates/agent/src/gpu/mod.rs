@@ -12,6 +12,7 @@
 
 pub mod fake;
 pub mod nvml;
+pub mod restart;
 
 use std::time::{Duration, SystemTime};
 
@@ -28,6 +29,47 @@ pub const APPLICATION_XIDS: &[u64] = &[13, 31, 43, 45, 68];
 pub const APPLICATION_XID_ESCALATION: usize = 3;
 /// How long an XID counts towards the classification.
 pub const XID_WINDOW: Duration = Duration::from_secs(600);
+
+/// The GPUs the agent was given: `engine.cuda_visible_devices` read the
+/// way CUDA reads `CUDA_VISIBLE_DEVICES` (indices, or `GPU-` UUIDs or
+/// their prefixes, comma-separated; empty: every GPU). The probe reports
+/// only these, and the engine's container gets exactly these.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Visible(Option<Vec<String>>);
+
+impl Visible {
+    /// From `engine.cuda_visible_devices`.
+    pub fn parse(devices: &str) -> Self {
+        let entries: Vec<String> = devices
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned)
+            .collect();
+        Self((!entries.is_empty()).then_some(entries))
+    }
+
+    /// Whether GPU `index` (with `uuid`, empty when unreadable) is one of
+    /// them.
+    pub fn includes(&self, index: u32, uuid: &str) -> bool {
+        let Some(entries) = &self.0 else {
+            return true;
+        };
+        entries.iter().any(|entry| match entry.parse::<u32>() {
+            Ok(n) => n == index,
+            Err(_) => !uuid.is_empty() && uuid.starts_with(entry.as_str()),
+        })
+    }
+}
+
+impl std::fmt::Display for Visible {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            None => f.write_str("every GPU"),
+            Some(entries) => write!(f, "GPUs {}", entries.join(",")),
+        }
+    }
+}
 
 /// What a probe read from one GPU. Facts a GPU does not support are `None`.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]

@@ -25,7 +25,7 @@ use nvml_wrapper::sys_exports::field_id::{
     NVML_FI_DEV_REMAPPED_FAILURE, NVML_FI_DEV_REMAPPED_PENDING, NVML_FI_DEV_RETIRED_PENDING,
 };
 
-use super::{GpuProbe, GpuReading, ProbeError, Xid};
+use super::{GpuProbe, GpuReading, ProbeError, Visible, Xid};
 
 /// XIDs kept per GPU (oldest dropped first).
 const XIDS_KEPT: usize = 32;
@@ -49,6 +49,10 @@ type XidLog = Arc<Mutex<HashMap<u32, Vec<Xid>>>>;
 /// NVML, with a thread collecting XID events.
 pub struct NvmlProbe {
     nvml: Arc<Nvml>,
+    /// The indices of the GPUs the agent was given.
+    gpus: Vec<u32>,
+    /// What `engine.cuda_visible_devices` asked for, for errors.
+    visible: Visible,
     xids: XidLog,
     stop: Arc<AtomicBool>,
     events: Option<JoinHandle<()>>,
@@ -61,21 +65,37 @@ impl std::fmt::Debug for NvmlProbe {
 }
 
 impl NvmlProbe {
-    /// Initialises NVML and starts the XID thread. `Unavailable` on a host
-    /// without the driver.
-    pub fn new() -> Result<Self, ProbeError> {
+    /// Initialises NVML, finds the `visible` GPUs (by index or UUID, once:
+    /// a GPU lost later keeps its index) and starts the XID thread for
+    /// them. `Unavailable` on a host without the driver.
+    pub fn new(visible: Visible) -> Result<Self, ProbeError> {
         let nvml = Arc::new(Nvml::init().map_err(|e| ProbeError::Unavailable(e.to_string()))?);
+        let count = nvml
+            .device_count()
+            .map_err(|e| ProbeError::Failed(format!("counting GPUs: {e}")))?;
+        let gpus: Vec<u32> = (0..count)
+            .filter(|&index| {
+                let uuid = nvml
+                    .device_by_index(index)
+                    .and_then(|d| d.uuid())
+                    .unwrap_or_default();
+                visible.includes(index, &uuid)
+            })
+            .collect();
         let xids: XidLog = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let events = {
             let (nvml, xids, stop) = (Arc::clone(&nvml), Arc::clone(&xids), Arc::clone(&stop));
+            let watched = gpus.clone();
             std::thread::Builder::new()
                 .name("nvml-xid-events".into())
-                .spawn(move || watch_xids(&nvml, &xids, &stop))
+                .spawn(move || watch_xids(&nvml, &watched, &xids, &stop))
                 .map_err(|e| ProbeError::Failed(format!("starting the XID thread: {e}")))?
         };
         Ok(Self {
             nvml,
+            gpus,
+            visible,
             xids,
             stop,
             events: Some(events),
@@ -161,12 +181,15 @@ impl GpuProbe for NvmlProbe {
     }
 
     fn read(&self) -> Result<Vec<GpuReading>, ProbeError> {
-        let count = self
-            .nvml
-            .device_count()
-            .map_err(|e| ProbeError::Failed(format!("counting GPUs: {e}")))?;
-        (0..count)
-            .map(|index| {
+        if self.gpus.is_empty() && self.visible != Visible::default() {
+            return Err(ProbeError::Failed(format!(
+                "engine.cuda_visible_devices names {}, which NVML does not find",
+                self.visible
+            )));
+        }
+        self.gpus
+            .iter()
+            .map(|&index| {
                 self.read_one(index)
                     .map_err(|e| ProbeError::Failed(format!("GPU {index}: {e}")))
             })
@@ -184,14 +207,15 @@ impl Drop for NvmlProbe {
     }
 }
 
-/// An event set with XID events registered on every GPU that supports them.
+/// An event set with XID events registered on each of `gpus` that supports
+/// them.
 ///
 /// A failed registration frees the set (nvml-wrapper cannot hand it back),
 /// so the set is then rebuilt with the GPUs registered so far.
-fn xid_event_set(nvml: &Nvml) -> Result<EventSet<'_>, NvmlError> {
+fn xid_event_set<'n>(nvml: &'n Nvml, gpus: &[u32]) -> Result<EventSet<'n>, NvmlError> {
     let mut set = nvml.create_event_set()?;
     let mut registered = Vec::new();
-    for index in 0..nvml.device_count()? {
+    for &index in gpus {
         let supported = nvml
             .device_by_index(index)
             .and_then(|d| d.supported_event_types())
@@ -229,9 +253,9 @@ fn register_xids<'n>(
         .map_err(|e| e.error)
 }
 
-/// Waits for XID events on every GPU until `stop`; records them by index.
-fn watch_xids(nvml: &Nvml, xids: &XidLog, stop: &AtomicBool) {
-    let set = match xid_event_set(nvml) {
+/// Waits for XID events on `gpus` until `stop`; records them by index.
+fn watch_xids(nvml: &Nvml, gpus: &[u32], xids: &XidLog, stop: &AtomicBool) {
+    let set = match xid_event_set(nvml, gpus) {
         Ok(set) => set,
         Err(e) => {
             tracing::warn!(error = %e, "no NVML event set: XIDs will not be reported");

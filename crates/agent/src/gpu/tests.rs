@@ -136,7 +136,7 @@ fn the_worst_gpu_decides_and_no_nvml_is_unknown_never_healthy() {
 /// every GPU.
 #[test]
 fn the_nvml_probe_is_unavailable_without_a_driver_or_reads_every_gpu() {
-    match NvmlProbe::new() {
+    match NvmlProbe::new(Visible::default()) {
         Err(e) => {
             assert!(matches!(e, ProbeError::Unavailable(_)), "{e}");
         }
@@ -147,4 +147,94 @@ fn the_nvml_probe_is_unavailable_without_a_driver_or_reads_every_gpu() {
             assert!(host.gpus.iter().all(|(g, _, _)| g.uuid.starts_with("GPU-")));
         }
     }
+}
+
+#[test]
+fn only_the_gpus_the_agent_was_given_are_read() {
+    let host = || FakeGpuProbe::with_gpus((0..4).map(FakeGpuProbe::h100).collect());
+    let indices = |probe: FakeGpuProbe| -> Vec<u32> {
+        probe.read().unwrap().iter().map(|g| g.index).collect()
+    };
+    assert_eq!(indices(host()), [0, 1, 2, 3]);
+    assert_eq!(indices(host().visible(Visible::parse(""))), [0, 1, 2, 3]);
+    assert_eq!(indices(host().visible(Visible::parse("1, 3"))), [1, 3]);
+    // A UUID or its prefix, as CUDA takes them.
+    let uuid = FakeGpuProbe::h100(2).uuid;
+    assert_eq!(indices(host().visible(Visible::parse(&uuid))), [2]);
+    assert_eq!(
+        indices(host().visible(Visible::parse(&uuid[..30]))),
+        [0, 1, 2, 3]
+    );
+    assert_eq!(
+        indices(host().visible(Visible::parse("GPU-00000000-0000-0000-0000-000000000003"))),
+        [3]
+    );
+    assert!(indices(host().visible(Visible::parse("7"))).is_empty());
+    assert_eq!(Visible::parse("0,GPU-ab").to_string(), "GPUs 0,GPU-ab");
+}
+
+#[test]
+fn the_fault_file_scripts_a_running_fake() {
+    let dir = std::env::temp_dir().join(format!("crossfade-faults-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("faults.json");
+    let probe =
+        FakeGpuProbe::with_gpus((0..2).map(FakeGpuProbe::h100).collect()).faults_from(file.clone());
+    // No file: no fault.
+    assert_eq!(assess(&probe, SystemTime::now()).health, Health::Healthy);
+
+    std::fs::write(&file, r#"{"1": {"xids": [13]}}"#).unwrap();
+    let first = probe.read().unwrap();
+    assert!(first[0].xids.is_empty());
+    let stamped = first[1].xids[0];
+    assert_eq!(stamped.code, 13);
+    // One more XID appended: a new event; the first keeps its time.
+    std::fs::write(&file, r#"{"1": {"xids": [13, 79]}}"#).unwrap();
+    let second = probe.read().unwrap();
+    assert_eq!(second[1].xids[0], stamped);
+    assert_eq!(second[1].xids[1].code, 79);
+    let host = assess(&probe, SystemTime::now());
+    assert_eq!(host.health, Health::Unhealthy);
+    assert!(
+        host.gpus[1].2.iter().any(|r| r.contains("fatal XID 79")),
+        "{:?}",
+        host.gpus[1].2
+    );
+
+    let each = [
+        (
+            r#"{"0": {"ecc_volatile_uncorrected": 2}}"#,
+            Health::Unhealthy,
+        ),
+        (r#"{"0": {"lost": true}}"#, Health::Unhealthy),
+        (r#"{"0": {"row_remap_failed": true}}"#, Health::Unhealthy),
+        (
+            r#"{"0": {"row_remap_pending": true}}"#,
+            Health::ResetRequired,
+        ),
+        (
+            r#"{"0": {"retired_pages_pending": true}}"#,
+            Health::ResetRequired,
+        ),
+        (r#"{"0": {"xids": [94]}}"#, Health::ResetRequired),
+        (
+            r#"{"0": {"throttle_reasons": ["hw_power_brake_slowdown"]}}"#,
+            Health::Warning,
+        ),
+        ("{}", Health::Healthy),
+    ];
+    for (faults, expected) in each {
+        std::fs::write(&file, faults).unwrap();
+        assert_eq!(
+            assess(&probe, SystemTime::now()).health,
+            expected,
+            "{faults}"
+        );
+    }
+    // A file that does not parse is a failed read, named.
+    std::fs::write(&file, r#"{"0": {"xid": 13}}"#).unwrap();
+    let host = assess(&probe, SystemTime::now());
+    assert_eq!(host.health, Health::Unknown);
+    assert!(host.error.unwrap().contains("gpu.fake_faults"));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

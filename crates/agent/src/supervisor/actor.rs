@@ -18,6 +18,8 @@ pub(super) struct Current {
     ready_since: Option<Instant>,
     restart_at: Option<Instant>,
     launched_at: Instant,
+    /// Why the agent killed the engine to restart it, until it exits.
+    killed_for: Option<String>,
 }
 
 impl Current {
@@ -35,6 +37,7 @@ impl Current {
             ready_since: None,
             restart_at: None,
             launched_at: now,
+            killed_for: None,
         }
     }
 
@@ -208,7 +211,30 @@ impl Actor {
                 let stopped = self.stop(grace).await;
                 let _ = reply.send(stopped);
             }
+            Command::Restart { reason, reply } => {
+                let _ = reply.send(self.restart(reason));
+            }
         }
+    }
+
+    /// Kills a starting or serving engine; [`Self::crashed`] restarts it.
+    fn restart(&mut self, reason: String) -> bool {
+        let state = self.view.borrow().state;
+        let Some(current) = &mut self.current else {
+            return false;
+        };
+        let Some(engine) = &current.engine else {
+            return false;
+        };
+        if !matches!(state, EngineState::Starting | EngineState::Ready) {
+            return false;
+        }
+        tracing::warn!(deployment = %current.spec.deployment_id, %reason, "restarting the engine");
+        // Its requests cannot be served any more: others go elsewhere now.
+        self.gate.close_for_start();
+        engine.kill();
+        current.killed_for = Some(reason);
+        true
     }
 
     async fn apply(
@@ -530,16 +556,26 @@ impl Actor {
         let tail = masked_tail(&self.log_path, self.settings.log_tail_lines, &secrets);
         let last_line = tail.last().cloned().unwrap_or_default();
         let deployment = current.spec.deployment_id.clone();
+        let line = if last_line.is_empty() {
+            String::new()
+        } else {
+            format!(": {last_line}")
+        };
+        // What ended it: the agent's kill, or the engine itself.
+        let killed_for = current.killed_for.take();
+        let cause = match &killed_for {
+            Some(reason) => format!("the agent restarted the engine: {reason}"),
+            None => format!("the engine exited ({exit}){line}"),
+        };
         if crashes > self.settings.max_restarts {
-            let reason = format!(
-                "the engine exited {crashes} time{} in a row, last with {exit}{}",
-                if crashes == 1 { "" } else { "s" },
-                if last_line.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {last_line}")
-                }
+            let times = format!(
+                "the engine ended {crashes} time{} in a row",
+                if crashes == 1 { "" } else { "s" }
             );
+            let reason = match &killed_for {
+                Some(why) => format!("{times}, last killed by the agent: {why}"),
+                None => format!("{times}, last with {exit}{line}"),
+            };
             tracing::error!(deployment, %reason, "the engine is failed; not restarting it");
             self.current = None;
             if let Err(e) = self.state_file.remove() {
@@ -565,12 +601,7 @@ impl Actor {
             .min(self.settings.restart_backoff_max);
         current.restart_at = Some(Instant::now() + backoff);
         let error = format!(
-            "the engine exited ({exit}){}; restart {crashes} of {} in {}",
-            if last_line.is_empty() {
-                String::new()
-            } else {
-                format!(": {last_line}")
-            },
+            "{cause}; restart {crashes} of {} in {}",
             self.settings.max_restarts,
             humantime::format_duration(backoff)
         );

@@ -206,6 +206,10 @@ enum Command {
         grace: Duration,
         reply: oneshot::Sender<Stopped>,
     },
+    Restart {
+        reason: String,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// A handle on the supervisor: cheap to clone.
@@ -320,6 +324,16 @@ impl Supervisor {
     pub async fn stop(&self, grace: Duration) -> Result<Stopped, SupervisorError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Stop { grace, reply }).await?;
+        answer.await.map_err(|_| SupervisorError::Gone)
+    }
+
+    /// Kills a starting or serving engine so that it restarts as after a
+    /// crash (with back-off, counted towards `max_restarts`): an
+    /// application XID left its GPU context unusable. `reason` goes into
+    /// the status. Whether there was such an engine.
+    pub async fn restart(&self, reason: String) -> Result<bool, SupervisorError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Restart { reason, reply }).await?;
         answer.await.map_err(|_| SupervisorError::Gone)
     }
 

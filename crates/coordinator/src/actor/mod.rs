@@ -288,6 +288,7 @@ pub fn start(
         stopping: BTreeSet::new(),
         started: Instant::now(),
         unseen_checked: false,
+        gpu_warned: BTreeSet::new(),
     };
     let addresses: Vec<String> = actor.state.workers.keys().cloned().collect();
     for address in addresses {
@@ -336,6 +337,8 @@ struct Actor {
     started: Instant,
     /// Workers never heard from since the start were declared lost.
     unseen_checked: bool,
+    /// (promotion, worker) whose degraded GPU the history already notes.
+    gpu_warned: BTreeSet<(String, String)>,
 }
 
 fn now_ms() -> u64 {

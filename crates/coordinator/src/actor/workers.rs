@@ -6,26 +6,26 @@ impl Actor {
     /// Workers changed (a status, a cordon): every rollout hears how each
     /// worker looks to its endpoint.
     pub(super) fn refresh_workers(&mut self, actions: &mut Vec<(String, Action)>) {
-        // A worker whose GPU is unhealthy is cordoned (its replica then
-        // moves: add first, then drain); an operator uncordons it.
+        // A worker whose GPU is unhealthy, or asks for a reset, is cordoned
+        // (its replica then moves: add first, then drain); once it is idle
+        // a person resets the GPU and uncordons it.
         for (address, record) in &mut self.state.workers {
-            let sick = self
-                .observed
-                .get(address)
-                .and_then(|o| o.status.as_ref())
-                .filter(|s| s.gpu_health() == v1::GpuHealth::Unhealthy);
-            if let Some(status) = sick
-                && !record.cordoned
-            {
-                let reasons: Vec<String> = status
-                    .gpus
-                    .iter()
-                    .flat_map(|g| g.health_reasons.iter().cloned())
-                    .collect();
-                record.cordoned = true;
-                record.cordon_reason = format!("GPU unhealthy: {}", reasons.join("; "));
-                tracing::warn!(worker = address, reason = record.cordon_reason, "cordoned");
+            let Some(status) = self.observed.get(address).and_then(|o| o.status.as_ref()) else {
+                continue;
+            };
+            let why = match status.gpu_health() {
+                v1::GpuHealth::Unhealthy => "GPU unhealthy",
+                v1::GpuHealth::ResetRequired => {
+                    "GPU asks for a reset (reset it once the worker is idle, then uncordon)"
+                }
+                _ => continue,
+            };
+            if record.cordoned {
+                continue;
             }
+            record.cordoned = true;
+            record.cordon_reason = format!("{why}: {}", gpu_reasons(status));
+            tracing::warn!(worker = address, reason = record.cordon_reason, "cordoned");
         }
         let names: Vec<String> = self.state.endpoints.keys().cloned().collect();
         for name in names {
@@ -79,6 +79,57 @@ impl Actor {
                         actions,
                     );
                 }
+                self.note_gpu_warnings(&name, &to);
+            }
+        }
+        let live: BTreeSet<&str> = self
+            .state
+            .endpoints
+            .values()
+            .filter_map(|e| e.promotion.as_ref())
+            .filter(|p| !p.rollout.status.is_terminal())
+            .map(|p| p.id.as_str())
+            .collect();
+        self.gpu_warned
+            .retain(|(promotion, _)| live.contains(promotion.as_str()));
+    }
+
+    /// A candidate's GPU that is degraded (thermal or power slowdown, an
+    /// application XID) does not fail the health gate, but the promotion's
+    /// history says so, once per worker and promotion, for the person who
+    /// judges it.
+    fn note_gpu_warnings(&mut self, name: &str, to: &str) {
+        let Some(promotion) = self
+            .state
+            .endpoints
+            .get(name)
+            .and_then(|e| e.promotion.as_ref())
+        else {
+            return;
+        };
+        let id = promotion.id.clone();
+        let mut notes = Vec::new();
+        for address in promotion.rollout.claimed() {
+            let Some(status) = self.observed.get(&address).and_then(|o| o.status.as_ref()) else {
+                continue;
+            };
+            let runs_candidate = status
+                .engine
+                .as_ref()
+                .is_some_and(|e| e.deployment_id == to);
+            if status.gpu_health() == v1::GpuHealth::Warning
+                && runs_candidate
+                && self.gpu_warned.insert((id.clone(), address.clone()))
+            {
+                notes.push(format!(
+                    "a GPU of {address}, which runs {to}, is degraded: {} (a warning; the health gate goes on)",
+                    gpu_reasons(status)
+                ));
+            }
+        }
+        if let Some(endpoint) = self.state.endpoints.get_mut(name) {
+            for note in notes {
+                endpoint.record(now_ms(), "gpu", note, &id);
             }
         }
     }
@@ -258,4 +309,14 @@ impl Actor {
             );
         }
     }
+}
+
+/// Every GPU's health reasons in one line.
+fn gpu_reasons(status: &v1::WorkerStatus) -> String {
+    let reasons: Vec<&str> = status
+        .gpus
+        .iter()
+        .flat_map(|g| g.health_reasons.iter().map(String::as_str))
+        .collect();
+    reasons.join("; ")
 }
