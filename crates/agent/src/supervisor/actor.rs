@@ -431,6 +431,12 @@ impl Actor {
                 phase,
                 detail,
             } if generation == current.generation => {
+                // While the runtime prepares (pulls the image), that is
+                // where the start is, whatever the port says.
+                let (phase, detail) = match current.engine.as_ref().and_then(|e| e.preparing()) {
+                    Some(preparing) => (StartingPhase::Launching, preparing),
+                    None => (phase, detail),
+                };
                 self.set(|view| {
                     if view.state == EngineState::Starting {
                         view.phase = phase;
@@ -481,6 +487,18 @@ impl Actor {
             if let Some(exit) = engine.try_exit() {
                 self.crashed(exit);
                 return;
+            }
+            if let Some(preparing) = engine.preparing() {
+                self.view.send_if_modified(|view| {
+                    let news = view.state == EngineState::Starting
+                        && (view.phase != StartingPhase::Launching
+                            || view.phase_detail != preparing);
+                    if news {
+                        view.phase = StartingPhase::Launching;
+                        view.phase_detail = preparing;
+                    }
+                    news
+                });
             }
         } else if current.restart_at.is_some_and(|at| at <= now) {
             self.launch();

@@ -17,7 +17,7 @@
 //! a restarted agent finds it by that name and its labels, and adopts it
 //! without a reload. It outlives the agent by construction.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -107,6 +107,7 @@ impl ContainerRuntime {
     fn engine(&self, name: String) -> ContainerEngine {
         ContainerEngine {
             name,
+            preparing: Arc::new(Mutex::new(None)),
             pid: Arc::new(AtomicU32::new(0)),
             exit: Arc::new(Mutex::new(None)),
             docker: self.docker.clone(),
@@ -130,11 +131,15 @@ impl Runtime for ContainerRuntime {
         let engine = self.engine(name.clone());
         let (runtime, plan, exit) = (self.clone(), plan.clone(), Arc::clone(&engine.exit));
         let pid = Arc::clone(&engine.pid);
+        let preparing = Arc::clone(&engine.preparing);
+        set(&preparing, Some("creating the container".to_owned()));
         let stop = self.shutdown.clone();
         self.shutdown.spawn(async move {
             let mut log = log;
             let run = async {
-                runtime.create(&name, &plan, &mut log).await?;
+                let created = runtime.create(&name, &plan, &mut log, &preparing).await;
+                set(&preparing, None);
+                created?;
                 pid.store(
                     runtime.running_pid(&name).await.unwrap_or(0),
                     Ordering::Relaxed,
@@ -211,9 +216,11 @@ impl ContainerRuntime {
         name: &str,
         plan: &LaunchPlan,
         log: &mut std::fs::File,
+        preparing: &Mutex<Option<String>>,
     ) -> Result<(), String> {
         self.remove(name).await;
-        self.ensure_image(self.image(plan), log).await?;
+        self.ensure_image(self.image(plan), log, preparing).await?;
+        set(preparing, Some("creating the container".to_owned()));
         let body = self.body(plan);
         let options = CreateContainerOptions {
             name: Some(name.to_owned()),
@@ -296,8 +303,13 @@ impl ContainerRuntime {
     }
 
     /// The image, present as `[container] pull` says; pull progress goes
-    /// to the engine's log.
-    async fn ensure_image(&self, image: &str, log: &mut std::fs::File) -> Result<(), String> {
+    /// to the engine's log, and its sum to `preparing`.
+    async fn ensure_image(
+        &self,
+        image: &str,
+        log: &mut std::fs::File,
+        preparing: &Mutex<Option<String>>,
+    ) -> Result<(), String> {
         let present = call(self.docker.inspect_image(image)).await.is_ok();
         match (self.settings.pull, present) {
             (PullPolicy::Never, false) => {
@@ -313,11 +325,17 @@ impl ContainerRuntime {
             from_image: Some(image.to_owned()),
             ..Default::default()
         };
+        set(preparing, Some(format!("pulling {image}")));
         let mut progress = self.docker.create_image(Some(options), None, None);
+        let mut pull = PullProgress::default();
         while let Some(step) = progress.next().await {
             match step {
                 Ok(info) => {
-                    if let Some(status) = info.status {
+                    pull.update(&info);
+                    set(preparing, Some(pull.describe(image)));
+                    // Byte counts change many times a second: the log gets
+                    // each layer's steps, not its every chunk.
+                    if let Some(status) = info.status.filter(|s| !is_chunk(s)) {
                         let layer = info.id.unwrap_or_default();
                         let _ = writeln!(log, "crossfade-agent: {status} {layer}");
                     }
@@ -394,9 +412,74 @@ impl ContainerRuntime {
     }
 }
 
+/// Sets what a launch is doing before its container runs.
+fn set(preparing: &Mutex<Option<String>>, what: Option<String>) {
+    *preparing.lock().unwrap_or_else(PoisonError::into_inner) = what;
+}
+
+/// Whether a pull status is a byte count's progress, not a layer's step.
+fn is_chunk(status: &str) -> bool {
+    matches!(status, "Downloading" | "Extracting")
+}
+
+/// An image pull's progress, summed over its layers from the engine's
+/// messages.
+#[derive(Debug, Default)]
+struct PullProgress {
+    /// By layer: bytes downloaded, bytes in all (0: not known yet), done.
+    layers: BTreeMap<String, (u64, u64, bool)>,
+}
+
+impl PullProgress {
+    fn update(&mut self, info: &bollard::models::CreateImageInfo) {
+        let (Some(id), Some(status)) = (&info.id, &info.status) else {
+            return;
+        };
+        // The first message names the tag, not a layer.
+        if status.starts_with("Pulling from") {
+            return;
+        }
+        let layer = self.layers.entry(id.clone()).or_default();
+        let bytes = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok());
+        match status.as_str() {
+            "Downloading" => {
+                let detail = info.progress_detail.as_ref();
+                layer.0 = bytes(detail.and_then(|d| d.current)).unwrap_or(layer.0);
+                layer.1 = bytes(detail.and_then(|d| d.total)).unwrap_or(layer.1);
+            }
+            "Download complete" | "Verifying Checksum" | "Extracting" => layer.0 = layer.1,
+            "Pull complete" | "Already exists" => {
+                layer.0 = layer.1;
+                layer.2 = true;
+            }
+            _ => {}
+        }
+    }
+
+    fn describe(&self, image: &str) -> String {
+        let done = self.layers.values().filter(|l| l.2).count();
+        let current: u64 = self.layers.values().map(|l| l.0).sum();
+        let total: u64 = self.layers.values().map(|l| l.1).sum();
+        let mut line = format!(
+            "pulling {image}: {done} of {} layers done",
+            self.layers.len()
+        );
+        if total > 0 {
+            line.push_str(&format!(
+                ", {} of {} MB downloaded",
+                current / 1_000_000,
+                total / 1_000_000
+            ));
+        }
+        line
+    }
+}
+
 /// A running engine container.
 struct ContainerEngine {
     name: String,
+    /// What its launch does before the container runs.
+    preparing: Arc<Mutex<Option<String>>>,
     /// The host pid of its main process, once it runs (0 before).
     pid: Arc<AtomicU32>,
     /// Set once the container has ended (or could not start).
@@ -447,6 +530,13 @@ impl Engine for ContainerEngine {
     fn kill(&self) {
         self.signal("SIGKILL");
     }
+
+    fn preparing(&self) -> Option<String> {
+        self.preparing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 /// One Docker call, bounded in time.
@@ -480,6 +570,46 @@ fn append(path: &PathBuf, line: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn info(
+        id: &str,
+        status: &str,
+        current: Option<i64>,
+        total: Option<i64>,
+    ) -> bollard::models::CreateImageInfo {
+        bollard::models::CreateImageInfo {
+            id: Some(id.into()),
+            status: Some(status.into()),
+            progress_detail: Some(bollard::models::ProgressDetail { current, total }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_pull_sums_its_layers() {
+        let mut pull = PullProgress::default();
+        for step in [
+            info("v0.11", "Pulling from vllm/vllm-openai", None, None),
+            info("a", "Pulling fs layer", None, None),
+            info("b", "Already exists", None, None),
+            info("c", "Pulling fs layer", None, None),
+            info("a", "Downloading", Some(1_000_000), Some(4_000_000)),
+            info("c", "Downloading", Some(2_000_000), Some(6_000_000)),
+        ] {
+            pull.update(&step);
+        }
+        assert_eq!(
+            pull.describe("vllm/vllm-openai:v0.11"),
+            "pulling vllm/vllm-openai:v0.11: 1 of 3 layers done, 3 of 10 MB downloaded"
+        );
+        pull.update(&info("a", "Download complete", None, None));
+        pull.update(&info("a", "Pull complete", None, None));
+        assert_eq!(
+            pull.describe("m"),
+            "pulling m: 2 of 3 layers done, 6 of 10 MB downloaded"
+        );
+        assert!(is_chunk("Downloading") && !is_chunk("Pull complete"));
+    }
 
     #[test]
     fn the_command_follows_the_images_entrypoint() {

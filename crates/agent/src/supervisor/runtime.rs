@@ -101,6 +101,12 @@ pub trait Engine: Send + fmt::Debug {
     fn terminate(&self);
     /// Stops it now, with everything it started (SIGKILL to its group).
     fn kill(&self);
+    /// What the runtime still does before the engine runs (a container's
+    /// image pull, with its progress), for the `LAUNCHING` phase's detail;
+    /// `None` once the engine runs.
+    fn preparing(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Why an engine could not be started.
