@@ -388,6 +388,112 @@ async fn chat_engine(port: u16) -> (StatusCode, HeaderMap, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_waiting_for_its_drain_leaves_the_agent_answering() {
+    let host = Host::new();
+    let _reaper = EngineReaper(host.state_dir());
+    let agent = host.start(&[], "");
+    let mut client = agent.client().await;
+    let apply = |id: &'static str, model: &'static str| v1::ApplyRequest {
+        coordinator_epoch: 5,
+        spec: Some(spec(id, model, "")),
+        drain_timeout: seconds(60.0),
+    };
+    client.apply(apply("dep-a", "org/a")).await.unwrap();
+    let a = agent
+        .wait_state(EngineState::Ready, Duration::from_secs(30))
+        .await;
+
+    // A stream held on dep-a: the swap to dep-b waits for it.
+    fake_control(agent.engine_port, "hold").await;
+    let gate = agent.gate;
+    let stream = tokio::spawn(async move { chat(gate, "chat", true).await });
+    agent
+        .wait_status("the stream in flight", Duration::from_secs(10), |s| {
+            in_flight(s) == (1, 1)
+        })
+        .await;
+    let mut swap_client = agent.client().await;
+    let swap = tokio::spawn(async move { swap_client.apply(apply("dep-b", "org/b")).await });
+    agent
+        .wait_state(EngineState::Draining, Duration::from_secs(5))
+        .await;
+
+    // Meanwhile the agent takes commands: dep-a applied again keeps dep-a,
+    // at once, and the swap's caller hears that it was superseded.
+    let kept = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.apply(apply("dep-a", "org/a")),
+    )
+    .await
+    .expect("Apply waited for the drain of another Apply")
+    .unwrap()
+    .into_inner();
+    assert!(kept.already_applied);
+    let superseded = swap.await.unwrap().unwrap_err();
+    assert_eq!(superseded.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        superseded
+            .message()
+            .contains("Apply of dep-a came before dep-b"),
+        "{}",
+        superseded.message()
+    );
+    let serving = agent
+        .wait_state(EngineState::Ready, Duration::from_secs(5))
+        .await;
+    assert_eq!(engine(&serving).pid, engine(&a).pid);
+    assert_eq!(engine(&serving).deployment_id, "dep-a");
+
+    fake_control(agent.engine_port, "release").await;
+    let (status, _, body) = stream.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    let (status, _, body) = chat(agent.gate, "chat", false).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // With nothing in flight, the swap goes through.
+    let swapped = client
+        .apply(apply("dep-b", "org/b"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!swapped.already_applied);
+    agent
+        .wait_status("dep-b ready", Duration::from_secs(30), |s| {
+            engine(s).deployment_id == "dep-b" && engine(s).state() == EngineState::Ready
+        })
+        .await;
+
+    // A stream held past the swap's drain deadline ends with the final
+    // error event, and the next deployment is launched.
+    fake_control(agent.engine_port, "hold").await;
+    let stream = tokio::spawn(async move { chat(gate, "chat", true).await });
+    agent
+        .wait_status("the stream in flight", Duration::from_secs(10), |s| {
+            in_flight(s) == (1, 1)
+        })
+        .await;
+    let swapped = client
+        .apply(v1::ApplyRequest {
+            coordinator_epoch: 5,
+            spec: Some(spec("dep-c", "org/c", "")),
+            drain_timeout: seconds(0.5),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!swapped.already_applied);
+    let (status, _, body) = stream.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("\"code\":\"drain_deadline\""), "{body}");
+    agent
+        .wait_status("dep-c ready", Duration::from_secs(30), |s| {
+            engine(s).deployment_id == "dep-c" && engine(s).state() == EngineState::Ready
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_is_idempotent_and_swaps_deployments() {
     let host = Host::new();
     let _reaper = EngineReaper(host.state_dir());

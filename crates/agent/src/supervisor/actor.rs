@@ -48,6 +48,19 @@ impl Current {
     }
 }
 
+/// An `Apply` of another deployment, waiting for the running one to drain
+/// (the actor goes on meanwhile: statuses, crashes, other commands).
+pub(super) struct Swap {
+    spec: v1::EngineSpec,
+    plan: LaunchPlan,
+    started: Instant,
+    /// The drain's deadline: open streams are cut then.
+    deadline: Instant,
+    /// When open streams were cut, for their final events to leave.
+    cut: Option<Instant>,
+    reply: oneshot::Sender<Result<Applied, SupervisorError>>,
+}
+
 pub(super) enum Event {
     Phase {
         generation: u64,
@@ -69,6 +82,8 @@ pub(super) struct Actor {
     pub(super) state_file: StateFile,
     pub(super) log_path: PathBuf,
     pub(super) current: Option<Current>,
+    /// An `Apply` waiting for the running deployment to drain.
+    pub(super) swap: Option<Swap>,
     pub(super) events: mpsc::UnboundedSender<Event>,
     pub(super) generation: u64,
     /// Bumped by `Undrain`: a drain in progress returns at once.
@@ -199,15 +214,24 @@ impl Actor {
                 spec,
                 drain_timeout,
                 reply,
-            } => {
-                let result = self.apply(*spec, drain_timeout).await;
-                let _ = reply.send(result);
-            }
+            } => self.apply(*spec, drain_timeout, reply).await,
             Command::Drain { deadline, reply } => self.drain(deadline, reply),
             Command::Undrain { reply } => {
-                let _ = reply.send(self.undrain());
+                let refused = self.swap.as_ref().map(|swap| {
+                    SupervisorError::Precondition(format!(
+                        "the engine drains to make way for {}; Apply the running deployment again to keep it",
+                        swap.spec.deployment_id
+                    ))
+                });
+                let _ = reply.send(refused.map_or_else(|| self.undrain(), Err));
             }
             Command::Stop { grace, reply } => {
+                if let Some(swap) = self.swap.take() {
+                    let _ = swap.reply.send(Err(SupervisorError::Precondition(format!(
+                        "a Stop came before {} was launched",
+                        swap.spec.deployment_id
+                    ))));
+                }
                 let stopped = self.stop(grace).await;
                 let _ = reply.send(stopped);
             }
@@ -237,13 +261,52 @@ impl Actor {
         true
     }
 
+    /// Runs `spec`; the answer goes to `reply` once it is launched. Another
+    /// deployment running is drained first, without holding up the actor:
+    /// [`Self::advance_swap`] launches `spec` once it is drained.
     async fn apply(
         &mut self,
         spec: v1::EngineSpec,
         drain_timeout: Duration,
-    ) -> Result<Applied, SupervisorError> {
-        let plan = plan(&self.settings, &spec, self.log_path.clone())?;
+        reply: oneshot::Sender<Result<Applied, SupervisorError>>,
+    ) {
+        let plan = match plan(&self.settings, &spec, self.log_path.clone()) {
+            Ok(plan) => plan,
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+        };
         let state = self.view.borrow().state;
+        let already = Ok(Applied {
+            already_applied: true,
+        });
+        if let Some(swap) = &mut self.swap {
+            if swap.spec.deployment_id == spec.deployment_id {
+                let _ = reply.send(already);
+                return;
+            }
+            // Another deployment instead: this Apply takes the swap's place.
+            let superseded = std::mem::replace(&mut swap.reply, reply);
+            let _ = superseded.send(Err(SupervisorError::Precondition(format!(
+                "Apply of {} came before {} was launched",
+                spec.deployment_id, swap.spec.deployment_id
+            ))));
+            swap.spec = spec;
+            swap.plan = plan;
+            // The running one again: it stays.
+            if self
+                .current
+                .as_ref()
+                .is_some_and(|c| c.spec.deployment_id == swap.spec.deployment_id)
+                && let Some(swap) = self.swap.take()
+            {
+                let _ = swap.reply.send(self.undrain().map(|()| Applied {
+                    already_applied: true,
+                }));
+            }
+            return;
+        }
         if let Some(current) = &self.current
             && current.spec.deployment_id == spec.deployment_id
             && matches!(
@@ -251,12 +314,14 @@ impl Actor {
                 EngineState::Starting | EngineState::Ready | EngineState::Draining
             )
         {
-            if state == EngineState::Draining {
-                self.undrain()?;
+            if state == EngineState::Draining
+                && let Err(e) = self.undrain()
+            {
+                let _ = reply.send(Err(e));
+                return;
             }
-            return Ok(Applied {
-                already_applied: true,
-            });
+            let _ = reply.send(already);
+            return;
         }
         if self.current.is_some() {
             tracing::info!(
@@ -264,9 +329,75 @@ impl Actor {
                 to = %spec.deployment_id,
                 "swapping deployments: draining the running one"
             );
-            self.drain_now(drain_timeout).await;
-            self.stop_engine().await;
+            if matches!(state, EngineState::Ready | EngineState::Draining) {
+                self.gate.start_drain();
+                self.set(|view| view.state = EngineState::Draining);
+            } else {
+                self.gate.close_for_start();
+            }
+            let now = Instant::now();
+            self.swap = Some(Swap {
+                spec,
+                plan,
+                started: now,
+                deadline: now + drain_timeout,
+                cut: None,
+                reply,
+            });
+            self.advance_swap().await;
+            return;
         }
+        self.launch_new(spec, plan);
+        let _ = reply.send(Ok(Applied {
+            already_applied: false,
+        }));
+    }
+
+    /// Goes on with a swap: once nothing is in flight (or the drain's
+    /// deadline has cut open streams and their last events have left, or
+    /// the engine has ended), stops the running engine and launches the
+    /// next deployment.
+    async fn advance_swap(&mut self) {
+        let Some(swap) = &mut self.swap else {
+            return;
+        };
+        let now = Instant::now();
+        let runs = self.current.as_ref().is_some_and(|c| c.engine.is_some());
+        let left = self.gate.state().in_flight;
+        if runs && left > 0 {
+            match swap.cut {
+                None if now >= swap.deadline => {
+                    tracing::warn!(
+                        still_in_flight = left,
+                        "drain deadline passed; ending open streams"
+                    );
+                    self.gate.cut_streams();
+                    swap.cut = Some(now);
+                    return;
+                }
+                Some(at) if now >= at + CUT_FLUSH => {}
+                _ => return,
+            }
+        }
+        let Some(swap) = self.swap.take() else {
+            return;
+        };
+        let result = if swap.cut.is_some() {
+            "deadline"
+        } else {
+            "drained"
+        };
+        metrics::histogram!(m::DRAIN_SECONDS, "result" => result)
+            .record(swap.started.elapsed().as_secs_f64());
+        self.stop_engine().await;
+        self.launch_new(swap.spec, swap.plan);
+        let _ = swap.reply.send(Ok(Applied {
+            already_applied: false,
+        }));
+    }
+
+    /// Launches `spec`, a deployment new to this engine slot.
+    fn launch_new(&mut self, spec: v1::EngineSpec, plan: LaunchPlan) {
         tracing::info!(deployment = %spec.deployment_id, plan = ?plan, "launching the engine");
         self.current = Some(Current::new(&self.settings, spec, plan));
         self.set(|view| {
@@ -276,9 +407,6 @@ impl Actor {
             };
         });
         self.launch();
-        Ok(Applied {
-            already_applied: false,
-        })
     }
 
     /// Launches (or relaunches) the current deployment.
@@ -479,6 +607,7 @@ impl Actor {
     }
 
     async fn tick(&mut self) {
+        self.advance_swap().await;
         let Some(current) = &mut self.current else {
             return;
         };
@@ -676,7 +805,7 @@ impl Actor {
         });
     }
 
-    /// Drains before a stop or a swap, waiting here.
+    /// Drains before a stop, waiting here.
     async fn drain_now(&mut self, deadline: Duration) -> Drained {
         let started = Instant::now();
         let state = self.view.borrow().state;

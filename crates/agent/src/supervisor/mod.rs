@@ -252,6 +252,7 @@ impl Supervisor {
             view,
             client,
             current: None,
+            swap: None,
             events,
             generation: 0,
             undrained: watch::Sender::new(0),
