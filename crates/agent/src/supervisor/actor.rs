@@ -273,7 +273,7 @@ impl Actor {
         let plan = match plan(&self.settings, &spec, self.log_path.clone()) {
             Ok(plan) => plan,
             Err(e) => {
-                let _ = reply.send(Err(e.into()));
+                let _ = reply.send(Err(e));
                 return;
             }
         };
