@@ -9,7 +9,9 @@
 //! watchdog leaves a healthy agent alone and restarts a hung one, and that
 //! `systemctl restart crossfade-agent` under streaming load through a
 //! router loses no request while the engine (fake-vllm, process mode) keeps
-//! running and the new agent adopts it.
+//! running and the new agent adopts it. Apart, that the router's and the
+//! coordinator's container recipes (`deploy/container/`) build on the same
+//! base and run.
 //!
 //! Where no Docker Engine answers, debootstrap cannot build the image, or
 //! no package can be had, the test says so and passes, unless
@@ -24,6 +26,7 @@ use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crossfade_e2e::{TempDir, binary, wait_for, workspace_root};
@@ -73,29 +76,115 @@ fn the_packages_install_and_their_units_run_under_systemd() {
     );
 }
 
+/// The container recipes of the router and the coordinator
+/// (`deploy/container/`) build from the binaries alone, and the images run
+/// as a user that is not root and answer on their admin ports. The base is
+/// [`IMAGE`]: Debian's own cannot be pulled here.
+#[test]
+fn the_router_and_coordinator_images_build_and_serve() {
+    if let Err(why) = docker_and_base_image() {
+        skip::<()>(&why);
+        return;
+    }
+    for (program, config, admin) in [
+        ("router", ROUTER_IMAGE_CONFIG, 9401),
+        ("coordinator", COORDINATOR_IMAGE_CONFIG, 9403),
+    ] {
+        let context = TempDir::new().unwrap();
+        let binary = binary(&format!("crossfade-{program}")).unwrap();
+        std::fs::copy(&binary, context.path().join(binary.file_name().unwrap())).unwrap();
+        let image = Image(format!(
+            "{}:test",
+            unique_name(&format!("crossfade-{program}"))
+        ));
+        let recipe = workspace_root().join(format!("deploy/container/{program}.Containerfile"));
+        docker(&[
+            "build",
+            "--quiet",
+            "--build-arg",
+            &format!("BASE={IMAGE}"),
+            "-f",
+            &recipe.display().to_string(),
+            "-t",
+            &image.0,
+            &context.path().display().to_string(),
+        ])
+        .unwrap();
+        let config_path = context.path().join(format!("{program}.toml"));
+        std::fs::write(&config_path, config).unwrap();
+        let host = Container::run(&[
+            "--network",
+            "none",
+            "-v",
+            &format!("{}:/etc/crossfade/{program}.toml:ro", config_path.display()),
+            &image.0,
+        ]);
+        wait_for(
+            &format!("the {program} image's /healthz"),
+            Duration::from_secs(30),
+            || {
+                Ok(host
+                    .try_sh(&format!(
+                        "curl -sf --max-time 2 http://127.0.0.1:{admin}/healthz"
+                    ))
+                    .status
+                    .success()
+                    .then_some(()))
+            },
+        )
+        .unwrap_or_else(|e| {
+            let logs = Command::new("docker").args(["logs", &host.name]).output();
+            panic!("{e:#}: {logs:?}")
+        });
+        let uid = host.sh("awk '/^Uid:/ { print $2 }' /proc/1/status");
+        assert_eq!(uid, "10001", "the {program} runs as its own user");
+    }
+}
+
+/// Removes the image when dropped.
+struct Image(String);
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = docker(&["rmi", "-f", &self.0]);
+    }
+}
+
 // === Prerequisites ===
 
 /// The packages to install, once Docker answers and the image exists;
 /// `None` (said plainly) when the test cannot run here.
 fn prerequisites() -> Option<Debs> {
-    let skip = |why: &str| {
-        assert!(
-            std::env::var("CROSSFADE_REQUIRE_SYSTEMD").as_deref() != Ok("1"),
-            "CROSSFADE_REQUIRE_SYSTEMD=1 but {why}"
-        );
-        eprintln!("SKIPPED: {why}; the systemd test did not run");
-        None
-    };
-    if docker(&["version", "--format", "{{.Server.Version}}"]).is_err() {
-        return skip("no Docker Engine answers (docker version)");
-    }
-    if let Err(why) = base_image() {
+    if let Err(why) = docker_and_base_image() {
         return skip(&why);
     }
     match packages() {
         Ok(debs) => Some(debs),
         Err(why) => skip(&why),
     }
+}
+
+/// Says why a test cannot run here, and fails it instead under
+/// `CROSSFADE_REQUIRE_SYSTEMD=1`.
+fn skip<T>(why: &str) -> Option<T> {
+    assert!(
+        std::env::var("CROSSFADE_REQUIRE_SYSTEMD").as_deref() != Ok("1"),
+        "CROSSFADE_REQUIRE_SYSTEMD=1 but {why}"
+    );
+    eprintln!("SKIPPED: {why}; the systemd test did not run");
+    None
+}
+
+/// Docker answers and has [`IMAGE`] (made once for all the tests here).
+fn docker_and_base_image() -> Result<(), String> {
+    static MADE: Mutex<()> = Mutex::new(());
+    if docker(&["version", "--format", "{{.Server.Version}}"]).is_err() {
+        return Err("no Docker Engine answers (docker version)".into());
+    }
+    let _one_at_a_time = MADE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    base_image()
 }
 
 /// Makes [`IMAGE`] unless Docker has it.
@@ -246,18 +335,27 @@ struct Container {
 }
 
 impl Container {
+    /// `docker run -d --name NAME ARGS`.
+    fn run(args: &[&str]) -> Self {
+        let name = unique_name("crossfade-systemd");
+        let mut run = vec!["run", "-d", "--name", &name];
+        run.extend_from_slice(args);
+        docker(&run).unwrap();
+        Self { name }
+    }
+
     fn boot() -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let name = format!("crossfade-systemd-{}-{nanos}", std::process::id());
+        let name = unique_name("crossfade-systemd");
         // No --privileged (refused here): systemd runs its units' sandbox
-        // where the container lets it, and says which parts it skips.
+        // where the container lets it, and says which parts it skips. No
+        // network either: everything talks on the container's 127.0.0.1.
         docker(&[
             "run",
             "-d",
             "--name",
             &name,
+            "--network",
+            "none",
             "--tmpfs",
             "/run",
             "--tmpfs",
@@ -672,6 +770,14 @@ fn the_watchdog_restarts_a_hung_agent(host: &Container, engine: u32) {
 
 // === Helpers ===
 
+/// A name no other test run uses.
+fn unique_name(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
 /// The engine's pid, from the agent's state file.
 fn engine_pid(host: &Container, state: &str) -> u32 {
     let text = host.sh(&format!("cat /var/lib/{state}/engine.json"));
@@ -814,6 +920,26 @@ path = "/var/lib/crossfade-coordinator/state.json"
 ca = "/etc/crossfade/certs/ca.pem"
 cert = "/etc/crossfade/certs/coordinator.pem"
 key = "/etc/crossfade/certs/coordinator.key"
+"#;
+
+/// Listening beyond 127.0.0.1 (the image listens on 0.0.0.0) in plain
+/// text takes both keys; a real deployment mounts certificates.
+const ROUTER_IMAGE_CONFIG: &str = r#"[control_tls]
+insecure = true
+insecure_remote = true
+[[endpoint]]
+name = "chat"
+[[endpoint.deployment]]
+id = "v1"
+weight = 1
+workers = ["127.0.0.1:8000"]
+"#;
+
+const COORDINATOR_IMAGE_CONFIG: &str = r#"agents = []
+routers = []
+[control_tls]
+insecure = true
+insecure_remote = true
 "#;
 
 /// One client: streams chat completions through the router back to back
