@@ -121,7 +121,7 @@ impl Default for Container {
             pull: PullPolicy::IfNotPresent,
             ipc_host: true,
             shm_size: 16 << 30,
-            cache_dir: Some(PathBuf::from("/var/lib/crossfade/hf-cache")),
+            cache_dir: Some(PathBuf::from("/var/cache/crossfade/huggingface")),
             gpus: true,
         }
     }

@@ -49,6 +49,10 @@ pub const DEPLOYMENT_HEADER: HeaderName = HeaderName::from_static("x-crossfade-d
 /// The header that says how long a request was held for a replica, in
 /// milliseconds (only on requests that were).
 pub const QUEUED_HEADER: HeaderName = HeaderName::from_static("x-crossfade-queued-ms");
+/// The first pause of a request held after every worker refused it.
+const HOLD_FIRST_PAUSE: Duration = Duration::from_millis(50);
+/// The longest pause between its tries.
+const HOLD_MAX_PAUSE: Duration = Duration::from_secs(1);
 
 /// The header that carries a session key.
 pub const SESSION_HEADER: HeaderName = HeaderName::from_static("x-session-id");
@@ -261,12 +265,9 @@ impl Proxy {
             return Err(RouteError::EndpointNotAllowed(endpoint.name().to_owned()));
         }
         // Held while the endpoint has no replica (the usual path: no wait).
-        let (table, queued) = self.queue.table_for(&self.routes, model).await?;
-        let endpoint = table
-            .endpoint(model)
-            .ok_or_else(|| RouteError::ModelNotFound(crate::error::short(model)))?;
+        let (mut table, mut queued) = self.queue.table_for(&self.routes, model).await?;
         // The router-wide slot, once the request is whole and can be sent.
-        let slots = Slots {
+        let mut slots = Slots {
             _client: admitted.slot,
             _router: Arc::clone(&self.capacity)
                 .try_acquire_owned()
@@ -282,19 +283,48 @@ impl Proxy {
                     .map(str::as_bytes)
             });
         let mut rng = fastrand::Rng::new();
-        let deployment = choose_deployment(endpoint, session_key, &mut rng).ok_or_else(|| {
-            RouteError::NoCapacity {
-                endpoint: endpoint.name().to_owned(),
+        // Refused by every worker before any engine saw it (a single host's
+        // agent restarting, every worker draining), the request is held and
+        // sent again, with back-off, within the queue's timeout.
+        // No clock is read unless a request is refused.
+        let mut hold_until = None;
+        let mut may_hold = true;
+        let mut pause = HOLD_FIRST_PAUSE;
+        let mut response = loop {
+            let endpoint = table
+                .endpoint(model)
+                .ok_or_else(|| RouteError::ModelNotFound(crate::error::short(model)))?;
+            let deployment =
+                choose_deployment(endpoint, session_key, &mut rng).ok_or_else(|| {
+                    RouteError::NoCapacity {
+                        endpoint: endpoint.name().to_owned(),
+                    }
+                })?;
+            // `Bytes` clones share the buffer; `peek` still borrows this one.
+            let request = Forward {
+                parts: &parts,
+                body: bytes.clone(),
+                path_and_query: upstream_path_and_query.clone(),
+                endpoint,
+            };
+            match self
+                .forward(request, deployment, slots, &mut rng, may_hold)
+                .await
+            {
+                Ok(response) => break response,
+                Err(back) => {
+                    slots = back;
+                    let since = tokio::time::Instant::now();
+                    let until = *hold_until.get_or_insert(since + self.queue.timeout());
+                    tokio::time::sleep(pause.min(until.saturating_duration_since(since))).await;
+                    queued += since.elapsed();
+                    pause = (pause * 2).min(HOLD_MAX_PAUSE);
+                    // The last try answers whatever it meets.
+                    may_hold = tokio::time::Instant::now() + pause < until;
+                    table = self.routes.load();
+                }
             }
-        })?;
-        // `Bytes` clones share the buffer; `peek` still borrows this one.
-        let request = Forward {
-            parts: &parts,
-            body: bytes.clone(),
-            path_and_query: upstream_path_and_query,
-            endpoint,
         };
-        let mut response = self.forward(request, deployment, slots, &mut rng).await;
         if !queued.is_zero() {
             let millis = u64::try_from(queued.as_millis()).unwrap_or(u64::MAX);
             response
@@ -308,26 +338,37 @@ impl Proxy {
     /// worker (then another deployment of the endpoint) only when the engine
     /// cannot have seen it. Its outcome is recorded in the first chosen
     /// deployment's statistics, also when a fallback served it.
+    ///
+    /// When every worker refused it before an engine saw it and `may_hold`,
+    /// the slots come back (the try not counted) for the caller to hold the
+    /// request and send it again.
     async fn forward(
         &self,
         request: Forward<'_>,
         deployment: &Deployment,
         slots: Slots,
         rng: &mut fastrand::Rng,
-    ) -> Response<ProxyBody> {
+        may_hold: bool,
+    ) -> Result<Response<ProxyBody>, Slots> {
         let mut record = deployment.stats().start();
-        match self.attempts(&request, deployment, rng, &mut record).await {
-            Ok(answer) => self.respond(answer, record, slots),
-            Err(error) => {
-                record.finish(match error {
-                    RouteError::Timeout(_) => Outcome::Timeout,
-                    RouteError::NoCapacity { .. } => Outcome::Shed,
-                    RouteError::Unreachable { .. } => Outcome::Unreachable,
-                    _ => Outcome::ServerError,
-                });
-                error.into_response()
-            }
-        }
+        Ok(
+            match self.attempts(&request, deployment, rng, &mut record).await {
+                Ok(answer) => self.respond(answer, record, slots),
+                Err(RouteError::NoCapacity { .. } | RouteError::Unreachable { .. }) if may_hold => {
+                    record.discard();
+                    return Err(slots);
+                }
+                Err(error) => {
+                    record.finish(match error {
+                        RouteError::Timeout(_) => Outcome::Timeout,
+                        RouteError::NoCapacity { .. } => Outcome::Shed,
+                        RouteError::Unreachable { .. } => Outcome::Unreachable,
+                        _ => Outcome::ServerError,
+                    });
+                    error.into_response()
+                }
+            },
+        )
     }
 
     async fn attempts<'t>(

@@ -48,6 +48,11 @@ impl Queue {
 
     /// From now on, `hints` hears of each endpoint whose queue gets its
     /// first request (once; later calls change nothing).
+    /// How long a request may be held.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub fn hint_demand_to(&self, hints: crate::demand::Hints) {
         let _ = self.hints.set(hints);
     }

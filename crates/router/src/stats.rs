@@ -278,6 +278,12 @@ impl RequestRecord {
         }
     }
 
+    /// The request is held to be sent again (no engine saw it): this try
+    /// is not counted; the next one is.
+    pub fn discard(mut self) {
+        self.done = true;
+    }
+
     /// The request ended with `outcome`.
     pub fn finish(mut self, outcome: Outcome) {
         self.done = true;

@@ -258,12 +258,15 @@ async fn a_draining_gate_is_retried_elsewhere_and_a_dead_worker_avoided() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn when_every_worker_is_draining_the_client_gets_a_retryable_503() {
+async fn when_every_worker_stays_draining_the_client_gets_a_retryable_503() {
     let a = DrainingGate::start().await;
     let b = DrainingGate::start().await;
     let router = TestRouter::start(
         table(0, vec![deployment("v1", 1, &[a.addr, b.addr])]),
-        ProxySettings::default(),
+        ProxySettings {
+            queue_timeout: Duration::from_millis(400),
+            ..ProxySettings::default()
+        },
     )
     .await;
     let (status, headers, body) = chat(&client(), &router).await;
@@ -271,13 +274,48 @@ async fn when_every_worker_is_draining_the_client_gets_a_retryable_503() {
     assert_eq!(headers["retry-after"], "1");
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(json["error"]["code"], "no_capacity");
-    assert_eq!(a.requests.load(Ordering::Relaxed), 1);
-    assert_eq!(b.requests.load(Ordering::Relaxed), 1);
-    // Two attempts are one retry; the second refusal had nowhere to go.
+    // Held and sent again within the queue's timeout, to both each time.
+    let tries = a.requests.load(Ordering::Relaxed);
+    assert!(tries >= 2, "{tries}");
+    assert_eq!(b.requests.load(Ordering::Relaxed), tries);
+    // One request, counted once: its last try.
     let report = report(&router);
     let deployment = &report[0].deployments[0];
-    assert_eq!(deployment.retries.unwrap().draining, 1);
-    assert_eq!(deployment.requests.unwrap().shed, 1);
+    assert!(deployment.retries.unwrap().draining >= tries);
+    let requests = deployment.requests.unwrap();
+    assert_eq!((requests.total, requests.shed), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_every_worker_refused_is_held_until_one_takes_it() {
+    // The only host's agent restarts: its gate refuses connections a while.
+    let gate = dead_address().await;
+    let router = TestRouter::start(
+        table(0, vec![deployment("v1", 1, &[gate])]),
+        ProxySettings::default(),
+    )
+    .await;
+    let back = async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let mut config = fake_vllm::Config::new("org/model");
+        config.served_model_names = vec!["chat".into()];
+        config.port = gate.port();
+        config.default_max_tokens = 4;
+        config.tokens_per_second = f64::INFINITY;
+        fake_vllm::Handle::bind(config).await.unwrap()
+    };
+    let client = client();
+    let ((status, headers, body), engine) = tokio::join!(chat(&client, &router), back);
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let held: u64 = headers["x-crossfade-queued-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(held >= 300, "{held}");
+    assert_eq!(engine.stats().served, 1);
+    let requests = counts(&router);
+    assert_eq!((requests.total, requests.success), (1, 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
