@@ -2,6 +2,9 @@
 //! and state directories, agents as processes, a gRPC client, HTTP helpers.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod hosts;
+pub mod load;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
