@@ -341,3 +341,45 @@ pub fn start_fake_vllm(
     process.ensure_running()?;
     Ok((process, addr))
 }
+
+/// The longest any one `docker` command may take: a daemon that stops
+/// answering fails the test instead of hanging it.
+pub const DOCKER_BOUND: Duration = Duration::from_secs(120);
+
+/// `docker ARGS`, bounded by [`DOCKER_BOUND`]: its standard output, or why
+/// it failed (the end of its standard error).
+pub fn docker(args: &[&str]) -> Result<String, String> {
+    let output = Command::new("timeout")
+        .args([
+            "--kill-after=5",
+            &DOCKER_BOUND.as_secs().to_string(),
+            "docker",
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running docker {args:?}: {e}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    } else {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stderr = stderr.trim();
+        let start = (stderr.len().saturating_sub(1000)..stderr.len())
+            .find(|&i| stderr.is_char_boundary(i))
+            .unwrap_or(stderr.len());
+        Err(format!(
+            "docker {args:?}: {}: {}",
+            output.status,
+            &stderr[start..]
+        ))
+    }
+}
+
+/// A name no other run shares: `PREFIX-PID-NANOS` (this process and the
+/// time), so that what a killed run left can be told by its dead pid.
+pub fn unique_name(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}

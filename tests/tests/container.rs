@@ -46,7 +46,7 @@ async fn the_agent_runs_its_engine_as_a_container_through_its_whole_life() {
         return;
     }
     let dir = TempDir::new().unwrap();
-    let image = FakeVllmImage::build(dir.path(), &format!("e2e-{}", std::process::id()));
+    let image = fake_vllm_image(dir.path(), &format!("e2e-{}", std::process::id()));
     let host = Host::new();
     let name = format!("crossfade-engine-{}", host.engine);
     let _reaper = ContainerReaper(name.clone());

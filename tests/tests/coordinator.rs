@@ -352,14 +352,6 @@ fn template(model: &str) -> v1::Template {
     }
 }
 
-fn last_status(endpoint: &v1::Endpoint) -> Option<v1::PromotionStatus> {
-    endpoint
-        .last_promotion
-        .as_ref()
-        .filter(|_| endpoint.in_progress_promotion.is_none())
-        .map(|p| p.status())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_surge_promotion_under_load_fails_no_request() {
     let fleet = start_fleet(4);

@@ -34,7 +34,8 @@ use crossfade_proto::v1::{
 };
 use http::StatusCode;
 use support::engine_answers;
-use support::hosts::{Container, Image, Network, Run, unique_prefix};
+use support::hosts::{Container, Image, Network, Run};
+use support::last_status;
 use support::load::{Load, Outcome, Record, listing};
 use tonic::transport::{Channel, Endpoint};
 
@@ -197,7 +198,7 @@ impl Fleet {
         let built = Instant::now();
         // One image per run: two runs at once do not share (and remove)
         // each other's.
-        let prefix = unique_prefix("crossfade-hosts");
+        let prefix = crossfade_e2e::unique_name("crossfade-hosts");
         let image = Image::build(
             dir.path(),
             &format!(
@@ -206,6 +207,7 @@ impl Fleet {
             ),
             &binaries,
             &configurations(),
+            &[&format!("LABEL {}", support::hosts::LABEL)],
         );
         eprintln!(
             "binaries ready in {:?}, image built in {:?}",
@@ -426,14 +428,6 @@ fn template(model: &str) -> v1::Template {
         model: model.into(),
         ..Default::default()
     }
-}
-
-fn last_status(endpoint: &v1::Endpoint) -> Option<v1::PromotionStatus> {
-    endpoint
-        .last_promotion
-        .as_ref()
-        .filter(|_| endpoint.in_progress_promotion.is_none())
-        .map(|p| p.status())
 }
 
 /// Why a failed request is not one the loss of the hosts explains, if it

@@ -5,54 +5,18 @@
 //! `ldd` names for them, and the files a test gives, loaded with
 //! `docker import`.
 
+use crossfade_e2e::docker;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
-
-/// The longest any one `docker` command may take: a daemon that stops
-/// answering fails the test instead of hanging it.
-const DOCKER_BOUND: Duration = Duration::from_secs(120);
 
 /// The label every container and network made here carries, so that a
 /// person can find what a killed test run left behind.
 pub const LABEL: &str = "io.crossfade.e2e=hosts";
 
-/// `docker ARGS`, bounded by [`DOCKER_BOUND`]: its standard output, or why
-/// it failed.
-pub fn docker(args: &[&str]) -> Result<String, String> {
-    let output = Command::new("timeout")
-        .args([
-            "--kill-after=5",
-            &DOCKER_BOUND.as_secs().to_string(),
-            "docker",
-        ])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("running docker {args:?}: {e}"))?;
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-    } else {
-        Err(format!(
-            "docker {args:?}: {}: {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
-    }
-}
-
-/// A prefix no other run shares: this process and the time.
-pub fn unique_prefix(what: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!("{what}-{}-{}", std::process::id(), nanos % 1_000_000_000)
-}
-
 /// Removes the containers, networks and images labelled [`LABEL`] whose
-/// name carries the id of a process that no longer runs ([`unique_prefix`]):
+/// name carries the id of a process that no longer runs ([`crossfade_e2e::unique_name`]):
 /// what a run killed before its guards could drop left behind. Those of
 /// runs still going are theirs.
 pub fn remove_leftovers() {
@@ -104,8 +68,15 @@ pub struct Image(pub String);
 impl Image {
     /// Builds `tag` in `dir`: each of `binaries` at `/NAME`, the libraries
     /// and loader they link at their own paths, `files` (absolute path in
-    /// the image, contents) and an empty `/tmp`.
-    pub fn build(dir: &Path, tag: &str, binaries: &[PathBuf], files: &[(String, String)]) -> Self {
+    /// the image, contents) and an empty `/tmp`; `changes` are Dockerfile
+    /// instructions for `docker import --change`.
+    pub fn build(
+        dir: &Path,
+        tag: &str,
+        binaries: &[PathBuf],
+        files: &[(String, String)],
+        changes: &[&str],
+    ) -> Self {
         let root = dir.join("rootfs");
         let mut libraries = BTreeSet::new();
         for binary in binaries {
@@ -145,13 +116,12 @@ impl Image {
         assert!(tarred.success(), "tar of the image's files");
         // The binaries are copies: the image holds what it needs now.
         let _ = std::fs::remove_dir_all(&root);
-        let imported = docker(&[
-            "import",
-            "--change",
-            &format!("LABEL {LABEL}"),
-            archive.to_str().unwrap(),
-            tag,
-        ]);
+        let mut import = vec!["import"];
+        for change in changes {
+            import.extend(["--change", change]);
+        }
+        import.extend([archive.to_str().unwrap(), tag]);
+        let imported = docker(&import);
         let _ = std::fs::remove_file(&archive);
         imported.unwrap();
         Self(tag.to_owned())

@@ -7,7 +7,7 @@ pub mod load;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -356,15 +356,7 @@ pub fn spawn_router(config: &std::path::Path, listening: SocketAddr) -> Process 
 
 /// `docker ARGS`: its standard output when it succeeds.
 pub fn docker(args: &[&str]) -> Option<String> {
-    let output = Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
-    output
-        .status
-        .success()
-        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    crossfade_e2e::docker(args).ok()
 }
 
 /// Whether a container engine answers; says so when none does.
@@ -382,71 +374,17 @@ pub fn engine_answers() -> bool {
     false
 }
 
-/// A local image of `fake-vllm`: its binary, the libraries `ldd` names and
-/// the loader, loaded with `docker import`; removed when dropped.
-pub struct FakeVllmImage(pub String);
-
-impl FakeVllmImage {
-    /// Builds it in `dir`, tagged `crossfade-fake-vllm:TAG`.
-    pub fn build(dir: &Path, tag: &str) -> Self {
-        let tag = format!("crossfade-fake-vllm:{tag}");
-        let root = dir.join("rootfs");
-        let fake = binary("fake-vllm").unwrap();
-        let mut files = vec![fake.clone()];
-        let ldd = Command::new("ldd").arg(&fake).output().unwrap();
-        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
-            // "/lib64/ld-linux-x86-64.so.2 (0x...)".
-            if let Some(path) = line.split_whitespace().find(|word| word.starts_with('/')) {
-                files.push(path.into());
-            }
-        }
-        for file in &files {
-            let to = if *file == fake {
-                root.join("fake-vllm")
-            } else {
-                root.join(file.strip_prefix("/").unwrap())
-            };
-            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-            std::fs::copy(file, &to).unwrap();
-        }
-        std::fs::create_dir_all(root.join("tmp")).unwrap();
-        let archive = dir.join("rootfs.tar");
-        let tarred = Command::new("tar")
-            .arg("-C")
-            .arg(&root)
-            .arg("-cf")
-            .arg(&archive)
-            .arg(".")
-            .status()
-            .unwrap();
-        assert!(tarred.success());
-        let imported = Command::new("docker")
-            .args([
-                "import",
-                "--change",
-                r#"ENTRYPOINT ["/fake-vllm", "serve"]"#,
-            ])
-            .arg(&archive)
-            .arg(&tag)
-            .output()
-            .unwrap();
-        assert!(
-            imported.status.success(),
-            "docker import: {}",
-            String::from_utf8_lossy(&imported.stderr)
-        );
-        // The engine holds what it needs now.
-        let _ = std::fs::remove_dir_all(&root);
-        let _ = std::fs::remove_file(&archive);
-        Self(tag)
-    }
-}
-
-impl Drop for FakeVllmImage {
-    fn drop(&mut self) {
-        let _ = docker(&["rmi", "-f", &self.0]);
-    }
+/// A local image of `fake-vllm` (its binary, the libraries `ldd` names
+/// and the loader, loaded with `docker import`), tagged
+/// `crossfade-fake-vllm:TAG`; removed when dropped.
+pub fn fake_vllm_image(dir: &Path, tag: &str) -> hosts::Image {
+    hosts::Image::build(
+        dir,
+        &format!("crossfade-fake-vllm:{tag}"),
+        &[binary("fake-vllm").unwrap()],
+        &[],
+        &[r#"ENTRYPOINT ["/fake-vllm", "serve"]"#],
+    )
 }
 
 /// Removes the engine container of `port` when dropped, whatever happened.
@@ -469,11 +407,11 @@ pub fn container_mode() -> bool {
 /// the fake-vllm image, built once per test program under a fixed tag (so
 /// runs do not pile images up), never pulled, no GPUs.
 pub fn container_keys() -> String {
-    static IMAGE: OnceLock<(TempDir, FakeVllmImage)> = OnceLock::new();
+    static IMAGE: OnceLock<(TempDir, hosts::Image)> = OnceLock::new();
     let (dir, image) = IMAGE.get_or_init(|| {
         assert!(engine_answers(), "container mode needs a container engine");
         let dir = TempDir::new().unwrap();
-        let image = FakeVllmImage::build(dir.path(), "e2e");
+        let image = fake_vllm_image(dir.path(), "e2e");
         (dir, image)
     });
     format!(
@@ -481,4 +419,13 @@ pub fn container_keys() -> String {
         image.0,
         dir.path().display()
     )
+}
+
+/// The status of an endpoint's last promotion, once none is in progress.
+pub fn last_status(endpoint: &v1::Endpoint) -> Option<v1::PromotionStatus> {
+    endpoint
+        .last_promotion
+        .as_ref()
+        .filter(|_| endpoint.in_progress_promotion.is_none())
+        .map(|p| p.status())
 }
