@@ -115,20 +115,7 @@ fn the_router_and_coordinator_images_build_and_serve() {
             &format!("{}:/etc/crossfade/{program}.toml:ro", config_path.display()),
             &image.0,
         ]);
-        wait_for(
-            &format!("the {program} image's /healthz"),
-            Duration::from_secs(30),
-            || {
-                Ok(host
-                    .try_sh(&format!(
-                        "curl -sf --max-time 2 http://127.0.0.1:{admin}/healthz"
-                    ))
-                    .status
-                    .success()
-                    .then_some(()))
-            },
-        )
-        .unwrap_or_else(|e| {
+        healthz(&host, &format!("the {program} image"), admin, 30).unwrap_or_else(|e| {
             let logs = Command::new("docker").args(["logs", &host.name]).output();
             panic!("{e:#}: {logs:?}")
         });
@@ -380,20 +367,7 @@ fn start_the_others(host: &Container) {
             "{unit}: {}",
             host.journal(unit)
         );
-        wait_for(
-            &format!("{unit}'s /healthz"),
-            Duration::from_secs(20),
-            || {
-                Ok(host
-                    .try_sh(&format!(
-                        "curl -sf --max-time 2 http://127.0.0.1:{admin}/healthz"
-                    ))
-                    .status
-                    .success()
-                    .then_some(()))
-            },
-        )
-        .unwrap();
+        healthz(&host, unit, admin, 20).unwrap();
     }
     // Both engines serve through their gates.
     for gate in [8000, 8001] {
@@ -704,3 +678,21 @@ while [ ! -e /tmp/load.stop ] && [ $n -lt 500 ]; do
 done
 echo end >> "$out"
 "#;
+
+/// Waits up to `seconds` for `/healthz` on the admin port `admin` of what
+/// runs in `host` (`what`, for the error).
+fn healthz(host: &Container, what: &str, admin: u16, seconds: u64) -> anyhow::Result<()> {
+    wait_for(
+        &format!("{what}'s /healthz"),
+        Duration::from_secs(seconds),
+        || {
+            Ok(host
+                .try_sh(&format!(
+                    "curl -sf --max-time 2 http://127.0.0.1:{admin}/healthz"
+                ))
+                .status
+                .success()
+                .then_some(()))
+        },
+    )
+}
