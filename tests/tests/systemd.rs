@@ -367,7 +367,7 @@ fn start_the_others(host: &Container) {
             "{unit}: {}",
             host.journal(unit)
         );
-        healthz(&host, unit, admin, 20).unwrap();
+        healthz(host, unit, admin, 20).unwrap();
     }
     // Both engines serve through their gates.
     for gate in [8000, 8001] {
