@@ -961,6 +961,44 @@ async fn a_cordoned_worker_is_replaced_before_it_drains() {
     assert!(total > 10, "only {total} requests");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_on_a_lost_store_runs_above_the_epoch_the_fleet_obeys() {
+    let mut fleet = start_fleet(2);
+    // A second run of the coordinator (epoch 2) drives the fleet.
+    fleet.kill_and_restart_coordinator(Duration::from_millis(100));
+    create_chat(&fleet, rolling(50, 0, 0)).await;
+    for agent in &fleet.agents {
+        assert_eq!(agent.status().await.coordinator_epoch, 2);
+    }
+    // Its store is lost: a coordinator on an empty one starts at epoch 1,
+    // which every agent and router would refuse.
+    drop(fleet.coordinator.take());
+    std::fs::remove_file(fleet.coordinator_config.with_file_name("state.json")).unwrap();
+    fleet.coordinator = Some(start_coordinator(&fleet.coordinator_config, fleet.api));
+    // It learns epoch 2 from them and runs as 3: the agents take its calls
+    // (the engines it knows nothing of are stopped) ...
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for agent in &fleet.agents {
+        loop {
+            let status = agent.status().await;
+            if status.coordinator_epoch == 3 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent still obeys epoch {}",
+                status.coordinator_epoch
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // ... and an endpoint created anew serves through the routers.
+    create_chat(&fleet, rolling(50, 0, 0)).await;
+    let (status, _, body) = chat(fleet.publics[0], "chat", false).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("[org/v1 as chat]"), "{body}");
+}
+
 /// The host whose agent listens on `control_address`.
 fn host_of<'f>(fleet: &'f Fleet, control_address: &str) -> &'f Host {
     let index = fleet

@@ -563,9 +563,12 @@ impl Actor {
 
     /// Asks every router which table it serves; one behind the last pushed
     /// (restarted with its configuration's table) gets the current one.
+    /// A router that obeys a higher epoch than this coordinator's is
+    /// reported too (see [`Self::learn_epoch`]).
     pub(super) fn check_routers(&mut self) {
         let version = self.state.table_version;
-        if version == 0 {
+        let epoch = self.state.epoch;
+        if version == 0 && !self.fresh_store {
             return;
         }
         let addresses: Vec<String> = self.state.routers.keys().cloned().collect();
@@ -575,15 +578,51 @@ impl Actor {
                 let answer =
                     tokio::time::timeout(SHORT_CALL, client.get_table(v1::GetTableRequest {}))
                         .await;
-                if let Ok(Ok(answer)) = answer
-                    && answer
-                        .into_inner()
-                        .table
-                        .is_none_or(|t| t.version < version)
-                {
+                let Ok(Ok(answer)) = answer else {
+                    return;
+                };
+                let answer = answer.into_inner();
+                if answer.coordinator_epoch > epoch {
+                    let _ = internal.send(Internal::RouterEpoch {
+                        address: address.clone(),
+                        epoch: answer.coordinator_epoch,
+                    });
+                }
+                if version > 0 && answer.table.is_none_or(|t| t.version < version) {
                     let _ = internal.send(Internal::RouterBehind { address });
                 }
             });
+        }
+    }
+
+    /// `from` obeys `seen`, an epoch above this coordinator's: on a
+    /// store that was empty at the start (new, or lost), the fleet was
+    /// driven by an earlier coordinator, and would refuse this one until
+    /// each agent and router restarts. This coordinator goes above it (the
+    /// store keeps it) and pushes its table again under the new epoch. On a
+    /// store with history the epoch is the store's, never a peer's: two
+    /// coordinators would otherwise outbid each other.
+    pub(super) fn learn_epoch(
+        &mut self,
+        seen: u64,
+        from: &str,
+        actions: &mut Vec<(String, Action)>,
+    ) {
+        // Its own epoch, or an older one: nothing to learn.
+        if !self.fresh_store || seen <= self.state.epoch {
+            return;
+        }
+        let before = self.state.epoch;
+        self.state.epoch = seen + 1;
+        tracing::warn!(
+            from,
+            obeys = seen,
+            before,
+            epoch = self.state.epoch,
+            "a peer obeys an epoch this coordinator's empty store did not know (the store was lost or replaced): running as a higher epoch"
+        );
+        if self.state.table_version > 0 {
+            self.push_tables(actions);
         }
     }
 

@@ -198,6 +198,11 @@ enum Internal {
     RouterBehind {
         address: String,
     },
+    /// A router obeys `epoch`, higher than this coordinator's.
+    RouterEpoch {
+        address: String,
+        epoch: u64,
+    },
     /// Requests per deployment since a promotion started, summed over the
     /// routers that answered: (total, failed).
     Stats {
@@ -238,6 +243,10 @@ pub fn start(
     shutdown: &Shutdown,
 ) -> Result<Coordinator, crate::store::StoreError> {
     let mut state = store.load()?;
+    // A store never written (new, or lost): the fleet may obey a higher
+    // epoch, which this coordinator learns from what agents and routers
+    // report (`Actor::learn_epoch`).
+    let fresh_store = state.epoch == 0;
     state.epoch += 1;
     for address in &options.agents {
         state
@@ -289,6 +298,7 @@ pub fn start(
         started: Instant::now(),
         unseen_checked: false,
         gpu_warned: BTreeSet::new(),
+        fresh_store,
     };
     let addresses: Vec<String> = actor.state.workers.keys().cloned().collect();
     for address in addresses {
@@ -339,6 +349,8 @@ struct Actor {
     unseen_checked: bool,
     /// (promotion, worker) whose degraded GPU the history already notes.
     gpu_warned: BTreeSet<(String, String)>,
+    /// It started on an empty store: it may learn a higher epoch.
+    fresh_store: bool,
 }
 
 fn now_ms() -> u64 {
@@ -410,6 +422,7 @@ impl Actor {
         match event {
             Internal::Status { address, status } => {
                 let observed = self.observed.entry(address.clone()).or_default();
+                let obeyed = status.as_ref().map_or(0, |s| s.coordinator_epoch);
                 match status {
                     Some(status) => {
                         // Kept in the store: a restarted coordinator builds
@@ -425,6 +438,7 @@ impl Actor {
                     }
                     None => observed.reachable = false,
                 }
+                self.learn_epoch(obeyed, &format!("agent {address}"), actions);
                 self.refresh_workers(actions);
             }
             Internal::Drained { endpoint, worker } => {
@@ -489,6 +503,9 @@ impl Actor {
             Internal::Demand { endpoint } => {
                 tracing::debug!(endpoint, "requests held at a router: scaling from zero");
                 self.demanded(endpoint, None, actions);
+            }
+            Internal::RouterEpoch { address, epoch } => {
+                self.learn_epoch(epoch, &format!("router {address}"), actions);
             }
             Internal::RouterBehind { address } => {
                 tracing::info!(
