@@ -188,7 +188,7 @@ impl Actor {
     /// Watches an agent's status for as long as it is known.
     pub(super) fn watch_agent(&mut self, address: &str) {
         let client = self.agents.client(address);
-        let internal = self.internal.clone();
+        let statuses = Arc::clone(&self.statuses);
         let address = address.to_owned();
         let shutdown = self.shutdown.clone();
         self.shutdown.spawn(async move {
@@ -225,15 +225,7 @@ impl Actor {
                             };
                             match message {
                                 Ok(Some(status)) => {
-                                    if internal
-                                        .send(Internal::Status {
-                                            address: address.clone(),
-                                            status: Some(Box::new(status)),
-                                        })
-                                        .is_err()
-                                    {
-                                        return;
-                                    }
+                                    statuses.put(&address, Some(Box::new(status)));
                                 }
                                 Ok(None) | Err(_) => break,
                             }
@@ -241,15 +233,7 @@ impl Actor {
                     }
                     Err(e) => tracing::debug!(address, error = %e, "agent unreachable"),
                 }
-                if internal
-                    .send(Internal::Status {
-                        address: address.clone(),
-                        status: None,
-                    })
-                    .is_err()
-                {
-                    return;
-                }
+                statuses.put(&address, None);
                 tokio::select! {
                     () = shutdown.triggered() => return,
                     () = tokio::time::sleep(backoff) => {}

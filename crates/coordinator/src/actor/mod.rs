@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 
 use self::calls::{AgentCall, SHORT_CALL};
+use self::statuses::Statuses;
 
 use crate::error::CoordinatorError;
 use crate::rollout::{self, Action, Command, Engine, Event, Rollout};
@@ -31,6 +32,7 @@ use crate::store::Store;
 mod calls;
 mod io;
 mod requests;
+mod statuses;
 mod workers;
 
 /// How long a router may take to acknowledge a table before the drain goes
@@ -157,10 +159,6 @@ impl Coordinator {
 }
 
 enum Internal {
-    Status {
-        address: String,
-        status: Option<Box<v1::WorkerStatus>>,
-    },
     Drained {
         endpoint: String,
         worker: String,
@@ -299,6 +297,7 @@ pub fn start(
         unseen_checked: false,
         gpu_warned: BTreeSet::new(),
         fresh_store,
+        statuses: Arc::default(),
     };
     let addresses: Vec<String> = actor.state.workers.keys().cloned().collect();
     for address in addresses {
@@ -351,6 +350,8 @@ struct Actor {
     gpu_warned: BTreeSet<(String, String)>,
     /// It started on an empty store: it may learn a higher epoch.
     fresh_store: bool,
+    /// Agents' statuses not yet taken in.
+    statuses: Arc<Statuses>,
 }
 
 fn now_ms() -> u64 {
@@ -367,6 +368,7 @@ impl Actor {
     ) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let statuses = Arc::clone(&self.statuses);
         loop {
             let mut actions = Vec::new();
             let mut answers = Vec::new();
@@ -377,6 +379,7 @@ impl Actor {
                     None => return,
                 },
                 Some(event) = internal.recv() => self.internal(event, &mut actions),
+                () = statuses.arrived.notified() => self.statuses_arrived(&mut actions),
                 _ = tick.tick() => self.tick(&mut actions),
             }
             // An unstored change is not answered: the caller hears that the
@@ -418,29 +421,34 @@ impl Actor {
 
     // === events ===
 
+    /// Takes in every agent's latest status, then lets rollouts see the
+    /// workers once.
+    fn statuses_arrived(&mut self, actions: &mut Vec<(String, Action)>) {
+        for (address, status) in self.statuses.take() {
+            let observed = self.observed.entry(address.clone()).or_default();
+            let obeyed = status.as_ref().map_or(0, |s| s.coordinator_epoch);
+            match status {
+                Some(status) => {
+                    // Kept in the store: a restarted coordinator builds
+                    // the same table before the agent reports again.
+                    if let Some(record) = self.state.workers.get_mut(&address)
+                        && record.gate_address != status.gate_address
+                    {
+                        record.gate_address.clone_from(&status.gate_address);
+                    }
+                    observed.status = Some(*status);
+                    observed.reachable = true;
+                    observed.last_seen = Some(SystemTime::now());
+                }
+                None => observed.reachable = false,
+            }
+            self.learn_epoch(obeyed, &format!("agent {address}"), actions);
+        }
+        self.refresh_workers(actions);
+    }
+
     fn internal(&mut self, event: Internal, actions: &mut Vec<(String, Action)>) {
         match event {
-            Internal::Status { address, status } => {
-                let observed = self.observed.entry(address.clone()).or_default();
-                let obeyed = status.as_ref().map_or(0, |s| s.coordinator_epoch);
-                match status {
-                    Some(status) => {
-                        // Kept in the store: a restarted coordinator builds
-                        // the same table before the agent reports again.
-                        if let Some(record) = self.state.workers.get_mut(&address)
-                            && record.gate_address != status.gate_address
-                        {
-                            record.gate_address.clone_from(&status.gate_address);
-                        }
-                        observed.status = Some(*status);
-                        observed.reachable = true;
-                        observed.last_seen = Some(SystemTime::now());
-                    }
-                    None => observed.reachable = false,
-                }
-                self.learn_epoch(obeyed, &format!("agent {address}"), actions);
-                self.refresh_workers(actions);
-            }
             Internal::Drained { endpoint, worker } => {
                 self.feed(&endpoint, Event::Drained { worker }, actions);
             }
