@@ -539,9 +539,11 @@ impl Actor {
 
     /// Pushes the table as `version` to every router.
     pub(super) fn push_table_now(&mut self, version: u64) {
+        // One table, built once, however many routers.
+        let table = Arc::new(self.table(version));
         let routers: Vec<String> = self.state.routers.keys().cloned().collect();
         for address in routers {
-            self.push_table_to(&address, version);
+            self.push_built_table_to(&address, Arc::clone(&table));
         }
     }
 
@@ -614,6 +616,11 @@ impl Actor {
     /// first use), which sends it until the router answers.
     pub(super) fn push_table_to(&mut self, address: &str, version: u64) {
         let table = Arc::new(self.table(version));
+        self.push_built_table_to(address, table);
+    }
+
+    /// Gives `table` to one router's pusher (started on first use).
+    fn push_built_table_to(&mut self, address: &str, table: Arc<v1::RoutingTable>) {
         let epoch = self.state.epoch;
         let pusher = self.pushers.entry(address.to_owned()).or_insert_with(|| {
             calls::router_pusher(
