@@ -10,9 +10,7 @@
 //! the body limit) so that it can be sent again.
 
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,7 +18,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -40,6 +38,12 @@ use crate::upstream::{self, Checkout, PoolSettings};
 /// A boxed error, as bodies and clients report them.
 pub use crossfade_common::http::BoxError;
 
+pub use self::body::{
+    IdleTimeout, ProxyBody, UPSTREAM_FAILED_EVENT, UPSTREAM_IDLE_EVENT, UpstreamBody,
+};
+
+mod body;
+
 /// The header a gate sets on a 503 that the engine never saw.
 pub const RETRY_HEADER: HeaderName = HeaderName::from_static("x-crossfade-retry");
 
@@ -49,10 +53,6 @@ pub const DEPLOYMENT_HEADER: HeaderName = HeaderName::from_static("x-crossfade-d
 /// The header that says how long a request was held for a replica, in
 /// milliseconds (only on requests that were).
 pub const QUEUED_HEADER: HeaderName = HeaderName::from_static("x-crossfade-queued-ms");
-/// The first pause of a request held after every worker refused it.
-const HOLD_FIRST_PAUSE: Duration = Duration::from_millis(50);
-/// The longest pause between its tries.
-const HOLD_MAX_PAUSE: Duration = Duration::from_secs(1);
 
 /// The header that carries a session key.
 pub const SESSION_HEADER: HeaderName = HeaderName::from_static("x-session-id");
@@ -283,13 +283,9 @@ impl Proxy {
                     .map(str::as_bytes)
             });
         let mut rng = fastrand::Rng::new();
-        // Refused by every worker before any engine saw it (a single host's
-        // agent restarting, every worker draining), the request is held and
-        // sent again, with back-off, within the queue's timeout.
-        // No clock is read unless a request is refused.
-        let mut hold_until = None;
-        let mut may_hold = true;
-        let mut pause = HOLD_FIRST_PAUSE;
+        // Refused by every worker before any engine saw it, the request is
+        // held and sent again (see `Hold`).
+        let mut hold = self.queue.hold();
         let mut response = loop {
             let endpoint = table
                 .endpoint(model)
@@ -304,23 +300,17 @@ impl Proxy {
             let request = Forward {
                 parts: &parts,
                 body: bytes.clone(),
-                path_and_query: upstream_path_and_query.clone(),
+                path_and_query: &upstream_path_and_query,
                 endpoint,
             };
             match self
-                .forward(request, deployment, slots, &mut rng, may_hold)
+                .forward(request, deployment, slots, &mut rng, hold.may_hold())
                 .await
             {
                 Ok(response) => break response,
                 Err(back) => {
                     slots = back;
-                    let since = tokio::time::Instant::now();
-                    let until = *hold_until.get_or_insert(since + self.queue.timeout());
-                    tokio::time::sleep(pause.min(until.saturating_duration_since(since))).await;
-                    queued += since.elapsed();
-                    pause = (pause * 2).min(HOLD_MAX_PAUSE);
-                    // The last try answers whatever it meets.
-                    may_hold = tokio::time::Instant::now() + pause < until;
+                    queued += hold.wait().await;
                     table = self.routes.load();
                 }
             }
@@ -429,7 +419,7 @@ impl Proxy {
                 request.parts,
                 request.body.clone(),
                 &worker,
-                &request.path_and_query,
+                request.path_and_query,
             );
             let in_flight = worker.start_request();
             let sent = tokio::time::timeout(
@@ -527,18 +517,15 @@ impl Proxy {
             .headers
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        let body = ProxyBody::Upstream(UpstreamBody {
-            inner: body,
+        let body = ProxyBody::Upstream(UpstreamBody::new(
+            body,
             in_flight,
-            connection: Some((connection, self.pool)),
-            record: Some((record, outcome)),
-            _slots: slots,
-            idle_timeout: self.settings.idle_chunk_timeout,
-            idle: Box::pin(tokio::time::sleep(self.settings.idle_chunk_timeout)),
-            last_data: tokio::time::Instant::now(),
+            (connection, self.pool),
+            (record, outcome),
+            slots,
+            self.settings.idle_chunk_timeout,
             sse,
-            ended: false,
-        });
+        ));
         Response::from_parts(parts, body)
     }
 
@@ -626,7 +613,7 @@ struct Forward<'a> {
     parts: &'a Parts,
     /// The whole body, kept so that a retry can send it again.
     body: Bytes,
-    path_and_query: PathAndQuery,
+    path_and_query: &'a PathAndQuery,
     endpoint: &'a Endpoint,
 }
 
@@ -648,171 +635,4 @@ fn upstream_request(
     // gate (hyper's connection-level client does not add it).
     headers.insert(header::HOST, worker.host().clone());
     request
-}
-
-// === ProxyBody ===
-
-/// A response body: the router's own (a buffer) or an upstream's, streamed.
-// Unboxed: every proxied response is the large variant, and boxing it
-// would cost an allocation per request to save bytes on error answers.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-pub enum ProxyBody {
-    /// A body the router produced.
-    Full(Full<Bytes>),
-    /// An upstream's body, passed through frame by frame.
-    Upstream(UpstreamBody),
-}
-
-impl From<Bytes> for ProxyBody {
-    fn from(bytes: Bytes) -> Self {
-        Self::Full(Full::new(bytes))
-    }
-}
-
-/// An upstream response body in flight. It holds the worker's in-flight
-/// guard, so the request counts until the last byte (or until the client
-/// goes away and hyper drops the body), and it fails the stream when the
-/// upstream is silent longer than the idle bound.
-#[derive(Debug)]
-pub struct UpstreamBody {
-    inner: Incoming,
-    in_flight: InFlight,
-    /// The connection it comes on: back to the worker's idle list at the
-    /// end, closed if the body is dropped before.
-    connection: Option<(Checkout, PoolSettings)>,
-    /// Finished with its outcome at the last byte; dropped before that, it
-    /// counts the request as aborted.
-    record: Option<(RequestRecord, Outcome)>,
-    /// The client's and the router-wide concurrency slots, freed with the
-    /// body.
-    _slots: Slots,
-    idle_timeout: Duration,
-    /// Fires at the idle bound counted from some earlier chunk; when it
-    /// does, it is moved to the bound counted from `last_data`, so a chunk
-    /// costs a clock read rather than a timer update.
-    idle: Pin<Box<tokio::time::Sleep>>,
-    last_data: tokio::time::Instant,
-    /// An SSE stream: if the upstream breaks off, the client gets a final
-    /// error event and a clean end, as the gate gives when its engine dies.
-    sse: bool,
-    /// Ended by the router after such an event.
-    ended: bool,
-}
-
-/// The SSE event that ends a stream whose upstream broke off (a gate whose
-/// agent was killed, a lost host).
-pub const UPSTREAM_FAILED_EVENT: &str = "data: {\"error\":{\"message\":\"the worker serving this stream broke off\",\"type\":\"server_error\",\"code\":\"upstream_failed\"}}\n\n";
-
-/// The SSE event that ends a stream whose upstream fell silent for longer
-/// than the idle bound.
-pub const UPSTREAM_IDLE_EVENT: &str = "data: {\"error\":{\"message\":\"the worker serving this stream fell silent\",\"type\":\"server_error\",\"code\":\"upstream_idle_timeout\"}}\n\n";
-
-/// The upstream sent nothing for longer than the idle bound.
-#[derive(Debug, thiserror::Error)]
-#[error("no data from {worker} for {timeout:?}")]
-pub struct IdleTimeout {
-    worker: String,
-    timeout: Duration,
-}
-
-impl UpstreamBody {
-    /// The upstream broke off (`error`): counted as an aborted stream, its
-    /// connection closed; an SSE stream ends with `event`, another body
-    /// fails.
-    fn broken(
-        &mut self,
-        error: BoxError,
-        event: &'static str,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.connection = None;
-        if let Some((record, _)) = self.record.take() {
-            record.finish(Outcome::Aborted);
-        }
-        if !self.sse {
-            return Poll::Ready(Some(Err(error)));
-        }
-        tracing::debug!(%error, "an upstream broke off a stream; ending it with an error event");
-        self.ended = true;
-        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(event.as_bytes())))))
-    }
-
-    fn finish(&mut self) {
-        if let Some((connection, settings)) = self.connection.take() {
-            // The in-flight guard names the worker the response came from.
-            connection.release(self.in_flight.worker(), &settings);
-        }
-        if let Some((record, outcome)) = self.record.take() {
-            record.finish(outcome);
-        }
-    }
-}
-
-impl Body for ProxyBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            ProxyBody::Full(full) => Pin::new(full)
-                .poll_frame(cx)
-                .map_err(|never| match never {}),
-            ProxyBody::Upstream(up) if up.ended => Poll::Ready(None),
-            ProxyBody::Upstream(up) => match Pin::new(&mut up.inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some((record, _)) = &mut up.record
-                        && frame.data_ref().is_some_and(|data| !data.is_empty())
-                    {
-                        record.body_byte();
-                    }
-                    if up.inner.is_end_stream() {
-                        // hyper stops polling once the body says it ended, so
-                        // the frame that ends it is the request's end; no
-                        // `Ready(None)` may follow.
-                        up.finish();
-                    } else {
-                        up.last_data = tokio::time::Instant::now();
-                    }
-                    Poll::Ready(Some(Ok(frame)))
-                }
-                Poll::Ready(Some(Err(e))) => up.broken(e.into(), UPSTREAM_FAILED_EVENT),
-                Poll::Ready(None) => {
-                    up.finish();
-                    Poll::Ready(None)
-                }
-                Poll::Pending => loop {
-                    if up.idle.as_mut().poll(cx).is_pending() {
-                        return Poll::Pending;
-                    }
-                    let deadline = up.last_data + up.idle_timeout;
-                    if deadline <= tokio::time::Instant::now() {
-                        let silent = Box::new(IdleTimeout {
-                            worker: up.in_flight.worker().address().to_owned(),
-                            timeout: up.idle_timeout,
-                        });
-                        return up.broken(silent, UPSTREAM_IDLE_EVENT);
-                    }
-                    // Chunks came since it was set: the silence is shorter.
-                    up.idle.as_mut().reset(deadline);
-                },
-            },
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ProxyBody::Full(full) => full.is_end_stream(),
-            ProxyBody::Upstream(up) => up.ended || up.inner.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ProxyBody::Full(full) => full.size_hint(),
-            ProxyBody::Upstream(up) => up.inner.size_hint(),
-        }
-    }
 }

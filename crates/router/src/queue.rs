@@ -4,6 +4,7 @@
 //! waits, bounded in number per endpoint and in time, and goes on the
 //! moment a table with a replica is swapped in. A client that goes away
 //! leaves at once (its request future is dropped, and its place with it).
+//! A request that every worker refused is held too ([`Hold`]).
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -13,6 +14,41 @@ use tokio::time::Instant;
 use crate::error::RouteError;
 use crate::stats::{QUEUE_TIMEOUTS_TOTAL, QUEUE_WAIT_SECONDS};
 use crate::table::{Routes, Table};
+
+/// The first pause of a request held after every worker refused it.
+const HOLD_FIRST_PAUSE: Duration = Duration::from_millis(50);
+/// The longest pause between its tries.
+const HOLD_MAX_PAUSE: Duration = Duration::from_secs(1);
+
+/// A request that every worker refused before an engine saw it (a single
+/// host's agent restarting, every worker draining) is held and sent again,
+/// with back-off, within the queue's timeout. No clock is read unless a
+/// request is refused.
+#[derive(Debug)]
+pub struct Hold {
+    timeout: Duration,
+    /// Set at the first refusal.
+    until: Option<Instant>,
+    pause: Duration,
+}
+
+impl Hold {
+    /// Whether a refusal of the next try may be held: the last try, whose
+    /// pause would pass the timeout, answers whatever it meets.
+    pub fn may_hold(&self) -> bool {
+        self.until
+            .is_none_or(|until| Instant::now() + self.pause < until)
+    }
+
+    /// Waits before the next try; how long it waited.
+    pub async fn wait(&mut self) -> Duration {
+        let since = Instant::now();
+        let until = *self.until.get_or_insert(since + self.timeout);
+        tokio::time::sleep(self.pause.min(until.saturating_duration_since(since))).await;
+        self.pause = (self.pause * 2).min(HOLD_MAX_PAUSE);
+        since.elapsed()
+    }
+}
 
 /// The bounds of the queues; the counts are kept in the routes'
 /// statistics, which `GetStats` reports.
@@ -48,13 +84,18 @@ impl Queue {
 
     /// From now on, `hints` hears of each endpoint whose queue gets its
     /// first request (once; later calls change nothing).
-    /// How long a request may be held.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-
     pub fn hint_demand_to(&self, hints: crate::demand::Hints) {
         let _ = self.hints.set(hints);
+    }
+
+    /// A hold for a request that every worker may refuse, within this
+    /// queue's timeout.
+    pub fn hold(&self) -> Hold {
+        Hold {
+            timeout: self.timeout,
+            until: None,
+            pause: HOLD_FIRST_PAUSE,
+        }
     }
 
     fn enter<'a>(&self, routes: &'a Routes, endpoint: &str) -> Result<Place<'a>, RouteError> {

@@ -12,7 +12,6 @@
 //! its final counts, and is then forgotten. The number of series stays
 //! bounded over any number of promotions.
 
-use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,7 +20,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossfade_common::metrics::LATENCY_SECONDS_BUCKETS;
 use crossfade_proto::v1;
 
+use self::window::{Bucket, Window};
 use crate::table::Registry;
+
+mod window;
 
 /// `crossfade_router_requests_total{endpoint, deployment, outcome}`.
 pub const REQUESTS_TOTAL: &str = "crossfade_router_requests_total";
@@ -308,157 +310,6 @@ impl Drop for RequestRecord {
     fn drop(&mut self) {
         if !self.done {
             self.end(Outcome::Aborted);
-        }
-    }
-}
-
-// === Window ===
-
-/// Buckets of `T` for the last [`BUCKETS_KEPT`] × [`BUCKET_SECONDS`]
-/// seconds, oldest first.
-#[derive(Debug)]
-pub(crate) struct Window<T> {
-    /// (start, in units of BUCKET_SECONDS since the Unix epoch; the bucket).
-    buckets: VecDeque<(u64, T)>,
-}
-
-impl<T> Default for Window<T> {
-    fn default() -> Self {
-        Self {
-            buckets: VecDeque::new(),
-        }
-    }
-}
-
-impl<T: Default> Window<T> {
-    /// The bucket for `now`, made when the clock moved on.
-    fn current(&mut self, now: u64) -> &mut T {
-        if self.buckets.back().is_none_or(|(start, _)| *start < now) {
-            self.buckets.push_back((now, T::default()));
-            while self.buckets.len() > BUCKETS_KEPT {
-                self.buckets.pop_front();
-            }
-        }
-        &mut self
-            .buckets
-            .back_mut()
-            .expect("a bucket was just pushed if none was there")
-            .1
-    }
-
-    /// The buckets that start at or after `since`.
-    fn since(&self, since: u64) -> impl Iterator<Item = &T> {
-        self.buckets
-            .iter()
-            .filter(move |(start, _)| *start >= since)
-            .map(|(_, bucket)| bucket)
-    }
-}
-
-#[derive(Debug, Default, Clone)]
-struct Bucket {
-    counts: v1::RequestCounts,
-    retries: v1::RetryCounts,
-    latency: Hist,
-    ttft: Hist,
-}
-
-impl Bucket {
-    fn add(&mut self, other: &Bucket) {
-        add_counts(&mut self.counts, &other.counts);
-        let (r, o) = (&mut self.retries, &other.retries);
-        r.connect_error += o.connect_error;
-        r.refused_stream += o.refused_stream;
-        r.draining += o.draining;
-        r.not_ready += o.not_ready;
-        self.latency.add(&other.latency);
-        self.ttft.add(&other.ttft);
-    }
-}
-
-/// A histogram over the shared latency buckets (plus one for anything
-/// longer); percentiles are reported as the upper bound of their bucket.
-#[derive(Debug, Clone)]
-struct Hist {
-    counts: [u64; LATENCY_SECONDS_BUCKETS.len() + 1],
-    sum: f64,
-    max: f64,
-}
-
-impl Default for Hist {
-    fn default() -> Self {
-        Self {
-            counts: [0; LATENCY_SECONDS_BUCKETS.len() + 1],
-            sum: 0.0,
-            max: 0.0,
-        }
-    }
-}
-
-impl Hist {
-    fn record(&mut self, d: Duration) {
-        let s = d.as_secs_f64();
-        let i = LATENCY_SECONDS_BUCKETS.partition_point(|&b| b < s);
-        self.counts[i] += 1;
-        self.sum += s;
-        self.max = self.max.max(s);
-    }
-
-    fn add(&mut self, other: &Hist) {
-        for (a, b) in self.counts.iter_mut().zip(other.counts) {
-            *a += b;
-        }
-        self.sum += other.sum;
-        self.max = self.max.max(other.max);
-    }
-
-    fn quantile(&self, q: f64) -> f64 {
-        let total: u64 = self.counts.iter().sum();
-        if total == 0 {
-            return 0.0;
-        }
-        let rank = (q * total as f64).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, &n) in self.counts.iter().enumerate() {
-            seen += n;
-            if seen >= rank {
-                return LATENCY_SECONDS_BUCKETS
-                    .get(i)
-                    .copied()
-                    .unwrap_or(self.max)
-                    .min(self.max);
-            }
-        }
-        self.max
-    }
-
-    /// The histogram's series in the text format: cumulative buckets, sum
-    /// and count.
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut seen = 0;
-        for (i, n) in self.counts.iter().enumerate() {
-            seen += n;
-            match LATENCY_SECONDS_BUCKETS.get(i) {
-                Some(le) => {
-                    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {seen}");
-                }
-                None => {
-                    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {seen}");
-                }
-            }
-        }
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {seen}");
-    }
-
-    fn summary(&self) -> v1::LatencySummary {
-        v1::LatencySummary {
-            count: self.counts.iter().sum(),
-            sum_seconds: self.sum,
-            p50_seconds: self.quantile(0.5),
-            p90_seconds: self.quantile(0.9),
-            p99_seconds: self.quantile(0.99),
-            max_seconds: self.max,
         }
     }
 }

@@ -67,29 +67,3 @@ fn series_render_in_the_text_format() {
         "every series belongs to a family: {out}"
     );
 }
-
-#[test]
-fn percentiles_are_bucket_upper_bounds() {
-    let mut h = Hist::default();
-    for ms in [3, 3, 3, 40, 40, 40, 40, 40, 40, 900] {
-        h.record(Duration::from_millis(ms));
-    }
-    let s = h.summary();
-    assert_eq!(s.count, 10);
-    assert_eq!(s.p50_seconds, 0.05);
-    assert_eq!(s.p90_seconds, 0.05);
-    assert_eq!(s.p99_seconds, 0.9, "capped by the largest observation");
-    assert!((s.sum_seconds - 1.149).abs() < 1e-9);
-    assert_eq!(Hist::default().summary().p99_seconds, 0.0);
-}
-
-#[test]
-fn the_window_keeps_an_hour() {
-    let mut w = Window::<v1::RequestCounts>::default();
-    for b in 0..(BUCKETS_KEPT as u64 + 10) {
-        w.current(b).total += 1;
-    }
-    assert_eq!(w.buckets.len(), BUCKETS_KEPT);
-    assert_eq!(w.buckets.front().unwrap().0, 10);
-    assert_eq!(w.since(BUCKETS_KEPT as u64).count(), 10);
-}
