@@ -300,31 +300,30 @@ impl Gate {
                     }),
                 )
             }
-            Err(e) if e.is_connect() => {
-                // The request never reached the engine: another worker may
-                // take it.
-                metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => "engine_unreachable")
-                    .increment(1);
-                tracing::warn!(error = %e, port, "the engine refused a connection");
-                retry_elsewhere(
-                    "this worker's engine is not reachable; retry on another",
-                    "not-ready",
-                )
-            }
-            Err(e) if self.engine_ended(port).await => {
-                // The engine died before it answered (a container's port,
+            Err(e) => {
+                // The request never reached the engine (refused), or the
+                // engine died before it answered (a container's port,
                 // Docker's proxy, accepts connections for a dead engine until
                 // it is torn down): the client saw nothing, so another worker
-                // may take the request, as with a refused connection.
-                metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => "engine_unreachable")
-                    .increment(1);
-                tracing::warn!(error = %e, port, "the engine ended before it answered");
-                retry_elsewhere(
-                    "this worker's engine ended before it answered; retry on another",
-                    "not-ready",
-                )
-            }
-            Err(e) => {
+                // may take it.
+                let refused = e.is_connect();
+                if refused || self.engine_ended(port).await {
+                    metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => "engine_unreachable")
+                        .increment(1);
+                    let (what, message) = if refused {
+                        (
+                            "the engine refused a connection",
+                            "this worker's engine is not reachable; retry on another",
+                        )
+                    } else {
+                        (
+                            "the engine ended before it answered",
+                            "this worker's engine ended before it answered; retry on another",
+                        )
+                    };
+                    tracing::warn!(error = %e, port, "{what}");
+                    return retry_elsewhere(message, "not-ready");
+                }
                 metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => "engine_error").increment(1);
                 tracing::warn!(error = %e, port, "the engine failed a request");
                 error_response(
@@ -492,12 +491,19 @@ mod tests {
 
     /// An engine's port as Docker's proxy keeps it for a dead container:
     /// it accepts each connection and closes it without an answer.
-    async fn closing_port() -> u16 {
+    async fn closing_port(shutdown: &Shutdown) -> u16 {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                drop(stream);
+        let stop = shutdown.clone();
+        shutdown.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.triggered() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => drop(stream),
+                        Err(_) => return,
+                    },
+                }
             }
         });
         port
@@ -507,12 +513,12 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let gate = Arc::clone(gate);
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        let stop = shutdown.clone();
+        shutdown.spawn(async move {
             crossfade_common::http::serve(
                 listener,
                 &crossfade_common::http::ServeOptions::default(),
-                shutdown,
+                stop,
                 move |req: Request<Incoming>| Arc::clone(&gate).handle(req),
             )
             .await;
@@ -540,12 +546,12 @@ mod tests {
     async fn a_request_whose_engine_died_before_answering_may_go_elsewhere() {
         let shutdown = Shutdown::new();
         let gate = Arc::new(Gate::new());
-        gate.open(closing_port().await);
+        gate.open(closing_port(&shutdown).await);
         let addr = serve(&gate, &shutdown).await;
         // The supervisor sees the engine's end a moment after the request
         // failed.
         let seen = Arc::clone(&gate);
-        tokio::spawn(async move {
+        shutdown.spawn(async move {
             tokio::time::sleep(Duration::from_millis(200)).await;
             seen.close_for_start();
         });
@@ -555,13 +561,14 @@ mod tests {
         assert!(body.contains("ended before it answered"), "{body}");
         assert_eq!(gate.state().in_flight, 0);
         shutdown.trigger();
+        shutdown.wait_for_tasks(Duration::from_secs(5)).await;
     }
 
     #[tokio::test]
     async fn a_request_that_a_live_engine_failed_is_not_retried() {
         let shutdown = Shutdown::new();
         let gate = Arc::new(Gate::new());
-        gate.open(closing_port().await);
+        gate.open(closing_port(&shutdown).await);
         let addr = serve(&gate, &shutdown).await;
         let (status, retry, body) = post(addr).await;
         assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
@@ -569,5 +576,6 @@ mod tests {
         assert!(body.contains("engine_error"), "{body}");
         assert_eq!(gate.state().in_flight, 0);
         shutdown.trigger();
+        shutdown.wait_for_tasks(Duration::from_secs(5)).await;
     }
 }

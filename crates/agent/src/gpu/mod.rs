@@ -49,6 +49,11 @@ impl Visible {
         Self((!entries.is_empty()).then_some(entries))
     }
 
+    /// The GPUs named, as given (none: every GPU).
+    pub fn entries(&self) -> &[String] {
+        self.0.as_deref().unwrap_or_default()
+    }
+
     /// Whether GPU `index` (with `uuid`, empty when unreadable) is one of
     /// them.
     pub fn includes(&self, index: u32, uuid: &str) -> bool {

@@ -5,6 +5,11 @@
 use super::spec::{masked_tail, secret_values};
 use super::*;
 
+pub(super) use self::swap::Swap;
+
+mod drain;
+mod swap;
+
 /// The deployment being run.
 pub(super) struct Current {
     spec: v1::EngineSpec,
@@ -46,19 +51,6 @@ impl Current {
             probe.abort();
         }
     }
-}
-
-/// An `Apply` of another deployment, waiting for the running one to drain
-/// (the actor goes on meanwhile: statuses, crashes, other commands).
-pub(super) struct Swap {
-    spec: v1::EngineSpec,
-    plan: LaunchPlan,
-    started: Instant,
-    /// The drain's deadline: open streams are cut then.
-    deadline: Instant,
-    /// When open streams were cut, for their final events to leave.
-    cut: Option<Instant>,
-    reply: oneshot::Sender<Result<Applied, SupervisorError>>,
 }
 
 pub(super) enum Event {
@@ -259,154 +251,6 @@ impl Actor {
         engine.kill();
         current.killed_for = Some(reason);
         true
-    }
-
-    /// Runs `spec`; the answer goes to `reply` once it is launched. Another
-    /// deployment running is drained first, without holding up the actor:
-    /// [`Self::advance_swap`] launches `spec` once it is drained.
-    async fn apply(
-        &mut self,
-        spec: v1::EngineSpec,
-        drain_timeout: Duration,
-        reply: oneshot::Sender<Result<Applied, SupervisorError>>,
-    ) {
-        let plan = match plan(&self.settings, &spec, self.log_path.clone()) {
-            Ok(plan) => plan,
-            Err(e) => {
-                let _ = reply.send(Err(e));
-                return;
-            }
-        };
-        let state = self.view.borrow().state;
-        let already = Ok(Applied {
-            already_applied: true,
-        });
-        if let Some(swap) = &mut self.swap {
-            if swap.spec.deployment_id == spec.deployment_id {
-                let _ = reply.send(already);
-                return;
-            }
-            // Another deployment instead: this Apply takes the swap's place.
-            let superseded = std::mem::replace(&mut swap.reply, reply);
-            let _ = superseded.send(Err(SupervisorError::Precondition(format!(
-                "Apply of {} came before {} was launched",
-                spec.deployment_id, swap.spec.deployment_id
-            ))));
-            swap.spec = spec;
-            swap.plan = plan;
-            // The running one again: it stays.
-            if self
-                .current
-                .as_ref()
-                .is_some_and(|c| c.spec.deployment_id == swap.spec.deployment_id)
-                && let Some(swap) = self.swap.take()
-            {
-                let _ = swap.reply.send(self.undrain().map(|()| Applied {
-                    already_applied: true,
-                }));
-            }
-            return;
-        }
-        if let Some(current) = &self.current
-            && current.spec.deployment_id == spec.deployment_id
-            && matches!(
-                state,
-                EngineState::Starting | EngineState::Ready | EngineState::Draining
-            )
-        {
-            if state == EngineState::Draining
-                && let Err(e) = self.undrain()
-            {
-                let _ = reply.send(Err(e));
-                return;
-            }
-            let _ = reply.send(already);
-            return;
-        }
-        if self.current.is_some() {
-            tracing::info!(
-                from = %self.view.borrow().deployment_id,
-                to = %spec.deployment_id,
-                "swapping deployments: draining the running one"
-            );
-            if matches!(state, EngineState::Ready | EngineState::Draining) {
-                self.gate.start_drain();
-                self.set(|view| view.state = EngineState::Draining);
-            } else {
-                self.gate.close_for_start();
-            }
-            let now = Instant::now();
-            self.swap = Some(Swap {
-                spec,
-                plan,
-                started: now,
-                deadline: now + drain_timeout,
-                cut: None,
-                reply,
-            });
-            self.advance_swap().await;
-            return;
-        }
-        self.launch_new(spec, plan);
-        let _ = reply.send(Ok(Applied {
-            already_applied: false,
-        }));
-    }
-
-    /// Goes on with a swap: once nothing is in flight (or the drain's
-    /// deadline has cut open streams and their last events have left, or
-    /// the engine has ended), stops the running engine and launches the
-    /// next deployment.
-    async fn advance_swap(&mut self) {
-        let Some(swap) = &mut self.swap else {
-            return;
-        };
-        let now = Instant::now();
-        let runs = self.current.as_ref().is_some_and(|c| c.engine.is_some());
-        let left = self.gate.state().in_flight;
-        if runs && left > 0 {
-            match swap.cut {
-                None if now >= swap.deadline => {
-                    tracing::warn!(
-                        still_in_flight = left,
-                        "drain deadline passed; ending open streams"
-                    );
-                    self.gate.cut_streams();
-                    swap.cut = Some(now);
-                    return;
-                }
-                Some(at) if now >= at + CUT_FLUSH => {}
-                _ => return,
-            }
-        }
-        let Some(swap) = self.swap.take() else {
-            return;
-        };
-        let result = if swap.cut.is_some() {
-            "deadline"
-        } else {
-            "drained"
-        };
-        metrics::histogram!(m::DRAIN_SECONDS, "result" => result)
-            .record(swap.started.elapsed().as_secs_f64());
-        self.stop_engine().await;
-        self.launch_new(swap.spec, swap.plan);
-        let _ = swap.reply.send(Ok(Applied {
-            already_applied: false,
-        }));
-    }
-
-    /// Launches `spec`, a deployment new to this engine slot.
-    fn launch_new(&mut self, spec: v1::EngineSpec, plan: LaunchPlan) {
-        tracing::info!(deployment = %spec.deployment_id, plan = ?plan, "launching the engine");
-        self.current = Some(Current::new(&self.settings, spec, plan));
-        self.set(|view| {
-            *view = EngineView {
-                restart_count: 0,
-                ..EngineView::default()
-            };
-        });
-        self.launch();
     }
 
     /// Launches (or relaunches) the current deployment.
@@ -766,154 +610,6 @@ impl Actor {
             view.adopted = false;
         });
     }
-
-    fn drain(&mut self, deadline: Duration, reply: oneshot::Sender<Drained>) {
-        let state = self.view.borrow().state;
-        if !matches!(state, EngineState::Ready | EngineState::Draining) {
-            // Nothing takes traffic; the gate already refuses it.
-            let _ = reply.send(Drained {
-                drained: true,
-                still_in_flight: 0,
-                waited: Duration::ZERO,
-            });
-            return;
-        }
-        self.gate.start_drain();
-        self.set(|view| view.state = EngineState::Draining);
-        let gate = Arc::clone(&self.gate);
-        let mut undrained = self.undrained.subscribe();
-        undrained.mark_unchanged();
-        self.tasks.spawn(async move {
-            let started = Instant::now();
-            let until = tokio::time::Instant::now() + deadline;
-            let (left, result) = tokio::select! {
-                left = gate.wait_idle(until) => {
-                    if left > 0 {
-                        gate.cut_streams();
-                    }
-                    (left, if left == 0 { "drained" } else { "deadline" })
-                }
-                _ = undrained.changed() => (gate.state().in_flight, "undrained"),
-            };
-            let waited = started.elapsed();
-            metrics::histogram!(m::DRAIN_SECONDS, "result" => result).record(waited.as_secs_f64());
-            let _ = reply.send(Drained {
-                drained: left == 0,
-                still_in_flight: left,
-                waited,
-            });
-        });
-    }
-
-    /// Drains before a stop, waiting here.
-    async fn drain_now(&mut self, deadline: Duration) -> Drained {
-        let started = Instant::now();
-        let state = self.view.borrow().state;
-        if !matches!(state, EngineState::Ready | EngineState::Draining) {
-            self.gate.close_for_start();
-            return Drained {
-                drained: true,
-                still_in_flight: 0,
-                waited: Duration::ZERO,
-            };
-        }
-        self.gate.start_drain();
-        self.set(|view| view.state = EngineState::Draining);
-        let left = self
-            .gate
-            .wait_idle(tokio::time::Instant::now() + deadline)
-            .await;
-        if left > 0 {
-            tracing::warn!(
-                still_in_flight = left,
-                ?deadline,
-                "drain deadline passed; ending open streams"
-            );
-            self.gate.cut_streams();
-            self.gate
-                .wait_idle(tokio::time::Instant::now() + CUT_FLUSH)
-                .await;
-        }
-        let waited = started.elapsed();
-        metrics::histogram!(m::DRAIN_SECONDS, "result" => if left == 0 { "drained" } else { "deadline" })
-            .record(waited.as_secs_f64());
-        Drained {
-            drained: left == 0,
-            still_in_flight: left,
-            waited,
-        }
-    }
-
-    fn undrain(&mut self) -> Result<(), SupervisorError> {
-        let state = self.view.borrow().state;
-        match state {
-            EngineState::Ready => Ok(()),
-            EngineState::Draining => {
-                self.gate.open(self.settings.port);
-                self.undrained.send_modify(|n| *n += 1);
-                self.set(|view| view.state = EngineState::Ready);
-                tracing::info!("undrained: taking requests again");
-                Ok(())
-            }
-            other => Err(SupervisorError::Precondition(format!(
-                "the engine is {}; only a draining engine can be undrained",
-                other.as_str_name()
-            ))),
-        }
-    }
-
-    async fn stop(&mut self, grace: Duration) -> Stopped {
-        if self.current.is_none() {
-            // Already stopped, or failed: nothing runs.
-            return Stopped {
-                still_in_flight: 0,
-                exit_code: self.view.borrow().exit_code,
-            };
-        }
-        let drained = self.drain_now(grace).await;
-        let exit = self.stop_engine().await;
-        self.current = None;
-        self.set(|view| {
-            view.state = EngineState::Stopped;
-            view.exit_code = exit.and_then(|e| e.code);
-            view.pid = 0;
-            view.container.clear();
-            view.starting_since = None;
-        });
-        Stopped {
-            still_in_flight: drained.still_in_flight,
-            exit_code: exit.and_then(|e| e.code),
-        }
-    }
-
-    /// Stops the current engine: SIGTERM, then SIGKILL after
-    /// `stop_timeout`. Forgets it in the state file.
-    async fn stop_engine(&mut self) -> Option<Exit> {
-        self.gate.close_for_start();
-        let current = self.current.as_mut()?;
-        current.stop_probe();
-        current.restart_at = None;
-        let mut engine = current.engine.take()?;
-        self.set(|view| view.state = EngineState::Stopping);
-        engine.terminate();
-        let exit = wait_exit(engine.as_mut(), self.settings.stop_timeout).await;
-        let exit = match exit {
-            Some(exit) => Some(exit),
-            None => {
-                tracing::warn!(
-                    timeout = ?self.settings.stop_timeout,
-                    "the engine did not stop after SIGTERM; killing it"
-                );
-                engine.kill();
-                wait_exit(engine.as_mut(), Duration::from_secs(10)).await
-            }
-        };
-        if let Err(e) = self.state_file.remove() {
-            tracing::warn!(error = %e, "cannot remove the state file");
-        }
-        tracing::info!(exit = ?exit, "engine stopped");
-        exit
-    }
 }
 
 /// The deployment's ready timeout, or the configured one.
@@ -922,19 +618,6 @@ fn ready_timeout(settings: &config::Engine, spec: &v1::EngineSpec) -> Duration {
         .and_then(|d| Duration::try_from(d).ok())
         .filter(|d| !d.is_zero())
         .unwrap_or(settings.ready_timeout)
-}
-
-async fn wait_exit(engine: &mut dyn Engine, timeout: Duration) -> Option<Exit> {
-    let until = Instant::now() + timeout;
-    loop {
-        if let Some(exit) = engine.try_exit() {
-            return Some(exit);
-        }
-        if Instant::now() >= until {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn state_name(state: EngineState) -> &'static str {

@@ -254,13 +254,7 @@ impl ContainerRuntime {
             env.push(format!("HF_HOME={CACHE_IN_CONTAINER}"));
         }
         let device_requests = self.settings.gpus.then(|| {
-            let ids: Vec<String> = plan
-                .gpus
-                .split(',')
-                .map(str::trim)
-                .filter(|id| !id.is_empty())
-                .map(str::to_owned)
-                .collect();
+            let ids = crate::gpu::Visible::parse(&plan.gpus).entries().to_vec();
             vec![DeviceRequest {
                 driver: Some("nvidia".into()),
                 count: ids.is_empty().then_some(-1),
