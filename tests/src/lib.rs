@@ -383,3 +383,86 @@ pub fn unique_name(prefix: &str) -> String {
         .map_or(0, |d| d.subsec_nanos());
     format!("{prefix}-{}-{nanos}", std::process::id())
 }
+
+/// An etcd server of a test's own: one member on 127.0.0.1, its data in a
+/// temporary directory, allowing transactions as large as a coordinator of
+/// a big fleet writes; killed when dropped.
+#[derive(Debug)]
+pub struct EtcdServer {
+    process: Option<Process>,
+    dir: TempDir,
+    client: u16,
+    peer: u16,
+}
+
+impl EtcdServer {
+    /// Starts one, or `None` when there is no `etcd` program here; under CI
+    /// or with `CROSSFADE_REQUIRE_ETCD=1`, a missing `etcd` is an error
+    /// (`.ci/run` installs Debian's etcd-server).
+    pub fn start() -> anyhow::Result<Option<Self>> {
+        let found = Command::new("etcd")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            if in_ci() || std::env::var("CROSSFADE_REQUIRE_ETCD").is_ok_and(|v| v == "1") {
+                bail!("etcd is required here (apt-get install etcd-server)");
+            }
+            eprintln!("SKIPPED: no etcd program (apt-get install etcd-server)");
+            return Ok(None);
+        }
+        let mut server = Self {
+            process: None,
+            dir: TempDir::new()?,
+            client: free_port()?,
+            peer: free_port()?,
+        };
+        server.run()?;
+        Ok(Some(server))
+    }
+
+    fn run(&mut self) -> anyhow::Result<()> {
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let client = format!("http://127.0.0.1:{}", self.client);
+        let mut command = Command::new("etcd");
+        command
+            .arg("--name=test")
+            .arg(format!(
+                "--data-dir={}",
+                self.dir.path().join("data").display()
+            ))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=test={peer}"))
+            .arg("--max-txn-ops=20000")
+            .arg("--max-request-bytes=33554432")
+            .arg("--logger=zap")
+            .arg("--log-level=error")
+            .stdout(Stdio::null());
+        self.process = Some(Process::spawn("etcd", command)?);
+        wait_for_port(
+            SocketAddr::from(([127, 0, 0, 1], self.client)),
+            Duration::from_secs(20),
+        )
+    }
+
+    /// Its client endpoint, `127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client)
+    }
+
+    /// Kills it (SIGKILL).
+    pub fn kill(&mut self) {
+        self.process = None;
+    }
+
+    /// Starts it again on the same data and ports.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.run()
+    }
+}

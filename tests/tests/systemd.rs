@@ -627,7 +627,7 @@ routers = []
 api = "127.0.0.1:7000"
 admin = "127.0.0.1:9403"
 [store]
-path = "/var/lib/crossfade-coordinator/state.json"
+path = "/var/lib/crossfade-coordinator/state.db"
 [control_tls]
 ca = "/etc/crossfade/certs/ca.pem"
 cert = "/etc/crossfade/certs/coordinator.pem"

@@ -37,6 +37,15 @@ impl Shutdown {
         self.tracker.spawn(task)
     }
 
+    /// A shutdown of part of this component: triggered with this one, or
+    /// alone; its tasks are its own to wait for.
+    pub fn child(&self) -> Self {
+        Self {
+            token: self.token.child_token(),
+            tracker: TaskTracker::new(),
+        }
+    }
+
     /// Starts the shutdown.
     pub fn trigger(&self) {
         self.token.cancel();

@@ -4,9 +4,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::actor::{self, Options};
-use crate::config::Config;
+use crate::config::{BackendKind, Config};
 use crate::service;
-use crate::store::Store;
+use crate::store::{Backends, Embedded, Store};
 use anyhow::Context as _;
 use clap::Parser;
 use crossfade_common::config::{self, CommonArgs};
@@ -56,18 +56,50 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let admin = TcpListener::bind(config.listen.admin)
         .await
         .with_context(|| format!("binding the admin listener on {}", config.listen.admin))?;
-    let coordinator = actor::start(
-        Store::new(&config.store.path),
-        Options {
-            agents: config.agents.clone(),
-            routers: config.routers.clone(),
-            router_ack_bound: config.router_ack_timeout,
-            template_env: config.template_env.iter().cloned().collect(),
-            control: tls.clone(),
-        },
-        &shutdown,
-    )
-    .context("opening the store")?;
+    let options = Options {
+        agents: config.agents.clone(),
+        routers: config.routers.clone(),
+        router_ack_bound: config.router_ack_timeout,
+        template_env: config.template_env.iter().cloned().collect(),
+        control: tls.clone(),
+    };
+    let coordinator = match config.store.backend {
+        BackendKind::Embedded => {
+            let backend = Embedded::open(&config.store.path).context("opening the store")?;
+            let (store, state) = Store::open(Backends::Embedded(backend))
+                .await
+                .context("reading the store")?;
+            metrics::gauge!(crate::metrics::LEADER).set(1.0);
+            actor::start(store, state, 0, options, &shutdown)
+                .await
+                .context("writing the store")?
+        }
+        BackendKind::Etcd => {
+            let etcd = &config.store.etcd;
+            let advertise = if etcd.advertise_api.is_empty() {
+                format!("{}:{}", hostname(), config.listen.api.port())
+            } else {
+                etcd.advertise_api.clone()
+            };
+            tracing::info!(
+                endpoints = ?etcd.endpoints,
+                prefix = etcd.prefix,
+                advertise,
+                "on etcd: campaigning for leadership"
+            );
+            crate::ha::start(
+                crate::ha::Settings {
+                    endpoints: etcd.endpoints.clone(),
+                    prefix: etcd.prefix.clone(),
+                    lease_ttl: etcd.lease_ttl,
+                    timeout: etcd.timeout,
+                    advertise,
+                },
+                options,
+                &shutdown,
+            )
+        }
+    };
     tracing::info!(
         api = %config.listen.api,
         admin = %config.listen.admin,
@@ -101,4 +133,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     shutdown.wait_for_tasks(Duration::from_secs(5)).await;
     tracing::info!("crossfade-coordinator stopped");
     Ok(())
+}
+
+/// This host's name, for the address standbys name.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }

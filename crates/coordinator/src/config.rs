@@ -21,7 +21,7 @@ pub struct Config {
     pub log: LogConfig,
     /// Mutual TLS on the control plane (or, explicitly, plain text).
     pub control_tls: ControlTls,
-    /// The embedded store.
+    /// Where the state is kept: embedded, or etcd (with leader election).
     pub store: StoreConfig,
     /// Agents' control addresses (`host:port`).
     pub agents: Vec<String>,
@@ -51,8 +51,56 @@ pub struct Listen {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// The state file, replaced atomically at every change.
+    /// `embedded` (one coordinator, its records in `path`) or `etcd`
+    /// (several coordinators, one leading, on `[store.etcd]`).
+    pub backend: BackendKind,
+    /// The embedded store's file (SQLite).
     pub path: PathBuf,
+    /// etcd, for `backend = "etcd"`.
+    pub etcd: EtcdConfig,
+}
+
+/// Which store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// SQLite, one file.
+    Embedded,
+    /// etcd, with leader election.
+    Etcd,
+}
+
+/// `[store.etcd]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdConfig {
+    /// etcd's client endpoints (`host:port` or `http://host:port`).
+    pub endpoints: Vec<String>,
+    /// The prefix of every key this fleet's coordinators use.
+    pub prefix: String,
+    /// The leader's lease (2s ..= 60s): a leader silent this long is
+    /// replaced; a standby takes over within about this long.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// The bound on each call to etcd (1s ..= 60s).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// The API address standbys name when they refuse a change, and the
+    /// CLI follows (`host:port`); by default this host's name and the
+    /// port of `listen.api`.
+    pub advertise_api: String,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: vec!["127.0.0.1:2379".into()],
+            prefix: "/crossfade/".into(),
+            lease_ttl: Duration::from_secs(3),
+            timeout: Duration::from_secs(5),
+            advertise_api: String::new(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -83,7 +131,9 @@ impl Default for Listen {
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
-            path: "/var/lib/crossfade-coordinator/state.json".into(),
+            backend: BackendKind::Embedded,
+            path: "/var/lib/crossfade-coordinator/state.db".into(),
+            etcd: EtcdConfig::default(),
         }
     }
 }
@@ -99,8 +149,47 @@ impl Validate for Config {
             ("listen.api", self.listen.api),
             ("listen.admin", self.listen.admin),
         ]));
-        if self.store.path.as_os_str().is_empty() {
-            errors.push(FieldError::new("store.path", "must name a file"));
+        match self.store.backend {
+            BackendKind::Embedded if self.store.path.as_os_str().is_empty() => {
+                errors.push(FieldError::new("store.path", "must name a file"));
+            }
+            BackendKind::Embedded => {}
+            BackendKind::Etcd => {
+                let etcd = &self.store.etcd;
+                if etcd.endpoints.is_empty() {
+                    errors.push(FieldError::new(
+                        "store.etcd.endpoints",
+                        "must name at least one etcd endpoint",
+                    ));
+                }
+                if !etcd.prefix.ends_with('/') {
+                    errors.push(FieldError::new(
+                        "store.etcd.prefix",
+                        format!("must end with `/`, got `{}`", etcd.prefix),
+                    ));
+                }
+                errors.extend(FieldError::check_duration(
+                    "store.etcd.lease_ttl",
+                    etcd.lease_ttl,
+                    Duration::from_secs(2)..=Duration::from_secs(60),
+                ));
+                errors.extend(FieldError::check_duration(
+                    "store.etcd.timeout",
+                    etcd.timeout,
+                    Duration::from_secs(1)..=Duration::from_secs(60),
+                ));
+                if !etcd.advertise_api.is_empty()
+                    && !etcd
+                        .advertise_api
+                        .rsplit_once(':')
+                        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+                {
+                    errors.push(FieldError::new(
+                        "store.etcd.advertise_api",
+                        format!("must be host:port, got `{}`", etcd.advertise_api),
+                    ));
+                }
+            }
         }
         errors.extend(self.control_tls.check_peers("agents", &self.agents));
         errors.extend(self.control_tls.check_peers("routers", &self.routers));

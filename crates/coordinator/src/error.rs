@@ -36,6 +36,21 @@ pub enum CoordinatorError {
     /// The coordinator is shutting down (or could not store the change).
     #[error("the coordinator is shutting down")]
     ShuttingDown,
+    /// This coordinator is on standby: the leader (its API address, or
+    /// empty while none is known) takes changes.
+    #[error("{}", standby_message(.0))]
+    Standby(String),
+}
+
+/// The metadata key naming the leader's API address on a standby's refusal.
+pub const LEADER_METADATA: &str = "x-crossfade-leader";
+
+fn standby_message(leader: &str) -> String {
+    if leader.is_empty() {
+        "this coordinator is on standby and no leader is elected yet; try again shortly".into()
+    } else {
+        format!("this coordinator is on standby; send changes to the leader at {leader}")
+    }
 }
 
 impl CoordinatorError {
@@ -74,6 +89,15 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::AlreadyExists(_) => Status::already_exists(message),
             CoordinatorError::FailedPrecondition(_) => Status::failed_precondition(message),
             CoordinatorError::ShuttingDown => Status::unavailable(message),
+            CoordinatorError::Standby(leader) => {
+                let mut status = Status::unavailable(message);
+                if !leader.is_empty()
+                    && let Ok(value) = leader.parse()
+                {
+                    status.metadata_mut().insert(LEADER_METADATA, value);
+                }
+                status
+            }
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod eligibility;
 pub mod error;
+pub mod ha;
 pub mod health;
 pub mod metrics;
 pub mod rollout;

@@ -24,6 +24,17 @@ pub const TABLE_VERSION: &str = "crossfade_coordinator_table_version";
 /// Workers by state (`reachable`, `unreachable`, `cordoned`).
 pub const WORKERS: &str = "crossfade_coordinator_workers";
 
+/// Bytes of keys and values written to the store.
+pub const STORE_BYTES: &str = "crossfade_coordinator_store_written_bytes_total";
+/// Transactions written to the store.
+pub const STORE_WRITES: &str = "crossfade_coordinator_store_writes_total";
+/// Records put or deleted in the store.
+pub const STORE_RECORDS: &str = "crossfade_coordinator_store_written_records_total";
+/// Time one store transaction took.
+pub const STORE_SECONDS: &str = "crossfade_coordinator_store_write_duration_seconds";
+/// 1 while this coordinator leads (or runs alone on the embedded store).
+pub const LEADER: &str = "crossfade_coordinator_leader";
+
 /// How long a gauge not set again stays in `/metrics`. Every gauge still
 /// meant is set on each pass of the coordinator's loop (every 200 ms), so
 /// the series of a deployment no promotion names any more, or of a deleted
@@ -31,7 +42,23 @@ pub const WORKERS: &str = "crossfade_coordinator_workers";
 pub const IDLE_GAUGES: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Histograms and their buckets.
-pub const HISTOGRAMS: &[(&str, &[f64])] = &[(STEP_SECONDS, OPERATION_SECONDS_BUCKETS)];
+pub const HISTOGRAMS: &[(&str, &[f64])] = &[
+    (STEP_SECONDS, OPERATION_SECONDS_BUCKETS),
+    (STORE_SECONDS, STORE_SECONDS_BUCKETS),
+];
+
+/// From 100 µs (a small SQLite commit) to 5 s (etcd's call bound).
+const STORE_SECONDS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Counts one transaction written to the store.
+pub fn store_written(batch: &crate::store::Batch, took: std::time::Duration) {
+    metrics::counter!(STORE_WRITES).increment(1);
+    metrics::counter!(STORE_BYTES).increment(batch.bytes() as u64);
+    metrics::counter!(STORE_RECORDS).increment(batch.operations() as u64);
+    metrics::histogram!(STORE_SECONDS).record(took.as_secs_f64());
+}
 
 const STATUSES: [(Status, &str); 7] = [
     (Status::Releasing, "releasing"),
@@ -67,6 +94,22 @@ pub fn describe() {
     describe_counter!(PROMOTIONS_TOTAL, "Promotions ended, by outcome.");
     describe_gauge!(TABLE_VERSION, "The routing table version last pushed.");
     describe_gauge!(WORKERS, "Workers by state.");
+    describe_counter!(
+        STORE_BYTES,
+        Unit::Bytes,
+        "Bytes of keys and values written to the store."
+    );
+    describe_counter!(STORE_WRITES, "Transactions written to the store.");
+    describe_counter!(STORE_RECORDS, "Records put or deleted in the store.");
+    describe_histogram!(
+        STORE_SECONDS,
+        Unit::Seconds,
+        "Time one store transaction took."
+    );
+    describe_gauge!(
+        LEADER,
+        "1 while this coordinator leads (or runs alone on the embedded store), 0 on standby."
+    );
 }
 
 /// Sets the gauges from a view.

@@ -599,6 +599,19 @@ impl Rollout {
             .collect()
     }
 
+    /// What history keeps of a rollout that no longer decides anything:
+    /// its state and its table, not its view of every worker.
+    pub fn archive(&mut self) {
+        self.workers.clear();
+        self.applied_over.clear();
+        self.starting.clear();
+        self.ready.clear();
+        self.scaling.clear();
+        self.removes.clear();
+        self.leaving.clear();
+        self.failed.clear();
+    }
+
     /// Replicas per deployment: (ready in the table, starting, draining).
     pub fn replicas(&self, deployment: &str) -> (u32, u32, u32) {
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);

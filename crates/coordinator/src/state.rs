@@ -89,6 +89,15 @@ pub struct Promotion {
     pub rollback: bool,
 }
 
+impl Promotion {
+    /// What history keeps of it ([`Rollout::archive`]).
+    #[must_use]
+    pub fn archived(mut self) -> Self {
+        self.rollout.archive();
+        self
+    }
+}
+
 /// What a deployment is now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeploymentState {

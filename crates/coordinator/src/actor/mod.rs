@@ -95,6 +95,31 @@ pub enum Request {
     ReportDemand(v1::ReportDemandRequest, Reply<bool>),
 }
 
+impl Request {
+    /// Answers it with `error` instead of acting on it.
+    pub fn refuse(self, error: CoordinatorError) {
+        fn send<T>(reply: Reply<T>, error: CoordinatorError) {
+            let _ = reply.send(Err(error));
+        }
+        match self {
+            Self::CreateEndpoint(_, r)
+            | Self::UpdateScaling(_, r)
+            | Self::UpdatePromotionSettings(_, r)
+            | Self::UpdateWorkerSelector(_, r)
+            | Self::UpdateAliases(_, r)
+            | Self::Control(_, _, r)
+            | Self::AddWorker(_, r)
+            | Self::RemoveWorker(_, r)
+            | Self::Cordon(_, _, _, r)
+            | Self::AddRouter(_, r)
+            | Self::RemoveRouter(_, r) => send(r, error),
+            Self::DeleteEndpoint(_, r) => send(r, error),
+            Self::Promote(_, r) => send(r, error),
+            Self::ReportDemand(_, r) => send(r, error),
+        }
+    }
+}
+
 /// What a worker looks like from here.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Observed {
@@ -137,6 +162,18 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
+    /// A handle over a request queue and a view that something other than
+    /// the actor serves (a standby's front, [`crate::ha`]).
+    pub fn from_parts(requests: mpsc::Sender<Request>, view: watch::Receiver<Arc<View>>) -> Self {
+        Self { requests, view }
+    }
+
+    /// Hands `request` to this coordinator's actor, or gives it back when
+    /// the actor has stopped.
+    pub async fn forward(&self, request: Request) -> Result<(), Request> {
+        self.requests.send(request).await.map_err(|e| e.0)
+    }
+
     /// Sends a request and waits for its answer.
     pub async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, Status> {
         let (reply, answer) = oneshot::channel();
@@ -233,19 +270,21 @@ pub struct Options {
     pub control: tls::Control,
 }
 
-/// Starts the actor over the state in `store`; fails when the store cannot
-/// be read or written.
-pub fn start(
-    store: Store,
+/// Starts the actor over `state`, read from `store`; its epoch is above
+/// the stored one and at least `epoch_floor` (the leadership's revision on
+/// etcd). Fails when the store cannot be written.
+pub async fn start(
+    mut store: Store,
+    mut state: State,
+    epoch_floor: u64,
     options: Options,
     shutdown: &Shutdown,
 ) -> Result<Coordinator, crate::store::StoreError> {
-    let mut state = store.load()?;
     // A store never written (new, or lost): the fleet may obey a higher
     // epoch, which this coordinator learns from what agents and routers
     // report (`Actor::learn_epoch`).
     let fresh_store = state.epoch == 0;
-    state.epoch += 1;
+    state.epoch = (state.epoch + 1).max(epoch_floor);
     for address in &options.agents {
         state
             .workers
@@ -264,8 +303,8 @@ pub fn start(
                 acknowledged_version: 0,
             });
     }
-    store.save(&state)?;
-    tracing::info!(epoch = state.epoch, path = %store.path().display(), "coordinator state loaded");
+    store.save(&state).await?;
+    tracing::info!(epoch = state.epoch, store = %store.describe(), "coordinator state loaded");
     let (requests, requests_rx) = mpsc::channel(64);
     let (internal, internal_rx) = mpsc::unbounded_channel();
     let (view_tx, view) = watch::channel(Arc::new(View {
@@ -303,7 +342,6 @@ pub fn start(
     for address in addresses {
         actor.watch_agent(&address);
     }
-    actor.resume();
     shutdown.spawn(actor.run(requests_rx, internal_rx));
     Ok(Coordinator { requests, view })
 }
@@ -366,6 +404,7 @@ impl Actor {
         mut requests: mpsc::Receiver<Request>,
         mut internal: mpsc::UnboundedReceiver<Internal>,
     ) {
+        self.resume().await;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let statuses = Arc::clone(&self.statuses);
@@ -384,7 +423,7 @@ impl Actor {
             }
             // An unstored change is not answered: the caller hears that the
             // coordinator is shutting down.
-            if self.commit(actions) {
+            if self.commit(actions).await {
                 for answer in answers {
                     answer();
                 }
@@ -393,14 +432,39 @@ impl Actor {
     }
 
     /// Writes the state, then acts, then publishes; false when the state
-    /// could not be written.
-    fn commit(&mut self, actions: Vec<(String, Action)>) -> bool {
-        if let Err(e) = self.store.save(&self.state) {
-            // Acting on a state that is not written would break the
-            // promise to carry on after a crash: stop instead.
-            tracing::error!(error = %e, "cannot write the store; shutting down");
-            self.shutdown.trigger();
-            return false;
+    /// could not be written. A store that cannot be reached (etcd down) is
+    /// waited for: nothing is acted on meanwhile.
+    async fn commit(&mut self, actions: Vec<(String, Action)>) -> bool {
+        let mut pause = Duration::from_millis(100);
+        let mut waiting_since = None;
+        loop {
+            match self.store.save(&self.state).await {
+                Ok(()) => break,
+                Err(e) if e.is_retryable() => {
+                    let since = *waiting_since.get_or_insert_with(Instant::now);
+                    tracing::warn!(
+                        error = %e,
+                        waited = ?since.elapsed(),
+                        "cannot write the store; waiting for it before acting"
+                    );
+                    tokio::select! {
+                        () = self.shutdown.triggered() => return false,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    // Acting on a state that is not written would break the
+                    // promise to carry on after a crash (or, deposed, would
+                    // act beside the new leader): stop instead.
+                    tracing::error!(error = %e, "cannot write the store; stopping");
+                    self.shutdown.trigger();
+                    return false;
+                }
+            }
+        }
+        if let Some(since) = waiting_since {
+            tracing::info!(waited = ?since.elapsed(), "the store is written again");
         }
         for (endpoint, action) in actions {
             self.perform(&endpoint, action);
@@ -699,7 +763,8 @@ impl Actor {
         let to = promotion.rollout.to.clone();
         let cleanup = promotion.rollout.settings.cleanup;
         if let Some(previous) = endpoint.last_promotion.replace(promotion) {
-            endpoint.past_promotions.push_back(previous);
+            // History: its state, not its copies of the fleet.
+            endpoint.past_promotions.push_back(previous.archived());
             while endpoint.past_promotions.len() > crate::state::MAX_PROMOTIONS {
                 endpoint.past_promotions.pop_front();
             }
@@ -727,7 +792,7 @@ impl Actor {
     }
 
     /// After a restart: re-send what was under way, and the table.
-    fn resume(&mut self) {
+    async fn resume(&mut self) {
         let names: Vec<String> = self.state.endpoints.keys().cloned().collect();
         let mut actions = Vec::new();
         for name in names {
@@ -747,7 +812,7 @@ impl Actor {
                 "resuming the actions under way before the restart"
             );
         }
-        self.commit(actions);
+        self.commit(actions).await;
     }
 }
 
