@@ -58,6 +58,9 @@ fn build_binaries() -> anyhow::Result<()> {
     command
         .current_dir(workspace_root())
         .args(["build", "--workspace", "--bins", "--quiet"]);
+    if cfg!(feature = "etcd") {
+        command.args(["--features", "crossfade-coordinator/etcd"]);
+    }
     match profile.as_str() {
         "debug" => {}
         "release" => {

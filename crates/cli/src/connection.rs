@@ -117,6 +117,19 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<CoordinatorClient<Chan
     dial(&url, &control).await
 }
 
+/// The URL of the leader at `leader` (`host:port`), in the scheme of the
+/// coordinator `args` (then the user's config file) name.
+pub fn leader_url(args: &ConnectArgs, leader: &str) -> String {
+    let path = config_path(|name| std::env::var(name).ok());
+    let https = args
+        .clone()
+        .with_file(path.as_deref())
+        .ok()
+        .and_then(|a| a.coordinator)
+        .is_some_and(|url| url.starts_with("https://"));
+    format!("{}://{leader}", if https { "https" } else { "http" })
+}
+
 /// Connects to the coordinator at `url`, secured as `control` says.
 pub async fn dial(url: &str, control: &Control) -> anyhow::Result<CoordinatorClient<Channel>> {
     let endpoint = Control::endpoint(url)

@@ -312,7 +312,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let connect = cli.connect.clone();
+    let mut result = runtime.block_on(run(cli));
+    // A standby refused a change: once, the same command to the leader it
+    // names (the refused change did nothing).
+    if let Some(follow) = result
+        .as_ref()
+        .err()
+        .and_then(|e| e.downcast_ref::<FollowLeader>())
+    {
+        let url = connection::leader_url(&connect, &follow.0);
+        eprintln!("crossfade: that coordinator is on standby; following the leader at {url}");
+        let mut cli = Cli::parse();
+        cli.connect.coordinator = Some(url);
+        result = runtime.block_on(run(cli));
+    }
+    match result {
         Ok(code) => code,
         Err(e) => {
             // A server's message may quote what a user sent.
@@ -323,10 +338,26 @@ fn main() -> ExitCode {
 }
 
 /// A gRPC error as a user reads it: the coordinator's message names the
-/// field and its range.
+/// field and its range. A standby's refusal that names the leader is a
+/// [`FollowLeader`].
 fn rpc(e: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", e.message())
+    let leader = e
+        .metadata()
+        .get(crossfade_coordinator::error::LEADER_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty());
+    match leader {
+        Some(leader) if e.code() == tonic::Code::Unavailable => {
+            FollowLeader(leader.to_owned()).into()
+        }
+        _ => anyhow::anyhow!("{}", e.message()),
+    }
 }
+
+/// A standby coordinator refused a change; the leader's API address.
+#[derive(Debug, thiserror::Error)]
+#[error("that coordinator is on standby; the leader is at {0}")]
+struct FollowLeader(String);
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let cli = match cli.command {

@@ -62,6 +62,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         router_ack_bound: config.router_ack_timeout,
         template_env: config.template_env.iter().cloned().collect(),
         control: tls.clone(),
+        publish_to: None,
     };
     let coordinator = match config.store.backend {
         BackendKind::Embedded => {
@@ -74,6 +75,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 .await
                 .context("writing the store")?
         }
+        #[cfg(not(feature = "etcd"))]
+        BackendKind::Etcd => anyhow::bail!(
+            "store.backend: `etcd` needs a crossfade-coordinator built with `--features etcd`"
+        ),
+        #[cfg(feature = "etcd")]
         BackendKind::Etcd => {
             let etcd = &config.store.etcd;
             let advertise = if etcd.advertise_api.is_empty() {
@@ -136,6 +142,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// This host's name, for the address standbys name.
+#[cfg(feature = "etcd")]
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_owned())

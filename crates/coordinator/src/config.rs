@@ -155,6 +155,13 @@ impl Validate for Config {
             }
             BackendKind::Embedded => {}
             BackendKind::Etcd => {
+                if !cfg!(feature = "etcd") {
+                    errors.push(FieldError::new(
+                        "store.backend",
+                        "`etcd` needs a crossfade-coordinator built with `--features etcd`; \
+                         this one has the embedded store only",
+                    ));
+                }
                 let etcd = &self.store.etcd;
                 if etcd.endpoints.is_empty() {
                     errors.push(FieldError::new(

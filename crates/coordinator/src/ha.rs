@@ -209,20 +209,18 @@ async fn serve_term(
     );
     let actor = shutdown.child();
     let floor = u64::try_from(revision).unwrap_or(0);
-    let coordinator = actor::start(store, state, floor, options.clone(), &actor).await?;
-    role.send_replace(Role::Leading(coordinator.clone()));
+    let options = Options {
+        publish_to: Some(view.clone()),
+        ..options.clone()
+    };
+    let coordinator = actor::start(store, state, floor, options, &actor).await?;
+    role.send_replace(Role::Leading(coordinator));
     metrics::gauge!(crate::metrics::LEADER).set(1.0);
-    let mut views = coordinator.subscribe();
-    let ended = loop {
-        view.send_replace(Arc::clone(&views.borrow_and_update()));
-        tokio::select! {
-            () = shutdown.triggered() => break Ok(()),
-            _ = lost.changed() => break Err(lease_lost(etcd)),
-            () = actor.triggered() => break Err(StoreError::Deposed { store: etcd_describe(etcd) }),
-            changed = views.changed() => if changed.is_err() {
-                break Err(StoreError::Deposed { store: etcd_describe(etcd) });
-            },
-        }
+    let ended = tokio::select! {
+        () = shutdown.triggered() => Ok(()),
+        _ = lost.changed() => Err(lease_lost(etcd)),
+        // It stops itself when a write is refused.
+        () = actor.triggered() => Err(StoreError::Deposed { store: etcd_describe(etcd) }),
     };
     role.send_replace(Role::Standby(String::new()));
     metrics::gauge!(crate::metrics::LEADER).set(0.0);

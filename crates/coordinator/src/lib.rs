@@ -23,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod eligibility;
 pub mod error;
+#[cfg(feature = "etcd")]
 pub mod ha;
 pub mod health;
 pub mod metrics;

@@ -268,6 +268,8 @@ pub struct Options {
     pub template_env: BTreeSet<String>,
     /// How calls to agents and routers are secured.
     pub control: tls::Control,
+    /// Publish the view into this channel rather than a new one.
+    pub publish_to: Option<watch::Sender<Arc<View>>>,
 }
 
 /// Starts the actor over `state`, read from `store`; its epoch is above
@@ -307,10 +309,20 @@ pub async fn start(
     tracing::info!(epoch = state.epoch, store = %store.describe(), "coordinator state loaded");
     let (requests, requests_rx) = mpsc::channel(64);
     let (internal, internal_rx) = mpsc::unbounded_channel();
-    let (view_tx, view) = watch::channel(Arc::new(View {
+    let first = Arc::new(View {
         state: state.clone(),
         ..View::default()
-    }));
+    });
+    // Published where the handle's readers already look (a standby's
+    // front), so a change is readable as soon as it is answered.
+    let (view_tx, view) = match options.publish_to.clone() {
+        Some(sender) => {
+            sender.send_replace(first);
+            let view = sender.subscribe();
+            (sender, view)
+        }
+        None => watch::channel(first),
+    };
     let control = options.control.clone();
     let mut actor = Actor {
         store,

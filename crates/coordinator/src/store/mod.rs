@@ -15,12 +15,14 @@ use std::time::Instant;
 use crate::state::State;
 
 pub mod embedded;
+#[cfg(feature = "etcd")]
 pub mod etcd;
 mod records;
 #[cfg(test)]
 mod tests;
 
 pub use embedded::Embedded;
+#[cfg(feature = "etcd")]
 pub use etcd::Etcd;
 
 /// Why the store could not be read or written.
@@ -131,6 +133,7 @@ pub enum Backends {
     /// SQLite.
     Embedded(Embedded),
     /// etcd.
+    #[cfg(feature = "etcd")]
     Etcd(Box<Etcd>),
 }
 
@@ -138,6 +141,7 @@ impl Backend for Backends {
     async fn load(&mut self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         match self {
             Self::Embedded(b) => b.load().await,
+            #[cfg(feature = "etcd")]
             Self::Etcd(b) => b.load().await,
         }
     }
@@ -145,6 +149,7 @@ impl Backend for Backends {
     async fn write(&mut self, batch: &Batch) -> Result<(), StoreError> {
         match self {
             Self::Embedded(b) => b.write(batch).await,
+            #[cfg(feature = "etcd")]
             Self::Etcd(b) => b.write(batch).await,
         }
     }
@@ -152,6 +157,7 @@ impl Backend for Backends {
     fn describe(&self) -> String {
         match self {
             Self::Embedded(b) => b.describe(),
+            #[cfg(feature = "etcd")]
             Self::Etcd(b) => b.describe(),
         }
     }

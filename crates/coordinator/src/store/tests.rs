@@ -412,6 +412,7 @@ async fn a_json_store_of_the_first_format_is_migrated_in_place_or_beside() {
 /// a change writes what changed, a write outside the leadership's guard is
 /// refused, and etcd's absence is a retryable error that ends when it is
 /// back.
+#[cfg(feature = "etcd")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_etcd_store_keeps_the_same_records_and_refuses_a_deposed_writer() {
     let Some(mut server) = crossfade_e2e::EtcdServer::start().unwrap() else {
