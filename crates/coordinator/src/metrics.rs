@@ -32,6 +32,11 @@ pub const STORE_WRITES: &str = "crossfade_coordinator_store_writes_total";
 pub const STORE_RECORDS: &str = "crossfade_coordinator_store_written_records_total";
 /// Time one store transaction took.
 pub const STORE_SECONDS: &str = "crossfade_coordinator_store_write_duration_seconds";
+/// Time one pass of the coordinator's loop took: taking in what arrived,
+/// deciding, writing the store and starting the actions.
+pub const PASS_SECONDS: &str = "crossfade_coordinator_pass_duration_seconds";
+/// Time from pushing a table to its acknowledgement by every router.
+pub const TABLE_ACK_SECONDS: &str = "crossfade_coordinator_table_ack_duration_seconds";
 /// 1 while this coordinator leads (or runs alone on the embedded store).
 pub const LEADER: &str = "crossfade_coordinator_leader";
 
@@ -45,9 +50,12 @@ pub const IDLE_GAUGES: std::time::Duration = std::time::Duration::from_secs(60);
 pub const HISTOGRAMS: &[(&str, &[f64])] = &[
     (STEP_SECONDS, OPERATION_SECONDS_BUCKETS),
     (STORE_SECONDS, STORE_SECONDS_BUCKETS),
+    (PASS_SECONDS, STORE_SECONDS_BUCKETS),
+    (TABLE_ACK_SECONDS, OPERATION_SECONDS_BUCKETS),
 ];
 
-/// From 100 µs (a small SQLite commit) to 5 s (etcd's call bound).
+/// From 100 µs (a small SQLite commit, a quiet pass) to 5 s (etcd's call
+/// bound).
 const STORE_SECONDS_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
@@ -105,6 +113,16 @@ pub fn describe() {
         STORE_SECONDS,
         Unit::Seconds,
         "Time one store transaction took."
+    );
+    describe_histogram!(
+        PASS_SECONDS,
+        Unit::Seconds,
+        "Time one pass of the coordinator's loop took (decide, store, act)."
+    );
+    describe_histogram!(
+        TABLE_ACK_SECONDS,
+        Unit::Seconds,
+        "Time from pushing a table to its acknowledgement by every router."
     );
     describe_gauge!(
         LEADER,

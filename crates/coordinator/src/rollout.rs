@@ -354,7 +354,10 @@ pub struct Rollout {
     leaving: BTreeMap<String, Retirement>,
     /// Workers whose start failed during this promotion: not tried again.
     failed: BTreeSet<String>,
-    /// The clock.
+    /// The clock. Not stored (it moves on every tick, and would rewrite
+    /// the rollout's record each time): a resumed rollout hears the clock
+    /// before anything else ([`Rollout::resume`]).
+    #[serde(skip)]
     now_ms: u64,
     /// The end of the stabilization wait.
     stabilize_until: u64,
@@ -637,10 +640,18 @@ impl Rollout {
         (ready, starting, draining)
     }
 
-    /// After a restart of the coordinator: the actions under way, sent
-    /// again (each is idempotent at the agent), and the current table,
-    /// which every router must acknowledge again.
-    pub fn resume(&mut self) -> Vec<Action> {
+    /// Takes `other`'s clock: the store compares what it keeps, and does
+    /// not keep the clock.
+    pub fn sync_clock(&mut self, other: &Self) {
+        self.now_ms = other.now_ms;
+    }
+
+    /// After a restart of the coordinator, at `now_ms` (the clock is not
+    /// stored): the actions under way, sent again (each is idempotent at the
+    /// agent), and the current table, which every router must acknowledge
+    /// again.
+    pub fn resume(&mut self, now_ms: u64) -> Vec<Action> {
+        self.now_ms = self.now_ms.max(now_ms);
         let mut out = Vec::new();
         self.push_table(&mut out);
         for worker in &self.starting {

@@ -684,6 +684,8 @@ impl Actor {
                 .map_or(Duration::ZERO, Instant::elapsed);
             match crate::acks::settle(*version, elapsed, bound, &views) {
                 Some(crate::acks::Settled::Acked) => {
+                    metrics::histogram!(crate::metrics::TABLE_ACK_SECONDS)
+                        .record(elapsed.as_secs_f64());
                     done.push((endpoint.clone(), *seq));
                     false
                 }

@@ -195,6 +195,14 @@ impl Coordinator {
     }
 }
 
+/// What woke the actor.
+enum Wake {
+    Request(Box<Request>),
+    Internal(Internal),
+    Statuses,
+    Tick,
+}
+
 enum Internal {
     Drained {
         endpoint: String,
@@ -423,15 +431,23 @@ impl Actor {
         loop {
             let mut actions = Vec::new();
             let mut answers = Vec::new();
-            tokio::select! {
+            let wake = tokio::select! {
                 () = self.shutdown.triggered() => return,
                 request = requests.recv() => match request {
-                    Some(request) => self.request(request, &mut actions, &mut answers),
+                    Some(request) => Wake::Request(Box::new(request)),
                     None => return,
                 },
-                Some(event) = internal.recv() => self.internal(event, &mut actions),
-                () = statuses.arrived.notified() => self.statuses_arrived(&mut actions),
-                _ = tick.tick() => self.tick(&mut actions),
+                Some(event) = internal.recv() => Wake::Internal(event),
+                () = statuses.arrived.notified() => Wake::Statuses,
+                _ = tick.tick() => Wake::Tick,
+            };
+            // A pass: decide, store, act.
+            let started = Instant::now();
+            match wake {
+                Wake::Request(request) => self.request(*request, &mut actions, &mut answers),
+                Wake::Internal(event) => self.internal(event, &mut actions),
+                Wake::Statuses => self.statuses_arrived(&mut actions),
+                Wake::Tick => self.tick(&mut actions),
             }
             // An unstored change is not answered: the caller hears that the
             // coordinator is shutting down.
@@ -440,6 +456,8 @@ impl Actor {
                     answer();
                 }
             }
+            metrics::histogram!(crate::metrics::PASS_SECONDS)
+                .record(started.elapsed().as_secs_f64());
         }
     }
 
@@ -815,7 +833,7 @@ impl Actor {
                 (Some(p), _) | (None, Some(p)) => &mut p.rollout,
                 (None, None) => continue,
             };
-            let resumed = rollout.resume();
+            let resumed = rollout.resume(now_ms());
             actions.extend(resumed.into_iter().map(|a| (name.clone(), a)));
         }
         if !actions.is_empty() {

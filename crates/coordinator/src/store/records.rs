@@ -392,8 +392,12 @@ impl Written {
         });
         for (name, new) in &state.endpoints {
             match old.endpoints.get_mut(name) {
-                Some(old) if old == new => {}
-                Some(old) => diff_endpoint(name, old, new, flats, batch),
+                Some(old) => {
+                    sync_clocks(old, new);
+                    if old != new {
+                        diff_endpoint(name, old, new, flats, batch);
+                    }
+                }
                 None => {
                     // Never written: every record of `new` is.
                     let mut empty = Endpoint::new(name, 0);
@@ -402,6 +406,19 @@ impl Written {
                     old.endpoints.insert(name.clone(), empty);
                 }
             }
+        }
+    }
+}
+
+/// The rollouts' clocks are not stored: what was written takes the new
+/// ones, so that a tick alone is no change.
+fn sync_clocks(old: &mut Endpoint, new: &Endpoint) {
+    for (before, after) in [
+        (&mut old.promotion, &new.promotion),
+        (&mut old.last_promotion, &new.last_promotion),
+    ] {
+        if let (Some(before), Some(after)) = (before, after) {
+            before.rollout.sync_clock(&after.rollout);
         }
     }
 }

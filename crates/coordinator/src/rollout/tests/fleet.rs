@@ -545,7 +545,7 @@ impl World {
         for endpoint in ENDPOINTS {
             let stored = serde_json::to_string(&self.rollouts[endpoint]).expect("serializes");
             let mut rollout: Rollout = serde_json::from_str(&stored).expect("deserializes");
-            let actions = rollout.resume();
+            let actions = rollout.resume(self.now_ms);
             self.rollouts.insert(endpoint.to_owned(), rollout);
             self.claim(endpoint, &actions);
             self.perform_all(endpoint, actions);

@@ -512,7 +512,7 @@ impl Fleet {
         let stored = serde_json::to_string(&self.rollout).expect("the rollout serializes");
         self.rollout = serde_json::from_str(&stored).expect("the rollout deserializes");
         self.replies.retain(|r| matches!(r, Reply::Ready(_)));
-        let actions = self.rollout.resume();
+        let actions = self.rollout.resume(self.now_ms);
         self.perform_all(actions);
     }
 
