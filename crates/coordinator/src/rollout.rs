@@ -151,6 +151,15 @@ pub enum Event {
         /// What it reports.
         worker: Worker,
     },
+    /// Agents' statuses of several workers, taken at once.
+    Workers {
+        /// Each worker's view.
+        seen: Vec<(String, Worker)>,
+        /// Workers this endpoint need not see any more (neither eligible
+        /// for it nor running its deployments): forgotten unless the
+        /// rollout uses them.
+        forget: Vec<String>,
+    },
     /// Every router acknowledged the table pushed as `seq` (or the bound
     /// on an unreachable router passed).
     TableAcked {
@@ -527,6 +536,19 @@ impl Rollout {
         let mut out = Vec::new();
         match event {
             Event::Worker { id, worker } => self.on_worker(id, worker),
+            Event::Workers { seen, forget } => {
+                for (id, worker) in seen {
+                    self.on_worker(id, worker);
+                }
+                if !forget.is_empty() {
+                    let claimed = self.claimed();
+                    for id in forget {
+                        if !claimed.contains(&id) {
+                            self.workers.remove(&id);
+                        }
+                    }
+                }
+            }
             Event::TableAcked { seq } => self.acked = self.acked.max(seq.min(self.seq)),
             Event::Drained { worker } => self.on_drained(&worker, &mut out),
             Event::Stopped { worker } => {

@@ -45,6 +45,8 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 pub const HEARTBEAT_BOUND: Duration = Duration::from_secs(8);
 /// How often the actor's clock ticks.
 const TICK: Duration = Duration::from_millis(200);
+/// The longest a change waits to be readable when nobody waits for it.
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 
 type Reply<T> = oneshot::Sender<Result<T, CoordinatorError>>;
 
@@ -357,6 +359,8 @@ pub async fn start(
         gpu_warned: BTreeSet::new(),
         fresh_store,
         statuses: Arc::default(),
+        last_claims: BTreeMap::new(),
+        published_at: Instant::now(),
     };
     let addresses: Vec<String> = actor.state.workers.keys().cloned().collect();
     for address in addresses {
@@ -410,6 +414,11 @@ struct Actor {
     fresh_store: bool,
     /// Agents' statuses not yet taken in.
     statuses: Arc<Statuses>,
+    /// Which endpoint used each worker at the last refresh of the
+    /// rollouts' views: a worker whose claim moved is seen again.
+    last_claims: BTreeMap<String, String>,
+    /// When the view was last published.
+    published_at: Instant,
 }
 
 fn now_ms() -> u64 {
@@ -451,7 +460,11 @@ impl Actor {
             }
             // An unstored change is not answered: the caller hears that the
             // coordinator is shutting down.
-            if self.commit(actions).await {
+            // A change someone waits for is readable as soon as it is
+            // answered; otherwise the view is published at most every
+            // PUBLISH_EVERY (it is a copy of the state).
+            let publish = !answers.is_empty() || self.published_at.elapsed() >= PUBLISH_EVERY;
+            if self.commit(actions, publish).await {
                 for answer in answers {
                     answer();
                 }
@@ -464,7 +477,7 @@ impl Actor {
     /// Writes the state, then acts, then publishes; false when the state
     /// could not be written. A store that cannot be reached (etcd down) is
     /// waited for: nothing is acted on meanwhile.
-    async fn commit(&mut self, actions: Vec<(String, Action)>) -> bool {
+    async fn commit(&mut self, actions: Vec<(String, Action)>, publish: bool) -> bool {
         let mut pause = Duration::from_millis(100);
         let mut waiting_since = None;
         loop {
@@ -499,11 +512,14 @@ impl Actor {
         for (endpoint, action) in actions {
             self.perform(&endpoint, action);
         }
-        self.publish();
+        if publish {
+            self.publish();
+        }
         true
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        self.published_at = Instant::now();
         let view = Arc::new(View {
             state: self.state.clone(),
             workers: self.observed.clone(),
@@ -518,11 +534,12 @@ impl Actor {
     /// Takes in every agent's latest status, then lets rollouts see the
     /// workers once.
     fn statuses_arrived(&mut self, actions: &mut Vec<(String, Action)>) {
+        let mut changed = BTreeSet::new();
         for (address, status) in self.statuses.take() {
             let observed = self.observed.entry(address.clone()).or_default();
             let obeyed = status.as_ref().map_or(0, |s| s.coordinator_epoch);
             match status {
-                Some(status) => {
+                Some(mut status) => {
                     // Kept in the store: a restarted coordinator builds
                     // the same table before the agent reports again.
                     if let Some(record) = self.state.workers.get_mut(&address)
@@ -530,15 +547,33 @@ impl Actor {
                     {
                         record.gate_address.clone_from(&status.gate_address);
                     }
+                    // A heartbeat that says nothing new changes nothing.
+                    let news = !observed.reachable
+                        || observed.status.as_ref().is_none_or(|before| {
+                            let at = std::mem::replace(&mut status.observed_at, before.observed_at);
+                            let differs = *before != *status;
+                            status.observed_at = at;
+                            differs
+                        });
+                    if news {
+                        changed.insert(address.clone());
+                    }
                     observed.status = Some(*status);
                     observed.reachable = true;
                     observed.last_seen = Some(SystemTime::now());
                 }
-                None => observed.reachable = false,
+                None => {
+                    if observed.reachable {
+                        changed.insert(address.clone());
+                    }
+                    observed.reachable = false;
+                }
             }
             self.learn_epoch(obeyed, &format!("agent {address}"), actions);
         }
-        self.refresh_workers(actions);
+        if !changed.is_empty() {
+            self.refresh_workers(Some(&changed), actions);
+        }
     }
 
     fn internal(&mut self, event: Internal, actions: &mut Vec<(String, Action)>) {
@@ -680,6 +715,9 @@ impl Actor {
             self.feed(name, Event::Tick { now_ms: now }, actions);
         }
         self.settle_acks(actions);
+        // Claims that moved since the last statuses (a promotion started,
+        // a worker let go): every other endpoint sees them now.
+        self.refresh_workers(Some(&BTreeSet::new()), actions);
         self.autoscale(actions);
         if self.last_gate.elapsed() >= GATE_EVERY {
             self.last_gate = Instant::now();
@@ -691,7 +729,7 @@ impl Actor {
             if !self.unseen_checked && self.started.elapsed() >= HEARTBEAT_BOUND {
                 // Workers not heard from since the start are lost now.
                 self.unseen_checked = true;
-                self.refresh_workers(actions);
+                self.refresh_workers(None, actions);
             }
             self.stop_strays();
             self.expire_starts(actions);
@@ -842,7 +880,7 @@ impl Actor {
                 "resuming the actions under way before the restart"
             );
         }
-        self.commit(actions).await;
+        self.commit(actions, true).await;
     }
 }
 

@@ -116,9 +116,13 @@ impl Actor {
                         worker.cordon_reason = if cordon { reason } else { String::new() };
                         Ok(())
                     }
-                    None => Err(CoordinatorError::not_found("worker_id", "worker", address)),
+                    None => Err(CoordinatorError::not_found(
+                        "worker_id",
+                        "worker",
+                        address.clone(),
+                    )),
                 };
-                self.refresh_workers(actions);
+                self.refresh_workers(Some(&BTreeSet::from([address])), actions);
                 answer(answers, reply, result);
             }
             Request::AddRouter(address, reply) => {

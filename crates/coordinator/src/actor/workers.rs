@@ -3,13 +3,30 @@
 use super::*;
 
 impl Actor {
-    /// Workers changed (a status, a cordon): every rollout hears how each
-    /// worker looks to its endpoint.
-    pub(super) fn refresh_workers(&mut self, actions: &mut Vec<(String, Action)>) {
+    /// Workers changed: `changed` (a batch of statuses), or every one
+    /// (`None`: a cordon, the end of the start's grace). Every rollout
+    /// hears, in one event, how each of those looks to its endpoint now,
+    /// and so does it of every worker whose claim moved since the last
+    /// refresh; it keeps only the workers that matter to it (eligible, its
+    /// own, or running its deployments). The work is in proportion to the
+    /// workers that changed times the endpoints, not to the fleet times the
+    /// endpoints.
+    pub(super) fn refresh_workers(
+        &mut self,
+        changed: Option<&BTreeSet<String>>,
+        actions: &mut Vec<(String, Action)>,
+    ) {
         // A worker whose GPU is unhealthy, or asks for a reset, is cordoned
         // (its replica then moves: add first, then drain); once it is idle
         // a person resets the GPU and uncordons it.
-        for (address, record) in &mut self.state.workers {
+        let candidates: Vec<String> = match changed {
+            Some(changed) => changed.iter().cloned().collect(),
+            None => self.state.workers.keys().cloned().collect(),
+        };
+        for address in &candidates {
+            let Some(record) = self.state.workers.get_mut(address) else {
+                continue;
+            };
             let Some(status) = self.observed.get(address).and_then(|o| o.status.as_ref()) else {
                 continue;
             };
@@ -27,32 +44,77 @@ impl Actor {
             record.cordon_reason = format!("{why}: {}", gpu_reasons(status));
             tracing::warn!(worker = address, reason = record.cordon_reason, "cordoned");
         }
+        let mut claims = self.claims();
+        let mut dirty: BTreeSet<String> = candidates.into_iter().collect();
+        for (worker, owner) in &claims {
+            if self.last_claims.get(worker) != Some(owner) {
+                dirty.insert(worker.clone());
+            }
+        }
+        for worker in self.last_claims.keys() {
+            if !claims.contains_key(worker) {
+                dirty.insert(worker.clone());
+            }
+        }
+        let gates = if dirty.is_empty() {
+            BTreeMap::new()
+        } else {
+            self.gate_owners()
+        };
+        let names: Vec<String> = if dirty.is_empty() {
+            Vec::new()
+        } else {
+            self.state.endpoints.keys().cloned().collect()
+        };
+        for name in names {
+            let Some(rollout) = self.state.endpoints.get(&name).and_then(current_rollout) else {
+                continue;
+            };
+            let mut seen = Vec::new();
+            let mut forget = Vec::new();
+            for address in &dirty {
+                // A worker that has not reported since this coordinator
+                // started is unknown, not idle: the rollout keeps what it
+                // knew, until the heartbeat bound says it is lost.
+                let Some((worker, relevant)) = self.worker_view(&name, address, &claims, &gates)
+                else {
+                    continue;
+                };
+                let known = rollout.workers.get(address);
+                let heard = worker.engine == Engine::Unknown
+                    || self
+                        .observed
+                        .get(address)
+                        .is_some_and(|o| o.status.is_some());
+                if heard && known.is_some_and(|k| *k != worker) || relevant && known.is_none() {
+                    seen.push((address.clone(), worker));
+                }
+                if !relevant && known.is_some() {
+                    forget.push(address.clone());
+                }
+            }
+            if seen.is_empty() && forget.is_empty() {
+                continue;
+            }
+            let before = rollout.claimed();
+            self.feed(&name, Event::Workers { seen, forget }, actions);
+            // What this endpoint claimed or let go: the next endpoints see
+            // it now, the ones before at the next refresh.
+            if let Some(rollout) = self.state.endpoints.get(&name).and_then(current_rollout) {
+                let after = rollout.claimed();
+                for worker in after.difference(&before) {
+                    claims.insert(worker.clone(), name.clone());
+                }
+                for worker in before.difference(&after) {
+                    if claims.get(worker) == Some(&name) {
+                        claims.remove(worker);
+                    }
+                }
+            }
+        }
+        self.last_claims = claims;
         let names: Vec<String> = self.state.endpoints.keys().cloned().collect();
         for name in names {
-            // The claims as they are now: an endpoint fed before this one
-            // may just have started an engine on a worker.
-            let claims = self.claims();
-            let workers = self.rollout_workers(&name, &claims);
-            let Some(endpoint) = self.state.endpoints.get(&name) else {
-                continue;
-            };
-            let Some(rollout) = current_rollout(endpoint) else {
-                continue;
-            };
-            // A worker that has not reported since this coordinator started
-            // is unknown, not idle: the rollout keeps what it knew, until
-            // the heartbeat bound says it is lost.
-            let changed: Vec<(String, rollout::Worker)> = workers
-                .into_iter()
-                .filter(|(id, w)| {
-                    w.engine == Engine::Unknown
-                        || self.observed.get(id).is_some_and(|o| o.status.is_some())
-                })
-                .filter(|(id, w)| rollout.workers.get(id) != Some(w))
-                .collect();
-            for (id, worker) in changed {
-                self.feed(&name, Event::Worker { id, worker }, actions);
-            }
             // A fatal GPU condition on a candidate replica fails the gate.
             let candidate = self
                 .state
@@ -147,87 +209,99 @@ impl Actor {
         claims
     }
 
-    /// Every known worker as endpoint `name` sees it.
+    /// Each agent's gate address and the first agent that reports it (two
+    /// agents that report one gate address cannot both be routed to: a
+    /// router refuses such a table).
+    fn gate_owners(&self) -> BTreeMap<String, String> {
+        let mut gates = BTreeMap::new();
+        for (address, observed) in &self.observed {
+            if let Some(gate) = observed.status.as_ref().map(|s| s.gate_address.clone()) {
+                gates.entry(gate).or_insert_with(|| address.clone());
+            }
+        }
+        gates
+    }
+
+    /// The workers that matter to endpoint `name`, as it sees them: the
+    /// ones eligible for it, its own, and those running its deployments.
     pub(super) fn rollout_workers(
         &self,
         name: &str,
         claims: &BTreeMap<String, String>,
     ) -> BTreeMap<String, rollout::Worker> {
-        let selector = self
-            .state
-            .endpoints
-            .get(name)
-            .map(|e| e.selector.clone())
-            .unwrap_or_default();
-        // Two agents that report one gate address cannot both be routed to
-        // (a router refuses such a table): the first one keeps it.
-        let mut gates: BTreeMap<&str, &str> = BTreeMap::new();
-        for (address, observed) in &self.observed {
-            if let Some(gate) = observed.status.as_ref().map(|s| s.gate_address.as_str()) {
-                gates.entry(gate).or_insert(address.as_str());
-            }
-        }
-        let lost_unseen = self.started.elapsed() >= HEARTBEAT_BOUND;
-        let wanting = self
-            .state
-            .endpoints
-            .get(name)
-            .and_then(|e| e.promotion.as_ref())
-            .map(|p| &p.rollout);
+        let gates = self.gate_owners();
         self.state
             .workers
-            .iter()
-            .map(|(address, record)| {
-                let observed = self.observed.get(address);
-                let lost = match observed {
-                    Some(o) => !o.reachable,
-                    None => lost_unseen,
-                };
-                let status = observed.and_then(|o| o.status.as_ref());
-                let engine = status.and_then(|s| s.engine.as_ref());
-                let state = engine.map_or(v1::EngineState::Unspecified, |e| e.state());
-                let deployment = engine
-                    .filter(|_| {
-                        !matches!(
-                            state,
-                            v1::EngineState::Stopped | v1::EngineState::Unspecified
-                        )
-                    })
-                    .map(|e| e.deployment_id.clone())
-                    .filter(|d| !d.is_empty());
-                let engine = match state {
-                    v1::EngineState::Starting => Engine::Starting,
-                    v1::EngineState::Ready => Engine::Ready,
-                    v1::EngineState::Draining | v1::EngineState::Stopping => Engine::Draining,
-                    v1::EngineState::Failed => Engine::Failed,
-                    v1::EngineState::Stopped | v1::EngineState::Unspecified => Engine::Idle,
-                };
-                let healthy = status.is_none_or(|s| s.gpu_health() != v1::GpuHealth::Unhealthy);
-                let gate_owner = status.and_then(|s| gates.get(s.gate_address.as_str()));
-                // A kept engine is the endpoint's warm start when it is
-                // promoted back; to anyone else the worker is free.
-                let spare = deployment.as_ref().is_some_and(|d| {
-                    self.state
-                        .deployments
-                        .get(d)
-                        .is_some_and(|r| r.state == DeploymentState::Kept)
-                        && !wanting.is_some_and(|r| r.wants_warm(d))
-                });
-                let facts = crate::eligibility::Facts {
-                    lost,
-                    cordoned: record.cordoned,
-                    gpu_unhealthy: !healthy,
-                    matches_selector: status.map(|s| selector.matches(s)),
-                    owns_gate: gate_owner.is_some_and(|owner| *owner == address),
-                    claimed_by: claims.get(address).map(String::as_str),
-                    spare,
-                };
-                (
-                    address.clone(),
-                    crate::eligibility::view(name, deployment, engine, &facts),
-                )
+            .keys()
+            .filter_map(|address| {
+                let (worker, relevant) = self.worker_view(name, address, claims, &gates)?;
+                relevant.then(|| (address.clone(), worker))
             })
             .collect()
+    }
+
+    /// How worker `address` looks to endpoint `name`, and whether it
+    /// matters to it; `None` for a worker the coordinator does not know.
+    fn worker_view(
+        &self,
+        name: &str,
+        address: &str,
+        claims: &BTreeMap<String, String>,
+        gates: &BTreeMap<String, String>,
+    ) -> Option<(rollout::Worker, bool)> {
+        let record = self.state.workers.get(address)?;
+        let endpoint = self.state.endpoints.get(name)?;
+        let wanting = endpoint.promotion.as_ref().map(|p| &p.rollout);
+        let observed = self.observed.get(address);
+        let lost = match observed {
+            Some(o) => !o.reachable,
+            None => self.started.elapsed() >= HEARTBEAT_BOUND,
+        };
+        let status = observed.and_then(|o| o.status.as_ref());
+        let engine = status.and_then(|s| s.engine.as_ref());
+        let state = engine.map_or(v1::EngineState::Unspecified, |e| e.state());
+        let deployment = engine
+            .filter(|_| {
+                !matches!(
+                    state,
+                    v1::EngineState::Stopped | v1::EngineState::Unspecified
+                )
+            })
+            .map(|e| e.deployment_id.clone())
+            .filter(|d| !d.is_empty());
+        let engine = match state {
+            v1::EngineState::Starting => Engine::Starting,
+            v1::EngineState::Ready => Engine::Ready,
+            v1::EngineState::Draining | v1::EngineState::Stopping => Engine::Draining,
+            v1::EngineState::Failed => Engine::Failed,
+            v1::EngineState::Stopped | v1::EngineState::Unspecified => Engine::Idle,
+        };
+        let healthy = status.is_none_or(|s| s.gpu_health() != v1::GpuHealth::Unhealthy);
+        let gate_owner = status.and_then(|s| gates.get(&s.gate_address));
+        let deployment_record = deployment
+            .as_ref()
+            .and_then(|d| self.state.deployments.get(d));
+        // A kept engine is the endpoint's warm start when it is promoted
+        // back; to anyone else the worker is free.
+        let spare = deployment_record.is_some_and(|r| {
+            r.state == DeploymentState::Kept
+                && !wanting.is_some_and(|rollout| rollout.wants_warm(&r.id))
+        });
+        let runs_ours = deployment_record.is_some_and(|r| r.endpoint == name);
+        let claimed_by = claims.get(address).map(String::as_str);
+        let facts = crate::eligibility::Facts {
+            lost,
+            cordoned: record.cordoned,
+            gpu_unhealthy: !healthy,
+            matches_selector: status.map(|s| endpoint.selector.matches(s)),
+            owns_gate: gate_owner.is_some_and(|owner| owner == address),
+            claimed_by,
+            spare,
+        };
+        let worker = crate::eligibility::view(name, deployment, engine, &facts);
+        // Never heard from, it may be anyone's: kept until it reports.
+        let relevant = worker.eligible || claimed_by == Some(name) || runs_ours || status.is_none();
+        Some((worker, relevant))
     }
 
     /// Stops every engine that no rollout uses and nobody wants warm: a
