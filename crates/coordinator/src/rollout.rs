@@ -784,6 +784,7 @@ fn describe(settings: &PromotionSettings) -> String {
 }
 
 mod events;
+pub mod records;
 mod steps;
 
 #[cfg(test)]

@@ -24,24 +24,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::Batch;
+use crate::rollout::Rollout;
+use crate::rollout::records::Records;
 use crate::settings::{PromotionSettings, Scaling};
 use crate::state::{Endpoint, EventRecord, Promotion, Selector, State};
 
 /// The layout's version; a store of another one is refused.
 pub const FORMAT: u32 = 2;
-
-/// The rollout's fields stored one entry per record.
-const COLLECTIONS: [&str; 9] = [
-    "workers",
-    "routed",
-    "applied_over",
-    "scaling",
-    "leaving",
-    "starting",
-    "ready",
-    "removes",
-    "failed",
-];
 
 /// The two live rollouts of an endpoint.
 const SLOTS: [&str; 2] = ["promotion", "last"];
@@ -148,57 +137,37 @@ fn past_key(name: &str, promotion: &Promotion) -> String {
     )
 }
 
-/// A live rollout as records: its head (the promotion with every
-/// collection emptied) under `""`, and `{field}/{key}` for each entry.
-pub(super) type Flat = BTreeMap<String, Vec<u8>>;
-
-fn flatten(promotion: &Promotion) -> Flat {
-    let mut flat = Flat::new();
-    let mut value = serde_json::to_value(promotion).unwrap_or(Value::Null);
-    if let Some(rollout) = value.get_mut("rollout").and_then(Value::as_object_mut) {
-        for field in COLLECTIONS {
-            match rollout.get_mut(field) {
-                Some(Value::Object(map)) => {
-                    for (key, entry) in std::mem::take(map) {
-                        flat.insert(format!("{field}/{}", escape(&key)), json(&entry));
-                    }
-                }
-                Some(Value::Array(items)) if items.iter().all(Value::is_string) => {
-                    for item in std::mem::take(items) {
-                        if let Value::String(key) = item {
-                            flat.insert(format!("{field}/{}", escape(&key)), Vec::new());
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-    flat.insert(String::new(), json(&value));
-    flat
+/// A live promotion's head record: the promotion with its rollout's
+/// collections emptied ([`Rollout::head`]); each entry is a record of its
+/// own ([`Rollout::diff_records`]).
+fn promotion_head(promotion: &Promotion) -> Vec<u8> {
+    json(&Promotion {
+        id: promotion.id.clone(),
+        rollout: promotion.rollout.head(),
+        started_at_ms: promotion.started_at_ms,
+        updated_at_ms: promotion.updated_at_ms,
+        finished_at_ms: promotion.finished_at_ms,
+        forced: promotion.forced,
+        rollback: promotion.rollback,
+    })
 }
 
-fn unflatten(flat: &Flat) -> Result<Promotion, String> {
-    let head = flat.get("").ok_or("a rollout's entries without its head")?;
-    let mut value: Value = serde_json::from_slice(head).map_err(|e| e.to_string())?;
-    let rollout = value
-        .get_mut("rollout")
-        .and_then(Value::as_object_mut)
-        .ok_or("a promotion without its rollout")?;
-    for (key, bytes) in flat.iter().filter(|(k, _)| !k.is_empty()) {
-        let (field, entry) = key
-            .split_once('/')
-            .ok_or_else(|| format!("rollout entry `{key}`"))?;
-        match rollout.get_mut(field) {
-            Some(Value::Object(map)) => {
-                let entry_value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-                map.insert(unescape(entry), entry_value);
-            }
-            Some(Value::Array(items)) => items.push(Value::String(unescape(entry))),
-            _ => return Err(format!("rollout entry `{key}` of no collection")),
-        }
+/// A rollout's entries as records under `prefix`.
+struct SlotRecords<'b> {
+    prefix: &'b str,
+    batch: &'b mut Batch,
+}
+
+impl Records for SlotRecords<'_> {
+    fn put(&mut self, field: &str, key: &str, value: Vec<u8>) {
+        self.batch
+            .put(format!("{}/{field}/{}", self.prefix, escape(key)), value);
     }
-    serde_json::from_value(value).map_err(|e| e.to_string())
+
+    fn delete(&mut self, field: &str, key: &str) {
+        self.batch
+            .delete(format!("{}/{field}/{}", self.prefix, escape(key)));
+    }
 }
 
 /// Adds to `batch` what turns `old` into `new`, for a map stored one record
@@ -230,8 +199,9 @@ pub(super) struct Written {
     state: State,
     /// The `meta` record exists.
     meta_written: bool,
-    /// Each endpoint's live rollouts as records: (endpoint, slot) → records.
-    flats: BTreeMap<(String, &'static str), Flat>,
+    /// Each endpoint's live promotions' head records: (endpoint, slot) →
+    /// the head as written.
+    heads: BTreeMap<(String, &'static str), Vec<u8>>,
 }
 
 impl Written {
@@ -239,7 +209,8 @@ impl Written {
     pub(super) fn load(records: Vec<(String, Vec<u8>)>) -> Result<(Self, State), String> {
         let mut state = State::default();
         let mut meta = None;
-        let mut flats: BTreeMap<(String, &'static str), Flat> = BTreeMap::new();
+        let mut heads: BTreeMap<(String, &'static str), Vec<u8>> = BTreeMap::new();
+        let mut entries: Vec<(String, &'static str, String, String, Vec<u8>)> = Vec::new();
         let mut events: BTreeMap<String, Vec<EventRecord>> = BTreeMap::new();
         let mut past: BTreeMap<String, Vec<Promotion>> = BTreeMap::new();
         let parse = |key: &str, bytes: &[u8]| -> Result<Value, String> {
@@ -284,10 +255,19 @@ impl Written {
                         .into_iter()
                         .find(|s| s == slot)
                         .ok_or_else(|| format!("unknown record `{key}`"))?;
-                    flats
-                        .entry((unescape(name), slot))
-                        .or_default()
-                        .insert(rest.join("/"), bytes);
+                    match rest {
+                        [] => {
+                            heads.insert((unescape(name), slot), bytes);
+                        }
+                        [field, entry] => entries.push((
+                            unescape(name),
+                            slot,
+                            (*field).to_owned(),
+                            unescape(entry),
+                            bytes,
+                        )),
+                        _ => return Err(format!("unknown record `{key}`")),
+                    }
                 }
                 _ => return Err(format!("unknown record `{key}`")),
             }
@@ -330,19 +310,30 @@ impl Written {
                 .ok_or_else(|| format!("promotions of no endpoint `{name}`"))?;
             endpoint.past_promotions = list.into();
         }
-        for ((name, slot), flat) in &flats {
-            let promotion =
-                unflatten(flat).map_err(|e| format!("the {slot} rollout of `{name}`: {e}"))?;
+        for ((name, slot), head) in &heads {
+            let promotion: Promotion = serde_json::from_slice(head)
+                .map_err(|e| format!("the {slot} rollout of `{name}`: {e}"))?;
             let endpoint = state
                 .endpoints
                 .get_mut(name)
                 .ok_or_else(|| format!("a rollout of no endpoint `{name}`"))?;
             *slot_of(endpoint, slot) = Some(promotion);
         }
+        for (name, slot, field, entry, bytes) in entries {
+            let promotion = state
+                .endpoints
+                .get_mut(&name)
+                .and_then(|e| slot_of(e, slot).as_mut())
+                .ok_or_else(|| format!("an entry of no {slot} rollout of `{name}`"))?;
+            promotion
+                .rollout
+                .load_record(&field, &entry, &bytes)
+                .map_err(|e| format!("the {slot} rollout of `{name}`, `{field}/{entry}`: {e}"))?;
+        }
         let written = Self {
             state: state.clone(),
             meta_written: true,
-            flats,
+            heads,
         };
         Ok((written, state))
     }
@@ -379,14 +370,14 @@ impl Written {
         );
         diff_map("workers", &mut old.workers, &state.workers, batch);
         diff_map("routers", &mut old.routers, &state.routers, batch);
-        let flats = &mut self.flats;
+        let heads = &mut self.heads;
         old.endpoints.retain(|name, _| {
             let keep = state.endpoints.contains_key(name);
             if !keep {
                 let key = endpoint_key(name);
                 batch.delete_prefix(format!("{key}/"));
                 batch.delete(key);
-                flats.retain(|(endpoint, _), _| endpoint != name);
+                heads.retain(|(endpoint, _), _| endpoint != name);
             }
             keep
         });
@@ -395,14 +386,14 @@ impl Written {
                 Some(old) => {
                     sync_clocks(old, new);
                     if old != new {
-                        diff_endpoint(name, old, new, flats, batch);
+                        diff_endpoint(name, old, new, heads, batch);
                     }
                 }
                 None => {
                     // Never written: every record of `new` is.
                     let mut empty = Endpoint::new(name, 0);
                     batch.put(endpoint_key(name), json(&Head::of(new)));
-                    diff_endpoint(name, &mut empty, new, flats, batch);
+                    diff_endpoint(name, &mut empty, new, heads, batch);
                     old.endpoints.insert(name.clone(), empty);
                 }
             }
@@ -435,7 +426,7 @@ fn diff_endpoint(
     name: &str,
     old: &mut Endpoint,
     new: &Endpoint,
-    flats: &mut BTreeMap<(String, &'static str), Flat>,
+    heads: &mut BTreeMap<(String, &'static str), Vec<u8>>,
     batch: &mut Batch,
 ) {
     let key = endpoint_key(name);
@@ -472,30 +463,25 @@ fn diff_endpoint(
             continue;
         }
         let prefix = format!("{key}/{slot}");
-        let previous = flats.remove(&(name.to_owned(), slot)).unwrap_or_default();
         let Some(promotion) = after else {
             batch.delete(prefix.clone());
             batch.delete_prefix(format!("{prefix}/"));
+            heads.remove(&(name.to_owned(), slot));
             continue;
         };
-        let flat = flatten(promotion);
-        for entry in previous.keys().filter(|k| !flat.contains_key(*k)) {
-            batch.delete(record_of(&prefix, entry));
+        let head = promotion_head(promotion);
+        if heads.get(&(name.to_owned(), slot)) != Some(&head) {
+            batch.put(prefix.clone(), head.clone());
+            heads.insert((name.to_owned(), slot), head);
         }
-        for (entry, bytes) in &flat {
-            if previous.get(entry) != Some(bytes) {
-                batch.put(record_of(&prefix, entry), bytes.clone());
-            }
-        }
-        flats.insert((name.to_owned(), slot), flat);
+        Rollout::diff_records(
+            before.as_ref().map(|p| &p.rollout),
+            &promotion.rollout,
+            &mut SlotRecords {
+                prefix: &prefix,
+                batch,
+            },
+        );
     }
     old.clone_from(new);
-}
-
-fn record_of(prefix: &str, entry: &str) -> String {
-    if entry.is_empty() {
-        prefix.to_owned()
-    } else {
-        format!("{prefix}/{entry}")
-    }
 }

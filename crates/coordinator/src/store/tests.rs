@@ -157,17 +157,10 @@ fn state(fleet: usize) -> State {
     state
 }
 
-/// `state` as the store gives it back: the rollouts' clocks are not kept.
+/// `state` as the store gives it back: the rollouts' clocks and idle
+/// workers' views are not kept.
 fn unclocked(state: &State) -> State {
     let mut state = state.clone();
-    let zero = Rollout::new(
-        "",
-        "",
-        PromotionSettings::default(),
-        0,
-        BTreeMap::new(),
-        BTreeMap::new(),
-    );
     for endpoint in state.endpoints.values_mut() {
         let live = [&mut endpoint.promotion, &mut endpoint.last_promotion];
         for promotion in live
@@ -175,7 +168,7 @@ fn unclocked(state: &State) -> State {
             .flatten()
             .chain(&mut endpoint.past_promotions)
         {
-            promotion.rollout.sync_clock(&zero);
+            promotion.rollout = promotion.rollout.as_stored();
         }
     }
     state
@@ -201,7 +194,9 @@ async fn the_state_survives_as_records_and_only_changes_are_written() {
     let keys: Vec<&String> = store.backend.records.keys().collect();
     assert!(keys.contains(&&"endpoints/chat%2Fv1/events/00000000000000000005".to_owned()));
     assert!(keys.contains(&&"endpoints/chat%2Fv1/promotion".to_owned()));
-    assert!(keys.contains(&&"endpoints/chat%2Fv1/promotion/workers/10.0.0.19:7002".to_owned()));
+    assert!(keys.contains(&&"endpoints/chat%2Fv1/promotion/workers/10.0.0.0:7002".to_owned()));
+    // An idle worker's view is learned again from its agent, not kept.
+    assert!(!keys.contains(&&"endpoints/chat%2Fv1/promotion/workers/10.0.0.19:7002".to_owned()));
 
     // Nothing changed: nothing written.
     store.save(&state).await.unwrap();
