@@ -201,7 +201,7 @@ fn worker_proto(view: &View, address: &str) -> v1::Worker {
             .filter(|id| !id.is_empty())
             .unwrap_or_else(|| address.to_owned()),
         control_address: address.to_owned(),
-        status,
+        status: status.map(Arc::unwrap_or_clone),
         reachable: observed.reachable,
         last_seen: observed.last_seen.map(Into::into),
         cordoned: record.cordoned,

@@ -52,11 +52,27 @@ impl Actor {
     /// carry the epoch in their high bits, so a table pushed after a restart
     /// is newer than any pushed before, even one the store did not record
     /// before the crash.
+    /// A new table is wanted: the version it will have. Every change
+    /// announced before it is pushed shares that version, and the push
+    /// ([`Self::push_due_table`]) goes at most every [`TABLE_EVERY`]: with
+    /// many endpoints moving at once, each router gets one table for all of
+    /// them, not one per endpoint and pass.
     pub(super) fn announce_table(&mut self) -> u64 {
-        self.state.table_version = (self.state.table_version + 1).max(self.state.epoch << 32);
-        let version = self.state.table_version;
-        self.push_table_now(version);
-        version
+        if !self.table_due {
+            self.state.table_version = (self.state.table_version + 1).max(self.state.epoch << 32);
+            self.table_due = true;
+        }
+        self.state.table_version
+    }
+
+    /// Pushes the table announced, if one is due and the last push is
+    /// [`TABLE_EVERY`] old.
+    pub(super) fn push_due_table(&mut self) {
+        if self.table_due && self.table_pushed_at.elapsed() >= TABLE_EVERY {
+            self.table_due = false;
+            self.table_pushed_at = Instant::now();
+            self.push_table_now(self.state.table_version);
+        }
     }
 
     pub(super) fn drain_timeout(&self, endpoint: &str) -> Duration {

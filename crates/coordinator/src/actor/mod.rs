@@ -47,6 +47,9 @@ pub const HEARTBEAT_BOUND: Duration = Duration::from_secs(8);
 const TICK: Duration = Duration::from_millis(200);
 /// The longest a change waits to be readable when nobody waits for it.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+/// The least time between two table pushes: the changes in between go in
+/// one table.
+const TABLE_EVERY: Duration = Duration::from_millis(100);
 
 type Reply<T> = oneshot::Sender<Result<T, CoordinatorError>>;
 
@@ -126,7 +129,7 @@ impl Request {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Observed {
     /// Its last status, if it ever answered.
-    pub status: Option<v1::WorkerStatus>,
+    pub status: Option<Arc<v1::WorkerStatus>>,
     /// Its status stream is up.
     pub reachable: bool,
     /// When it last answered.
@@ -361,6 +364,10 @@ pub async fn start(
         statuses: Arc::default(),
         last_claims: BTreeMap::new(),
         published_at: Instant::now(),
+        table_due: false,
+        table_pushed_at: Instant::now()
+            .checked_sub(TABLE_EVERY)
+            .unwrap_or_else(Instant::now),
     };
     let addresses: Vec<String> = actor.state.workers.keys().cloned().collect();
     for address in addresses {
@@ -419,6 +426,10 @@ struct Actor {
     last_claims: BTreeMap<String, String>,
     /// When the view was last published.
     published_at: Instant,
+    /// A table was announced and not pushed yet.
+    table_due: bool,
+    /// When the last table was pushed.
+    table_pushed_at: Instant,
 }
 
 fn now_ms() -> u64 {
@@ -512,6 +523,7 @@ impl Actor {
         for (endpoint, action) in actions {
             self.perform(&endpoint, action);
         }
+        self.push_due_table();
         if publish {
             self.publish();
         }
@@ -551,14 +563,14 @@ impl Actor {
                     let news = !observed.reachable
                         || observed.status.as_ref().is_none_or(|before| {
                             let at = std::mem::replace(&mut status.observed_at, before.observed_at);
-                            let differs = *before != *status;
+                            let differs = **before != *status;
                             status.observed_at = at;
                             differs
                         });
                     if news {
                         changed.insert(address.clone());
                     }
-                    observed.status = Some(*status);
+                    observed.status = Some(Arc::new(*status));
                     observed.reachable = true;
                     observed.last_seen = Some(SystemTime::now());
                 }
