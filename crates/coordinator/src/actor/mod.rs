@@ -47,6 +47,8 @@ pub const HEARTBEAT_BOUND: Duration = Duration::from_secs(8);
 const TICK: Duration = Duration::from_millis(200);
 /// The longest a change waits to be readable when nobody waits for it.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+/// The most answers of calls taken in one pass.
+const INTERNAL_BATCH: usize = 256;
 /// The least time between two table pushes: the changes in between go in
 /// one table.
 const TABLE_EVERY: Duration = Duration::from_millis(100);
@@ -465,7 +467,17 @@ impl Actor {
             let started = Instant::now();
             match wake {
                 Wake::Request(request) => self.request(*request, &mut actions, &mut answers),
-                Wake::Internal(event) => self.internal(event, &mut actions),
+                Wake::Internal(event) => {
+                    // Every answer already here, in one pass: one store
+                    // write and one table for all of them.
+                    self.internal(event, &mut actions);
+                    for _ in 1..INTERNAL_BATCH {
+                        match internal.try_recv() {
+                            Ok(event) => self.internal(event, &mut actions),
+                            Err(_) => break,
+                        }
+                    }
+                }
                 Wake::Statuses => self.statuses_arrived(&mut actions),
                 Wake::Tick => self.tick(&mut actions),
             }

@@ -178,19 +178,71 @@ fn diff_map<V: Clone + PartialEq + Serialize>(
     new: &BTreeMap<String, V>,
     batch: &mut Batch,
 ) {
-    old.retain(|key, _| {
-        let keep = new.contains_key(key);
-        if !keep {
-            batch.delete(format!("{prefix}/{}", escape(key)));
-        }
-        keep
-    });
-    for (key, value) in new {
-        if old.get(key) != Some(value) {
-            batch.put(format!("{prefix}/{}", escape(key)), json(value));
-            old.insert(key.clone(), value.clone());
+    // Both maps in key order, side by side: one comparison per entry, and
+    // nothing allocated unless an entry changed.
+    let mut removed = Vec::new();
+    let mut changed = Vec::new();
+    let mut olds = old.iter().peekable();
+    let mut news = new.iter().peekable();
+    loop {
+        match (olds.peek(), news.peek()) {
+            (None, None) => break,
+            (Some((key, _)), None) => {
+                removed.push((*key).clone());
+                olds.next();
+            }
+            (None, Some(&(key, value))) => {
+                changed.push((key, value));
+                news.next();
+            }
+            (Some(&(old_key, old_value)), Some(&(new_key, new_value))) => {
+                match old_key.cmp(new_key) {
+                    std::cmp::Ordering::Less => {
+                        removed.push(old_key.clone());
+                        olds.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        changed.push((new_key, new_value));
+                        news.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if old_value != new_value {
+                            changed.push((new_key, new_value));
+                        }
+                        olds.next();
+                        news.next();
+                    }
+                }
+            }
         }
     }
+    for key in removed {
+        batch.delete(format!("{prefix}/{}", escape(&key)));
+        old.remove(&key);
+    }
+    for (key, value) in changed {
+        batch.put(format!("{prefix}/{}", escape(key)), json(value));
+        old.insert(key.clone(), value.clone());
+    }
+}
+
+/// Whether what is stored of `a` and `b` is the same, cheaply: a history
+/// is appended to with rising numbers, and ended promotions never change,
+/// so their ends say whether they moved.
+fn same_endpoint(a: &Endpoint, b: &Endpoint) -> bool {
+    let ends = |e: &Endpoint| {
+        (
+            e.events.len(),
+            e.events.front().map(|x| x.sequence),
+            e.events.back().map(|x| x.sequence),
+            e.past_promotions.len(),
+        )
+    };
+    Head::same(a, b)
+        && ends(a) == ends(b)
+        && a.past_promotions.back().map(|p| &p.id) == b.past_promotions.back().map(|p| &p.id)
+        && a.promotion == b.promotion
+        && a.last_promotion == b.last_promotion
 }
 
 /// What was written last, to diff the next state against.
@@ -385,7 +437,7 @@ impl Written {
             match old.endpoints.get_mut(name) {
                 Some(old) => {
                     sync_clocks(old, new);
-                    if old != new {
+                    if !same_endpoint(old, new) {
                         diff_endpoint(name, old, new, heads, batch);
                     }
                 }
