@@ -104,9 +104,21 @@ struct Fleet {
     _simulators: Vec<Guard>,
 }
 
+/// A free port none of `used` has (the system may offer one twice).
+fn distinct_port(used: &mut std::collections::BTreeSet<u16>) -> anyhow::Result<u16> {
+    for _ in 0..100 {
+        let port = free_port()?;
+        if used.insert(port) {
+            return Ok(port);
+        }
+    }
+    bail!("no distinct free port in 100 tries")
+}
+
 async fn start(cli: &Cli, dir: &Path) -> anyhow::Result<Fleet> {
     let started = Instant::now();
-    let port = free_port()?;
+    let mut used = std::collections::BTreeSet::new();
+    let port = distinct_port(&mut used)?;
     let mut simulators = Vec::new();
     let mut agents = Vec::with_capacity(cli.workers);
     for (k, first) in (0..cli.workers).step_by(PER_SIMULATOR).enumerate() {
@@ -151,7 +163,11 @@ async fn start(cli: &Cli, dir: &Path) -> anyhow::Result<Fleet> {
     let mut publics = Vec::new();
     let mut controls = Vec::new();
     for i in 0..cli.routers {
-        let [public, control, admin] = [free_port()?, free_port()?, free_port()?];
+        let [public, control, admin] = [
+            distinct_port(&mut used)?,
+            distinct_port(&mut used)?,
+            distinct_port(&mut used)?,
+        ];
         let config = dir.join(format!("router-{i}.toml"));
         std::fs::write(
             &config,
@@ -170,7 +186,7 @@ async fn start(cli: &Cli, dir: &Path) -> anyhow::Result<Fleet> {
         publics.push(SocketAddr::from(([127, 0, 0, 1], public)));
         controls.push(format!("\"127.0.0.1:{control}\""));
     }
-    let [api, admin] = [free_port()?, free_port()?];
+    let [api, admin] = [distinct_port(&mut used)?, distinct_port(&mut used)?];
     let agents: Vec<String> = agents.iter().map(|a| format!("\"{a}\"")).collect();
     let config = dir.join("coordinator.toml");
     std::fs::write(

@@ -252,7 +252,7 @@ impl PromotionSettings {
 pub struct Scaling {
     /// Fewest replicas (0 ..= max_replicas).
     pub min_replicas: u32,
-    /// Most replicas (0 ..= 1000).
+    /// Most replicas (0 ..= 10000: an endpoint may span a fleet).
     pub max_replicas: u32,
     /// In-flight requests one replica should carry (1 ..= 100000).
     pub target_in_flight_per_replica: u32,
@@ -323,7 +323,7 @@ impl Scaling {
         errors.extend(FieldError::check_range(
             &key("max_replicas"),
             self.max_replicas,
-            0..=1000,
+            0..=10_000,
         ));
         errors.extend(FieldError::check_range(
             &key("min_replicas"),

@@ -104,7 +104,10 @@ pub async fn start(settings: Settings) -> anyhow::Result<Fleet> {
             index,
             address,
             settings: Arc::clone(&settings),
-            engine: Mutex::new(Engine::default()),
+            engine: Mutex::new(Engine {
+                state: EngineState::Stopped,
+                ..Engine::default()
+            }),
             changed,
             fence: Fence::default(),
         });

@@ -73,6 +73,15 @@ impl Actor {
             let mut seen = Vec::new();
             let mut forget = Vec::new();
             for address in &dirty {
+                // Another endpoint's worker, unknown here and not running
+                // this endpoint's deployment, matters not: skipped without
+                // working out its view (most of a big fleet, at each step).
+                if claims.get(address).is_some_and(|owner| *owner != name)
+                    && !rollout.workers.contains_key(address)
+                    && !self.runs_deployment_of(address, &name)
+                {
+                    continue;
+                }
                 // A worker that has not reported since this coordinator
                 // started is unknown, not idle: the rollout keeps what it
                 // knew, until the heartbeat bound says it is lost.
@@ -238,6 +247,17 @@ impl Actor {
                 relevant.then(|| (address.clone(), worker))
             })
             .collect()
+    }
+
+    /// Whether worker `address` runs (or starts) a deployment of endpoint
+    /// `name`, as its agent last said.
+    fn runs_deployment_of(&self, address: &str, name: &str) -> bool {
+        self.observed
+            .get(address)
+            .and_then(|o| o.status.as_ref())
+            .and_then(|s| s.engine.as_ref())
+            .and_then(|e| self.state.deployments.get(&e.deployment_id))
+            .is_some_and(|d| d.endpoint == name)
     }
 
     /// How worker `address` looks to endpoint `name`, and whether it
