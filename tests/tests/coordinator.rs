@@ -17,6 +17,7 @@ use crossfade_proto::v1::{self, coordinator_client::CoordinatorClient};
 use http::StatusCode;
 use tonic::transport::Channel;
 
+use support::streams::no_failures;
 use support::*;
 
 /// Dropped in this order: the coordinator (so it starts nothing more),
@@ -209,45 +210,9 @@ impl Fleet {
     }
 }
 
-type Outcomes = Vec<tokio::task::JoinHandle<Vec<(StatusCode, String)>>>;
-
 /// Six clients streaming back to back through the routers until `stop`.
-fn load(publics: &[SocketAddr], stop: &Arc<AtomicBool>) -> Outcomes {
-    (0..6)
-        .map(|i| {
-            let public = publics[i % publics.len()];
-            let stop = Arc::clone(stop);
-            tokio::spawn(async move {
-                let mut outcomes = Vec::new();
-                while !stop.load(Ordering::Relaxed) && outcomes.len() < 5000 {
-                    let (status, _, body) = chat(public, "chat", true).await;
-                    outcomes.push((status, body));
-                }
-                outcomes
-            })
-        })
-        .collect()
-}
-
-/// Every request succeeded and streamed to its end; returns how many there
-/// were and how many `model` answered.
-async fn no_failures(outcomes: Outcomes, model: &str) -> (usize, usize) {
-    let mut total = 0;
-    let mut by_model = 0;
-    for client in outcomes {
-        for (status, body) in client.await.unwrap() {
-            total += 1;
-            assert_eq!(status, StatusCode::OK, "{body}");
-            assert!(
-                body.trim_end().ends_with("data: [DONE]"),
-                "a stream broke: {body}"
-            );
-            if body.contains(&format!("[{model} as chat]")) {
-                by_model += 1;
-            }
-        }
-    }
-    (total, by_model)
+fn load(publics: &[SocketAddr], stop: &Arc<AtomicBool>) -> streams::Outcomes {
+    streams::streaming(publics, 6, stop)
 }
 
 async fn create_chat(fleet: &Fleet, settings: v1::PromotionSettingsUpdate) -> String {

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use crossfade_e2e::{EtcdServer, Process, TempDir, binary, free_port, wait_for_port};
 use crossfade_proto::v1::{self, coordinator_client::CoordinatorClient};
-use http::StatusCode;
 use tonic::transport::Channel;
 
 use support::*;
@@ -322,38 +321,6 @@ async fn promote(fleet: &Fleet, leader: usize, model: &str) -> String {
     }
 }
 
-type Outcomes = Vec<tokio::task::JoinHandle<Vec<(StatusCode, String)>>>;
-
-/// Four clients streaming back to back through the routers until `stop`.
-fn load(publics: &[SocketAddr], stop: &Arc<AtomicBool>) -> Outcomes {
-    (0..4)
-        .map(|i| {
-            let public = publics[i % publics.len()];
-            let stop = Arc::clone(stop);
-            tokio::spawn(async move {
-                let mut outcomes = Vec::new();
-                while !stop.load(Ordering::Relaxed) && outcomes.len() < 5000 {
-                    let (status, _, body) = chat(public, "chat", true).await;
-                    outcomes.push((status, body));
-                }
-                outcomes
-            })
-        })
-        .collect()
-}
-
-async fn no_failures(outcomes: Outcomes) -> usize {
-    let mut total = 0;
-    for client in outcomes {
-        for (status, body) in client.await.unwrap() {
-            total += 1;
-            assert_eq!(status, StatusCode::OK, "{body}");
-            assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
-        }
-    }
-    total
-}
-
 /// Each step of a promotion is recorded done once: no step was performed
 /// by two leaders.
 fn steps_done_once(endpoint: &v1::Endpoint, promotion: &str) {
@@ -415,7 +382,7 @@ async fn a_leader_killed_mid_promotion_hands_over_and_no_request_fails() {
 
     let first_epochs = fleet.epochs().await;
     let stop = Arc::new(AtomicBool::new(false));
-    let outcomes = load(&fleet.publics, &stop);
+    let outcomes = streams::streaming(&fleet.publics, 4, &stop);
     let promotion = promote(&fleet, 0, "org/v2").await;
     fleet
         .wait_endpoint(0, "the first step", Duration::from_secs(60), |e| {
@@ -443,7 +410,7 @@ async fn a_leader_killed_mid_promotion_hands_over_and_no_request_fails() {
     assert_eq!(last.status(), v1::PromotionStatus::Succeeded, "{done:#?}");
     assert_eq!(last.percent_traffic_to_new_version, 100);
     steps_done_once(&done, &promotion);
-    let total = no_failures(outcomes).await;
+    let (total, _) = streams::no_failures(outcomes, "org/v2").await;
     assert!(total > 10, "only {total} requests");
     // The new leader's epoch is above the dead one's: agents obey it.
     fleet.wait_epochs_above(&first_epochs, 2).await;

@@ -4,6 +4,7 @@
 
 pub mod hosts;
 pub mod load;
+pub mod streams;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
