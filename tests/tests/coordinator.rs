@@ -931,7 +931,7 @@ async fn a_coordinator_on_a_lost_store_runs_above_the_epoch_the_fleet_obeys() {
     let mut fleet = start_fleet(2);
     // A second run of the coordinator (epoch 2) drives the fleet.
     fleet.kill_and_restart_coordinator(Duration::from_millis(100));
-    create_chat(&fleet, rolling(50, 0, 0)).await;
+    let lost = create_chat(&fleet, rolling(50, 0, 0)).await;
     for agent in &fleet.agents {
         assert_eq!(agent.status().await.coordinator_epoch, 2);
     }
@@ -957,8 +957,11 @@ async fn a_coordinator_on_a_lost_store_runs_above_the_epoch_the_fleet_obeys() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    // ... and an endpoint created anew serves through the routers.
-    create_chat(&fleet, rolling(50, 0, 0)).await;
+    // ... and an endpoint created anew serves through the routers, under a
+    // deployment id no agent ran before (the empty store learned the ids
+    // the agents run).
+    let anew = create_chat(&fleet, rolling(50, 0, 0)).await;
+    assert_ne!(anew, lost);
     let (status, _, body) = chat(fleet.publics[0], "chat", false).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.contains("[org/v1 as chat]"), "{body}");

@@ -628,6 +628,25 @@ impl Actor {
         }
     }
 
+    /// A deployment id an agent runs: new ids go above it. A store that
+    /// was lost, or restored from an older copy, would otherwise hand out
+    /// an id the fleet already runs under another template, and an agent
+    /// takes an `Apply` of an id it runs as already done.
+    pub(super) fn learn_id(&mut self, id: &str, from: &str) {
+        let Some(number) = id.rsplit_once('-').and_then(|(_, n)| n.parse::<u64>().ok()) else {
+            return;
+        };
+        if number > self.state.next_id {
+            tracing::warn!(
+                agent = from,
+                deployment = id,
+                next_id = self.state.next_id,
+                "an agent runs a deployment this store does not know of (the store was lost or restored): new ids go above it"
+            );
+            self.state.next_id = number;
+        }
+    }
+
     /// Gives the table as `version` to one router's pusher (started on
     /// first use), which sends it until the router answers.
     pub(super) fn push_table_to(&mut self, address: &str, version: u64) {

@@ -429,6 +429,9 @@ impl Actor {
     fn statuses_arrived(&mut self, actions: &mut Vec<(String, Action)>) {
         let mut changed = BTreeSet::new();
         for (address, status) in self.statuses.take() {
+            if let Some(engine) = status.as_ref().and_then(|s| s.engine.as_ref()) {
+                self.learn_id(&engine.deployment_id, &address);
+            }
             let observed = self.observed.entry(address.clone()).or_default();
             let obeyed = status.as_ref().map_or(0, |s| s.coordinator_epoch);
             match status {
