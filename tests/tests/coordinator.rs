@@ -940,31 +940,84 @@ async fn a_coordinator_on_a_lost_store_runs_above_the_epoch_the_fleet_obeys() {
     drop(fleet.coordinator.take());
     std::fs::remove_file(fleet.coordinator_config.with_file_name("state.json")).unwrap();
     fleet.coordinator = Some(start_coordinator(&fleet.coordinator_config, fleet.api));
-    // It learns epoch 2 from them and runs as 3: the agents take its calls
-    // (the engines it knows nothing of are stopped) ...
+    // It adopts what the routers route: `chat` keeps its deployment and
+    // keeps serving, without a restart of anything ...
+    let mut client = fleet.client().await;
     let deadline = Instant::now() + Duration::from_secs(60);
-    for agent in &fleet.agents {
+    let adopted = loop {
+        let read = client
+            .get_endpoint(v1::GetEndpointRequest {
+                name: "chat".into(),
+                event_limit: 100,
+            })
+            .await;
+        // NOT_FOUND until the routers' tables are read (every 2 s).
+        if let Ok(endpoint) = read.map(tonic::Response::into_inner)
+            && endpoint
+                .active_deployment
+                .as_ref()
+                .is_some_and(|d| d.id == lost)
+        {
+            break endpoint;
+        }
+        assert!(Instant::now() < deadline, "chat was not adopted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        adopted.events.iter().any(|e| e.kind == "adopted"),
+        "{adopted:#?}"
+    );
+    let (status, _, body) = chat(fleet.publics[0], "chat", false).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("[org/v1 as chat]"), "{body}");
+    // ... learns epoch 2 from the fleet and runs as 3, which the routers
+    // obey ...
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (_, _, control) in &fleet.routers {
+        let mut router =
+            v1::router_control_client::RouterControlClient::connect(format!("http://{control}"))
+                .await
+                .unwrap();
         loop {
-            let status = agent.status().await;
-            if status.coordinator_epoch == 3 {
+            let table = router
+                .get_table(v1::GetTableRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            if table.coordinator_epoch == 3 {
                 break;
             }
             assert!(
                 Instant::now() < deadline,
-                "the agent still obeys epoch {}",
-                status.coordinator_epoch
+                "the router still obeys epoch {}",
+                table.coordinator_epoch
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    // ... and an endpoint created anew serves through the routers, under a
-    // deployment id no agent ran before (the empty store learned the ids
-    // the agents run).
-    let anew = create_chat(&fleet, rolling(50, 0, 0)).await;
-    assert_ne!(anew, lost);
+    // ... and a promotion gives the endpoint a template again: the agents
+    // take its calls, under a deployment id no agent ran before (the empty
+    // store learned the ids the agents run).
+    let promoted = promote_v2(&fleet).await;
+    let (done, _) = fleet
+        .wait_endpoint("the promotion", Duration::from_secs(60), |e| {
+            e.last_promotion
+                .as_ref()
+                .is_some_and(|p| p.id == promoted.promotion_id && p.finished_at.is_some())
+        })
+        .await;
+    assert_eq!(
+        last_status(&done),
+        Some(v1::PromotionStatus::Succeeded),
+        "{done:#?}"
+    );
+    assert_ne!(done.active_deployment.as_ref().unwrap().id, lost);
+    for agent in &fleet.agents {
+        assert_eq!(agent.status().await.coordinator_epoch, 3);
+    }
     let (status, _, body) = chat(fleet.publics[0], "chat", false).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert!(body.contains("[org/v1 as chat]"), "{body}");
+    assert!(body.contains("[org/v2 as chat]"), "{body}");
 }
 
 /// The host whose agent listens on `control_address`.

@@ -417,6 +417,23 @@ impl Rollout {
         }
     }
 
+    /// A rollout that has ended with `routed` (worker → `deployment`) in
+    /// the table: what a coordinator on a lost store adopts from a router's
+    /// table, so that the endpoint keeps serving.
+    pub fn adopted(
+        deployment: &str,
+        settings: PromotionSettings,
+        routed: BTreeMap<String, String>,
+    ) -> Self {
+        let target = u32::try_from(routed.len()).unwrap_or(u32::MAX);
+        let mut rollout = Self::new("", deployment, settings, target, BTreeMap::new(), routed);
+        rollout.status = Status::Succeeded;
+        rollout.step = 1;
+        rollout.phase = Phase::Stabilizing;
+        rollout.overhead_done = true;
+        rollout
+    }
+
     /// Outside a promotion (this one has ended): runs `target` replicas of
     /// the deployment that serves, starting or retiring the difference, the
     /// same way the steps do (a replica leaves the table, the routers

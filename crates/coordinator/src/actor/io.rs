@@ -584,6 +584,17 @@ impl Actor {
                     return;
                 };
                 let answer = answer.into_inner();
+                // An empty store: what the routers route is all that is
+                // left of the endpoints.
+                if version == 0
+                    && answer.source() == v1::TableSource::Coordinator
+                    && let Some(table) = answer.table.clone().filter(|t| !t.endpoints.is_empty())
+                {
+                    let _ = internal.send(Internal::RouterTable {
+                        address: address.clone(),
+                        table,
+                    });
+                }
                 if answer.coordinator_epoch > epoch {
                     let _ = internal.send(Internal::RouterEpoch {
                         address: address.clone(),

@@ -29,6 +29,7 @@ use crate::state::{
 };
 use crate::store::Store;
 
+mod adopt;
 mod calls;
 mod handle;
 mod io;
@@ -121,6 +122,12 @@ enum Internal {
     RouterEpoch {
         address: String,
         epoch: u64,
+    },
+    /// A router's table, read by a coordinator that started on an empty
+    /// store: what it routes is adopted.
+    RouterTable {
+        address: String,
+        table: v1::RoutingTable,
     },
     /// Requests per deployment since a promotion started, summed over the
     /// routers that answered: (total, failed).
@@ -540,6 +547,7 @@ impl Actor {
             Internal::RouterEpoch { address, epoch } => {
                 self.learn_epoch(epoch, &format!("router {address}"), actions);
             }
+            Internal::RouterTable { address, table } => self.adopt(&address, &table, actions),
             Internal::RouterBehind { address } => {
                 tracing::info!(
                     router = address,

@@ -332,6 +332,11 @@ impl Actor {
         if !self.pending.is_empty() {
             return;
         }
+        // On an empty store, the routers' tables are read first: what they
+        // route is adopted ([`Self::adopt`]), not stopped.
+        if self.fresh_store && self.started.elapsed() < HEARTBEAT_BOUND {
+            return;
+        }
         let claims = self.claims();
         let mut strays = Vec::new();
         for (address, record) in &self.state.workers {
