@@ -60,8 +60,9 @@ pub struct Endpoint {
     /// [`MAX_PROMOTIONS`].
     #[serde(default)]
     pub past_promotions: VecDeque<Promotion>,
-    /// The history, newest last.
-    pub events: VecDeque<EventRecord>,
+    /// The history, newest last; shared with the published views (a view
+    /// copies it only when the endpoint records an event).
+    pub events: std::sync::Arc<VecDeque<EventRecord>>,
     /// The last event's number.
     pub event_seq: u64,
     /// Milliseconds since the Unix epoch.
@@ -291,7 +292,7 @@ impl Endpoint {
             promotion: None,
             last_promotion: None,
             past_promotions: VecDeque::new(),
-            events: VecDeque::new(),
+            events: std::sync::Arc::default(),
             event_seq: 0,
             created_at_ms: now_ms,
             updated_at_ms: now_ms,
@@ -301,15 +302,16 @@ impl Endpoint {
     /// Appends to the history, dropping the oldest past [`MAX_EVENTS`].
     pub fn record(&mut self, now_ms: u64, kind: &str, message: String, promotion_id: &str) {
         self.event_seq += 1;
-        self.events.push_back(EventRecord {
+        let events = std::sync::Arc::make_mut(&mut self.events);
+        events.push_back(EventRecord {
             sequence: self.event_seq,
             at_ms: now_ms,
             kind: kind.into(),
             message,
             promotion_id: promotion_id.into(),
         });
-        while self.events.len() > MAX_EVENTS {
-            self.events.pop_front();
+        while events.len() > MAX_EVENTS {
+            events.pop_front();
         }
         self.updated_at_ms = now_ms;
     }

@@ -51,6 +51,8 @@ pub const HEARTBEAT_BOUND: Duration = Duration::from_secs(8);
 const TICK: Duration = Duration::from_millis(200);
 /// The longest a change waits to be readable when nobody waits for it.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+/// A pass this long is logged (at debug level) with what it did.
+const SLOW_PASS: Duration = Duration::from_millis(50);
 /// The most answers of calls taken in one pass.
 const INTERNAL_BATCH: usize = 256;
 /// The least time between two table pushes: the changes in between go in
@@ -341,6 +343,12 @@ impl Actor {
             };
             // A pass: decide, store, act.
             let started = Instant::now();
+            let woke = match &wake {
+                Wake::Request(_) => "request",
+                Wake::Internal(_) => "answers",
+                Wake::Statuses => "statuses",
+                Wake::Tick => "tick",
+            };
             match wake {
                 Wake::Request(request) => self.request(*request, &mut actions, &mut answers),
                 Wake::Internal(event) => {
@@ -357,19 +365,31 @@ impl Actor {
                 Wake::Statuses => self.statuses_arrived(&mut actions),
                 Wake::Tick => self.tick(&mut actions),
             }
-            // An unstored change is not answered: the caller hears that the
-            // coordinator is shutting down.
+            let decided = started.elapsed();
+            let acts = actions.len();
             // A change someone waits for is readable as soon as it is
             // answered; otherwise the view is published at most every
-            // PUBLISH_EVERY (it is a copy of the state).
+            // PUBLISH_EVERY (it is a copy of the state). An unstored change
+            // is not answered: the caller hears that the coordinator is
+            // shutting down.
             let publish = !answers.is_empty() || self.published_at.elapsed() >= PUBLISH_EVERY;
             if self.commit(actions, publish).await {
                 for answer in answers {
                     answer();
                 }
             }
-            metrics::histogram!(crate::metrics::PASS_SECONDS)
-                .record(started.elapsed().as_secs_f64());
+            let took = started.elapsed();
+            metrics::histogram!(crate::metrics::PASS_SECONDS).record(took.as_secs_f64());
+            if took >= SLOW_PASS {
+                tracing::debug!(
+                    woke,
+                    ?decided,
+                    ?took,
+                    actions = acts,
+                    publish,
+                    "a slow pass"
+                );
+            }
         }
     }
 

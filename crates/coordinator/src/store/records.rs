@@ -99,7 +99,7 @@ impl Head {
             promotion: None,
             last_promotion: None,
             past_promotions: VecDeque::new(),
-            events: VecDeque::new(),
+            events: std::sync::Arc::default(),
             event_seq: self.event_seq,
             created_at_ms: self.created_at_ms,
             updated_at_ms: self.updated_at_ms,
@@ -353,7 +353,7 @@ impl Written {
                 .endpoints
                 .get_mut(&name)
                 .ok_or_else(|| format!("events of no endpoint `{name}`"))?;
-            endpoint.events = list.into();
+            endpoint.events = std::sync::Arc::new(list.into());
         }
         for (name, list) in past {
             let endpoint = state
