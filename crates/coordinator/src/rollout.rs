@@ -417,23 +417,6 @@ impl Rollout {
         }
     }
 
-    /// A rollout that has ended with `routed` (worker → `deployment`) in
-    /// the table: what a coordinator on a lost store adopts from a router's
-    /// table, so that the endpoint keeps serving.
-    pub fn adopted(
-        deployment: &str,
-        settings: PromotionSettings,
-        routed: BTreeMap<String, String>,
-    ) -> Self {
-        let target = u32::try_from(routed.len()).unwrap_or(u32::MAX);
-        let mut rollout = Self::new("", deployment, settings, target, BTreeMap::new(), routed);
-        rollout.status = Status::Succeeded;
-        rollout.step = 1;
-        rollout.phase = Phase::Stabilizing;
-        rollout.overhead_done = true;
-        rollout
-    }
-
     /// Outside a promotion (this one has ended): runs `target` replicas of
     /// the deployment that serves, starting or retiring the difference, the
     /// same way the steps do (a replica leaves the table, the routers
@@ -641,19 +624,6 @@ impl Rollout {
             .collect()
     }
 
-    /// What history keeps of a rollout that no longer decides anything:
-    /// its state and its table, not its view of every worker.
-    pub fn archive(&mut self) {
-        self.workers.clear();
-        self.applied_over.clear();
-        self.starting.clear();
-        self.ready.clear();
-        self.scaling.clear();
-        self.removes.clear();
-        self.leaving.clear();
-        self.failed.clear();
-    }
-
     /// Replicas per deployment: (ready in the table, starting, draining).
     pub fn replicas(&self, deployment: &str) -> (u32, u32, u32) {
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
@@ -677,12 +647,6 @@ impl Rollout {
                 .count(),
         );
         (ready, starting, draining)
-    }
-
-    /// Takes `other`'s clock: the store compares what it keeps, and does
-    /// not keep the clock.
-    pub fn sync_clock(&mut self, other: &Self) {
-        self.now_ms = other.now_ms;
     }
 
     /// After a restart of the coordinator, at `now_ms` (the clock is not

@@ -1,8 +1,12 @@
 //! Agents' statuses on their way to the actor, coalesced per agent.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use crossfade_proto::v1;
+
+use crate::rollout::Action;
 
 /// Each agent's latest status, as its watch delivered it: only the latest
 /// matters, so a burst of statuses from one agent is one entry (bounded by
@@ -32,6 +36,56 @@ impl Statuses {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         )
+    }
+}
+
+impl super::Actor {
+    /// Takes in every agent's latest status, then lets rollouts see the
+    /// workers once.
+    pub(super) fn statuses_arrived(&mut self, actions: &mut Vec<(String, Action)>) {
+        let mut changed = BTreeSet::new();
+        for (address, status) in self.statuses.take() {
+            if let Some(engine) = status.as_ref().and_then(|s| s.engine.as_ref()) {
+                self.learn_id(&engine.deployment_id, &address);
+            }
+            let observed = self.observed.entry(address.clone()).or_default();
+            let obeyed = status.as_ref().map_or(0, |s| s.coordinator_epoch);
+            match status {
+                Some(mut status) => {
+                    // Kept in the store: a restarted coordinator builds
+                    // the same table before the agent reports again.
+                    if let Some(record) = self.state.workers.get_mut(&address)
+                        && record.gate_address != status.gate_address
+                    {
+                        record.gate_address.clone_from(&status.gate_address);
+                    }
+                    // A heartbeat that says nothing new changes nothing.
+                    let news = !observed.reachable
+                        || observed.status.as_ref().is_none_or(|before| {
+                            let at = std::mem::replace(&mut status.observed_at, before.observed_at);
+                            let differs = **before != *status;
+                            status.observed_at = at;
+                            differs
+                        });
+                    if news {
+                        changed.insert(address.clone());
+                    }
+                    observed.status = Some(Arc::new(*status));
+                    observed.reachable = true;
+                    observed.last_seen = Some(SystemTime::now());
+                }
+                None => {
+                    if observed.reachable {
+                        changed.insert(address.clone());
+                    }
+                    observed.reachable = false;
+                }
+            }
+            self.learn_epoch(obeyed, &format!("agent {address}"), actions);
+        }
+        if !changed.is_empty() {
+            self.refresh_workers(Some(&changed), actions);
+        }
     }
 }
 

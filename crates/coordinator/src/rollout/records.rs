@@ -1,4 +1,4 @@
-//! A rollout as the store keeps it: its head (every scalar) and one record
+//! A rollout as the store keeps it (and as a lost store is rebuilt): its head (every scalar) and one record
 //! per entry of each collection, so that a change writes the entries that
 //! changed. A worker's view is kept only while it says something the
 //! coordinator cannot learn again from the agent's next status: the worker
@@ -72,6 +72,42 @@ fn keeps(claimed: &BTreeSet<String>, id: &str, worker: &Worker) -> bool {
 }
 
 impl Rollout {
+    /// A rollout that has ended with `routed` (worker → `deployment`) in
+    /// the table: what a coordinator on a lost store adopts from a router's
+    /// table, so that the endpoint keeps serving.
+    pub fn adopted(
+        deployment: &str,
+        settings: PromotionSettings,
+        routed: BTreeMap<String, String>,
+    ) -> Self {
+        let target = u32::try_from(routed.len()).unwrap_or(u32::MAX);
+        let mut rollout = Self::new("", deployment, settings, target, BTreeMap::new(), routed);
+        rollout.status = Status::Succeeded;
+        rollout.step = 1;
+        rollout.phase = Phase::Stabilizing;
+        rollout.overhead_done = true;
+        rollout
+    }
+
+    /// What history keeps of a rollout that no longer decides anything:
+    /// its state and its table, not its view of every worker.
+    pub fn archive(&mut self) {
+        self.workers.clear();
+        self.applied_over.clear();
+        self.starting.clear();
+        self.ready.clear();
+        self.scaling.clear();
+        self.removes.clear();
+        self.leaving.clear();
+        self.failed.clear();
+    }
+
+    /// Takes `other`'s clock: the store compares what it keeps, and does
+    /// not keep the clock.
+    pub fn sync_clock(&mut self, other: &Self) {
+        self.now_ms = other.now_ms;
+    }
+
     /// A copy without its collections: what the head record holds.
     pub fn head(&self) -> Self {
         Self {
