@@ -145,7 +145,7 @@ async fn term(
     let etcd = Etcd::connect(&settings.endpoints, &settings.records(), settings.timeout).await?;
     let mut client = etcd.client();
     let ttl = i64::try_from(settings.lease_ttl.as_secs()).unwrap_or(60);
-    let lease = bounded(&etcd, client.lease_grant(ttl, None)).await?.id();
+    let lease = etcd.bounded(client.lease_grant(ttl, None)).await?.id();
     let term = shutdown.child();
     let (lost_tx, mut lost) = watch::channel(false);
     term.spawn(keep_alive(
@@ -163,7 +163,7 @@ async fn term(
     term.wait_for_tasks(settings.timeout).await;
     // At shutdown, or after a failure: the lease goes now rather than at its
     // expiry, so a standby takes over at once.
-    let _ = bounded(&etcd, client.lease_revoke(lease)).await;
+    let _ = etcd.bounded(client.lease_revoke(lease)).await;
     result
 }
 
@@ -240,7 +240,8 @@ async fn standby(
     view: &watch::Sender<Arc<View>>,
 ) {
     let mut elections = etcd.client().election_client();
-    let leader = bounded(etcd, elections.leader(settings.election()))
+    let leader = etcd
+        .bounded(elections.leader(settings.election()))
         .await
         .ok()
         .and_then(|mut r| r.take_kv())
@@ -303,19 +304,6 @@ async fn keep_alive(
             () = term.triggered() => return,
             () = tokio::time::sleep(period.saturating_sub(sent.elapsed())) => {}
         }
-    }
-}
-
-async fn bounded<T>(
-    etcd: &Etcd,
-    call: impl Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, StoreError> {
-    match tokio::time::timeout(etcd.timeout(), call).await {
-        Ok(result) => result.map_err(|e| unavailable(etcd, &e)),
-        Err(_) => Err(unavailable(
-            etcd,
-            &format!("no answer within {:?}", etcd.timeout()),
-        )),
     }
 }
 

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use crossfade_common::Shutdown;
 use crossfade_proto::server::Fence;
 use crossfade_proto::v1::{self, EngineState, agent_server::AgentServer};
 use http_body_util::{BodyExt as _, Full};
@@ -45,21 +46,29 @@ pub struct Settings {
     pub fail_model: Option<String>,
 }
 
-/// A running simulated fleet; stops when dropped.
+/// A running simulated fleet; stops when dropped (or, waiting for every
+/// task it started, with [`Fleet::stop`]).
 pub struct Fleet {
     workers: Vec<Arc<Worker>>,
-    _tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Every task of the fleet: listeners, connections, status watches,
+    /// engine loads.
+    shutdown: Shutdown,
 }
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        for task in &self._tasks {
-            task.abort();
-        }
+        self.shutdown.trigger();
     }
 }
 
 impl Fleet {
+    /// Stops every worker and waits up to `grace` for its tasks to end;
+    /// false when some were still running.
+    pub async fn stop(self, grace: Duration) -> bool {
+        self.shutdown.trigger();
+        self.shutdown.wait_for_tasks(grace).await
+    }
+
     /// Each worker's address (control and gate), in order.
     pub fn addresses(&self) -> Vec<SocketAddr> {
         self.workers.iter().map(|w| w.address).collect()
@@ -92,8 +101,8 @@ pub fn address(first: Ipv4Addr, port: u16, index: usize) -> SocketAddr {
 /// Binds every worker's address and serves them all.
 pub async fn start(settings: Settings) -> anyhow::Result<Fleet> {
     let settings = Arc::new(settings);
+    let shutdown = Shutdown::new();
     let mut workers = Vec::with_capacity(settings.workers);
-    let mut tasks = Vec::with_capacity(settings.workers);
     for index in 0..settings.workers {
         let address = address(settings.first, settings.port, index);
         let listener = TcpListener::bind(address)
@@ -110,29 +119,36 @@ pub async fn start(settings: Settings) -> anyhow::Result<Fleet> {
             }),
             changed,
             fence: Fence::default(),
+            shutdown: shutdown.clone(),
         });
-        tasks.push(tokio::spawn(accept(listener, Arc::clone(&worker))));
+        shutdown.spawn(accept(listener, Arc::clone(&worker)));
         workers.push(worker);
     }
-    Ok(Fleet {
-        workers,
-        _tasks: tasks,
-    })
+    Ok(Fleet { workers, shutdown })
 }
 
 async fn accept(listener: TcpListener, worker: Arc<Worker>) {
+    let shutdown = worker.shutdown.clone();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            () = shutdown.triggered() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((stream, _)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let _ = stream.set_nodelay(true);
         let worker = Arc::clone(&worker);
-        tokio::spawn(async move {
+        let stop = shutdown.clone();
+        shutdown.spawn(async move {
             let service = service_fn(move |request| handle(Arc::clone(&worker), request));
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                () = stop.triggered() => {}
+                _ = connection => {}
+            }
         });
     }
 }
@@ -272,6 +288,8 @@ struct Worker {
     /// The revision, bumped on every change, for status watchers.
     changed: watch::Sender<u64>,
     fence: Fence,
+    /// The fleet's: its tasks are the fleet's to wait for.
+    shutdown: Shutdown,
 }
 
 impl Worker {
@@ -365,13 +383,15 @@ impl v1::agent_server::Agent for Agent {
             .clamp(Duration::from_millis(100), Duration::from_secs(3600));
         let worker = Arc::clone(&self.0);
         let (tx, rx) = mpsc::channel(2);
-        tokio::spawn(async move {
+        let shutdown = worker.shutdown.clone();
+        shutdown.clone().spawn(async move {
             let mut changes = worker.changed.subscribe();
             loop {
                 if tx.send(Ok(worker.status())).await.is_err() {
                     return;
                 }
                 tokio::select! {
+                    () = shutdown.triggered() => return,
                     () = tx.closed() => return,
                     changed = changes.changed() => if changed.is_err() { return },
                     () = tokio::time::sleep(heartbeat) => {}
@@ -413,9 +433,13 @@ impl v1::agent_server::Agent for Agent {
                 e.model = model;
             });
             let generation = worker.engine().generation;
-            let worker = Arc::clone(worker);
-            tokio::spawn(async move {
-                tokio::time::sleep(worker.settings.load_time).await;
+            let loading = Arc::clone(worker);
+            worker.shutdown.spawn(async move {
+                let worker = loading;
+                tokio::select! {
+                    () = worker.shutdown.triggered() => return,
+                    () = tokio::time::sleep(worker.settings.load_time) => {}
+                }
                 let fails = {
                     let engine = worker.engine();
                     if engine.generation != generation {

@@ -145,4 +145,9 @@ async fn a_simulated_engine_loads_serves_drains_stops_and_crashes() {
     let next = watch.message().await.unwrap().unwrap();
     assert_eq!(next.engine.unwrap().state(), EngineState::Starting);
     assert_eq!(next.coordinator_epoch, 7);
+    drop((client, other, watch));
+    assert!(
+        fleet.stop(Duration::from_secs(5)).await,
+        "tasks outlived the fleet"
+    );
 }

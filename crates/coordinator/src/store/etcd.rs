@@ -92,17 +92,14 @@ impl Etcd {
         self.client.clone()
     }
 
-    /// The bound on each call.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-
     /// The prefix of its records.
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
 
-    async fn bounded<T>(
+    /// `call`, bounded by the store's timeout; etcd's errors as the
+    /// store's (unreachable etcd is [`StoreError::Unavailable`]).
+    pub(crate) async fn bounded<T>(
         &self,
         call: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, StoreError> {
