@@ -426,18 +426,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let before = metrics(fleet.admin).await?;
     let (cpu_before, _, _) = usage(fleet.coordinator.pid());
     let promoted = Instant::now();
-    let mut ids = BTreeMap::new();
+    // Every endpoint at once: the calls go out together, not one after
+    // the other's answer.
+    let mut calls = tokio::task::JoinSet::new();
     for name in &names {
-        let answer = client
-            .promote(v1::PromoteRequest {
-                endpoint: name.clone(),
-                target: Some(v1::promote_request::Target::Template(template("m-v2"))),
-                settings: None,
-            })
-            .await
-            .with_context(|| format!("promoting {name}"))?
-            .into_inner();
-        ids.insert(name.clone(), answer.promotion_id);
+        let mut client = client.clone();
+        let name = name.clone();
+        calls.spawn(async move {
+            let answer = client
+                .promote(v1::PromoteRequest {
+                    endpoint: name.clone(),
+                    target: Some(v1::promote_request::Target::Template(template("m-v2"))),
+                    settings: None,
+                })
+                .await
+                .with_context(|| format!("promoting {name}"))?
+                .into_inner();
+            anyhow::Ok((name, answer.promotion_id))
+        });
+    }
+    let mut ids = BTreeMap::new();
+    while let Some(call) = calls.join_next().await {
+        let (name, id) = call??;
+        ids.insert(name, id);
     }
     let done = wait_all(&mut client, names.len(), "the promotion", &ids, cli.timeout).await?;
     let took = promoted.elapsed();
@@ -480,6 +491,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         - counter(&before, "crossfade_coordinator_store_written_bytes_total");
     let writes = counter(&after, "crossfade_coordinator_store_writes_total")
         - counter(&before, "crossfade_coordinator_store_writes_total");
+    // Each promotion's own time, from its start to its end as the
+    // coordinator recorded them.
+    let mut each: Vec<f64> = done
+        .iter()
+        .filter_map(|e| e.last_promotion.as_ref())
+        .filter_map(|p| Some(seconds(p.finished_at.as_ref()?) - seconds(p.started_at.as_ref()?)))
+        .collect();
+    each.sort_by(f64::total_cmp);
     let must = f64::from(steps) * (cli.load_time.as_secs_f64() + f64::from(cli.stabilization));
     let cpu = cpu_after - cpu_before;
     println!(
@@ -538,7 +557,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         took.as_secs_f64(),
         took.as_secs_f64() / must.max(0.001)
     );
+    let median = each.get(each.len() / 2).copied().unwrap_or(0.0);
+    let longest = each.last().copied().unwrap_or(0.0);
+    println!(
+        "| each endpoint's promotion, start to end: median, longest, ratio of the longest | {median:.1} s, {longest:.1} s, {:.2}× |",
+        longest / must.max(0.001)
+    );
     Ok(())
+}
+
+/// A timestamp in seconds.
+fn seconds(at: &prost_types::Timestamp) -> f64 {
+    at.seconds as f64 + f64::from(at.nanos) / 1e9
 }
 
 /// Sends a few requests to `endpoint` through a router; how many succeeded

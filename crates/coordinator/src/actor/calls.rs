@@ -13,20 +13,19 @@
 //! Every task runs on the coordinator's [`Shutdown`] tracker.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crossfade_common::Shutdown;
 use crossfade_proto::tls::{self, Role};
 use crossfade_proto::v1;
 use crossfade_proto::v1::agent_client::AgentClient;
-use crossfade_proto::v1::router_control_client::RouterControlClient;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tonic::Status;
 use tonic::transport::Channel;
 
 use super::Internal;
+use super::table_push::{EncodedTable, apply_table};
 
 /// Calls queued for one worker beyond this are refused at once (and
 /// reported as failed): a worker that far behind is not keeping up.
@@ -303,7 +302,7 @@ where
 // === routers ===
 
 /// A table to push: the coordinator's epoch and the table.
-pub type Push = Option<(u64, Arc<v1::RoutingTable>)>;
+pub type Push = Option<EncodedTable>;
 
 /// Starts the pusher of the router at `address`: it sends the latest table
 /// given to the returned sender, until the sender is dropped.
@@ -314,10 +313,10 @@ pub fn router_pusher(
     shutdown: &Shutdown,
 ) -> watch::Sender<Push> {
     let (tables, latest) = watch::channel(None);
-    let client = RouterControlClient::new(control.dial(address, Role::Router));
+    let channel = control.dial(address, Role::Router);
     shutdown.spawn(push_tables(
         address.to_owned(),
-        client,
+        channel,
         latest,
         internal,
         shutdown.clone(),
@@ -327,7 +326,7 @@ pub fn router_pusher(
 
 async fn push_tables(
     address: String,
-    client: RouterControlClient<Channel>,
+    channel: Channel,
     mut latest: watch::Receiver<Push>,
     internal: mpsc::UnboundedSender<Internal>,
     shutdown: Shutdown,
@@ -339,18 +338,13 @@ async fn push_tables(
         }
         let mut backoff = Duration::from_millis(50);
         loop {
-            let Some((epoch, table)) = latest.borrow_and_update().clone() else {
+            let Some(table) = latest.borrow_and_update().clone() else {
                 break;
             };
             let version = table.version;
-            let request = v1::ApplyTableRequest {
-                coordinator_epoch: epoch,
-                table: Some((*table).clone()),
-            };
-            let mut client = client.clone();
             let answer = tokio::time::timeout(
                 SHORT_CALL,
-                client.apply_table(with_timeout(request, SHORT_CALL)),
+                apply_table(channel.clone(), with_timeout(table, SHORT_CALL)),
             )
             .await;
             let event = match answer {

@@ -2,6 +2,7 @@
 //! that come back as internal events.
 
 use super::*;
+use table_push::EncodedTable;
 
 impl Actor {
     // === actions ===
@@ -556,10 +557,10 @@ impl Actor {
     /// Pushes the table as `version` to every router.
     pub(super) fn push_table_now(&mut self, version: u64) {
         // One table, built once, however many routers.
-        let table = Arc::new(self.table(version));
+        let table = EncodedTable::new(self.state.epoch, self.table(version));
         let routers: Vec<String> = self.state.routers.keys().cloned().collect();
         for address in routers {
-            self.push_built_table_to(&address, Arc::clone(&table));
+            self.push_built_table_to(&address, table.clone());
         }
     }
 
@@ -661,13 +662,12 @@ impl Actor {
     /// Gives the table as `version` to one router's pusher (started on
     /// first use), which sends it until the router answers.
     pub(super) fn push_table_to(&mut self, address: &str, version: u64) {
-        let table = Arc::new(self.table(version));
+        let table = EncodedTable::new(self.state.epoch, self.table(version));
         self.push_built_table_to(address, table);
     }
 
     /// Gives `table` to one router's pusher (started on first use).
-    fn push_built_table_to(&mut self, address: &str, table: Arc<v1::RoutingTable>) {
-        let epoch = self.state.epoch;
+    fn push_built_table_to(&mut self, address: &str, table: EncodedTable) {
         let pusher = self.pushers.entry(address.to_owned()).or_insert_with(|| {
             calls::router_pusher(
                 &self.options.control,
@@ -676,7 +676,7 @@ impl Actor {
                 &self.shutdown,
             )
         });
-        pusher.send_replace(Some((epoch, table)));
+        pusher.send_replace(Some(table));
     }
 
     /// A table change not tied to a rollout (aliases, a router added, an

@@ -35,6 +35,7 @@ mod handle;
 mod io;
 mod requests;
 mod statuses;
+mod table_push;
 mod workers;
 
 pub use handle::{Coordinator, Observed, Request, RouterObserved, View};
