@@ -521,6 +521,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "| decision time per pass, p99 | ≤ {} ms |",
         quantile(&passes, 0.99) * 1000.0
     );
+    let total = passes.last().map_or(0.0, |b| b.1);
+    let within = passes
+        .iter()
+        .find(|(bound, _)| (*bound - 0.01).abs() < 1e-9)
+        .map_or(0.0, |b| b.1);
+    println!(
+        "| passes over 10 ms | {:.0} ({:.1} %) |",
+        total - within,
+        100.0 * (total - within) / total.max(1.0)
+    );
     println!(
         "| tables acknowledged by all {} routers | {} |",
         cli.routers,

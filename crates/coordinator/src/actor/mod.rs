@@ -622,7 +622,17 @@ impl Actor {
             (Some(p), _) | (None, Some(p)) => &mut p.rollout,
             (None, None) => return,
         };
+        let before = (rollout.step, rollout.phase);
         let produced = rollout.handle(event);
+        if (rollout.step, rollout.phase) != before {
+            tracing::trace!(
+                endpoint = name,
+                step = rollout.step,
+                from = ?before.1,
+                to = ?rollout.phase,
+                "phase"
+            );
+        }
         let start = actions.len();
         actions.extend(produced.into_iter().map(|a| (name.to_owned(), a)));
         self.settle(name, &actions[start..]);

@@ -44,6 +44,21 @@ impl Actor {
             record.cordon_reason = format!("{why}: {}", gpu_reasons(status));
             tracing::warn!(worker = address, reason = record.cordon_reason, "cordoned");
         }
+        // A candidate's GPU turns sick or degraded only by news from its
+        // agent: without such news (or a full refresh) no candidate's GPUs
+        // need looking at.
+        let gpu_news = changed.is_none()
+            || candidates.iter().any(|address| {
+                self.observed
+                    .get(address)
+                    .and_then(|o| o.status.as_ref())
+                    .is_some_and(|s| {
+                        matches!(
+                            s.gpu_health(),
+                            v1::GpuHealth::Unhealthy | v1::GpuHealth::Warning
+                        )
+                    })
+            });
         let mut claims = self.claims();
         let mut dirty: BTreeSet<String> = candidates.into_iter().collect();
         for (worker, owner) in &claims {
@@ -122,7 +137,11 @@ impl Actor {
             }
         }
         self.last_claims = claims;
-        let names: Vec<String> = self.state.endpoints.keys().cloned().collect();
+        let names: Vec<String> = if gpu_news {
+            self.state.endpoints.keys().cloned().collect()
+        } else {
+            Vec::new()
+        };
         for name in names {
             // A fatal GPU condition on a candidate replica fails the gate.
             let candidate = self
