@@ -301,7 +301,7 @@ where
 
 // === routers ===
 
-/// A table to push: the coordinator's epoch and the table.
+/// A table to push, encoded with the coordinator's epoch.
 pub type Push = Option<EncodedTable>;
 
 /// Starts the pusher of the router at `address`: it sends the latest table

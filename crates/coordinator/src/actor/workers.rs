@@ -44,21 +44,6 @@ impl Actor {
             record.cordon_reason = format!("{why}: {}", gpu_reasons(status));
             tracing::warn!(worker = address, reason = record.cordon_reason, "cordoned");
         }
-        // A candidate's GPU turns sick or degraded only by news from its
-        // agent: without such news (or a full refresh) no candidate's GPUs
-        // need looking at.
-        let gpu_news = changed.is_none()
-            || candidates.iter().any(|address| {
-                self.observed
-                    .get(address)
-                    .and_then(|o| o.status.as_ref())
-                    .is_some_and(|s| {
-                        matches!(
-                            s.gpu_health(),
-                            v1::GpuHealth::Unhealthy | v1::GpuHealth::Warning
-                        )
-                    })
-            });
         let mut claims = self.claims();
         let mut dirty: BTreeSet<String> = candidates.into_iter().collect();
         for (worker, owner) in &claims {
@@ -71,6 +56,22 @@ impl Actor {
                 dirty.insert(worker.clone());
             }
         }
+        // A candidate's GPU turns sick or degraded only by news from its
+        // agent, and a sick one joins a candidate only by a claim that
+        // moved: without either (or a full refresh) no candidate's GPUs
+        // need looking at.
+        let gpu_news = changed.is_none()
+            || dirty.iter().any(|address| {
+                self.observed
+                    .get(address)
+                    .and_then(|o| o.status.as_ref())
+                    .is_some_and(|s| {
+                        matches!(
+                            s.gpu_health(),
+                            v1::GpuHealth::Unhealthy | v1::GpuHealth::Warning
+                        )
+                    })
+            });
         let gates = if dirty.is_empty() {
             BTreeMap::new()
         } else {
