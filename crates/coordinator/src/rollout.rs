@@ -185,6 +185,10 @@ pub enum Event {
     Command(Command),
     /// The health gate.
     Health(Verdict),
+    /// Several events taken in order, and the rollout advanced once after
+    /// them all (each advance looks at every replica: 500 drains answered
+    /// at once are one look, not 500).
+    Many(Vec<Event>),
 }
 
 /// One deployment in a table.
@@ -534,7 +538,19 @@ impl Rollout {
     /// Handles one event; returns what to do.
     pub fn handle(&mut self, event: Event) -> Vec<Action> {
         let mut out = Vec::new();
+        self.take(event, &mut out);
+        self.advance(&mut out);
+        out
+    }
+
+    /// What `event` changes, before the rollout advances.
+    fn take(&mut self, event: Event, out: &mut Vec<Action>) {
         match event {
+            Event::Many(events) => {
+                for event in events {
+                    self.take(event, out);
+                }
+            }
             Event::Worker { id, worker } => self.on_worker(id, worker),
             Event::Workers { seen, forget } => {
                 for (id, worker) in seen {
@@ -550,7 +566,7 @@ impl Rollout {
                 }
             }
             Event::TableAcked { seq } => self.acked = self.acked.max(seq.min(self.seq)),
-            Event::Drained { worker } => self.on_drained(&worker, &mut out),
+            Event::Drained { worker } => self.on_drained(&worker, out),
             Event::Stopped { worker } => {
                 if let Some(r) = self.leaving.get(&worker)
                     && r.stage == Leaving::Stopping
@@ -564,10 +580,10 @@ impl Rollout {
                 }
             }
             Event::Tick { now_ms } => self.now_ms = self.now_ms.max(now_ms),
-            Event::Command(command) => self.on_command(command, &mut out),
+            Event::Command(command) => self.on_command(command, out),
             Event::Health(Verdict::Fail(reason)) => {
                 if !self.status.is_terminal() && !self.is_backward() {
-                    self.fail(format!("health gate: {reason}"), &mut out);
+                    self.fail(format!("health gate: {reason}"), out);
                 }
             }
             // Only a step's end waits for these.
@@ -576,17 +592,15 @@ impl Rollout {
                     && !self.status.is_terminal()
                     && self.pause.is_none()
                 {
-                    self.pause(format!("health gate undecided: {reason}"), &mut out);
+                    self.pause(format!("health gate undecided: {reason}"), out);
                 }
             }
             Event::Health(Verdict::Pass) => {
                 if self.phase == Phase::Judging && !self.status.is_terminal() {
-                    self.end_step(&mut out);
+                    self.end_step(out);
                 }
             }
         }
-        self.advance(&mut out);
-        out
     }
 
     /// The candidate's share of traffic in the table wanted now, in percent.

@@ -760,7 +760,15 @@ impl Actor {
             }
             done.push((endpoint, seq));
         }
+        // One event per endpoint, its highest table acknowledged: a step
+        // that takes 500 replicas out announces 500 tables (one version),
+        // and each event costs a look at the whole rollout.
+        let mut highest: BTreeMap<String, u64> = BTreeMap::new();
         for (endpoint, seq) in done {
+            let top = highest.entry(endpoint).or_default();
+            *top = (*top).max(seq);
+        }
+        for (endpoint, seq) in highest {
             self.feed(&endpoint, Event::TableAcked { seq }, actions);
         }
     }

@@ -30,6 +30,7 @@ use crate::state::{
 use crate::store::Store;
 
 mod adopt;
+mod answers;
 mod calls;
 mod handle;
 mod io;
@@ -355,13 +356,14 @@ impl Actor {
                 Wake::Internal(event) => {
                     // Every answer already here, in one pass: one store
                     // write and one table for all of them.
-                    self.internal(event, &mut actions);
-                    for _ in 1..INTERNAL_BATCH {
+                    let mut batch = vec![event];
+                    while batch.len() < INTERNAL_BATCH {
                         match internal.try_recv() {
-                            Ok(event) => self.internal(event, &mut actions),
+                            Ok(event) => batch.push(event),
                             Err(_) => break,
                         }
                     }
+                    self.answers_arrived(batch, &mut actions);
                 }
                 Wake::Statuses => self.statuses_arrived(&mut actions),
                 Wake::Tick => self.tick(&mut actions),
@@ -451,131 +453,6 @@ impl Actor {
     }
 
     // === events ===
-
-    fn internal(&mut self, event: Internal, actions: &mut Vec<(String, Action)>) {
-        match event {
-            Internal::Drained { endpoint, worker } => {
-                self.feed(&endpoint, Event::Drained { worker }, actions);
-            }
-            Internal::Stopped {
-                endpoint,
-                worker,
-                failed,
-            } => {
-                if let Some(error) = &failed {
-                    // Lost, or gone: stopped as soon as it answers again.
-                    tracing::warn!(
-                        worker,
-                        error,
-                        "stop failed; the worker gets one when it answers"
-                    );
-                    if let Some(record) = self.state.workers.get_mut(&worker) {
-                        record.stop_pending = true;
-                    }
-                }
-                self.stopping.remove(&worker);
-                if let Some(record) = self.state.workers.get_mut(&worker)
-                    && failed.is_none()
-                {
-                    record.stop_pending = false;
-                }
-                if let Some(endpoint) = endpoint {
-                    self.feed(&endpoint, Event::Stopped { worker }, actions);
-                }
-            }
-            Internal::ApplyFailed {
-                endpoint,
-                worker,
-                deployment,
-                error,
-            } => {
-                let why = format!("{worker} could not start {deployment}: {error}");
-                self.start_failed(&endpoint, worker, deployment, "apply-failed", why, actions);
-            }
-            Internal::Stats {
-                endpoint,
-                promotion_id,
-                by_deployment,
-                routers,
-            } => {
-                let Some(e) = self.state.endpoints.get(&endpoint) else {
-                    return;
-                };
-                let Some(promotion) = e.promotion.as_ref().filter(|p| p.id == promotion_id) else {
-                    return;
-                };
-                let r = &promotion.rollout;
-                let gate = crate::health::Gate {
-                    margin_percent: r.settings.health_gate_margin_percent,
-                    min_requests: r.settings.health_gate_min_requests,
-                };
-                let verdict = crate::health::judge(gate, &r.to, &r.from, &by_deployment, routers);
-                tracing::debug!(endpoint, ?verdict, ?by_deployment, "health gate");
-                self.feed(&endpoint, Event::Health(verdict), actions);
-            }
-            Internal::Demand { endpoint } => {
-                tracing::debug!(endpoint, "requests held at a router: scaling from zero");
-                self.demanded(endpoint, None, actions);
-            }
-            Internal::RouterEpoch { address, epoch } => {
-                self.learn_epoch(epoch, &format!("router {address}"), actions);
-            }
-            Internal::RouterTable { address, table } => self.adopt(&address, &table, actions),
-            Internal::RouterBehind { address } => {
-                tracing::info!(
-                    router = address,
-                    "a router serves an older table; pushing the current one"
-                );
-                self.push_table_to(&address, self.state.table_version);
-            }
-            Internal::RouterAck { address, version } => {
-                let router = self.routers.entry(address.clone()).or_default();
-                match version {
-                    Some(version) => {
-                        router.reachable = true;
-                        router.last_seen = Some(SystemTime::now());
-                        if router.refused.as_ref().is_some_and(|(v, _)| *v <= version) {
-                            router.refused = None;
-                        }
-                        if let Some(record) = self.state.routers.get_mut(&address) {
-                            record.acknowledged_version = record.acknowledged_version.max(version);
-                        }
-                    }
-                    None => router.reachable = false,
-                }
-                self.settle_acks(actions);
-            }
-            Internal::RouterRefused {
-                address,
-                version,
-                reason,
-            } => {
-                tracing::warn!(
-                    router = address,
-                    version,
-                    reason,
-                    "a router refused the table"
-                );
-                let router = self.routers.entry(address.clone()).or_default();
-                router.reachable = true;
-                router.last_seen = Some(SystemTime::now());
-                router.refused = Some((version, reason.clone()));
-                // Told once to every endpoint whose change waits on it.
-                let waiting: BTreeSet<String> =
-                    self.pending.iter().map(|(_, e, _)| e.clone()).collect();
-                for name in waiting {
-                    if let Some(e) = self.state.endpoints.get_mut(&name) {
-                        e.record(
-                            now_ms(),
-                            "router-refused",
-                            format!("router {address} refused table version {version}: {reason}; waiting until it accepts one"),
-                            "",
-                        );
-                    }
-                }
-            }
-        }
-    }
 
     fn tick(&mut self, actions: &mut Vec<(String, Action)>) {
         // Wall-clock time: a stabilization wait started before a restart

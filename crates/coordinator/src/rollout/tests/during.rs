@@ -329,3 +329,61 @@ fn a_failure_in_a_view_older_than_the_apply_is_not_the_new_starts() {
     handle(&mut r, failed("w2", "new"));
     assert_eq!(r.status, Status::Failed, "{}", r.reason);
 }
+
+/// Drives an in-place rolling promotion to its end; the answers of each
+/// round's drains and stops are one [`Event::Many`] when `batched`. The
+/// final rollout and every `Apply` asked.
+fn in_place_to_the_end(batched: bool) -> (Rollout, Vec<(String, String)>) {
+    let (workers, routed) = fleet(8, 0);
+    let mut r = Rollout::new("old", "new", unavailable_half(), 8, workers, routed);
+    let mut actions = r.start(0);
+    let mut asked = Vec::new();
+    let mut now_ms = 0;
+    for _ in 0..100 {
+        if r.status.is_terminal() {
+            break;
+        }
+        asked.extend(applies(&actions));
+        let mut answers = Vec::new();
+        let mut next = Vec::new();
+        for action in std::mem::take(&mut actions) {
+            match action {
+                Action::PushTable { seq, .. } => next.extend(r.handle(Event::TableAcked { seq })),
+                Action::Apply { worker, deployment } => {
+                    next.extend(r.handle(ready(&worker, &deployment)));
+                }
+                Action::JudgeHealth => next.extend(r.handle(Event::Health(Verdict::Pass))),
+                Action::Drain { worker } => answers.push(Event::Drained { worker }),
+                Action::Stop { worker } => answers.push(Event::Stopped { worker }),
+                _ => {}
+            }
+        }
+        if batched {
+            next.extend(r.handle(Event::Many(answers)));
+        } else {
+            for answer in answers {
+                next.extend(r.handle(answer));
+            }
+        }
+        now_ms += 1_000;
+        next.extend(r.handle(Event::Tick { now_ms }));
+        actions = next;
+    }
+    (r, asked)
+}
+
+#[test]
+fn answers_taken_at_once_end_where_answers_taken_one_by_one_do() {
+    let (one_by_one, asked_one_by_one) = in_place_to_the_end(false);
+    let (at_once, asked_at_once) = in_place_to_the_end(true);
+    assert_eq!(one_by_one.status, Status::Succeeded);
+    assert_eq!(at_once.status, Status::Succeeded);
+    assert_eq!(at_once.routes(), one_by_one.routes());
+    assert_eq!(at_once.routes()[0].workers.len(), 8);
+    // The same replicas started, each once (in place: on the same workers).
+    let sorted = |mut v: Vec<(String, String)>| {
+        v.sort();
+        v
+    };
+    assert_eq!(sorted(asked_at_once), sorted(asked_one_by_one));
+}
