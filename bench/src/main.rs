@@ -7,6 +7,7 @@
 //! latest full run.
 
 mod backend;
+mod gate;
 mod load;
 mod peers;
 mod report;
@@ -226,6 +227,15 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("swapper: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some("__gate") => {
+            return match gate::main(&args[2..]) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("gate: {e:#}");
                     ExitCode::FAILURE
                 }
             };
