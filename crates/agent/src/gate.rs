@@ -25,14 +25,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use crossfade_common::http::{is_inference_path, strip_hop_by_hop};
+use crossfade_common::upstream::{self, Checkout, Connections, PoolSettings};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
@@ -45,6 +43,15 @@ pub const RETRY_HEADER: &str = "x-crossfade-retry";
 /// supervisor to notice that its engine ended (it polls every 100 ms; a
 /// container's end takes a Docker call more).
 const ENGINE_END_WAIT: Duration = Duration::from_secs(2);
+
+/// Connections to the engine: made within 2 s, kept 30 s when idle.
+const POOL: PoolSettings = PoolSettings {
+    connect_timeout: Duration::from_secs(2),
+    idle_timeout: Duration::from_secs(30),
+};
+
+/// Kept-alive connections to the engine; requests stream their body.
+type EngineConnections = Connections<Incoming>;
 
 /// Whether the gate lets requests through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +84,9 @@ pub struct Gate {
     /// Cancelled at a drain's deadline to end open SSE streams; replaced
     /// by a fresh token for the streams that follow.
     cut: Mutex<CancellationToken>,
-    client: Client<HttpConnector, Incoming>,
+    /// The engine's port and the kept-alive connections to it (a new
+    /// engine, on another port, starts with none).
+    engine: Mutex<(u16, Arc<EngineConnections>)>,
 }
 
 impl Default for Gate {
@@ -89,14 +98,6 @@ impl Default for Gate {
 impl Gate {
     /// A gate with no engine behind it.
     pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
         Self {
             state: watch::Sender::new(GateState {
                 mode: Mode::NotReady,
@@ -105,7 +106,7 @@ impl Gate {
             }),
             close: watch::Sender::new(0),
             cut: Mutex::new(CancellationToken::new()),
-            client,
+            engine: Mutex::new((0, Arc::default())),
         }
     }
 
@@ -208,6 +209,19 @@ impl Gate {
         }
     }
 
+    /// The kept-alive connections to the engine on `port`; those to an
+    /// earlier engine (another port) are dropped.
+    fn connections_to(&self, port: u16) -> Arc<EngineConnections> {
+        let mut engine = self
+            .engine
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if engine.0 != port {
+            *engine = (port, Arc::default());
+        }
+        Arc::clone(&engine.1)
+    }
+
     /// Handles one request from the host's inference port.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<GateBody> {
         if !is_inference_path(req.uri().path()) {
@@ -254,34 +268,45 @@ impl Gate {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         let (mut parts, body) = req.into_parts();
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        let uri = match Uri::builder()
-            .scheme("http")
-            .authority(format!("127.0.0.1:{port}"))
-            .path_and_query(path)
-            .build()
-        {
-            Ok(uri) => uri,
+        // In origin form, with the engine as `Host` (an HTTP/1.1 server
+        // such as vLLM's refuses a request without one).
+        let address = format!("127.0.0.1:{port}");
+        let host = match HeaderValue::from_str(&address) {
+            Ok(host) => host,
             Err(e) => {
                 return error_response(
-                    StatusCode::BAD_REQUEST,
-                    &format!("cannot forward this path: {e}"),
-                    "bad_request",
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("cannot name the engine: {e}"),
+                    "internal_error",
                 );
             }
         };
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            // An HTTP/2 request, or one in absolute form: its path alone.
+            let path = parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned();
+            parts.uri = match Uri::try_from(path) {
+                Ok(uri) => uri,
+                Err(e) => {
+                    return error_response(
+                        StatusCode::BAD_REQUEST,
+                        &format!("cannot forward this path: {e}"),
+                        "bad_request",
+                    );
+                }
+            };
+        }
         strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(header::HOST);
-        parts.uri = uri;
+        parts.headers.insert(header::HOST, host);
         parts.version = Version::HTTP_11;
         let upstream = Request::from_parts(parts, body);
 
-        match self.client.request(upstream).await {
-            Ok(response) => {
+        let connections = self.connections_to(port);
+        match upstream::send(&address, &connections, upstream, &POOL).await {
+            Ok((response, connection)) => {
                 metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => "proxied").increment(1);
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
@@ -296,6 +321,7 @@ impl Gate {
                     GateBody::Upstream(Upstream {
                         inner: body,
                         in_flight: Some(in_flight),
+                        connection: Some((connection, connections)),
                         cut,
                     }),
                 )
@@ -398,6 +424,10 @@ pub struct Upstream {
     /// Released at the end of the stream (or when the client goes away and
     /// hyper drops the body).
     in_flight: Option<InFlight>,
+    /// The connection it comes on: back to the engine's idle list at the
+    /// end of the stream; closed (the engine then sees the client gone) if
+    /// the body is dropped or broken before.
+    connection: Option<(Checkout<Incoming>, Arc<EngineConnections>)>,
     /// For SSE: resolves at a drain's deadline.
     cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
 }
@@ -408,6 +438,17 @@ impl std::fmt::Debug for Upstream {
             .field("in_flight", &self.in_flight.is_some())
             .field("sse", &self.cut.is_some())
             .finish()
+    }
+}
+
+impl Upstream {
+    /// The response ended: the request is done, and its connection may
+    /// carry another.
+    fn finish(&mut self) {
+        self.in_flight = None;
+        if let Some((connection, to)) = self.connection.take() {
+            connection.release(&to, &POOL);
+        }
     }
 }
 
@@ -432,6 +473,7 @@ impl Body for GateBody {
                 {
                     upstream.cut = None;
                     upstream.in_flight = None;
+                    upstream.connection = None;
                     metrics::counter!(m::GATE_STREAMS_CUT_TOTAL).increment(1);
                     return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
                         CUT_EVENT.as_bytes(),
@@ -446,14 +488,19 @@ impl Body for GateBody {
                     tracing::warn!(error = %e, "the engine broke off a stream");
                     upstream.cut = None;
                     upstream.in_flight = None;
+                    upstream.connection = None;
                     return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
                         ENGINE_FAILED_EVENT.as_bytes(),
                     )))));
                 }
                 match &polled {
-                    Poll::Ready(None | Some(Err(_))) => upstream.in_flight = None,
-                    Poll::Ready(Some(Ok(_))) if upstream.inner.is_end_stream() => {
+                    Poll::Ready(Some(Err(_))) => {
                         upstream.in_flight = None;
+                        upstream.connection = None;
+                    }
+                    Poll::Ready(None) => upstream.finish(),
+                    Poll::Ready(Some(Ok(_))) if upstream.inner.is_end_stream() => {
+                        upstream.finish();
                     }
                     _ => {}
                 }
@@ -485,6 +532,8 @@ mod tests {
 
     use crossfade_common::shutdown::Shutdown;
     use http_body_util::BodyExt as _;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
     use tokio::net::TcpListener;
 
     use super::*;
@@ -507,6 +556,100 @@ mod tests {
             }
         });
         port
+    }
+
+    /// An engine that answers every request `200 ok` on kept-alive
+    /// connections; the port, and how many connections it accepted, and
+    /// saw a request on with the engine as `Host`.
+    async fn counting_engine(
+        shutdown: &Shutdown,
+    ) -> (
+        u16,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<Mutex<Vec<String>>>,
+    ) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let hosts = Arc::new(Mutex::new(Vec::new()));
+        let (count, seen, stop) = (Arc::clone(&accepted), Arc::clone(&hosts), shutdown.clone());
+        shutdown.spawn(async move {
+            loop {
+                let (mut stream, _) = tokio::select! {
+                    () = stop.triggered() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(_) => return,
+                    },
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                let seen = Arc::clone(&seen);
+                let stop = stop.clone();
+                stop.clone().spawn(async move {
+                    let mut buffer = Vec::new();
+                    let mut chunk = [0_u8; 4096];
+                    loop {
+                        // One request: its head and a body of the
+                        // length it declares.
+                        let head_end = loop {
+                            if let Some(i) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            let read = tokio::select! {
+                                () = stop.triggered() => return,
+                                read = stream.read(&mut chunk) => read,
+                            };
+                            match read {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buffer[..head_end]).to_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        if let Some(host) = head.lines().find_map(|l| l.strip_prefix("host:")) {
+                            seen.lock().unwrap().push(host.trim().to_owned());
+                        }
+                        while buffer.len() < head_end + length {
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buffer.drain(..head_end + length);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, accepted, hosts)
+    }
+
+    #[tokio::test]
+    async fn requests_reuse_the_connection_to_the_engine_and_name_it_as_host() {
+        let shutdown = Shutdown::new();
+        let (port, accepted, hosts) = counting_engine(&shutdown).await;
+        let gate = Arc::new(Gate::new());
+        gate.open(port);
+        let addr = serve(&gate, &shutdown).await;
+        for _ in 0..3 {
+            let (status, _, body) = post(addr).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(body, "ok");
+        }
+        // Each response read to its end gave its connection back.
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(*hosts.lock().unwrap(), vec![format!("127.0.0.1:{port}"); 3]);
+        assert_eq!(gate.state().in_flight, 0);
+        shutdown.trigger();
+        shutdown.wait_for_tasks(Duration::from_secs(5)).await;
     }
 
     async fn serve(gate: &Arc<Gate>, shutdown: &Shutdown) -> SocketAddr {

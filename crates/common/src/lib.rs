@@ -16,6 +16,7 @@ pub mod net;
 pub mod secret;
 pub mod shutdown;
 pub mod telemetry;
+pub mod upstream;
 pub mod vllm_args;
 
 pub use config::{CommonArgs, ConfigError, FieldError, Validate};

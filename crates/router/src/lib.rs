@@ -22,4 +22,3 @@ pub mod stats;
 pub mod table;
 mod tally;
 pub mod target;
-pub mod upstream;

@@ -33,7 +33,7 @@ use crate::queue::Queue;
 use crate::stats::{Outcome, REJECTED_TOTAL, RequestRecord, RetryReason};
 use crate::table::{Deployment, EjectionPolicy, Endpoint, InFlight, Routes, Worker, now_ms};
 use crate::target::{self, Target};
-use crate::upstream::{self, Checkout, PoolSettings};
+use crossfade_common::upstream::{self, Checkout, PoolSettings};
 
 /// A boxed error, as bodies and clients report them.
 pub use crossfade_common::http::BoxError;
@@ -424,7 +424,7 @@ impl Proxy {
             let in_flight = worker.start_request();
             let sent = tokio::time::timeout(
                 self.settings.response_header_timeout,
-                upstream::send(&worker, upstream, &self.pool),
+                upstream::send(worker.address(), worker.connections(), upstream, &self.pool),
             )
             .await;
             let (response, connection) = match sent {
@@ -602,7 +602,7 @@ fn json_response(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
 struct Answer<'t> {
     response: Response<Incoming>,
     /// The connection it came on, reused once the body has been read.
-    connection: Checkout,
+    connection: Checkout<Full<Bytes>>,
     in_flight: InFlight,
     /// The deployment that answered (a fallback's, when one served).
     deployment: &'t Deployment,

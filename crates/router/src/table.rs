@@ -23,6 +23,10 @@ use http::uri::Authority;
 
 use crate::stats::{DeploymentStats, Stats, WorkerCounts};
 
+/// Kept-alive connections to a gate; requests carry their body whole.
+pub type GateConnections =
+    crossfade_common::upstream::Connections<http_body_util::Full<bytes::Bytes>>;
+
 /// Weights are normalised to this many points; a session key hashes into
 /// the same range.
 pub const BASIS_POINTS: u32 = 10_000;
@@ -92,7 +96,7 @@ pub struct Worker {
     /// Attempts at it, by outcome, for `GetStats`.
     counts: WorkerCounts,
     /// Kept-alive connections to it.
-    connections: crate::upstream::Connections,
+    connections: GateConnections,
 }
 
 /// Why a table was refused. The message names the endpoint, deployment or
@@ -423,12 +427,12 @@ impl Worker {
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             counts: WorkerCounts::default(),
-            connections: crate::upstream::Connections::default(),
+            connections: crossfade_common::upstream::Connections::default(),
         })
     }
 
     /// Its idle connections.
-    pub fn connections(&self) -> &crate::upstream::Connections {
+    pub fn connections(&self) -> &GateConnections {
         &self.connections
     }
 

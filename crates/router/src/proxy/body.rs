@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use super::{BoxError, Slots};
 use crate::stats::{Outcome, RequestRecord};
 use crate::table::InFlight;
-use crate::upstream::{Checkout, PoolSettings};
+use crossfade_common::upstream::{Checkout, PoolSettings};
 
 /// A response body: the router's own (a buffer) or an upstream's, streamed.
 // Unboxed: every proxied response is the large variant, and boxing it
@@ -45,7 +45,7 @@ pub struct UpstreamBody {
     in_flight: InFlight,
     /// The connection it comes on: back to the worker's idle list at the
     /// end, closed if the body is dropped before.
-    connection: Option<(Checkout, PoolSettings)>,
+    connection: Option<(Checkout<Full<Bytes>>, PoolSettings)>,
     /// Finished with its outcome at the last byte; dropped before that, it
     /// counts the request as aborted.
     record: Option<(RequestRecord, Outcome)>,
@@ -87,7 +87,7 @@ impl UpstreamBody {
     pub(super) fn new(
         inner: Incoming,
         in_flight: InFlight,
-        connection: (Checkout, PoolSettings),
+        connection: (Checkout<Full<Bytes>>, PoolSettings),
         record: (RequestRecord, Outcome),
         slots: Slots,
         idle_timeout: Duration,
@@ -130,7 +130,7 @@ impl UpstreamBody {
     fn finish(&mut self) {
         if let Some((connection, settings)) = self.connection.take() {
             // The in-flight guard names the worker the response came from.
-            connection.release(self.in_flight.worker(), &settings);
+            connection.release(self.in_flight.worker().connections(), &settings);
         }
         if let Some((record, outcome)) = self.record.take() {
             record.finish(outcome);

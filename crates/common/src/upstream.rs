@@ -1,12 +1,14 @@
-//! Connections to the gates: HTTP/1.1, kept alive, one idle list per
-//! worker.
+//! Kept-alive HTTP/1.1 connections to one peer: the router's to each gate,
+//! the gate's to its engine.
 //!
-//! Each worker (which outlives table swaps) owns its idle connections, so
-//! finding one is a pop from a short list under an uncontended lock, with
-//! no lookup by host. A connection goes back to its list only when the
-//! response it carried has been read to the end; one whose response was
-//! abandoned is dropped, and with it the connection. Idle connections older
-//! than the idle timeout are closed when the list is next used.
+//! Each peer's owner (a router's worker, which outlives table swaps; a
+//! gate's engine) holds its idle connections, so finding one is a pop from a
+//! short list under an uncontended lock, with no lookup by host. A
+//! connection goes back to its list only when the response it carried has
+//! been read to the end; one whose response was abandoned is dropped, and
+//! with it the connection (which tells an engine that the client went
+//! away). Idle connections older than the idle timeout are closed when the
+//! list is next used.
 //!
 //! This replaced hyper-util's pooled client, which hashes the scheme and
 //! authority on every checkout and return and wraps each request in several
@@ -18,16 +20,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
+use http_body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-/// A connection's sending half.
-type Sender = http1::SendRequest<Full<Bytes>>;
+/// A connection's sending half, for request bodies of type `B`.
+type Sender<B> = http1::SendRequest<B>;
 
-/// How connections to the gates are made and kept.
+/// How connections are made and kept.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolSettings {
     /// Longest time to establish a connection.
@@ -36,19 +38,27 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
 }
 
-/// One worker's idle connections, the most recently used last.
-#[derive(Debug, Default)]
-pub struct Connections {
-    idle: Mutex<Vec<(Sender, Instant)>>,
+/// One peer's idle connections, the most recently used last.
+#[derive(Debug)]
+pub struct Connections<B> {
+    idle: Mutex<Vec<(Sender<B>, Instant)>>,
+}
+
+impl<B> Default for Connections<B> {
+    fn default() -> Self {
+        Self {
+            idle: Mutex::new(Vec::new()),
+        }
+    }
 }
 
 /// Why a request could not be sent.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
-    /// No connection could be made: the gate cannot have seen the request.
+    /// No connection could be made: the peer cannot have seen the request.
     #[error("connecting to {address}: {reason}")]
     Connect {
-        /// The gate.
+        /// The peer.
         address: String,
         /// What failed.
         reason: String,
@@ -84,24 +94,24 @@ impl SendError {
 /// [`Checkout::release`] once the response has been read to the end;
 /// dropped, it closes.
 #[derive(Debug)]
-pub struct Checkout {
-    sender: Sender,
+pub struct Checkout<B> {
+    sender: Sender<B>,
 }
 
-impl Checkout {
+impl<B> Checkout<B> {
     /// The response was read to the end: the connection may carry another
-    /// request to `worker`, the one it came from.
-    pub fn release(self, worker: &super::table::Worker, settings: &PoolSettings) {
-        worker.connections().put(self.sender, settings);
+    /// request to the peer it came from, whose connections are `to`.
+    pub fn release(self, to: &Connections<B>, settings: &PoolSettings) {
+        to.put(self.sender, settings);
     }
 }
 
-impl Connections {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Sender, Instant)>> {
+impl<B> Connections<B> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Sender<B>, Instant)>> {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn put(&self, sender: Sender, settings: &PoolSettings) {
+    fn put(&self, sender: Sender<B>, settings: &PoolSettings) {
         if sender.is_closed() {
             return;
         }
@@ -112,7 +122,7 @@ impl Connections {
     }
 
     /// The most recently used live connection, if any.
-    fn take(&self, settings: &PoolSettings) -> Option<Sender> {
+    fn take(&self, settings: &PoolSettings) -> Option<Sender<B>> {
         let mut idle = self.lock();
         evict_expired(&mut idle, Instant::now(), settings.idle_timeout);
         while let Some((sender, _)) = idle.pop() {
@@ -123,8 +133,7 @@ impl Connections {
         None
     }
 
-    /// Idle connections now (for tests).
-    #[cfg(test)]
+    /// Idle connections now.
     pub fn idle_count(&self) -> usize {
         self.lock().len()
     }
@@ -132,7 +141,7 @@ impl Connections {
 
 /// Drops the connections idle for longer than `timeout` (the oldest are
 /// first).
-fn evict_expired(idle: &mut Vec<(Sender, Instant)>, now: Instant, timeout: Duration) {
+fn evict_expired<B>(idle: &mut Vec<(Sender<B>, Instant)>, now: Instant, timeout: Duration) {
     let expired = idle
         .iter()
         .take_while(|(_, since)| now.duration_since(*since) > timeout)
@@ -142,17 +151,23 @@ fn evict_expired(idle: &mut Vec<(Sender, Instant)>, now: Instant, timeout: Durat
     }
 }
 
-/// Sends `request` to `worker` on an idle connection, or a new one.
+/// Sends `request` to the peer at `address` on one of its idle
+/// `connections`, or a new one.
 ///
-/// A kept-alive connection can be closed by the gate just as a request is
+/// A kept-alive connection can be closed by the peer just as a request is
 /// given to it; when hyper hands the request back unsent, it goes on a new
-/// connection (the gate cannot have seen it).
-pub async fn send(
-    worker: &super::table::Worker,
-    mut request: Request<Full<Bytes>>,
+/// connection (the peer cannot have seen it).
+pub async fn send<B>(
+    address: &str,
+    connections: &Connections<B>,
+    mut request: Request<B>,
     settings: &PoolSettings,
-) -> Result<(Response<Incoming>, Checkout), SendError> {
-    while let Some(mut sender) = worker.connections().take(settings) {
+) -> Result<(Response<Incoming>, Checkout<B>), SendError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    while let Some(mut sender) = connections.take(settings) {
         // A connection whose last response just ended may still be
         // finishing it; it is ready within a turn of its task.
         if sender.ready().await.is_err() {
@@ -169,7 +184,7 @@ pub async fn send(
             },
         }
     }
-    let mut sender = connect(worker, settings).await?;
+    let mut sender = connect(address, settings).await?;
     let response = sender.send_request(request).await?;
     Ok((response, Checkout { sender }))
 }
@@ -190,26 +205,24 @@ fn closed_before_answer(error: &hyper::Error) -> bool {
             })
 }
 
-async fn connect(
-    worker: &super::table::Worker,
-    settings: &PoolSettings,
-) -> Result<Sender, SendError> {
+async fn connect<B>(address: &str, settings: &PoolSettings) -> Result<Sender<B>, SendError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let failed = |reason: String| SendError::Connect {
-        address: worker.address().to_owned(),
+        address: address.to_owned(),
         reason,
     };
-    let stream = tokio::time::timeout(
-        settings.connect_timeout,
-        TcpStream::connect(worker.address()),
-    )
-    .await
-    .map_err(|_| {
-        failed(format!(
-            "no connection within {:?}",
-            settings.connect_timeout
-        ))
-    })?
-    .map_err(|e| failed(e.to_string()))?;
+    let stream = tokio::time::timeout(settings.connect_timeout, TcpStream::connect(address))
+        .await
+        .map_err(|_| {
+            failed(format!(
+                "no connection within {:?}",
+                settings.connect_timeout
+            ))
+        })?
+        .map_err(|e| failed(e.to_string()))?;
     // Small writes (SSE chunks, request heads) go out at once.
     stream
         .set_nodelay(true)
@@ -217,9 +230,12 @@ async fn connect(
     let (sender, connection) = http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| failed(e.to_string()))?;
+    // The connection's driver ends with the connection: when its last
+    // sender is dropped (an idle one evicted, a checkout abandoned) or the
+    // peer closes it; nothing outlives it to be waited for at shutdown.
     tokio::spawn(async move {
         if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "connection to a gate ended with an error");
+            tracing::debug!(error = %e, "a kept-alive connection ended with an error");
         }
     });
     Ok(sender)
