@@ -22,6 +22,16 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        let shutdown = Shutdown::new();
+        // The agent's Prometheus recorder, as the agent installs it: what
+        // the gate records per request is part of what it costs.
+        let _metrics = crossfade_common::metrics::install(
+            crossfade_agent::metrics::HISTOGRAMS,
+            None,
+            &shutdown,
+        )
+        .context("installing the Prometheus recorder")?;
+        crossfade_agent::metrics::describe();
         let listener = TcpListener::bind(("127.0.0.1", listen))
             .await
             .with_context(|| format!("binding 127.0.0.1:{listen}"))?;
@@ -32,7 +42,7 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
         crossfade_common::http::serve_with_close(
             listener,
             &options,
-            Shutdown::new(),
+            shutdown,
             gate.close_signal(),
             move |req| Arc::clone(&handler).handle(req),
         )

@@ -78,7 +78,13 @@ async fn standalone_refuses_until_ready_then_serves() {
         "{metrics}"
     );
     assert!(metrics.contains("crossfade_agent_gate_requests_total{outcome=\"refused_path\"} 3"));
-    assert!(metrics.contains("crossfade_agent_gate_requests_total{outcome=\"refused_not_ready\"}"));
+    assert!(
+        sample(
+            &metrics,
+            "crossfade_agent_gate_requests_total{outcome=\"refused_not_ready\"}"
+        ) > 0.0,
+        "{metrics}"
+    );
     assert!(metrics.contains("crossfade_agent_gpu_health{gpu=\"1\"} 1"));
     assert_eq!(
         admin_get(agent.admin, "/readyz").await,
@@ -785,8 +791,20 @@ async fn draining_a_worker_behind_the_router_loses_no_request() {
     // A's gate refused requests while draining; the router sent them to B.
     let metrics = admin_get(a.admin, "/metrics").await;
     assert!(
-        metrics.contains("crossfade_agent_gate_requests_total{outcome=\"refused_draining\"}"),
+        sample(
+            &metrics,
+            "crossfade_agent_gate_requests_total{outcome=\"refused_draining\"}"
+        ) > 0.0,
         "{metrics}"
     );
     assert_eq!(in_flight(&a.status().await).0, 0);
+}
+
+/// The value of `series` (name and labels, as exported) in a Prometheus
+/// text page; 0 when it is absent.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap_or(0.0))
 }

@@ -75,6 +75,41 @@ pub struct GateState {
     pub port: u16,
 }
 
+/// The gate's metrics, resolved once: a name and labels looked up per
+/// request cost a hash and a registry lock each time.
+struct Recorded {
+    proxied: metrics::Counter,
+    refused_path: metrics::Counter,
+    refused_draining: metrics::Counter,
+    refused_not_ready: metrics::Counter,
+    engine_unreachable: metrics::Counter,
+    engine_error: metrics::Counter,
+    in_flight: metrics::Gauge,
+}
+
+impl Recorded {
+    /// Against the recorder installed now (the agent installs its own
+    /// before it makes the gate).
+    fn new() -> Self {
+        let outcome = |o: &'static str| metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => o);
+        Self {
+            proxied: outcome("proxied"),
+            refused_path: outcome("refused_path"),
+            refused_draining: outcome("refused_draining"),
+            refused_not_ready: outcome("refused_not_ready"),
+            engine_unreachable: outcome("engine_unreachable"),
+            engine_error: outcome("engine_error"),
+            in_flight: metrics::gauge!(m::GATE_IN_FLIGHT),
+        }
+    }
+}
+
+impl std::fmt::Debug for Recorded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Recorded")
+    }
+}
+
 /// The gate. Cheap to share: handlers hold an `Arc`.
 #[derive(Debug)]
 pub struct Gate {
@@ -87,6 +122,7 @@ pub struct Gate {
     /// The engine's port and the kept-alive connections to it (a new
     /// engine, on another port, starts with none).
     engine: Mutex<(u16, Arc<EngineConnections>)>,
+    recorded: Recorded,
 }
 
 impl Default for Gate {
@@ -107,6 +143,7 @@ impl Gate {
             close: watch::Sender::new(0),
             cut: Mutex::new(CancellationToken::new()),
             engine: Mutex::new((0, Arc::default())),
+            recorded: Recorded::new(),
         }
     }
 
@@ -203,7 +240,7 @@ impl Gate {
         match refused {
             Some(mode) => Err(mode),
             None => {
-                metrics::gauge!(m::GATE_IN_FLIGHT).increment(1.0);
+                self.recorded.in_flight.increment(1.0);
                 Ok((InFlight(Arc::clone(self)), port))
             }
         }
@@ -227,7 +264,7 @@ impl Gate {
         if !is_inference_path(req.uri().path()) {
             // The engine's own `/metrics`, `/_...` and the rest are not the
             // host's to serve.
-            metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => "refused_path").increment(1);
+            self.recorded.refused_path.increment(1);
             return error_response(
                 StatusCode::NOT_FOUND,
                 "not an inference path: the gate forwards /v1/... and vLLM's inference API only",
@@ -245,11 +282,10 @@ impl Gate {
                         "this worker's engine is not ready; retry on another",
                     ),
                 };
-                let outcome = match mode {
-                    Mode::Draining => "refused_draining",
-                    _ => "refused_not_ready",
-                };
-                metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => outcome).increment(1);
+                match mode {
+                    Mode::Draining => self.recorded.refused_draining.increment(1),
+                    _ => self.recorded.refused_not_ready.increment(1),
+                }
                 let mut response = retry_elsewhere(message, retry);
                 if mode == Mode::Draining && http1 {
                     response
@@ -307,7 +343,7 @@ impl Gate {
         let connections = self.connections_to(port);
         match upstream::send(&address, &connections, upstream, &POOL).await {
             Ok((response, connection)) => {
-                metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => "proxied").increment(1);
+                self.recorded.proxied.increment(1);
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 let sse = parts
@@ -334,8 +370,7 @@ impl Gate {
                 // may take it.
                 let refused = e.is_connect();
                 if refused || self.engine_ended(port).await {
-                    metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => "engine_unreachable")
-                        .increment(1);
+                    self.recorded.engine_unreachable.increment(1);
                     let (what, message) = if refused {
                         (
                             "the engine refused a connection",
@@ -350,7 +385,7 @@ impl Gate {
                     tracing::warn!(error = %e, port, "{what}");
                     return retry_elsewhere(message, "not-ready");
                 }
-                metrics::counter!(m::GATE_REQUESTS_TOTAL, "outcome" => "engine_error").increment(1);
+                self.recorded.engine_error.increment(1);
                 tracing::warn!(error = %e, port, "the engine failed a request");
                 error_response(
                     StatusCode::BAD_GATEWAY,
@@ -371,7 +406,7 @@ impl Drop for InFlight {
         self.0
             .state
             .send_modify(|s| s.in_flight = s.in_flight.saturating_sub(1));
-        metrics::gauge!(m::GATE_IN_FLIGHT).decrement(1.0);
+        self.0.recorded.in_flight.decrement(1.0);
     }
 }
 
