@@ -36,8 +36,9 @@ struct Cli {
     /// The full run that `bench/RESULTS.md` reports (about ten minutes).
     #[arg(long)]
     full: bool,
-    /// Only these systems (comma-separated: direct, crossfade, nginx,
-    /// haproxy, sglang-router, vllm-router); the baseline always runs.
+    /// Only these systems (comma-separated: direct, crossfade, gate,
+    /// crossfade+gate, nginx, haproxy, sglang-router, vllm-router); the
+    /// baseline always runs.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The fixed rate, requests a second (the profile's by default).

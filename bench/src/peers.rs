@@ -44,6 +44,12 @@ pub enum Kind {
     Direct,
     /// crossfade-router.
     Crossfade,
+    /// The agent's gate alone, one in front of each backend worker; the
+    /// client picks a gate by the weights, as for the baseline.
+    Gate,
+    /// The whole path: crossfade-router in front of the gates in front of
+    /// the backend.
+    CrossfadeGate,
     /// nginx.
     Nginx,
     /// HAProxy.
@@ -56,9 +62,11 @@ pub enum Kind {
 
 impl Kind {
     /// Every system, the baseline first.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Direct,
         Kind::Crossfade,
+        Kind::Gate,
+        Kind::CrossfadeGate,
         Kind::Nginx,
         Kind::Haproxy,
         Kind::Sglang,
@@ -70,6 +78,8 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::Crossfade => "crossfade",
+            Kind::Gate => "gate",
+            Kind::CrossfadeGate => "crossfade+gate",
             Kind::Nginx => "nginx",
             Kind::Haproxy => "haproxy",
             Kind::Sglang => "sglang-router",
@@ -138,7 +148,36 @@ pub async fn start(kind: Kind, setup: &Setup) -> Result<Running, Skip> {
             control: None,
             notes: "the client picks a worker by the weights itself".into(),
         }),
-        Kind::Crossfade => crossfade(setup),
+        Kind::Crossfade => crossfade(setup, setup.workers, Vec::new()).map(|mut running| {
+            running.notes = format!("{ROUTER_NOTES}; power of two choices on in-flight counts");
+            running
+        }),
+        Kind::Gate => {
+            let (gates, processes) = gates(setup)?;
+            Ok(Running {
+                target: Target::weighted(
+                    gates
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &port)| (url(port), WEIGHTS[i / 2] / 2))
+                        .collect(),
+                ),
+                version: format!("crossfade-agent gate {}", env!("CARGO_PKG_VERSION")),
+                processes,
+                control: None,
+                notes: "one gate (crossfade-bench __gate) per worker, TOKIO_WORKER_THREADS=1; the client picks a gate by the weights".into(),
+            })
+        }
+        Kind::CrossfadeGate => {
+            let (gates, processes) = gates(setup)?;
+            crossfade(setup, gates, processes).map(|mut running| {
+                // The table swaps are measured on `crossfade` alone.
+                running.control = None;
+                running.notes =
+                    format!("{ROUTER_NOTES}; a gate per worker, TOKIO_WORKER_THREADS=1");
+                running
+            })
+        }
         Kind::Nginx => nginx(setup),
         Kind::Haproxy => haproxy(setup),
         Kind::Sglang | Kind::Vllm => python_router(setup, kind),
@@ -179,9 +218,34 @@ fn spawn(name: &str, command: Command, setup: &Setup) -> Result<Guard, Skip> {
         .map_err(|e| format!("{e:#}"))
 }
 
-fn crossfade(setup: &Setup) -> Result<Running, Skip> {
+/// How the router is run, for the report.
+const ROUTER_NOTES: &str = "TOKIO_WORKER_THREADS=1; weights 80/20";
+
+/// One gate per backend worker (`__gate`, as the agent serves it): their
+/// ports and processes.
+fn gates(setup: &Setup) -> Result<([u16; 4], Vec<Guard>), Skip> {
+    let mut ports = [0; 4];
+    let mut processes = Vec::new();
+    for (i, &worker) in setup.workers.iter().enumerate() {
+        let gate = port()?;
+        let mut command = on_core(setup.core, &setup.exe.to_string_lossy());
+        command
+            .arg("__gate")
+            .arg(gate.to_string())
+            .arg(worker.to_string())
+            .env("TOKIO_WORKER_THREADS", "1");
+        processes.push(spawn(&format!("gate-{i}"), command, setup)?);
+        wait_for_port(gate, Duration::from_secs(10)).map_err(|e| format!("{e:#}"))?;
+        ports[i] = gate;
+    }
+    Ok((ports, processes))
+}
+
+/// crossfade-router in front of `workers` (the backend's, or gates in
+/// front of it, whose `processes` it then carries).
+fn crossfade(setup: &Setup, workers: [u16; 4], gates: Vec<Guard>) -> Result<Running, Skip> {
     let (public, admin, control) = (port()?, port()?, port()?);
-    let [w1, w2, w3, w4] = setup.workers;
+    let [w1, w2, w3, w4] = workers;
     let config = format!(
         r#"# crossfade-router, as the benchmark runs it.
 [control_tls]
@@ -221,14 +285,14 @@ workers = ["127.0.0.1:{w3}", "127.0.0.1:{w4}"]
         .arg("--config")
         .arg(&path)
         .env("TOKIO_WORKER_THREADS", "1");
-    let process = spawn("crossfade-router", command, setup)?;
+    let mut processes = gates;
+    processes.push(spawn("crossfade-router", command, setup)?);
     Ok(Running {
         target: Target::proxy(url(public)),
         version: format!("crossfade-router {}", env!("CARGO_PKG_VERSION")),
-        processes: vec![process],
+        processes,
         control: Some(control),
-        notes: "TOKIO_WORKER_THREADS=1; weights 80/20; power of two choices on in-flight counts"
-            .into(),
+        notes: ROUTER_NOTES.into(),
     })
 }
 
