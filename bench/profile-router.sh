@@ -130,40 +130,7 @@ if wants nginx; then
         mkdir -p "$work/nginx"
         # The benchmark's configuration (bench/src/peers.rs), in one
         # process: no master.
-        cat > "$work/nginx/nginx.conf" <<EOF
-daemon off;
-master_process off;
-worker_processes 1;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    client_body_temp_path $work/nginx/body;
-    proxy_temp_path $work/nginx/proxy;
-    fastcgi_temp_path $work/nginx/fastcgi;
-    uwsgi_temp_path $work/nginx/uwsgi;
-    scgi_temp_path $work/nginx/scgi;
-    keepalive_requests 1000000;
-    split_clients "\${request_id}" \$deployment {
-        80% v1;
-        *   v2;
-    }
-    upstream v1 { least_conn; server 127.0.0.1:$w1; server 127.0.0.1:$w2; keepalive 256; keepalive_requests 1000000; }
-    upstream v2 { least_conn; server 127.0.0.1:$w3; server 127.0.0.1:$w4; keepalive 256; keepalive_requests 1000000; }
-    server {
-        listen 127.0.0.1:$listen;
-        location / {
-            proxy_pass http://\$deployment;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-            proxy_request_buffering off;
-            proxy_read_timeout 300s;
-        }
-    }
-}
-EOF
+        "$bin" __config nginx "$work/nginx" "$listen" "$w1" "$w2" "$w3" "$w4" > "$work/nginx/nginx.conf"
         measure nginx "$listen" nginx -e "$work/nginx/error.log" -p "$work/nginx" -c "$work/nginx/nginx.conf"
     else
         echo "nginx: skipped (not installed: bench/install-peers.sh)"
@@ -173,30 +140,7 @@ fi
 if wants haproxy; then
     if command -v haproxy >/dev/null; then
         listen=$(port)
-        cat > "$work/haproxy.cfg" <<EOF
-global
-    nbthread 1
-    maxconn 1000
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 300s
-    timeout server 300s
-    option http-no-delay
-    http-reuse always
-frontend chat
-    bind 127.0.0.1:$listen
-    use_backend v1 if { rand(100) lt 80 }
-    default_backend v2
-backend v1
-    balance leastconn
-    server a 127.0.0.1:$w1
-    server b 127.0.0.1:$w2
-backend v2
-    balance leastconn
-    server a 127.0.0.1:$w3
-    server b 127.0.0.1:$w4
-EOF
+        "$bin" __config haproxy "$work" "$listen" "$w1" "$w2" "$w3" "$w4" > "$work/haproxy.cfg"
         measure haproxy "$listen" haproxy -db -f "$work/haproxy.cfg"
     else
         echo "haproxy: skipped (not installed: bench/install-peers.sh)"

@@ -213,47 +213,27 @@ const SUT_CORE: usize = 1;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
+    let rest = args.get(2..).unwrap_or_default();
     match args.get(1).map(String::as_str) {
-        Some("__backend") => {
-            return match backend::main(&args[2..]) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("backend: {e:#}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
-        Some("__swapper") => {
-            return match swaps::main(&args[2..]) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("swapper: {e:#}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
-        Some("__gate") => {
-            return match gate::main(&args[2..]) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("gate: {e:#}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
-        Some("__router") => {
-            let rest = args.iter().skip(2).map(Into::into);
-            return crossfade_router::cli::main_from(
-                std::iter::once("crossfade-router".into()).chain(rest),
-            );
-        }
-        _ => {}
+        // The helper processes the benchmark starts, and what
+        // bench/profile-router.sh runs.
+        Some("__backend") => exit("backend", backend::main(rest)),
+        Some("__swapper") => exit("swapper", swaps::main(rest)),
+        Some("__gate") => exit("gate", gate::main(rest)),
+        Some("__config") => exit("config", peers::print_config(rest)),
+        Some("__router") => crossfade_router::cli::main_from(
+            std::iter::once("crossfade-router".into()).chain(rest.iter().map(Into::into)),
+        ),
+        _ => exit("crossfade-bench", run(&Cli::parse())),
     }
-    let cli = Cli::parse();
-    match run(&cli) {
+}
+
+/// The exit status of `result`, its error on stderr under `name`.
+fn exit(name: &str, result: anyhow::Result<()>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("crossfade-bench: {e:#}");
+            eprintln!("{name}: {e:#}");
             ExitCode::FAILURE
         }
     }

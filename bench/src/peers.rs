@@ -303,47 +303,7 @@ fn nginx(setup: &Setup) -> Result<Running, Skip> {
     let port = port()?;
     let dir = setup.dir.join("nginx");
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let d = dir.display();
-    let [w1, w2, w3, w4] = setup.workers;
-    let config = format!(
-        r#"# nginx, as the benchmark runs it: one worker process.
-daemon off;
-worker_processes 1;
-worker_rlimit_nofile {fd_limit};
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections {connections}; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    keepalive_requests 1000000;
-    split_clients "${{request_id}}" $deployment {{
-        {v1}% v1;
-        *   v2;
-    }}
-    upstream v1 {{ least_conn; server 127.0.0.1:{w1}; server 127.0.0.1:{w2}; keepalive 256; keepalive_requests 1000000; }}
-    upstream v2 {{ least_conn; server 127.0.0.1:{w3}; server 127.0.0.1:{w4}; keepalive 256; keepalive_requests 1000000; }}
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location / {{
-            proxy_pass http://$deployment;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-            proxy_request_buffering off;
-            proxy_read_timeout 300s;
-        }}
-    }}
-}}
-"#,
-        v1 = WEIGHTS[0],
-        fd_limit = setup.fd_limit,
-        connections = setup.fd_limit.saturating_sub(100),
-    );
+    let config = nginx_config(&dir, port, setup.workers, setup.fd_limit, true);
     let path = dir.join("nginx.conf");
     write(&path, &config)?;
     let mut command = on_core(setup.core, program);
@@ -389,40 +349,7 @@ fn haproxy(setup: &Setup) -> Result<Running, Skip> {
     let version =
         version_of(program, &["-v"]).ok_or("HAProxy is not installed (bench/install-peers.sh)")?;
     let port = port()?;
-    let [w1, w2, w3, w4] = setup.workers;
-    let config = format!(
-        r#"# HAProxy, as the benchmark runs it: one thread.
-global
-    nbthread 1
-    # Two descriptors a connection, within the inherited limit.
-    maxconn {maxconn}
-
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 300s
-    timeout server 300s
-    option http-no-delay
-    http-reuse always
-
-frontend chat
-    bind 127.0.0.1:{port}
-    use_backend v1 if {{ rand(100) lt {v1} }}
-    default_backend v2
-
-backend v1
-    balance leastconn
-    server a 127.0.0.1:{w1}
-    server b 127.0.0.1:{w2}
-
-backend v2
-    balance leastconn
-    server a 127.0.0.1:{w3}
-    server b 127.0.0.1:{w4}
-"#,
-        v1 = WEIGHTS[0],
-        maxconn = setup.fd_limit.saturating_sub(100) / 2,
-    );
+    let config = haproxy_config(port, setup.workers, setup.fd_limit.saturating_sub(100) / 2);
     let path = setup.dir.join("haproxy.cfg");
     write(&path, &config)?;
     let mut command = on_core(setup.core, program);
@@ -516,4 +443,120 @@ fn python_router(setup: &Setup, kind: Kind) -> Result<Running, Skip> {
     command.env("TOKIO_WORKER_THREADS", "1");
     let process = spawn(name, command, setup)?;
     Ok(proxy_on(port, version, process, notes))
+}
+
+/// nginx's configuration as the benchmark runs it: files in `dir`,
+/// listening on `port`, in front of `workers`; with its master process, or
+/// (`master` false) in one process, as callgrind needs it.
+pub fn nginx_config(
+    dir: &Path,
+    port: u16,
+    workers: [u16; 4],
+    fd_limit: u64,
+    master: bool,
+) -> String {
+    let d = dir.display();
+    let [w1, w2, w3, w4] = workers;
+    let master = if master { "" } else { "master_process off;\n" };
+    format!(
+        r#"# nginx, as the benchmark runs it: one worker process.
+daemon off;
+{master}worker_processes 1;
+worker_rlimit_nofile {fd_limit};
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections {connections}; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    keepalive_requests 1000000;
+    split_clients "${{request_id}}" $deployment {{
+        {v1}% v1;
+        *   v2;
+    }}
+    upstream v1 {{ least_conn; server 127.0.0.1:{w1}; server 127.0.0.1:{w2}; keepalive 256; keepalive_requests 1000000; }}
+    upstream v2 {{ least_conn; server 127.0.0.1:{w3}; server 127.0.0.1:{w4}; keepalive 256; keepalive_requests 1000000; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://$deployment;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 300s;
+        }}
+    }}
+}}
+"#,
+        v1 = WEIGHTS[0],
+        connections = fd_limit.saturating_sub(100),
+    )
+}
+
+/// HAProxy's configuration as the benchmark runs it: listening on `port`,
+/// in front of `workers`, at most `maxconn` connections.
+pub fn haproxy_config(port: u16, workers: [u16; 4], maxconn: u64) -> String {
+    let [w1, w2, w3, w4] = workers;
+    format!(
+        r#"# HAProxy, as the benchmark runs it: one thread.
+global
+    nbthread 1
+    # Two descriptors a connection, within the inherited limit.
+    maxconn {maxconn}
+
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 300s
+    timeout server 300s
+    option http-no-delay
+    http-reuse always
+
+frontend chat
+    bind 127.0.0.1:{port}
+    use_backend v1 if {{ rand(100) lt {v1} }}
+    default_backend v2
+
+backend v1
+    balance leastconn
+    server a 127.0.0.1:{w1}
+    server b 127.0.0.1:{w2}
+
+backend v2
+    balance leastconn
+    server a 127.0.0.1:{w3}
+    server b 127.0.0.1:{w4}
+"#,
+        v1 = WEIGHTS[0],
+    )
+}
+
+/// `crossfade-bench __config nginx|haproxy DIR PORT W1 W2 W3 W4`: prints
+/// the peer's configuration as the benchmark runs it (nginx in one
+/// process), for `bench/profile-router.sh`.
+pub fn print_config(args: &[String]) -> anyhow::Result<()> {
+    let [peer, dir, port, workers @ ..] = args else {
+        anyhow::bail!("usage: __config nginx|haproxy DIR PORT W1 W2 W3 W4");
+    };
+    let port: u16 = port.parse().map_err(|e| anyhow::anyhow!("PORT: {e}"))?;
+    let workers: Vec<u16> = workers
+        .iter()
+        .map(|w| w.parse::<u16>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("W1..W4: {e}"))?;
+    let workers: [u16; 4] = workers
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("four worker ports: W1 W2 W3 W4"))?;
+    let config = match peer.as_str() {
+        "nginx" => nginx_config(Path::new(dir), port, workers, 1124, false),
+        "haproxy" => haproxy_config(port, workers, 1000),
+        other => anyhow::bail!("unknown peer `{other}`: nginx or haproxy"),
+    };
+    print!("{config}");
+    Ok(())
 }
