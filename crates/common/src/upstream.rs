@@ -64,13 +64,13 @@ pub enum SendError {
         reason: String,
     },
     /// A kept-alive connection ended (closed or reset) before any byte of a
-    /// response: the gate closed it as idle just as the request went out
+    /// response: the peer closed it as idle just as the request went out
     /// (Go's `errServerClosedIdle`; a reset when the request's bytes reach
-    /// a socket already closed). Sent again on a new connection. A gate
-    /// that crashed mid-request resets too; its engine then aborts the
-    /// request whose connection went away, as vLLM does, so a second
-    /// attempt costs at most a repeated prefill.
-    #[error("the gate closed a kept-alive connection before answering: {0}")]
+    /// a socket already closed). The router sends it again on a new
+    /// connection: a gate that crashed mid-request resets too, and its
+    /// engine then aborts the request whose connection went away, as vLLM
+    /// does, so a second attempt costs at most a repeated prefill.
+    #[error("the peer closed a kept-alive connection before answering: {0}")]
     ClosedIdle(hyper::Error),
     /// The request was sent, or may have been, and failed.
     #[error(transparent)]
@@ -83,7 +83,7 @@ impl SendError {
         matches!(self, SendError::Connect { .. })
     }
 
-    /// Whether the gate cannot have read the request, on a kept-alive
+    /// Whether the peer cannot have read the request, on a kept-alive
     /// connection it closed (see [`SendError::ClosedIdle`]).
     pub fn is_closed_idle(&self) -> bool {
         matches!(self, SendError::ClosedIdle(_))
