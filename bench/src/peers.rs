@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use http::Uri;
 
 use crate::load::{self, Target};
@@ -135,33 +136,17 @@ fn version_of(program: &str, args: &[&str]) -> Option<String> {
 pub async fn start(kind: Kind, setup: &Setup) -> Result<Running, Skip> {
     let running = match kind {
         Kind::Direct => Ok(Running {
-            target: Target::weighted(
-                setup
-                    .workers
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &port)| (url(port), WEIGHTS[i / 2] / 2))
-                    .collect(),
-            ),
+            target: by_weights(setup.workers),
             version: "-".into(),
             processes: Vec::new(),
             control: None,
             notes: "the client picks a worker by the weights itself".into(),
         }),
-        Kind::Crossfade => crossfade(setup, setup.workers, Vec::new()).map(|mut running| {
-            running.notes = format!("{ROUTER_NOTES}; power of two choices on in-flight counts");
-            running
-        }),
+        Kind::Crossfade => crossfade(setup, setup.workers, Vec::new()),
         Kind::Gate => {
             let (gates, processes) = gates(setup)?;
             Ok(Running {
-                target: Target::weighted(
-                    gates
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &port)| (url(port), WEIGHTS[i / 2] / 2))
-                        .collect(),
-                ),
+                target: by_weights(gates),
                 version: format!("crossfade-agent gate {}", env!("CARGO_PKG_VERSION")),
                 processes,
                 control: None,
@@ -219,7 +204,19 @@ fn spawn(name: &str, command: Command, setup: &Setup) -> Result<Guard, Skip> {
 }
 
 /// How the router is run, for the report.
-const ROUTER_NOTES: &str = "TOKIO_WORKER_THREADS=1; weights 80/20";
+const ROUTER_NOTES: &str =
+    "TOKIO_WORKER_THREADS=1; weights 80/20; power of two choices on in-flight counts";
+
+/// The client picks among `ports` (v1's two, then v2's) by the weights.
+fn by_weights(ports: [u16; 4]) -> Target {
+    Target::weighted(
+        ports
+            .iter()
+            .enumerate()
+            .map(|(i, &port)| (url(port), WEIGHTS[i / 2] / 2))
+            .collect(),
+    )
+}
 
 /// One gate per backend worker (`__gate`, as the agent serves it): their
 /// ports and processes.
@@ -543,12 +540,12 @@ pub fn print_config(args: &[String]) -> anyhow::Result<()> {
     let [peer, dir, port, workers @ ..] = args else {
         anyhow::bail!("usage: __config nginx|haproxy DIR PORT W1 W2 W3 W4");
     };
-    let port: u16 = port.parse().map_err(|e| anyhow::anyhow!("PORT: {e}"))?;
+    let port: u16 = port.parse().context("PORT")?;
     let workers: Vec<u16> = workers
         .iter()
         .map(|w| w.parse::<u16>())
         .collect::<Result<_, _>>()
-        .map_err(|e| anyhow::anyhow!("W1..W4: {e}"))?;
+        .context("W1..W4")?;
     let workers: [u16; 4] = workers
         .try_into()
         .map_err(|_| anyhow::anyhow!("four worker ports: W1 W2 W3 W4"))?;

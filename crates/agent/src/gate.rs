@@ -50,8 +50,32 @@ const POOL: PoolSettings = PoolSettings {
     idle_timeout: Duration::from_secs(30),
 };
 
-/// Kept-alive connections to the engine; requests stream their body.
-type EngineConnections = Connections<Incoming>;
+/// The engine requests go to, as they need it: worked out once per engine
+/// (port), not per request.
+#[derive(Debug)]
+struct Engine {
+    port: u16,
+    /// `127.0.0.1:port`.
+    address: String,
+    /// The same, as the `Host` the requests carry.
+    host: HeaderValue,
+    /// Kept-alive connections to it; requests stream their body.
+    connections: Connections<Incoming>,
+}
+
+impl Engine {
+    fn on(port: u16) -> Self {
+        let address = format!("127.0.0.1:{port}");
+        Self {
+            port,
+            // An address and port are always a valid header value.
+            host: HeaderValue::from_str(&address)
+                .unwrap_or_else(|_| HeaderValue::from_static("127.0.0.1")),
+            address,
+            connections: Connections::default(),
+        }
+    }
+}
 
 /// Whether the gate lets requests through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,9 +143,9 @@ pub struct Gate {
     /// Cancelled at a drain's deadline to end open SSE streams; replaced
     /// by a fresh token for the streams that follow.
     cut: Mutex<CancellationToken>,
-    /// The engine's port and the kept-alive connections to it (a new
-    /// engine, on another port, starts with none).
-    engine: Mutex<(u16, Arc<EngineConnections>)>,
+    /// The engine on the port last forwarded to (a new engine, on another
+    /// port, starts with no connections).
+    engine: Mutex<Arc<Engine>>,
     recorded: Recorded,
 }
 
@@ -142,7 +166,7 @@ impl Gate {
             }),
             close: watch::Sender::new(0),
             cut: Mutex::new(CancellationToken::new()),
-            engine: Mutex::new((0, Arc::default())),
+            engine: Mutex::new(Arc::new(Engine::on(0))),
             recorded: Recorded::new(),
         }
     }
@@ -246,17 +270,17 @@ impl Gate {
         }
     }
 
-    /// The kept-alive connections to the engine on `port`; those to an
-    /// earlier engine (another port) are dropped.
-    fn connections_to(&self, port: u16) -> Arc<EngineConnections> {
+    /// The engine on `port`; the connections to an earlier engine (another
+    /// port) are dropped.
+    fn engine_on(&self, port: u16) -> Arc<Engine> {
         let mut engine = self
             .engine
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if engine.0 != port {
-            *engine = (port, Arc::default());
+        if engine.port != port {
+            *engine = Arc::new(Engine::on(port));
         }
-        Arc::clone(&engine.1)
+        Arc::clone(&engine)
     }
 
     /// Handles one request from the host's inference port.
@@ -306,17 +330,7 @@ impl Gate {
         let (mut parts, body) = req.into_parts();
         // In origin form, with the engine as `Host` (an HTTP/1.1 server
         // such as vLLM's refuses a request without one).
-        let address = format!("127.0.0.1:{port}");
-        let host = match HeaderValue::from_str(&address) {
-            Ok(host) => host,
-            Err(e) => {
-                return error_response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &format!("cannot name the engine: {e}"),
-                    "internal_error",
-                );
-            }
-        };
+        let engine = self.engine_on(port);
         if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
             // An HTTP/2 request, or one in absolute form: its path alone.
             let path = parts
@@ -336,12 +350,11 @@ impl Gate {
             };
         }
         strip_hop_by_hop(&mut parts.headers);
-        parts.headers.insert(header::HOST, host);
+        parts.headers.insert(header::HOST, engine.host.clone());
         parts.version = Version::HTTP_11;
         let upstream = Request::from_parts(parts, body);
 
-        let connections = self.connections_to(port);
-        match upstream::send(&address, &connections, upstream, &POOL).await {
+        match upstream::send(&engine.address, &engine.connections, upstream, &POOL).await {
             Ok((response, connection)) => {
                 self.recorded.proxied.increment(1);
                 let (mut parts, body) = response.into_parts();
@@ -357,7 +370,7 @@ impl Gate {
                     GateBody::Upstream(Upstream {
                         inner: body,
                         in_flight: Some(in_flight),
-                        connection: Some((connection, connections)),
+                        connection: Some((connection, engine)),
                         cut,
                     }),
                 )
@@ -462,7 +475,7 @@ pub struct Upstream {
     /// The connection it comes on: back to the engine's idle list at the
     /// end of the stream; closed (the engine then sees the client gone) if
     /// the body is dropped or broken before.
-    connection: Option<(Checkout<Incoming>, Arc<EngineConnections>)>,
+    connection: Option<(Checkout<Incoming>, Arc<Engine>)>,
     /// For SSE: resolves at a drain's deadline.
     cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
 }
@@ -481,9 +494,17 @@ impl Upstream {
     /// carry another.
     fn finish(&mut self) {
         self.in_flight = None;
-        if let Some((connection, to)) = self.connection.take() {
-            connection.release(&to, &POOL);
+        if let Some((connection, engine)) = self.connection.take() {
+            connection.release(&engine.connections, &POOL);
         }
+    }
+
+    /// The response broke off (or was cut): the request is done, and its
+    /// connection closes.
+    fn abandon(&mut self) {
+        self.cut = None;
+        self.in_flight = None;
+        self.connection = None;
     }
 }
 
@@ -506,9 +527,7 @@ impl Body for GateBody {
                 if let Some(cut) = &mut upstream.cut
                     && cut.as_mut().poll(cx).is_ready()
                 {
-                    upstream.cut = None;
-                    upstream.in_flight = None;
-                    upstream.connection = None;
+                    upstream.abandon();
                     metrics::counter!(m::GATE_STREAMS_CUT_TOTAL).increment(1);
                     return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
                         CUT_EVENT.as_bytes(),
@@ -521,18 +540,13 @@ impl Body for GateBody {
                     // The engine died mid-stream: the client gets a final
                     // error event and a clean end, not a broken connection.
                     tracing::warn!(error = %e, "the engine broke off a stream");
-                    upstream.cut = None;
-                    upstream.in_flight = None;
-                    upstream.connection = None;
+                    upstream.abandon();
                     return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
                         ENGINE_FAILED_EVENT.as_bytes(),
                     )))));
                 }
                 match &polled {
-                    Poll::Ready(Some(Err(_))) => {
-                        upstream.in_flight = None;
-                        upstream.connection = None;
-                    }
+                    Poll::Ready(Some(Err(_))) => upstream.abandon(),
                     Poll::Ready(None) => upstream.finish(),
                     Poll::Ready(Some(Ok(_))) if upstream.inner.is_end_stream() => {
                         upstream.finish();
@@ -594,8 +608,8 @@ mod tests {
     }
 
     /// An engine that answers every request `200 ok` on kept-alive
-    /// connections; the port, and how many connections it accepted, and
-    /// saw a request on with the engine as `Host`.
+    /// connections; the port, how many connections it accepted, and the
+    /// `Host` of each request.
     async fn counting_engine(
         shutdown: &Shutdown,
     ) -> (
@@ -603,63 +617,41 @@ mod tests {
         Arc<std::sync::atomic::AtomicUsize>,
         Arc<Mutex<Vec<String>>>,
     ) {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let accepted = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let hosts = Arc::new(Mutex::new(Vec::new()));
         let (count, seen, stop) = (Arc::clone(&accepted), Arc::clone(&hosts), shutdown.clone());
         shutdown.spawn(async move {
             loop {
-                let (mut stream, _) = tokio::select! {
+                let (stream, _) = tokio::select! {
                     () = stop.triggered() => return,
                     accepted = listener.accept() => match accepted {
                         Ok(accepted) => accepted,
                         Err(_) => return,
                     },
                 };
-                count.fetch_add(1, Ordering::SeqCst);
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let seen = Arc::clone(&seen);
-                let stop = stop.clone();
-                stop.clone().spawn(async move {
-                    let mut buffer = Vec::new();
-                    let mut chunk = [0_u8; 4096];
-                    loop {
-                        // One request: its head and a body of the
-                        // length it declares.
-                        let head_end = loop {
-                            if let Some(i) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                                break i + 4;
-                            }
-                            let read = tokio::select! {
-                                () = stop.triggered() => return,
-                                read = stream.read(&mut chunk) => read,
-                            };
-                            match read {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-                            }
-                        };
-                        let head = String::from_utf8_lossy(&buffer[..head_end]).to_lowercase();
-                        let length: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .map_or(0, |v| v.trim().parse().unwrap());
-                        if let Some(host) = head.lines().find_map(|l| l.strip_prefix("host:")) {
-                            seen.lock().unwrap().push(host.trim().to_owned());
-                        }
-                        while buffer.len() < head_end + length {
-                            match stream.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        buffer.drain(..head_end + length);
-                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if stream.write_all(answer).await.is_err() {
-                            return;
-                        }
+                let answer = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let host = req
+                        .headers()
+                        .get(header::HOST)
+                        .map(|h| h.to_str().unwrap().to_owned());
+                    seen.lock().unwrap().extend(host);
+                    async {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    }
+                });
+                let end = stop.clone();
+                stop.spawn(async move {
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), answer);
+                    tokio::select! {
+                        () = end.triggered() => {}
+                        _ = connection => {}
                     }
                 });
             }

@@ -132,11 +132,6 @@ impl<B> Connections<B> {
         }
         None
     }
-
-    /// Idle connections now.
-    pub fn idle_count(&self) -> usize {
-        self.lock().len()
-    }
 }
 
 /// Drops the connections idle for longer than `timeout` (the oldest are

@@ -427,7 +427,7 @@ impl Worker {
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             counts: WorkerCounts::default(),
-            connections: crossfade_common::upstream::Connections::default(),
+            connections: GateConnections::default(),
         })
     }
 

@@ -21,11 +21,15 @@ impl Actor {
             let (endpoint, event) = match event {
                 Internal::Drained { endpoint, worker } => (endpoint, Event::Drained { worker }),
                 Internal::Stopped {
-                    endpoint: Some(endpoint),
+                    endpoint,
                     worker,
                     failed,
                 } => {
                     self.stop_answered(&worker, failed.as_deref());
+                    // A stray's stop: no rollout waits for it.
+                    let Some(endpoint) = endpoint else {
+                        continue;
+                    };
                     (endpoint, Event::Stopped { worker })
                 }
                 other => {
@@ -70,18 +74,9 @@ impl Actor {
     /// One answer (or internal event) on its own.
     fn internal(&mut self, event: Internal, actions: &mut Vec<(String, Action)>) {
         match event {
-            Internal::Drained { endpoint, worker } => {
-                self.feed(&endpoint, Event::Drained { worker }, actions);
-            }
-            Internal::Stopped {
-                endpoint,
-                worker,
-                failed,
-            } => {
-                self.stop_answered(&worker, failed.as_deref());
-                if let Some(endpoint) = endpoint {
-                    self.feed(&endpoint, Event::Stopped { worker }, actions);
-                }
+            // Answers for a rollout go one way, alone or in a batch.
+            Internal::Drained { .. } | Internal::Stopped { .. } => {
+                self.answers_arrived(vec![event], actions);
             }
             Internal::ApplyFailed {
                 endpoint,

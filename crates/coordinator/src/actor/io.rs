@@ -13,7 +13,19 @@ impl Actor {
             Action::JudgeHealth => self.read_stats(endpoint),
             Action::PushTable { seq, .. } => {
                 let version = self.announce_table();
-                self.pending.push((version, endpoint.to_owned(), seq));
+                // Changes announced before a push share its version: one
+                // wait per endpoint and version, for its highest table (a
+                // step that takes 500 replicas out announces 500, and each
+                // acknowledgement fed costs a look at the whole rollout).
+                match self
+                    .pending
+                    .iter_mut()
+                    .rev()
+                    .find(|(v, e, _)| *v == version && e == endpoint)
+                {
+                    Some(waiting) => waiting.2 = waiting.2.max(seq),
+                    None => self.pending.push((version, endpoint.to_owned(), seq)),
+                }
                 self.pushed_at.insert(version, Instant::now());
             }
             Action::Apply { worker, deployment } => self.apply(endpoint, worker, deployment),
@@ -760,15 +772,7 @@ impl Actor {
             }
             done.push((endpoint, seq));
         }
-        // One event per endpoint, its highest table acknowledged: a step
-        // that takes 500 replicas out announces 500 tables (one version),
-        // and each event costs a look at the whole rollout.
-        let mut highest: BTreeMap<String, u64> = BTreeMap::new();
         for (endpoint, seq) in done {
-            let top = highest.entry(endpoint).or_default();
-            *top = (*top).max(seq);
-        }
-        for (endpoint, seq) in highest {
             self.feed(&endpoint, Event::TableAcked { seq }, actions);
         }
     }
