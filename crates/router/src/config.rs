@@ -156,7 +156,7 @@ pub struct Limits {
     /// `upstream.response_header_timeout`); then 503 with `Retry-After`.
     #[serde(with = "humantime_serde")]
     pub queue_timeout: Duration,
-    /// Most header fields in a request (1 ..= 200); more get 431.
+    /// Most header fields in a request (1 ..= 100); more get 431.
     pub max_header_count: usize,
     /// Most bytes of header fields in a request, 32 bytes counted per
     /// field as HTTP/2 does (1 KiB ..= 128 KiB); more get 431.
