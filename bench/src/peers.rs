@@ -256,7 +256,10 @@ control = "127.0.0.1:{control}"
 filter = "warn"
 
 [limits]
+# The benchmark's clients are all one address; nginx and HAProxy are run
+# with no limit per client either.
 max_concurrent_requests = 100000
+max_concurrent_per_client = 100000
 
 [[endpoint]]
 name = "chat"
