@@ -80,17 +80,8 @@ fn crossfade(coordinator: &str, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-#[test]
-fn errors_name_the_coordinator_or_the_setting() {
-    let (ok, _, stderr) = crossfade("http://127.0.0.1:1", &["status", "chat"]);
-    assert!(!ok);
-    assert!(
-        stderr.contains("cannot reach the coordinator at http://127.0.0.1:1"),
-        "{stderr}"
-    );
-
-    // A coordinator with no agent is enough for the API.
-    let dir = TempDir::new().unwrap();
+/// A coordinator with no agent (enough for the API), in `dir`; its URL.
+fn lone_coordinator(dir: &TempDir) -> (Process, String) {
     let api = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
     let config = dir.path().join("coordinator.toml");
     std::fs::write(
@@ -104,9 +95,37 @@ fn errors_name_the_coordinator_or_the_setting() {
     .unwrap();
     let mut command = Command::new(binary("crossfade-coordinator").unwrap());
     command.arg("--config").arg(&config).env("RUST_LOG", "warn");
-    let _coordinator = Process::spawn("crossfade-coordinator", command).unwrap();
+    let coordinator = Process::spawn("crossfade-coordinator", command).unwrap();
     wait_for_port(api, Duration::from_secs(20)).unwrap();
-    let url = format!("http://{api}");
+    (coordinator, format!("http://{api}"))
+}
+
+/// `crossfade ARGS` with its exit code.
+fn crossfade_code(coordinator: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let output = Command::new(binary("crossfade").unwrap())
+        .arg("--coordinator")
+        .arg(coordinator)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn errors_name_the_coordinator_or_the_setting() {
+    let (ok, _, stderr) = crossfade("http://127.0.0.1:1", &["status", "chat"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("cannot reach the coordinator at http://127.0.0.1:1"),
+        "{stderr}"
+    );
+
+    let dir = TempDir::new().unwrap();
+    let (_coordinator, url) = lone_coordinator(&dir);
 
     let (ok, stdout, stderr) = crossfade(&url, &["endpoint", "create", "chat"]);
     assert!(ok, "{stdout}{stderr}");
@@ -131,4 +150,90 @@ fn errors_name_the_coordinator_or_the_setting() {
     let (ok, _, stderr) = crossfade(&url, &["promote", "chat"]);
     assert!(!ok);
     assert!(stderr.contains("--template"), "{stderr}");
+}
+
+#[test]
+fn the_fleet_commands_print_what_they_set_and_json_errors_have_one_shape() {
+    let dir = TempDir::new().unwrap();
+    let (_coordinator, url) = lone_coordinator(&dir);
+    let (ok, stdout, stderr) = crossfade(&url, &["endpoint", "create", "chat"]);
+    assert!(ok, "{stdout}{stderr}");
+
+    // Aliases: added and removed by name, the result printed.
+    let (ok, stdout, stderr) = crossfade(&url, &["aliases", "chat", "--add", "a", "--add", "b"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout, "a\nb\n");
+    let (ok, stdout, _) = crossfade(&url, &["-o", "json", "aliases", "chat", "--remove", "a"]);
+    assert!(ok);
+    let aliases: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(aliases["aliases"], serde_json::json!(["b"]));
+
+    // The selector: only what a flag names changes.
+    let (ok, _, stderr) = crossfade(&url, &["selector", "chat", "--label", "gpu=h100"]);
+    assert!(ok, "{stderr}");
+    let (ok, stdout, stderr) = crossfade(&url, &["selector", "chat", "--min-gpu-count", "2"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("label gpu"), "{stdout}");
+    assert!(stdout.contains("h100"), "{stdout}");
+    assert!(stdout.contains("min_gpu_count"), "{stdout}");
+
+    // Settings print the settings, by Baseten's names.
+    let (ok, stdout, stderr) = crossfade(&url, &["settings", "chat", "--max-surge-percent", "25"]);
+    assert!(ok, "{stderr}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("max_surge_percent"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(line.ends_with(" 25"), "{line}");
+    assert!(stdout.contains("promotion_cleanup_strategy"), "{stdout}");
+
+    // Workers and routers are added and removed by address; an unreachable
+    // one is listed as such.
+    let (ok, _, stderr) = crossfade(&url, &["workers", "add", "127.0.0.1:9"]);
+    assert!(ok, "{stderr}");
+    let (ok, stdout, _) = crossfade(&url, &["workers"]);
+    assert!(ok);
+    assert!(stdout.starts_with("WORKER "), "{stdout}");
+    assert!(stdout.contains("127.0.0.1:9"), "{stdout}");
+    let (ok, _, stderr) = crossfade(&url, &["workers", "remove", "127.0.0.1:9"]);
+    assert!(ok, "{stderr}");
+    let (ok, stdout, _) = crossfade(&url, &["workers", "list"]);
+    assert!(ok);
+    assert!(!stdout.contains("127.0.0.1:9"), "{stdout}");
+    let (ok, _, stderr) = crossfade(&url, &["routers", "add", "127.0.0.1:9"]);
+    assert!(ok, "{stderr}");
+    let (ok, stdout, _) = crossfade(&url, &["-o", "json", "routers", "list"]);
+    assert!(ok);
+    let routers: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(routers["routers"][0]["control_address"], "127.0.0.1:9");
+    let (ok, _, stderr) = crossfade(&url, &["routers", "remove", "127.0.0.1:9"]);
+    assert!(ok, "{stderr}");
+
+    // History: each promotion with its timing and how it moved (none
+    // yet: an endpoint created without a template).
+    let (ok, stdout, _) = crossfade(&url, &["history", "chat"]);
+    assert!(ok);
+    assert!(stdout.starts_with("PROMOTION "), "{stdout}");
+    assert!(stdout.contains("STARTED (UTC)"), "{stdout}");
+
+    // With -o json, an error is one JSON object on stderr.
+    let (code, _, stderr) = crossfade_code(&url, &["-o", "json", "status", "nope"]);
+    assert_eq!(code, Some(1));
+    let error: serde_json::Value = serde_json::from_str(stderr.trim()).unwrap();
+    assert_eq!(error["error"]["code"], "NOT_FOUND", "{stderr}");
+    assert!(error["error"]["message"].as_str().unwrap().contains("nope"));
+    let (_, _, stderr) = crossfade_code("http://127.0.0.1:1", &["-o", "json", "workers"]);
+    let error: serde_json::Value = serde_json::from_str(stderr.trim()).unwrap();
+    assert_eq!(error["error"]["code"], "UNAVAILABLE", "{stderr}");
+
+    // `status --watch` with nothing promoting waits for a promotion, until
+    // its --timeout: exit 3.
+    let (code, stdout, stderr) =
+        crossfade_code(&url, &["status", "chat", "--watch", "--timeout", "2s"]);
+    assert_eq!(code, Some(3), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("waiting for a promotion to start"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("--timeout passed"), "{stderr}");
 }

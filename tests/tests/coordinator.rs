@@ -511,14 +511,49 @@ async fn a_coordinator_killed_mid_promotion_finishes_it_after_a_restart() {
     .await;
     let stop = Arc::new(AtomicBool::new(false));
     let outcomes = load(&fleet.publics, &stop);
-    let promoted = promote_v2(&fleet).await;
-    fleet
+    // The promotion is started as an operator's CI job would:
+    // `crossfade promote --watch`, which must ride out the restart and exit
+    // 0 when the promotion succeeds.
+    let dir = TempDir::new().unwrap();
+    let template_file = dir.path().join("v2.toml");
+    let mut toml = String::from("model = \"org/v2\"\nvllm_args = \"--max-model-len 4096\"\n");
+    if container_mode() {
+        toml.push_str("[env]\n");
+        for (name, value) in KNOBS {
+            toml.push_str(&format!("{name} = \"{value}\"\n"));
+        }
+    }
+    std::fs::write(&template_file, toml).unwrap();
+    let stdout_file = dir.path().join("watch.out");
+    let stderr_file = dir.path().join("watch.err");
+    let mut watch = Command::new(binary("crossfade").unwrap())
+        .args([
+            "--coordinator",
+            &format!("http://{}", fleet.api),
+            "-o",
+            "json",
+        ])
+        .args([
+            "promote",
+            "chat",
+            "--watch",
+            "--timeout",
+            "150s",
+            "--template",
+        ])
+        .arg(&template_file)
+        .stdout(std::fs::File::create(&stdout_file).unwrap())
+        .stderr(std::fs::File::create(&stderr_file).unwrap())
+        .spawn()
+        .unwrap();
+    let (started, _) = fleet
         .wait_endpoint("the first step", Duration::from_secs(60), |e| {
             e.in_progress_promotion
                 .as_ref()
                 .is_some_and(|p| p.percent_traffic_to_new_version == 50)
         })
         .await;
+    let promotion_id = started.in_progress_promotion.unwrap().id;
     // kill -9 in the middle of the promotion; routers keep their table.
     fleet.kill_and_restart_coordinator(Duration::from_millis(500));
     let (done, _) = fleet
@@ -530,8 +565,32 @@ async fn a_coordinator_killed_mid_promotion_finishes_it_after_a_restart() {
         .await;
     stop.store(true, Ordering::Relaxed);
     let last = done.last_promotion.as_ref().unwrap();
-    assert_eq!(last.id, promoted.promotion_id);
+    assert_eq!(last.id, promotion_id);
     assert_eq!(last.status(), v1::PromotionStatus::Succeeded, "{done:#?}");
+    // The watch ends with the promotion, 0 for SUCCEEDED, having said it
+    // lost and found the coordinator.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = watch.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = watch.kill();
+            panic!("`crossfade promote --watch` did not exit after the promotion ended");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let stderr = std::fs::read_to_string(&stderr_file).unwrap();
+    let stdout = std::fs::read_to_string(&stdout_file).unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("reconnected to the coordinator"),
+        "{stderr}"
+    );
+    let final_view: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(final_view["last_promotion"]["id"], promotion_id.as_str());
+    assert_eq!(final_view["last_promotion"]["status"], "SUCCEEDED");
     assert_eq!(last.percent_traffic_to_new_version, 100);
     let (total, _) = no_failures(outcomes, "org/v2").await;
     assert!(total > 20, "only {total} requests");

@@ -138,10 +138,10 @@ pub async fn dial(url: &str, control: &Control) -> anyhow::Result<CoordinatorCli
     let channel = control
         .connect(&endpoint, Role::Coordinator)
         .await
-        .with_context(|| {
-            format!(
-                "cannot reach the coordinator at {url} (set --coordinator or CROSSFADE_COORDINATOR)"
-            )
+        .map_err(|e| {
+            crate::output::Unreachable(format!(
+                "cannot reach the coordinator at {url} (set --coordinator or CROSSFADE_COORDINATOR): {e:#}"
+            ))
         })?;
     Ok(CoordinatorClient::new(channel))
 }

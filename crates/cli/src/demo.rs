@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
@@ -21,7 +21,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::output::{Output, endpoint_text};
+use crate::output::{Output, endpoint_text, terminal_width};
 use crate::{certs, connection};
 
 /// `crossfade demo` flags.
@@ -68,11 +68,15 @@ pub struct DemoArgs {
     replica_overhead_percent: u32,
 }
 
-/// Everything the demo started; stopped when dropped.
+/// Everything the demo started; stopped when dropped, its directory
+/// removed unless `keep_logs`.
 struct Fleet {
     dir: PathBuf,
     children: Vec<Child>,
     state_dirs: Vec<PathBuf>,
+    /// The demo failed: its directory stays for the logs (the keys of its
+    /// certificates go).
+    keep_logs: bool,
 }
 
 impl Drop for Fleet {
@@ -98,7 +102,11 @@ impl Drop for Fleet {
                 );
             }
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.keep_logs {
+            let _ = std::fs::remove_dir_all(self.dir.join("certs"));
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -205,24 +213,55 @@ struct Sample {
     queued: Duration,
 }
 
-/// Runs the demo.
+/// Runs the demo. When it fails, every process it started is stopped but
+/// their logs are kept, and the error says where.
 pub async fn run(args: DemoArgs, out: Output) -> anyhow::Result<ExitCode> {
     if args.workers == 0 || args.replicas == 0 || args.replicas as usize > args.workers {
         bail!("--replicas must be within 1..=--workers ({})", args.workers);
     }
-    let live = out == Output::Text;
-    let say = |text: &str| {
-        if live {
-            eprintln!("{text}");
-        }
-    };
     let dir = std::env::temp_dir().join(format!("crossfade-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut fleet = Fleet {
         dir: dir.clone(),
         children: Vec::new(),
         state_dirs: Vec::new(),
+        keep_logs: false,
     };
+    let result = demo(&mut fleet, args, out).await;
+    let failed = match &result {
+        Ok(code) => *code != ExitCode::SUCCESS,
+        Err(e) => e.downcast_ref::<Interrupted>().is_none(),
+    };
+    fleet.keep_logs = failed;
+    drop(fleet);
+    match result {
+        Err(e) if !failed => Err(e),
+        Err(e) => Err(e.context(format!("the fleet's logs are kept in {}", dir.display()))),
+        Ok(code) => {
+            if failed {
+                eprintln!(
+                    "crossfade: the demo failed; the fleet's logs are kept in {}",
+                    dir.display()
+                );
+            }
+            Ok(code)
+        }
+    }
+}
+
+/// Ctrl-C: not a failure, nothing to keep.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted; stopping every process the demo started")]
+struct Interrupted;
+
+async fn demo(fleet: &mut Fleet, args: DemoArgs, out: Output) -> anyhow::Result<ExitCode> {
+    let live = out == Output::Text;
+    let say = |text: &str| {
+        if live {
+            eprintln!("{text}");
+        }
+    };
+    let dir = fleet.dir.clone();
     let exe = std::env::current_exe()?;
     // Mutual TLS, as a fleet should run: one CA, a certificate per member.
     let pki = Pki::new(dir.join("certs"))?;
@@ -325,7 +364,7 @@ pub async fn run(args: DemoArgs, out: Output) -> anyhow::Result<ExitCode> {
     }
     let check = |interrupted: &AtomicBool| -> anyhow::Result<()> {
         if interrupted.load(Ordering::SeqCst) {
-            bail!("interrupted; stopping every process the demo started");
+            return Err(Interrupted.into());
         }
         Ok(())
     };
@@ -373,10 +412,7 @@ pub async fn run(args: DemoArgs, out: Output) -> anyhow::Result<ExitCode> {
             break;
         }
         if Instant::now() >= deadline {
-            bail!(
-                "v1 did not become ready within 60 s; logs in {}",
-                dir.display()
-            );
+            bail!("v1 did not become ready within 60 s");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -427,7 +463,7 @@ pub async fn run(args: DemoArgs, out: Output) -> anyhow::Result<ExitCode> {
     let finished = loop {
         check(&interrupted)?;
         let e = get(&mut client).await?;
-        let view = endpoint_text(&e);
+        let view = endpoint_text(&e, terminal.then(terminal_width), SystemTime::now());
         if live && view != last_view {
             let sent = samples.lock().map_or(0, |s| s.len());
             if terminal {
@@ -540,7 +576,6 @@ pub async fn run(args: DemoArgs, out: Output) -> anyhow::Result<ExitCode> {
         }
     }
     let ok = failed == 0 && finished.status == v1::PromotionStatus::Succeeded as i32;
-    drop(fleet);
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
@@ -629,5 +664,46 @@ async fn one_request(
         ok,
         deployment,
         queued,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn fleet_in(name: &str) -> Fleet {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("certs")).unwrap();
+        std::fs::write(dir.join("router.log"), "a line\n").unwrap();
+        std::fs::write(dir.join("certs").join("router.key"), "secret").unwrap();
+        Fleet {
+            dir,
+            children: Vec::new(),
+            state_dirs: Vec::new(),
+            keep_logs: false,
+        }
+    }
+
+    #[test]
+    fn a_failed_demo_keeps_its_logs_but_not_its_keys() {
+        let mut fleet = fleet_in("crossfade-demo-test-kept");
+        let dir = fleet.dir.clone();
+        fleet.keep_logs = true;
+        drop(fleet);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("router.log")).unwrap(),
+            "a line\n"
+        );
+        assert!(!dir.join("certs").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_demo_that_succeeded_leaves_nothing() {
+        let fleet = fleet_in("crossfade-demo-test-gone");
+        let dir = fleet.dir.clone();
+        drop(fleet);
+        assert!(!dir.exists());
     }
 }

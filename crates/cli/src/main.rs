@@ -75,17 +75,28 @@ enum Command {
         /// A kept deployment's id, to roll back to it.
         #[arg(long)]
         deployment: Option<String>,
-        /// Draw the promotion live; exit with its outcome.
+        /// Draw the promotion live; exit with its outcome (0 SUCCEEDED, 1
+        /// FAILED, 2 CANCELED, 3 for --timeout or an error of its own),
+        /// reconnecting when the coordinator restarts.
         #[arg(long)]
         watch: bool,
+        /// With --watch: give up after this long (`90s`, `30m`), exit 3.
+        #[arg(long, value_parser = humantime::parse_duration, requires = "watch")]
+        timeout: Option<std::time::Duration>,
     },
     /// An endpoint's deployments, promotion, replicas and events.
     Status {
         /// The endpoint.
         endpoint: String,
-        /// Redraw on every change; exit with the promotion's outcome.
+        /// Redraw on every change, reconnecting when the coordinator
+        /// restarts; with no promotion under way, wait for the next. Exits
+        /// with the promotion's outcome (0 SUCCEEDED, 1 FAILED, 2 CANCELED,
+        /// 3 for --timeout or an error of its own).
         #[arg(long)]
         watch: bool,
+        /// With --watch: give up after this long (`90s`, `30m`), exit 3.
+        #[arg(long, value_parser = humantime::parse_duration, requires = "watch")]
+        timeout: Option<std::time::Duration>,
     },
     /// Take no new step (a step under way finishes).
     Pause {
@@ -142,8 +153,50 @@ enum Command {
         /// The endpoint.
         endpoint: String,
     },
-    /// Agents, with their state and assignment.
-    Workers,
+    /// Workers: list them (id, address, labels, GPUs and their health,
+    /// in-flight, deployment), add or remove one.
+    Workers {
+        #[command(subcommand)]
+        command: Option<WorkersCommand>,
+    },
+    /// Routers the coordinator pushes tables to: list, add, remove.
+    Routers {
+        #[command(subcommand)]
+        command: RoutersCommand,
+    },
+    /// Other model names that route to an endpoint: show them, or add and
+    /// remove some.
+    Aliases {
+        /// The endpoint.
+        endpoint: String,
+        /// A name to add (repeatable).
+        #[arg(long)]
+        add: Vec<String>,
+        /// A name to remove (repeatable).
+        #[arg(long)]
+        remove: Vec<String>,
+    },
+    /// Which workers an endpoint's replicas may run on: show it, or change
+    /// it (only what the flags name changes).
+    Selector {
+        /// The endpoint.
+        endpoint: String,
+        /// Require this label, KEY=VALUE (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Stop requiring this label KEY (repeatable).
+        #[arg(long = "remove-label")]
+        remove_labels: Vec<String>,
+        /// Require a GPU whose name contains this (`""` for any).
+        #[arg(long)]
+        gpu_name_contains: Option<String>,
+        /// Require at least this much memory per GPU, in GiB (0 for any).
+        #[arg(long)]
+        min_gpu_memory_gib: Option<u64>,
+        /// Require at least this many GPUs (0 for any).
+        #[arg(long)]
+        min_gpu_count: Option<u32>,
+    },
     /// Keep a worker out of new assignments; its replica moves.
     Cordon {
         /// Worker id or control address.
@@ -159,6 +212,15 @@ enum Command {
     },
     /// A whole fleet on 127.0.0.1, promoted v1 → v2 under load.
     Demo(demo::DemoArgs),
+    /// Shell completions, from the same definitions as the commands:
+    /// `crossfade completions bash > /etc/bash_completion.d/crossfade`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// The man page (roff), from the same definitions:
+    /// `crossfade man > /usr/local/share/man/man1/crossfade.1`.
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -202,6 +264,38 @@ enum EndpointCommand {
         /// Even with a promotion under way.
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkersCommand {
+    /// Every worker (the same as `crossfade workers`).
+    List,
+    /// Add an agent by its control address (`host:port`).
+    Add {
+        /// The agent's control address.
+        address: String,
+    },
+    /// Remove a worker (its replica, if any, is replaced elsewhere first).
+    Remove {
+        /// Worker id or control address.
+        worker: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RoutersCommand {
+    /// Every router, with the table version it acknowledged.
+    List,
+    /// Add a router by its control address (`host:port`).
+    Add {
+        /// The router's control address.
+        address: String,
+    },
+    /// Stop pushing tables to a router.
+    Remove {
+        /// The router's control address.
+        address: String,
     },
 }
 
@@ -313,6 +407,7 @@ fn main() -> ExitCode {
         }
     };
     let connect = cli.connect.clone();
+    let out = cli.output;
     let mut result = runtime.block_on(run(cli));
     // A standby refused a change: once, the same command to the leader it
     // names (the refused change did nothing).
@@ -330,8 +425,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            // A server's message may quote what a user sent.
-            eprintln!("crossfade: {}", output::clean(&format!("{e:#}")));
+            output::report_error(out, &e);
             ExitCode::FAILURE
         }
     }
@@ -350,7 +444,7 @@ fn rpc(e: tonic::Status) -> anyhow::Error {
         Some(leader) if e.code() == tonic::Code::Unavailable => {
             FollowLeader(leader.to_owned()).into()
         }
-        _ => anyhow::anyhow!("{}", e.message()),
+        _ => output::RpcError::from(e).into(),
     }
 }
 
@@ -371,13 +465,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             keys::run(command, cli.output)?;
             return Ok(ExitCode::SUCCESS);
         }
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "crossfade",
+                &mut std::io::stdout(),
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Man => {
+            use clap::CommandFactory as _;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            return Ok(ExitCode::SUCCESS);
+        }
         command => Cli { command, ..cli },
     };
     let mut client = connection::connect(cli.connect.clone()).await?;
     let out = cli.output;
     match cli.command {
         // Handled above: they need no coordinator.
-        Command::Demo(_) | Command::Certs { .. } | Command::Keys { .. } => {}
+        Command::Demo(_)
+        | Command::Certs { .. }
+        | Command::Keys { .. }
+        | Command::Completions { .. }
+        | Command::Man => {}
         Command::Endpoint { command } => match command {
             EndpointCommand::Create {
                 name,
@@ -453,6 +566,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             template,
             deployment,
             watch,
+            timeout,
         } => {
             let target = match (template, deployment) {
                 (Some(path), _) => v1::promote_request::Target::Template(template::load(&path)?),
@@ -469,8 +583,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map_err(rpc)?
                 .into_inner();
             if watch {
-                return output::watch(&mut client, &endpoint, out, Some(&promoted.promotion_id))
-                    .await;
+                return Ok(output::watch(
+                    &mut client,
+                    &endpoint,
+                    out,
+                    Some(&promoted.promotion_id),
+                    timeout,
+                )
+                .await);
             }
             match out {
                 Output::Json => print_message("crossfade.v1.PromoteResponse", &promoted)?,
@@ -481,9 +601,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ),
             }
         }
-        Command::Status { endpoint, watch } => {
+        Command::Status {
+            endpoint,
+            watch,
+            timeout,
+        } => {
             if watch {
-                return output::watch(&mut client, &endpoint, out, None).await;
+                return Ok(output::watch(&mut client, &endpoint, out, None, timeout).await);
             }
             let e = client
                 .get_endpoint(v1::GetEndpointRequest {
@@ -526,15 +650,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_endpoint(out, &e)?;
         }
         Command::Settings { endpoint, settings } => {
-            let e = client
-                .update_promotion_settings(v1::UpdatePromotionSettingsRequest {
-                    name: endpoint,
-                    settings: Some(settings.update()),
-                })
-                .await
-                .map_err(rpc)?
-                .into_inner();
-            print_endpoint(out, &e)?;
+            let update = settings.update();
+            let e = if update == v1::PromotionSettingsUpdate::default() {
+                // No flag: show them.
+                get_endpoint(&mut client, &endpoint).await?
+            } else {
+                client
+                    .update_promotion_settings(v1::UpdatePromotionSettingsRequest {
+                        name: endpoint,
+                        settings: Some(update),
+                    })
+                    .await
+                    .map_err(rpc)?
+                    .into_inner()
+            };
+            let settings = e.promotion_settings.unwrap_or_default();
+            match out {
+                Output::Json => print_message("crossfade.v1.PromotionSettings", &settings)?,
+                Output::Text => output::print_settings(&settings),
+            }
         }
         Command::History { endpoint } => {
             let history = client
@@ -547,17 +681,160 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Output::Text => output::history_table(&history),
             }
         }
-        Command::Workers => {
-            let workers = client
-                .list_workers(v1::ListWorkersRequest {
-                    endpoint: String::new(),
-                })
-                .await
-                .map_err(rpc)?
-                .into_inner();
+        Command::Workers { command } => match command.unwrap_or(WorkersCommand::List) {
+            WorkersCommand::List => {
+                let workers = client
+                    .list_workers(v1::ListWorkersRequest {
+                        endpoint: String::new(),
+                    })
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                match out {
+                    Output::Json => print_message("crossfade.v1.ListWorkersResponse", &workers)?,
+                    Output::Text => output::workers_table(&workers.workers),
+                }
+            }
+            WorkersCommand::Add { address } => {
+                let w = client
+                    .add_worker(v1::AddWorkerRequest {
+                        control_address: address,
+                    })
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                output::print_worker(out, &w)?;
+            }
+            WorkersCommand::Remove { worker } => {
+                let removed = client
+                    .remove_worker(v1::RemoveWorkerRequest { worker_id: worker })
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                match out {
+                    Output::Json => print_message("crossfade.v1.RemoveWorkerResponse", &removed)?,
+                    Output::Text if removed.replica_replaced => {
+                        println!("removed; its replica is being replaced elsewhere")
+                    }
+                    Output::Text => println!("removed"),
+                }
+            }
+        },
+        Command::Routers { command } => match command {
+            RoutersCommand::List => {
+                let routers = client
+                    .list_routers(v1::ListRoutersRequest {})
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                match out {
+                    Output::Json => print_message("crossfade.v1.ListRoutersResponse", &routers)?,
+                    Output::Text => output::routers_table(&routers),
+                }
+            }
+            RoutersCommand::Add { address } => {
+                let router = client
+                    .add_router(v1::AddRouterRequest {
+                        control_address: address,
+                    })
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                match out {
+                    Output::Json => print_message("crossfade.v1.Router", &router)?,
+                    Output::Text => output::routers_table(&v1::ListRoutersResponse {
+                        routers: vec![router],
+                        table_version: 0,
+                    }),
+                }
+            }
+            RoutersCommand::Remove { address } => {
+                let removed = client
+                    .remove_router(v1::RemoveRouterRequest {
+                        control_address: address,
+                    })
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                match out {
+                    Output::Json => print_message("crossfade.v1.RemoveRouterResponse", &removed)?,
+                    Output::Text => println!("removed"),
+                }
+            }
+        },
+        Command::Aliases {
+            endpoint,
+            add,
+            remove,
+        } => {
+            let mut e = get_endpoint(&mut client, &endpoint).await?;
+            if !add.is_empty() || !remove.is_empty() {
+                let mut aliases = e.aliases.clone();
+                aliases.retain(|a| !remove.contains(a));
+                for name in add {
+                    if !aliases.contains(&name) {
+                        aliases.push(name);
+                    }
+                }
+                e = client
+                    .update_aliases(v1::UpdateAliasesRequest {
+                        name: endpoint,
+                        aliases,
+                    })
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+            }
             match out {
-                Output::Json => print_message("crossfade.v1.ListWorkersResponse", &workers)?,
-                Output::Text => output::workers_table(&workers.workers),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({ "name": e.name, "aliases": e.aliases })
+                ),
+                Output::Text => e.aliases.iter().for_each(|a| output::say!("{a}")),
+            }
+        }
+        Command::Selector {
+            endpoint,
+            labels,
+            remove_labels,
+            gpu_name_contains,
+            min_gpu_memory_gib,
+            min_gpu_count,
+        } => {
+            let mut e = get_endpoint(&mut client, &endpoint).await?;
+            let changes = !labels.is_empty()
+                || !remove_labels.is_empty()
+                || gpu_name_contains.is_some()
+                || min_gpu_memory_gib.is_some()
+                || min_gpu_count.is_some();
+            if changes {
+                let mut selector = e.selector.clone().unwrap_or_default();
+                for key in &remove_labels {
+                    selector.labels.remove(key);
+                }
+                selector.labels.extend(labels);
+                if let Some(name) = gpu_name_contains {
+                    selector.gpu_name_contains = name;
+                }
+                if let Some(gib) = min_gpu_memory_gib {
+                    selector.min_gpu_memory_bytes = gib.saturating_mul(1 << 30);
+                }
+                if let Some(count) = min_gpu_count {
+                    selector.min_gpu_count = count;
+                }
+                e = client
+                    .update_worker_selector(v1::UpdateWorkerSelectorRequest {
+                        name: endpoint,
+                        selector: Some(selector),
+                    })
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+            }
+            let selector = e.selector.unwrap_or_default();
+            match out {
+                Output::Json => print_message("crossfade.v1.WorkerSelector", &selector)?,
+                Output::Text => output::print_selector(&selector),
             }
         }
         Command::Cordon { worker, reason } => {
@@ -584,6 +861,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// One endpoint, with its latest events.
+async fn get_endpoint(
+    client: &mut CoordinatorClient<Channel>,
+    name: &str,
+) -> anyhow::Result<v1::Endpoint> {
+    Ok(client
+        .get_endpoint(v1::GetEndpointRequest {
+            name: name.to_owned(),
+            event_limit: 10,
+        })
+        .await
+        .map_err(rpc)?
+        .into_inner())
+}
+
 /// Pause, resume, cancel, force cancel or force roll forward.
 async fn promotion_control(
     client: &mut CoordinatorClient<Channel>,
@@ -605,4 +897,66 @@ async fn promotion_control(
         _ => anyhow::bail!("not a promotion control"),
     };
     Ok(answer.map_err(rpc)?.into_inner())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn completions_and_the_man_page_come_from_the_same_definitions() {
+        let mut bash = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "crossfade",
+            &mut bash,
+        );
+        let bash = String::from_utf8(bash).unwrap();
+        for word in ["force-roll-forward", "routers", "selector", "--timeout"] {
+            assert!(bash.contains(word), "{word} not completed");
+        }
+        let mut man = Vec::new();
+        clap_mangen::Man::new(Cli::command())
+            .render(&mut man)
+            .unwrap();
+        let man = String::from_utf8(man).unwrap();
+        assert!(man.starts_with(".ie"), "{}", &man[..80.min(man.len())]);
+        assert!(man.contains(".TH crossfade"), "no title");
+        assert!(
+            man.contains("force\\-roll\\-forward"),
+            "subcommands not listed"
+        );
+    }
+
+    #[test]
+    fn timeout_needs_watch_and_parses_human_durations() {
+        let parsed =
+            Cli::try_parse_from(["crossfade", "status", "chat", "--watch", "--timeout", "90s"])
+                .unwrap();
+        let Command::Status { timeout, .. } = parsed.command else {
+            panic!("not status");
+        };
+        assert_eq!(timeout, Some(std::time::Duration::from_secs(90)));
+        assert!(Cli::try_parse_from(["crossfade", "status", "chat", "--timeout", "90s"]).is_err());
+        assert!(
+            Cli::try_parse_from([
+                "crossfade",
+                "status",
+                "chat",
+                "--watch",
+                "--timeout",
+                "soon"
+            ])
+            .is_err()
+        );
+    }
 }

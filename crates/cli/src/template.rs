@@ -52,9 +52,12 @@ struct EnvTable {
 
 /// Reads a template file.
 pub fn load(path: &Path) -> anyhow::Result<v1::Template> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the template {}", path.display()))?;
-    parse(&text).with_context(|| format!("template {}", path.display()))
+    let read = || {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the template {}", path.display()))?;
+        parse(&text).with_context(|| format!("template {}", path.display()))
+    };
+    read().map_err(|e| crate::output::BadInput(format!("{e:#}")).into())
 }
 
 /// Parses a template.

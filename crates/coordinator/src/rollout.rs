@@ -603,6 +603,13 @@ impl Rollout {
         }
     }
 
+    /// When the current step's stabilization wait ends (ms since the
+    /// epoch), while it waits.
+    pub fn stabilizing_until(&self) -> Option<u64> {
+        (self.phase == Phase::Stabilizing && !self.status.is_terminal())
+            .then_some(self.stabilize_until)
+    }
+
     /// The candidate's share of traffic in the table wanted now, in percent.
     pub fn percent_to_candidate(&self) -> u32 {
         self.routes()

@@ -177,6 +177,7 @@ pub fn promotion_proto(endpoint: &str, promotion: &Promotion) -> v1::Promotion {
         finished_at: promotion.finished_at_ms.map(timestamp),
         forced: promotion.forced,
         rollback: promotion.rollback,
+        stabilization_ends_at: r.stabilizing_until().map(timestamp),
     }
 }
 
