@@ -3,13 +3,11 @@
 
 use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
 use clap::ValueEnum;
 use crossfade_proto::v1;
 use crossfade_proto::v1::coordinator_client::CoordinatorClient;
-use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 use tonic::transport::Channel;
 
 /// `text` as a terminal may show it: every control character that came
@@ -44,81 +42,11 @@ pub enum Output {
     Json,
 }
 
-fn pool() -> anyhow::Result<&'static DescriptorPool> {
-    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
-    if let Some(pool) = POOL.get() {
-        return Ok(pool);
-    }
-    let pool = DescriptorPool::decode(crossfade_proto::FILE_DESCRIPTOR_SET)?;
-    Ok(POOL.get_or_init(|| pool))
-}
-
-/// The prefixes of crossfade's enum values, which JSON output leaves out:
-/// DESIGN §10 writes `"status": "RAMPING_UP"`.
-const ENUM_PREFIXES: &[&str] = &[
-    "PROMOTION_STATUS_",
-    "STEP_PHASE_",
-    "DEPLOYMENT_STATE_",
-    "ENGINE_STATE_",
-    "STARTING_PHASE_",
-    "ENGINE_RUNTIME_",
-    "GPU_HEALTH_",
-    "CLEANUP_STRATEGY_",
-    "TABLE_SOURCE_",
-];
-
 /// A message as JSON text (`name`: its full proto name), with the protos'
 /// snake_case field names and enum values by their short names.
 pub fn json<M: prost::Message>(name: &str, message: &M) -> anyhow::Result<String> {
-    let descriptor = pool()?
-        .get_message_by_name(name)
-        .ok_or_else(|| anyhow::anyhow!("no message {name} in the descriptor set"))?;
-    let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())?;
-    let options = SerializeOptions::new()
-        .use_proto_field_name(true)
-        .stringify_64_bit_integers(false);
-    let mut value = dynamic.serialize_with_options(serde_json::value::Serializer, &options)?;
-    shorten_enums(&mut value, &dynamic);
+    let value = crossfade_proto::json::to_json(name, message, crossfade_proto::json::Shape::Proto)?;
     Ok(serde_json::to_string_pretty(&value)?)
-}
-
-/// Replaces each enum field's full value name by its short one, walking the
-/// message's descriptor so that only enum fields change.
-fn shorten_enums(value: &mut serde_json::Value, message: &DynamicMessage) {
-    use prost_reflect::{Kind, ReflectMessage as _, Value};
-    let serde_json::Value::Object(object) = value else {
-        return;
-    };
-    for field in message.descriptor().fields() {
-        let Some(json) = object.get_mut(field.name()) else {
-            continue;
-        };
-        let shorten = |v: &mut serde_json::Value| {
-            if let serde_json::Value::String(text) = v
-                && let Some(prefix) = ENUM_PREFIXES.iter().find(|p| text.starts_with(**p))
-            {
-                *text = text[prefix.len()..].to_owned();
-            }
-        };
-        match (field.kind(), json) {
-            (Kind::Enum(_), serde_json::Value::Array(items)) => items.iter_mut().for_each(shorten),
-            (Kind::Enum(_), json) => shorten(json),
-            (Kind::Message(_), json) => match message.get_field(&field).as_ref() {
-                Value::Message(inner) => shorten_enums(json, inner),
-                Value::List(items) => {
-                    if let serde_json::Value::Array(values) = json {
-                        for (item, value) in items.iter().zip(values) {
-                            if let Value::Message(inner) = item {
-                                shorten_enums(value, inner);
-                            }
-                        }
-                    }
-                }
-                _ => {}
-            },
-            _ => {}
-        }
-    }
 }
 
 /// Prints a message as JSON.
@@ -1049,29 +977,6 @@ pub struct BadInput(pub String);
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nested_and_repeated_enums_are_shortened_and_strings_are_not() {
-        let endpoint = v1::Endpoint {
-            name: "PROMOTION_STATUS_looks_like_an_enum".into(),
-            in_progress_promotion: Some(v1::Promotion {
-                status: v1::PromotionStatus::Paused as i32,
-                step_phase: v1::StepPhase::Draining as i32,
-                ..Default::default()
-            }),
-            active_deployment: Some(v1::Deployment {
-                state: v1::DeploymentState::Active as i32,
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let value: serde_json::Value =
-            serde_json::from_str(&json("crossfade.v1.Endpoint", &endpoint).unwrap()).unwrap();
-        assert_eq!(value["name"], "PROMOTION_STATUS_looks_like_an_enum");
-        assert_eq!(value["in_progress_promotion"]["status"], "PAUSED");
-        assert_eq!(value["in_progress_promotion"]["step_phase"], "DRAINING");
-        assert_eq!(value["active_deployment"]["state"], "ACTIVE");
-    }
 
     #[test]
     fn the_bar_fills_with_the_candidate_share() {

@@ -15,6 +15,7 @@ pub mod v1 {
 }
 
 mod redact;
+pub mod json;
 pub mod server;
 pub mod tls;
 
