@@ -298,7 +298,7 @@ async fn demo(fleet: &mut Fleet, args: DemoArgs, out: Output) -> anyhow::Result<
         agents.push((index, control));
     }
     let (public, router_control, router_admin) = (port()?, port()?, port()?);
-    let (api, coordinator_admin) = (port()?, port()?);
+    let (api, coordinator_admin, dashboard) = (port()?, port()?, port()?);
     let router_config = dir.join("router.toml");
     std::fs::write(
         &router_config,
@@ -331,7 +331,7 @@ async fn demo(fleet: &mut Fleet, args: DemoArgs, out: Output) -> anyhow::Result<
     std::fs::write(
         &coordinator_config,
         format!(
-            "agents = [{}]\nrouters = [\"127.0.0.1:{router_control}\"]\n[listen]\napi = \"127.0.0.1:{api}\"\nadmin = \"127.0.0.1:{coordinator_admin}\"\n[store]\npath = \"{}\"\n{}",
+            "agents = [{}]\nrouters = [\"127.0.0.1:{router_control}\"]\n[listen]\napi = \"127.0.0.1:{api}\"\nadmin = \"127.0.0.1:{coordinator_admin}\"\nhttp = \"127.0.0.1:{dashboard}\"\n[store]\npath = \"{}\"\n{}",
             agent_list.join(", "),
             dir.join("coordinator.json").display(),
             pki.section(Role::Coordinator, "coordinator")?
@@ -347,6 +347,9 @@ async fn demo(fleet: &mut Fleet, args: DemoArgs, out: Output) -> anyhow::Result<
         &mut fleet.children[0],
         &dir.join("coordinator.log"),
     )?;
+    say(&format!(
+        "the dashboard: http://127.0.0.1:{dashboard}/ (the REST API under /v1, described at /openapi.json)"
+    ));
     let mut client = connection::dial(
         &format!("http://127.0.0.1:{api}"),
         &pki.control(Role::Operator, "operator")?,

@@ -56,6 +56,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let admin = TcpListener::bind(config.listen.admin)
         .await
         .with_context(|| format!("binding the admin listener on {}", config.listen.admin))?;
+    let http =
+        match config.listen.http {
+            Some(address) => Some(TcpListener::bind(address).await.with_context(|| {
+                format!("binding the REST and dashboard listener on {address}")
+            })?),
+            None => None,
+        };
     let options = Options {
         agents: config.agents.clone(),
         routers: config.routers.clone(),
@@ -109,6 +116,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(
         api = %config.listen.api,
         admin = %config.listen.admin,
+        http = ?config.listen.http,
         agents = config.agents.len(),
         routers = config.routers.len(),
         "crossfade-coordinator serving"
@@ -130,8 +138,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     });
+    let rest_server = {
+        let (coordinator, shutdown) = (coordinator.clone(), shutdown.clone());
+        async move {
+            if let Some(listener) = http {
+                crate::rest::serve(listener, coordinator, shutdown).await;
+            }
+        }
+    };
     let api_server = service::serve(api, coordinator, &tls, shutdown.clone());
-    let ((), api) = tokio::join!(admin_server, api_server);
+    let ((), (), api) = tokio::join!(admin_server, rest_server, api_server);
     if let Err(e) = api {
         tracing::error!("the API listener failed: {e}");
         shutdown.trigger();

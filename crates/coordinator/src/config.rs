@@ -45,6 +45,11 @@ pub struct Listen {
     pub api: SocketAddr,
     /// Prometheus `/metrics` and `/healthz`.
     pub admin: SocketAddr,
+    /// The REST/JSON API (`/v1/...`, described by `/openapi.json`) and the
+    /// web dashboard (`/`); off when unset. It has no authentication of its
+    /// own, so it must be a loopback address (reach it from elsewhere
+    /// through an SSH tunnel).
+    pub http: Option<SocketAddr>,
 }
 
 /// `[store]`.
@@ -124,6 +129,7 @@ impl Default for Listen {
         Self {
             api: parse("0.0.0.0:7000"),
             admin: parse("127.0.0.1:9403"),
+            http: None,
         }
     }
 }
@@ -145,10 +151,22 @@ impl Validate for Config {
             self.control_tls
                 .validate("control_tls", &[("listen.api", self.listen.api)]),
         );
-        errors.extend(FieldError::distinct_listeners(&[
+        let mut listeners = vec![
             ("listen.api", self.listen.api),
             ("listen.admin", self.listen.admin),
-        ]));
+        ];
+        if let Some(http) = self.listen.http {
+            listeners.push(("listen.http", http));
+            if !http.ip().is_loopback() {
+                errors.push(FieldError::new(
+                    "listen.http",
+                    format!(
+                        "`{http}` is not a loopback address: the REST API and the dashboard have no authentication of their own; bind them to 127.0.0.1 and reach them through an SSH tunnel"
+                    ),
+                ));
+            }
+        }
+        errors.extend(FieldError::distinct_listeners(&listeners));
         match self.store.backend {
             BackendKind::Embedded if self.store.path.as_os_str().is_empty() => {
                 errors.push(FieldError::new("store.path", "must name a file"));

@@ -27,6 +27,7 @@ pub mod error;
 pub mod ha;
 pub mod health;
 pub mod metrics;
+pub mod rest;
 pub mod rollout;
 pub mod service;
 pub mod settings;

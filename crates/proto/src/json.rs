@@ -83,7 +83,11 @@ pub fn descriptor(name: &str) -> Result<MessageDescriptor, JsonError> {
 }
 
 /// `message` (whose full proto name is `name`) as JSON.
-pub fn to_json<M: prost::Message>(name: &str, message: &M, shape: Shape) -> Result<Json, JsonError> {
+pub fn to_json<M: prost::Message>(
+    name: &str,
+    message: &M,
+    shape: Shape,
+) -> Result<Json, JsonError> {
     let dynamic = DynamicMessage::decode(descriptor(name)?, message.encode_to_vec().as_slice())
         .map_err(|e| JsonError(e.to_string()))?;
     let options = SerializeOptions::new()
@@ -131,17 +135,20 @@ fn walk(value: &mut Json, message: &MessageDescriptor, direction: Direction, sha
         return;
     };
     let settings = shape == Shape::Rest && SETTINGS_MESSAGES.contains(&message.full_name());
-    if settings && direction == Direction::In {
-        if let Some(Json::Object(nested)) = object.remove("rolling_deploy_config") {
-            for (key, inner) in nested {
-                // A key Baseten does not nest stays unknown: refused below.
-                let key = if ROLLING_DEPLOY_CONFIG.contains(&key.as_str()) {
-                    key
-                } else {
-                    format!("rolling_deploy_config.{key}")
-                };
-                object.insert(key, inner);
-            }
+    if settings
+        && direction == Direction::In
+        && object.get("rolling_deploy_config").is_some_and(Json::is_object)
+        && let Some(Json::Object(nested)) = object.remove("rolling_deploy_config")
+    {
+        // (Not an object: left in place, and refused as unknown below.)
+        for (key, inner) in nested {
+            // A key Baseten does not nest stays unknown: refused below.
+            let key = if ROLLING_DEPLOY_CONFIG.contains(&key.as_str()) {
+                key
+            } else {
+                format!("rolling_deploy_config.{key}")
+            };
+            object.insert(key, inner);
         }
     }
     for field in message.fields() {
@@ -259,7 +266,10 @@ mod tests {
         let value = to_json("crossfade.v1.PromotionSettings", &settings, Shape::Rest).unwrap();
         assert_eq!(value["rolling_deploy"], true);
         assert_eq!(value["rolling_deploy_config"]["max_surge_percent"], 10);
-        assert_eq!(value["rolling_deploy_config"]["stabilization_time_seconds"], 60);
+        assert_eq!(
+            value["rolling_deploy_config"]["stabilization_time_seconds"],
+            60
+        );
         assert_eq!(value["promotion_cleanup_strategy"], "DEACTIVATE");
         assert!(value.get("max_surge_percent").is_none(), "{value}");
         let flat = to_json("crossfade.v1.PromotionSettings", &settings, Shape::Proto).unwrap();
@@ -299,6 +309,13 @@ mod tests {
         )
         .unwrap_err();
         assert!(error.0.contains("max_surgeon_percent"), "{error}");
+        let error = from_json::<v1::PromotionSettingsUpdate>(
+            "crossfade.v1.PromotionSettingsUpdate",
+            serde_json::json!({"rolling_deploy_config": 5}),
+            Shape::Rest,
+        )
+        .unwrap_err();
+        assert!(error.0.contains("rolling_deploy_config"), "{error}");
         let error = from_json::<v1::PromotionSettingsUpdate>(
             "crossfade.v1.PromotionSettingsUpdate",
             serde_json::json!({"max_surge_percent": "ten"}),

@@ -14,8 +14,8 @@ pub mod v1 {
     tonic::include_proto!("crossfade.v1");
 }
 
-mod redact;
 pub mod json;
+mod redact;
 pub mod server;
 pub mod tls;
 
