@@ -38,6 +38,8 @@ struct Fleet {
     api: SocketAddr,
     /// The coordinator's `/metrics`.
     admin: SocketAddr,
+    /// The coordinator's REST API and dashboard.
+    http: SocketAddr,
     _dir: TempDir,
     /// One fleet at a time: each is a dozen processes, and these machines
     /// have two cores.
@@ -79,6 +81,7 @@ fn start_fleet(workers: usize) -> Fleet {
         .collect();
 
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
     let config = dir.path().join("coordinator.toml");
     let agents_list: Vec<String> = agents
         .iter()
@@ -87,7 +90,7 @@ fn start_fleet(workers: usize) -> Fleet {
     std::fs::write(
         &config,
         format!(
-            "agents = [{}]\nrouters = [{}]\nrouter_ack_timeout = \"60s\"\n[control_tls]\ninsecure = true\n[listen]\napi = \"{api}\"\nadmin = \"{admin}\"\n[store]\npath = \"{}\"\n",
+            "agents = [{}]\nrouters = [{}]\nrouter_ack_timeout = \"60s\"\n[control_tls]\ninsecure = true\n[listen]\napi = \"{api}\"\nadmin = \"{admin}\"\nhttp = \"{http}\"\n[store]\npath = \"{}\"\n",
             agents_list.join(", "),
             routers_list.join(", "),
             dir.path().join("state.json").display()
@@ -110,6 +113,7 @@ fn start_fleet(workers: usize) -> Fleet {
         coordinator_config: config,
         api,
         admin,
+        http,
         _dir: dir,
         _one_at_a_time: one_at_a_time,
     }
@@ -1880,4 +1884,142 @@ fn metric_names(expr: &str) -> Vec<&str> {
         rest = &tail[end..];
     }
     names
+}
+
+/// The dashboard in a real browser (headless Chromium): it shows a
+/// promotion move from 0 to 100 %, and its Pause button pins the split
+/// until its Resume button lets it go on. `CROSSFADE_SCREENSHOT=FILE`
+/// keeps a screenshot of the paused promotion (the README's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_follows_a_promotion_and_pauses_it() {
+    let Some(chromium) = support::browser::chromium() else {
+        return;
+    };
+    let fleet = start_fleet(4);
+    create_chat(&fleet, rolling(50, 0, 6)).await;
+    let url = format!("http://{}/", fleet.http);
+    let mut page = support::browser::Browser::open(&chromium, &url)
+        .await
+        .unwrap();
+    let card = |field: &str| {
+        format!(
+            "(document.querySelector('[data-endpoint=\"chat\"] [data-field=\"{field}\"]') || {{}}).textContent || ''"
+        )
+    };
+    // The page draws the endpoint and its first deployment.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !page
+        .eval(&card("active"))
+        .await
+        .unwrap()
+        .as_str()
+        .unwrap_or("")
+        .starts_with("dep-")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the page never showed the active deployment"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let promoted = promote_v2(&fleet).await;
+
+    // Watch the page until it shows the split at 50 %, then pause from it.
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let status = page.eval(&card("status")).await.unwrap();
+        let percent = page.eval(&card("percent")).await.unwrap();
+        let percent = percent.as_str().unwrap_or("").to_owned();
+        // Until the promotion shows, the card shows the last one's end.
+        let under_way = !status.as_str().unwrap_or("").starts_with("last:");
+        if under_way && seen.last() != Some(&percent) && !percent.is_empty() {
+            seen.push(percent.clone());
+        }
+        if under_way && percent == "50 %" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the page never showed 50 %: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let clicked = page
+        .eval("(() => { const b = document.querySelector('[data-endpoint=\"chat\"] [data-action=\"pause_promotion\"]'); if (!b || b.disabled) return false; b.click(); return true; })()")
+        .await
+        .unwrap();
+    assert_eq!(clicked, true, "no enabled Pause button");
+    let (paused, _) = fleet
+        .wait_endpoint("paused from the page", Duration::from_secs(10), |e| {
+            e.in_progress_promotion
+                .as_ref()
+                .is_some_and(|p| p.status() == v1::PromotionStatus::Paused)
+        })
+        .await;
+    let pinned = paused
+        .in_progress_promotion
+        .unwrap()
+        .percent_traffic_to_new_version;
+    assert_eq!(pinned, 50);
+    // Longer than a stabilization: the split stays where it was, and the
+    // page says so.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let (still, _) = fleet
+        .wait_endpoint("still paused", Duration::from_secs(5), |_| true)
+        .await;
+    let p = still.in_progress_promotion.unwrap();
+    assert_eq!(p.status(), v1::PromotionStatus::Paused);
+    assert_eq!(p.percent_traffic_to_new_version, 50);
+    let status = page.eval(&card("status")).await.unwrap();
+    assert_eq!(status, "PAUSED");
+    assert_eq!(page.eval(&card("percent")).await.unwrap(), "50 %");
+    if let Some(path) = std::env::var_os("CROSSFADE_SCREENSHOT") {
+        std::fs::write(path, page.screenshot().await.unwrap()).unwrap();
+    }
+
+    // Resume from the page: the promotion goes on to 100 % and succeeds.
+    let clicked = page
+        .eval("(() => { const b = document.querySelector('[data-endpoint=\"chat\"] [data-action=\"resume_promotion\"]'); if (!b || b.disabled) return false; b.click(); return true; })()")
+        .await
+        .unwrap();
+    assert_eq!(clicked, true, "no enabled Resume button");
+    let (done, _) = fleet
+        .wait_endpoint(
+            "the promotion after resuming",
+            Duration::from_secs(90),
+            |e| last_status(e).is_some(),
+        )
+        .await;
+    assert_eq!(
+        done.last_promotion.as_ref().unwrap().id,
+        promoted.promotion_id
+    );
+    assert_eq!(last_status(&done), Some(v1::PromotionStatus::Succeeded));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = page.eval(&card("status")).await.unwrap();
+        let percent = page.eval(&card("percent")).await.unwrap();
+        if let Some(p) = percent
+            .as_str()
+            .filter(|p| seen.last().map(String::as_str) != Some(*p) && !p.is_empty())
+        {
+            seen.push(p.to_owned());
+        }
+        if status == "last: SUCCEEDED" && percent == "100 %" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the page never showed the end: {status} {percent}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // From 0 (or the first step) to 100 %, through the pinned 50 %.
+    assert!(seen.contains(&"50 %".to_owned()), "{seen:?}");
+    assert_eq!(seen.last().map(String::as_str), Some("100 %"), "{seen:?}");
+    assert!(
+        seen.first().map(String::as_str) != Some("100 %"),
+        "the page saw only the end: {seen:?}"
+    );
 }

@@ -137,7 +137,9 @@ fn walk(value: &mut Json, message: &MessageDescriptor, direction: Direction, sha
     let settings = shape == Shape::Rest && SETTINGS_MESSAGES.contains(&message.full_name());
     if settings
         && direction == Direction::In
-        && object.get("rolling_deploy_config").is_some_and(Json::is_object)
+        && object
+            .get("rolling_deploy_config")
+            .is_some_and(Json::is_object)
         && let Some(Json::Object(nested)) = object.remove("rolling_deploy_config")
     {
         // (Not an object: left in place, and refused as unknown below.)

@@ -2,6 +2,7 @@
 //! and state directories, agents as processes, a gRPC client, HTTP helpers.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod browser;
 pub mod hosts;
 pub mod load;
 pub mod streams;
