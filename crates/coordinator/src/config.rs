@@ -296,5 +296,24 @@ mod tests {
             config.control_tls.cert.as_deref(),
             Some(std::path::Path::new("/etc/crossfade/certs/coordinator.pem"))
         );
+        assert_eq!(config.listen.http, Some("127.0.0.1:7080".parse().unwrap()));
+        assert!(config.validate().is_empty(), "{:?}", config.validate());
+    }
+
+    #[test]
+    fn the_dashboard_listens_on_loopback_only_and_apart() {
+        let mut config = Config::default();
+        config.control_tls.insecure = true;
+        config.listen.api = "127.0.0.1:7000".parse().unwrap();
+        config.listen.http = Some("0.0.0.0:7080".parse().unwrap());
+        let errors = config.validate();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].key, "listen.http");
+        assert!(errors[0].to_string().contains("loopback"), "{}", errors[0]);
+        config.listen.http = Some(config.listen.admin);
+        let keys: Vec<String> = config.validate().into_iter().map(|e| e.key).collect();
+        assert!(keys.iter().any(|k| k.starts_with("listen.")), "{keys:?}");
+        config.listen.http = Some("127.0.0.1:7080".parse().unwrap());
+        assert!(config.validate().is_empty());
     }
 }

@@ -144,6 +144,7 @@ function endpointCard(e) {
     card.append(
       el("div", { class: "split", title: `${percent} % to ${shown.to_deployment_id}` }, old, candidate),
       el("div", {}, el("span", { "data-field": "percent" }, `${percent} %`), ` of the traffic to ${shown.to_deployment_id}`),
+      el("div", { class: "muted" }, "the candidate's share since this page opened:"),
       chart(e.name),
     );
   }
@@ -182,7 +183,7 @@ function endpointCard(e) {
     card.append(table);
   }
   if (e.events && e.events.length > 0) {
-    const list = el("ol", { class: "events", reversed: true });
+    const list = el("ul", { class: "events" });
     for (const event of [...e.events].reverse()) {
       list.append(el("li", {}, `${event.at ? new Date(event.at).toLocaleTimeString() : ""} ${event.kind}: ${event.message}`));
     }
