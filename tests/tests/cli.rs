@@ -66,18 +66,10 @@ fn one_host_updated_in_place_fails_no_request_the_router_holds_them() {
     );
 }
 
+/// `crossfade --coordinator URL ARGS`: (succeeded, stdout, stderr).
 fn crossfade(coordinator: &str, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(binary("crossfade").unwrap())
-        .arg("--coordinator")
-        .arg(coordinator)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    let (code, stdout, stderr) = crossfade_code(coordinator, args);
+    (code == Some(0), stdout, stderr)
 }
 
 /// A coordinator with no agent (enough for the API), in `dir`; its URL.

@@ -56,13 +56,25 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let admin = TcpListener::bind(config.listen.admin)
         .await
         .with_context(|| format!("binding the admin listener on {}", config.listen.admin))?;
-    let http =
-        match config.listen.http {
-            Some(address) => Some(TcpListener::bind(address).await.with_context(|| {
-                format!("binding the REST and dashboard listener on {address}")
-            })?),
-            None => None,
-        };
+    let http = match config.listen.http {
+        Some(address) => {
+            // Beyond loopback: operators' certificates only (the config's
+            // validation made sure mutual TLS is set).
+            let tls = if address.ip().is_loopback() {
+                None
+            } else {
+                config
+                    .control_tls
+                    .https_server(&[Role::Operator])
+                    .context("control_tls, for listen.http")?
+            };
+            let listener = TcpListener::bind(address)
+                .await
+                .with_context(|| format!("binding the REST and dashboard listener on {address}"))?;
+            Some((listener, tls))
+        }
+        None => None,
+    };
     let options = Options {
         agents: config.agents.clone(),
         routers: config.routers.clone(),
@@ -141,8 +153,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let rest_server = {
         let (coordinator, shutdown) = (coordinator.clone(), shutdown.clone());
         async move {
-            if let Some(listener) = http {
-                crate::rest::serve(listener, coordinator, shutdown).await;
+            if let Some((listener, tls)) = http {
+                crate::rest::serve(listener, tls, coordinator, shutdown).await;
             }
         }
     };

@@ -46,9 +46,11 @@ pub struct Listen {
     /// Prometheus `/metrics` and `/healthz`.
     pub admin: SocketAddr,
     /// The REST/JSON API (`/v1/...`, described by `/openapi.json`) and the
-    /// web dashboard (`/`); off when unset. It has no authentication of its
-    /// own, so it must be a loopback address (reach it from elsewhere
-    /// through an SSH tunnel).
+    /// web dashboard (`/`); off when unset. On a loopback address, plain
+    /// HTTP (reach it from elsewhere through an SSH tunnel); on any other,
+    /// HTTPS that takes only a client certificate from the fleet CA naming
+    /// the `operator` role, as the gRPC API does (so control_tls must not
+    /// be `insecure`).
     pub http: Option<SocketAddr>,
 }
 
@@ -157,11 +159,11 @@ impl Validate for Config {
         ];
         if let Some(http) = self.listen.http {
             listeners.push(("listen.http", http));
-            if !http.ip().is_loopback() {
+            if !http.ip().is_loopback() && self.control_tls.insecure {
                 errors.push(FieldError::new(
                     "listen.http",
                     format!(
-                        "`{http}` is not a loopback address: the REST API and the dashboard have no authentication of their own; bind them to 127.0.0.1 and reach them through an SSH tunnel"
+                        "`{http}` is not a loopback address, and control_tls is plain text: beyond loopback the REST API and the dashboard take mutual TLS with an operator certificate, as the gRPC API does (set control_tls.ca, cert and key), or bind them to 127.0.0.1 and reach them through an SSH tunnel"
                     ),
                 ));
             }
@@ -301,7 +303,7 @@ mod tests {
     }
 
     #[test]
-    fn the_dashboard_listens_on_loopback_only_and_apart() {
+    fn the_dashboard_is_plain_on_loopback_only_and_apart_from_other_listeners() {
         let mut config = Config::default();
         config.control_tls.insecure = true;
         config.listen.api = "127.0.0.1:7000".parse().unwrap();
@@ -309,7 +311,19 @@ mod tests {
         let errors = config.validate();
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].key, "listen.http");
-        assert!(errors[0].to_string().contains("loopback"), "{}", errors[0]);
+        assert!(
+            errors[0].to_string().contains("mutual TLS"),
+            "{}",
+            errors[0]
+        );
+        // With the fleet's mutual TLS, any address: HTTPS for operators.
+        let mut mutual = config.clone();
+        mutual.control_tls.insecure = false;
+        mutual.control_tls.ca = Some("ca.pem".into());
+        mutual.control_tls.cert = Some("coordinator.pem".into());
+        mutual.control_tls.key = Some("coordinator.key".into());
+        let keys: Vec<String> = mutual.validate().into_iter().map(|e| e.key).collect();
+        assert!(!keys.contains(&"listen.http".to_owned()), "{keys:?}");
         config.listen.http = Some(config.listen.admin);
         let keys: Vec<String> = config.validate().into_iter().map(|e| e.key).collect();
         assert!(keys.iter().any(|k| k.starts_with("listen.")), "{keys:?}");

@@ -1,5 +1,7 @@
-//! The REST/JSON API beside gRPC, and the web dashboard, on `[listen] http`
-//! (loopback only: it has no authentication of its own).
+//! The REST/JSON API beside gRPC, and the web dashboard, on `[listen] http`:
+//! plain HTTP on a loopback address; beyond it, HTTPS that admits only a
+//! client certificate from the fleet CA naming the `operator` role, as the
+//! gRPC API does.
 //!
 //! The resources are the gRPC API's, in Baseten's names where Baseten has
 //! them: an endpoint (Baseten's environment) carries `promotion_settings`
@@ -44,15 +46,19 @@ const DASHBOARD_CSS: &str = include_str!("rest/dashboard/dashboard.css");
 /// [`openapi::document`]).
 pub const OPENAPI_JSON: &str = include_str!("../../../docs/openapi.json");
 
-/// Serves the REST API and the dashboard on `listener` until `shutdown`.
+/// Serves the REST API and the dashboard on `listener` until `shutdown`:
+/// in plain text, or with `tls` (mutual TLS that admits operators only,
+/// [`crossfade_proto::tls::ControlTls::https_server`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::rustls::ServerConfig>,
     coordinator: Coordinator,
     shutdown: Shutdown,
 ) {
     let service = CoordinatorService::new(coordinator, shutdown.clone());
     let options = ServeOptions {
         shutdown_grace: Duration::from_secs(1),
+        tls: tls.map(|tls| std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(tls))),
         ..ServeOptions::default()
     };
     common_http::serve(listener, &options, shutdown, move |request| {

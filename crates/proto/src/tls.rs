@@ -221,6 +221,116 @@ impl ControlTls {
     }
 }
 
+impl ControlTls {
+    /// An HTTPS listener secured as the control calls are: this program's
+    /// certificate, and a client certificate from the fleet CA that names
+    /// one of `allowed` (checked in the handshake: a caller without one is
+    /// refused before it sends a byte of HTTP). `None` with `insecure`.
+    pub fn https_server(
+        &self,
+        allowed: &'static [Role],
+    ) -> Result<Option<rustls::ServerConfig>, TlsError> {
+        if self.insecure {
+            return Ok(None);
+        }
+        let path = |p: &Option<PathBuf>, key: &str| {
+            p.clone()
+                .ok_or_else(|| TlsError(format!("control_tls.{key} is not set")))
+        };
+        let (ca, cert, key) = (
+            path(&self.ca, "ca")?,
+            path(&self.cert, "cert")?,
+            path(&self.key, "key")?,
+        );
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for authority in CertificateDer::pem_file_iter(&ca)
+            .map_err(|e| TlsError(format!("{}: {e}", ca.display())))?
+        {
+            let authority = authority.map_err(|e| TlsError(format!("{}: {e}", ca.display())))?;
+            roots
+                .add(authority)
+                .map_err(|e| TlsError(format!("{}: not a CA certificate: {e}", ca.display())))?;
+        }
+        let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::clone(&provider),
+        )
+        .build()
+        .map_err(|e| TlsError(format!("{}: {e}", ca.display())))?;
+        let chain = CertificateDer::pem_file_iter(&cert)
+            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+            .map_err(|e| TlsError(format!("{}: {e}", cert.display())))?;
+        let private = PrivateKeyDer::from_pem_file(&key)
+            .map_err(|_| TlsError(format!("{}: not a PEM private key", key.display())))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError(e.to_string()))?
+            .with_client_cert_verifier(Arc::new(RoleVerifier { inner, allowed }))
+            .with_single_cert(chain, private)
+            .map_err(|e| TlsError(format!("{} and {}: {e}", cert.display(), key.display())))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Some(config))
+    }
+}
+
+/// The fleet CA's verification of a client certificate, and then the
+/// role check: the certificate must name one of `allowed`.
+#[derive(Debug)]
+struct RoleVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    allowed: &'static [Role],
+}
+
+impl rustls::server::danger::ClientCertVerifier for RoleVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if roles_of(end_entity)
+            .iter()
+            .any(|r| self.allowed.contains(r))
+        {
+            Ok(verified)
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// A certificate or key that cannot be used; the message names the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsError(pub String);

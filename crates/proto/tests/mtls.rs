@@ -226,3 +226,123 @@ async fn each_call_is_open_only_to_the_roles_of_its_policy() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// One HTTP/1.1 GET over TLS to `address` with `identity` (a certificate
+/// and its key, or none), trusting `ca`: the status line, or why there is
+/// none.
+async fn https_get(
+    address: std::net::SocketAddr,
+    ca: &Path,
+    identity: Option<(PathBuf, PathBuf)>,
+) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let config = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(&cert)
+                    .unwrap()
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap(),
+                PrivateKeyDer::from_pem_file(&key).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let exchange = async {
+        let mut tls = connector
+            .connect("127.0.0.1".try_into().unwrap(), tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        tls.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut answer = Vec::new();
+        tls.read_to_end(&mut answer)
+            .await
+            .map_err(|e| e.to_string())?;
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        answer
+            .lines()
+            .next()
+            .filter(|l| l.starts_with("HTTP/"))
+            .map(str::to_owned)
+            .ok_or_else(|| format!("no answer: {answer:?}"))
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+}
+
+/// The coordinator's REST listener beyond loopback: HTTPS that admits only
+/// a certificate from the fleet CA naming an allowed role.
+#[tokio::test]
+async fn an_https_listener_admits_only_the_roles_it_names() {
+    let dir = std::env::temp_dir().join(format!("crossfade-https-{}", std::process::id()));
+    let fleet = Ca::new(&dir.join("fleet"));
+    let other = Ca::new(&dir.join("other"));
+    let (cert, key) = fleet.issue("coordinator", &[Role::Coordinator]);
+    let tls = crossfade_proto::tls::ControlTls {
+        ca: Some(fleet.ca()),
+        cert: Some(cert),
+        key: Some(key),
+        ..Default::default()
+    };
+    let config = tls.https_server(&[Role::Operator]).unwrap().unwrap();
+    let insecure = crossfade_proto::tls::ControlTls {
+        insecure: true,
+        ..Default::default()
+    };
+    assert!(insecure.https_server(&[Role::Operator]).unwrap().is_none());
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let shutdown = crossfade_common::Shutdown::new();
+    let options = crossfade_common::http::ServeOptions {
+        tls: Some(std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(config))),
+        ..Default::default()
+    };
+    let server = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            crossfade_common::http::serve(listener, &options, shutdown, |_request| async {
+                crossfade_common::http::text(http::StatusCode::OK, "ok\n")
+            })
+            .await;
+        })
+    };
+
+    let operator = fleet.issue("operator", &[Role::Operator]);
+    let answer = https_get(address, &fleet.ca(), Some(operator)).await;
+    assert_eq!(answer.as_deref(), Ok("HTTP/1.1 200 OK"), "{answer:?}");
+    // From the fleet CA, but not an operator.
+    let router = fleet.issue("router", &[Role::Router]);
+    assert!(https_get(address, &fleet.ca(), Some(router)).await.is_err());
+    // No certificate at all.
+    assert!(https_get(address, &fleet.ca(), None).await.is_err());
+    // An operator of another CA.
+    let stranger = other.issue("stranger", &[Role::Operator]);
+    assert!(
+        https_get(address, &fleet.ca(), Some(stranger))
+            .await
+            .is_err()
+    );
+
+    shutdown.trigger();
+    server.await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
