@@ -39,10 +39,6 @@ fn call(
     path: &str,
     body: Option<(&str, &str)>,
 ) -> (u16, String, Value) {
-    let mut stream = TcpStream::connect(http).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
     let mut request = format!("{method} {path} HTTP/1.1\r\nhost: {http}\r\nconnection: close\r\n");
     if let Some((content_type, body)) = body {
         request.push_str(&format!(
@@ -52,13 +48,23 @@ fn call(
     } else {
         request.push_str("\r\n");
     }
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
+    let answer = raw(http, &request);
     let (head, body) = answer.split_once("\r\n\r\n").unwrap();
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
     let body = serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_owned()));
     (status, head.to_ascii_lowercase(), body)
+}
+
+/// A request written by hand; the whole answer.
+fn raw(http: SocketAddr, request: &str) -> String {
+    let mut stream = TcpStream::connect(http).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
 }
 
 fn json_call(http: SocketAddr, method: &str, path: &str, body: &Value) -> (u16, Value) {
@@ -172,6 +178,41 @@ fn the_rest_api_speaks_baseten_names_and_one_error_shape() {
     assert_eq!(workers["workers"][0]["control_address"], "127.0.0.1:9");
     let (status, _, _) = call(http, "DELETE", "/v1/workers/127.0.0.1:9", None);
     assert_eq!(status, 200);
+
+    // What a browser sends for a page of another site is refused: a
+    // cross-site POST, and a DNS name rebound to 127.0.0.1.
+    let refused = raw(
+        http,
+        &format!(
+            "POST /v1/endpoints/chat/force_cancel_promotion HTTP/1.1\r\nhost: {http}\r\norigin: http://evil.example\r\nconnection: close\r\n\r\n"
+        ),
+    );
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    assert!(refused.contains("PERMISSION_DENIED"), "{refused}");
+    let refused = raw(
+        http,
+        &format!(
+            "GET /v1/endpoints HTTP/1.1\r\nhost: evil.example:{}\r\nconnection: close\r\n\r\n",
+            http.port()
+        ),
+    );
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    // The dashboard's own page: its origin is this server.
+    let allowed = raw(
+        http,
+        &format!(
+            "GET /v1/endpoints HTTP/1.1\r\nhost: {http}\r\norigin: http://{http}\r\nconnection: close\r\n\r\n"
+        ),
+    );
+    assert!(allowed.starts_with("HTTP/1.1 200"), "{allowed}");
+    let allowed = raw(
+        http,
+        &format!(
+            "GET /v1/endpoints HTTP/1.1\r\nhost: localhost:{}\r\nconnection: close\r\n\r\n",
+            http.port()
+        ),
+    );
+    assert!(allowed.starts_with("HTTP/1.1 200"), "{allowed}");
 
     // The description and the page are served too.
     let (status, _, openapi) = call(http, "GET", "/openapi.json", None);

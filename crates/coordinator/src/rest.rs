@@ -56,6 +56,7 @@ pub async fn serve(
     shutdown: Shutdown,
 ) {
     let service = CoordinatorService::new(coordinator, shutdown.clone());
+    let plain = tls.is_none();
     let options = ServeOptions {
         shutdown_grace: Duration::from_secs(1),
         tls: tls.map(|tls| std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(tls))),
@@ -63,7 +64,7 @@ pub async fn serve(
     };
     common_http::serve(listener, &options, shutdown, move |request| {
         let service = service.clone();
-        async move { handle(&service, request).await }
+        async move { handle(&service, plain, request).await }
     })
     .await;
 }
@@ -71,9 +72,13 @@ pub async fn serve(
 /// One request: the dashboard's files, the OpenAPI file, or an API call.
 pub async fn handle(
     service: &CoordinatorService,
+    plain: bool,
     request: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let (parts, body) = request.into_parts();
+    if let Some(refused) = refused_origin(&parts, plain) {
+        return refused;
+    }
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().unwrap_or_default().to_owned();
     let method = parts.method.clone();
@@ -107,6 +112,46 @@ pub async fn handle(
         Err(Failure::Status(status)) => from_status(&status),
         Err(Failure::Http(response)) => *response,
     }
+}
+
+/// Refuses what a browser sends on another site's behalf: a request whose
+/// `Origin` is not this server (a page elsewhere posting to the API: the
+/// browser always names the page's origin on such a request), and, on the
+/// plain-text loopback listener, a `Host` that is not an address or
+/// `localhost` (a page whose DNS name was rebound to 127.0.0.1). `curl`
+/// and scripts send no `Origin` and pass. The refusal, if refused.
+fn refused_origin(parts: &http::request::Parts, plain: bool) -> Option<Response<Full<Bytes>>> {
+    let refuse = |message: &str| error(StatusCode::FORBIDDEN, "PERMISSION_DENIED", message);
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()))
+        .unwrap_or_default();
+    if plain {
+        let name = match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host.as_str(),
+        };
+        let name = name.trim_start_matches('[').trim_end_matches(']');
+        if name.parse::<std::net::IpAddr>().is_err() && !name.eq_ignore_ascii_case("localhost") {
+            return Some(refuse(
+                "the Host header must name this machine by address or as localhost",
+            ));
+        }
+    }
+    if let Some(origin) = parts.headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or_default();
+        let authority = origin.split_once("://").map_or("", |(_, rest)| rest);
+        if !authority.eq_ignore_ascii_case(&host) {
+            return Some(refuse(&format!(
+                "a request from a page of another origin ({}) is refused",
+                origin.chars().take(100).collect::<String>()
+            )));
+        }
+    }
+    None
 }
 
 /// Why a call did not succeed.
