@@ -911,7 +911,7 @@ pub fn error_json(e: &anyhow::Error) -> String {
     } else {
         "UNKNOWN"
     };
-    serde_json::json!({ "error": { "code": code, "message": format!("{e:#}") } }).to_string()
+    crossfade_proto::json::error(code, &format!("{e:#}")).to_string()
 }
 
 /// Prints an error on stderr: `crossfade: ...` for people, one JSON
@@ -936,27 +936,8 @@ pub struct RpcError {
 
 impl From<tonic::Status> for RpcError {
     fn from(status: tonic::Status) -> Self {
-        let name = match status.code() {
-            tonic::Code::Ok => "OK",
-            tonic::Code::Cancelled => "CANCELLED",
-            tonic::Code::Unknown => "UNKNOWN",
-            tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
-            tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-            tonic::Code::NotFound => "NOT_FOUND",
-            tonic::Code::AlreadyExists => "ALREADY_EXISTS",
-            tonic::Code::PermissionDenied => "PERMISSION_DENIED",
-            tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-            tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
-            tonic::Code::Aborted => "ABORTED",
-            tonic::Code::OutOfRange => "OUT_OF_RANGE",
-            tonic::Code::Unimplemented => "UNIMPLEMENTED",
-            tonic::Code::Internal => "INTERNAL",
-            tonic::Code::Unavailable => "UNAVAILABLE",
-            tonic::Code::DataLoss => "DATA_LOSS",
-            tonic::Code::Unauthenticated => "UNAUTHENTICATED",
-        };
         Self {
-            code: name,
+            code: crossfade_proto::json::code_name(status.code()),
             message: status.message().to_owned(),
         }
     }

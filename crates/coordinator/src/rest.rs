@@ -594,32 +594,27 @@ fn not_allowed(allow: &'static str) -> Answer {
 
 /// An error in the one shape: `{"error": {"code": ..., "message": ...}}`.
 pub fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
-    json_response(
-        status,
-        &serde_json::json!({ "error": { "code": code, "message": message } }),
-    )
+    json_response(status, &crossfade_proto::json::error(code, message))
 }
 
 /// The gRPC status of a call as HTTP: its code's usual HTTP status, and,
 /// from a standby, the leader to ask instead.
 fn from_status(status: &Status) -> Response<Full<Bytes>> {
     use tonic::Code;
-    let (http, code) = match status.code() {
-        Code::InvalidArgument | Code::OutOfRange => (StatusCode::BAD_REQUEST, status.code()),
-        Code::NotFound => (StatusCode::NOT_FOUND, status.code()),
-        Code::AlreadyExists | Code::Aborted | Code::FailedPrecondition => {
-            (StatusCode::CONFLICT, status.code())
-        }
-        Code::PermissionDenied => (StatusCode::FORBIDDEN, status.code()),
-        Code::Unauthenticated => (StatusCode::UNAUTHORIZED, status.code()),
-        Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, status.code()),
-        Code::Unimplemented => (StatusCode::NOT_IMPLEMENTED, status.code()),
-        Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, status.code()),
-        Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, status.code()),
-        _ => (StatusCode::INTERNAL_SERVER_ERROR, status.code()),
+    let http = match status.code() {
+        Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted | Code::FailedPrecondition => StatusCode::CONFLICT,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    let name = format!("{code:?}");
-    let mut response = error(http, &screaming(&name), status.message());
+    let code = crossfade_proto::json::code_name(status.code());
+    let mut response = error(http, code, status.message());
     if let Some(leader) = status
         .metadata()
         .get(crate::error::LEADER_METADATA)
@@ -631,18 +626,6 @@ fn from_status(status: &Status) -> Response<Full<Bytes>> {
             .insert(crate::error::LEADER_METADATA, leader);
     }
     response
-}
-
-/// `NotFound` → `NOT_FOUND`.
-fn screaming(camel: &str) -> String {
-    let mut out = String::new();
-    for (i, c) in camel.chars().enumerate() {
-        if c.is_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(c.to_ascii_uppercase());
-    }
-    out
 }
 
 fn file(body: &'static str, content_type: &'static str) -> Response<Full<Bytes>> {
@@ -693,13 +676,17 @@ mod tests {
         );
     }
 
-    #[test]
-    fn grpc_codes_become_http_statuses_and_one_error_shape() {
+    #[tokio::test]
+    async fn grpc_codes_become_http_statuses_and_one_error_shape() {
+        let body = |response: Response<Full<Bytes>>| async {
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            serde_json::from_slice::<Json>(&bytes).unwrap()
+        };
         let response = from_status(&Status::failed_precondition("a promotion is under way"));
         assert_eq!(response.status(), StatusCode::CONFLICT);
+        assert_eq!(body(response).await["error"]["code"], "FAILED_PRECONDITION");
         let response = from_status(&Status::not_found("no endpoint `x`"));
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
-        assert_eq!(screaming("FailedPrecondition"), "FAILED_PRECONDITION");
-        assert_eq!(screaming("NotFound"), "NOT_FOUND");
+        assert_eq!(body(response).await["error"]["code"], "NOT_FOUND");
     }
 }

@@ -120,6 +120,37 @@ pub fn from_json<M: prost::Message + Default>(
         .map_err(|e| JsonError(e.to_string()))
 }
 
+/// A gRPC status code by its canonical name (`NOT_FOUND`), as errors in
+/// JSON name it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// An error in the one JSON shape of the CLI's `-o json` and the REST API:
+/// `{"error": {"code": "NOT_FOUND", "message": "..."}}`.
+pub fn error(code: &str, message: &str) -> Json {
+    serde_json::json!({ "error": { "code": code, "message": message } })
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Direction {
     /// Message to JSON: enums shortened, settings nested.

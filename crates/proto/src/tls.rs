@@ -208,16 +208,21 @@ impl ControlTls {
                 remote: self.insecure_remote,
             });
         }
+        let (ca, cert, key) = self.files()?;
+        Control::mutual(role, &ca, &cert, &key)
+    }
+
+    /// The CA, certificate and key files, each of which must be set.
+    fn files(&self) -> Result<(PathBuf, PathBuf, PathBuf), TlsError> {
         let path = |p: &Option<PathBuf>, key: &str| {
             p.clone()
                 .ok_or_else(|| TlsError(format!("control_tls.{key} is not set")))
         };
-        Control::mutual(
-            role,
-            &path(&self.ca, "ca")?,
-            &path(&self.cert, "cert")?,
-            &path(&self.key, "key")?,
-        )
+        Ok((
+            path(&self.ca, "ca")?,
+            path(&self.cert, "cert")?,
+            path(&self.key, "key")?,
+        ))
     }
 }
 
@@ -233,36 +238,17 @@ impl ControlTls {
         if self.insecure {
             return Ok(None);
         }
-        let path = |p: &Option<PathBuf>, key: &str| {
-            p.clone()
-                .ok_or_else(|| TlsError(format!("control_tls.{key} is not set")))
-        };
-        let (ca, cert, key) = (
-            path(&self.ca, "ca")?,
-            path(&self.cert, "cert")?,
-            path(&self.key, "key")?,
-        );
+        let (ca, cert, key) = self.files()?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for authority in CertificateDer::pem_file_iter(&ca)
-            .map_err(|e| TlsError(format!("{}: {e}", ca.display())))?
-        {
-            let authority = authority.map_err(|e| TlsError(format!("{}: {e}", ca.display())))?;
-            roots
-                .add(authority)
-                .map_err(|e| TlsError(format!("{}: not a CA certificate: {e}", ca.display())))?;
-        }
+        let roots = root_store(certificates(&read_pem(&ca)?, &ca)?, &ca)?;
         let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots),
             Arc::clone(&provider),
         )
         .build()
         .map_err(|e| TlsError(format!("{}: {e}", ca.display())))?;
-        let chain = CertificateDer::pem_file_iter(&cert)
-            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-            .map_err(|e| TlsError(format!("{}: {e}", cert.display())))?;
-        let private = PrivateKeyDer::from_pem_file(&key)
-            .map_err(|_| TlsError(format!("{}: not a PEM private key", key.display())))?;
+        let chain = certificates(&read_pem(&cert)?, &cert)?;
+        let private = private_key(&read_pem(&key)?, &key)?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError(e.to_string()))?
@@ -272,6 +258,45 @@ impl ControlTls {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Some(config))
     }
+}
+
+/// The bytes of a PEM file; the error names it.
+fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|e| TlsError(format!("reading {}: {e}", path.display())))
+}
+
+/// The certificates in `pem` (read from `path`): at least one.
+fn certificates(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError(format!("{}: not a PEM certificate: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(TlsError(format!(
+            "{}: holds no certificate",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// The private key in `pem` (read from `path`).
+fn private_key(pem: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem)
+        .map_err(|_| TlsError(format!("{}: not a PEM private key", path.display())))
+}
+
+/// The CA certificates (from `path`) as trust roots.
+fn root_store(
+    authorities: Vec<CertificateDer<'static>>,
+    path: &Path,
+) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for authority in authorities {
+        roots
+            .add(authority)
+            .map_err(|e| TlsError(format!("{}: not a CA certificate: {e}", path.display())))?;
+    }
+    Ok(roots)
 }
 
 /// The fleet CA's verification of a client certificate, and then the
@@ -378,26 +403,10 @@ impl Control {
         // One provider for the whole process (tonic's server side uses the
         // default): ring, the one this workspace builds.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let read = |path: &Path| {
-            std::fs::read(path).map_err(|e| TlsError(format!("reading {}: {e}", path.display())))
-        };
-        let (ca_pem, cert_pem, key_pem) = (read(ca)?, read(cert)?, read(key)?);
-        let certs = |pem: &[u8], path: &Path| {
-            let certs = CertificateDer::pem_slice_iter(pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| TlsError(format!("{}: not a PEM certificate: {e}", path.display())))?;
-            if certs.is_empty() {
-                return Err(TlsError(format!(
-                    "{}: holds no certificate",
-                    path.display()
-                )));
-            }
-            Ok(certs)
-        };
-        let authorities = certs(&ca_pem, ca)?;
-        let chain = certs(&cert_pem, cert)?;
-        let private = PrivateKeyDer::from_pem_slice(&key_pem)
-            .map_err(|_| TlsError(format!("{}: not a PEM private key", key.display())))?;
+        let (ca_pem, cert_pem, key_pem) = (read_pem(ca)?, read_pem(cert)?, read_pem(key)?);
+        let authorities = certificates(&ca_pem, ca)?;
+        let chain = certificates(&cert_pem, cert)?;
+        let private = private_key(&key_pem, key)?;
         let named = roles_of(&chain[0]);
         if !named.contains(&role) {
             return Err(TlsError(format!(
@@ -407,12 +416,7 @@ impl Control {
             )));
         }
 
-        let mut roots = rustls::RootCertStore::empty();
-        for authority in authorities {
-            roots
-                .add(authority)
-                .map_err(|e| TlsError(format!("{}: not a CA certificate: {e}", ca.display())))?;
-        }
+        let roots = root_store(authorities, ca)?;
         let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))

@@ -316,33 +316,29 @@ async fn an_https_listener_admits_only_the_roles_it_names() {
         tls: Some(std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(config))),
         ..Default::default()
     };
-    let server = {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            crossfade_common::http::serve(listener, &options, shutdown, |_request| async {
-                crossfade_common::http::text(http::StatusCode::OK, "ok\n")
-            })
-            .await;
-        })
+    // The server runs beside the clients, not spawned: it ends with them.
+    let server =
+        crossfade_common::http::serve(listener, &options, shutdown.clone(), |_request| async {
+            crossfade_common::http::text(http::StatusCode::OK, "ok\n")
+        });
+    let clients = async {
+        let operator = fleet.issue("operator", &[Role::Operator]);
+        let answer = https_get(address, &fleet.ca(), Some(operator)).await;
+        assert_eq!(answer.as_deref(), Ok("HTTP/1.1 200 OK"), "{answer:?}");
+        // From the fleet CA, but not an operator.
+        let router = fleet.issue("router", &[Role::Router]);
+        assert!(https_get(address, &fleet.ca(), Some(router)).await.is_err());
+        // No certificate at all.
+        assert!(https_get(address, &fleet.ca(), None).await.is_err());
+        // An operator of another CA.
+        let stranger = other.issue("stranger", &[Role::Operator]);
+        assert!(
+            https_get(address, &fleet.ca(), Some(stranger))
+                .await
+                .is_err()
+        );
+        shutdown.trigger();
     };
-
-    let operator = fleet.issue("operator", &[Role::Operator]);
-    let answer = https_get(address, &fleet.ca(), Some(operator)).await;
-    assert_eq!(answer.as_deref(), Ok("HTTP/1.1 200 OK"), "{answer:?}");
-    // From the fleet CA, but not an operator.
-    let router = fleet.issue("router", &[Role::Router]);
-    assert!(https_get(address, &fleet.ca(), Some(router)).await.is_err());
-    // No certificate at all.
-    assert!(https_get(address, &fleet.ca(), None).await.is_err());
-    // An operator of another CA.
-    let stranger = other.issue("stranger", &[Role::Operator]);
-    assert!(
-        https_get(address, &fleet.ca(), Some(stranger))
-            .await
-            .is_err()
-    );
-
-    shutdown.trigger();
-    server.await.unwrap();
+    tokio::join!(server, clients);
     std::fs::remove_dir_all(&dir).unwrap();
 }
