@@ -9,6 +9,7 @@
 mod certs;
 mod connection;
 mod demo;
+mod fleet;
 mod keys;
 mod output;
 mod template;
@@ -157,12 +158,12 @@ enum Command {
     /// in-flight, deployment), add or remove one.
     Workers {
         #[command(subcommand)]
-        command: Option<WorkersCommand>,
+        command: Option<fleet::WorkersCommand>,
     },
     /// Routers the coordinator pushes tables to: list, add, remove.
     Routers {
         #[command(subcommand)]
-        command: RoutersCommand,
+        command: fleet::RoutersCommand,
     },
     /// Other model names that route to an endpoint: show them, or add and
     /// remove some.
@@ -181,21 +182,8 @@ enum Command {
     Selector {
         /// The endpoint.
         endpoint: String,
-        /// Require this label, KEY=VALUE (repeatable).
-        #[arg(long = "label", value_parser = parse_label)]
-        labels: Vec<(String, String)>,
-        /// Stop requiring this label KEY (repeatable).
-        #[arg(long = "remove-label")]
-        remove_labels: Vec<String>,
-        /// Require a GPU whose name contains this (`""` for any).
-        #[arg(long)]
-        gpu_name_contains: Option<String>,
-        /// Require at least this much memory per GPU, in GiB (0 for any).
-        #[arg(long)]
-        min_gpu_memory_gib: Option<u64>,
-        /// Require at least this many GPUs (0 for any).
-        #[arg(long)]
-        min_gpu_count: Option<u32>,
+        #[command(flatten)]
+        change: fleet::SelectorChange,
     },
     /// Keep a worker out of new assignments; its replica moves.
     Cordon {
@@ -264,38 +252,6 @@ enum EndpointCommand {
         /// Even with a promotion under way.
         #[arg(long)]
         force: bool,
-    },
-}
-
-#[derive(Subcommand)]
-enum WorkersCommand {
-    /// Every worker (the same as `crossfade workers`).
-    List,
-    /// Add an agent by its control address (`host:port`).
-    Add {
-        /// The agent's control address.
-        address: String,
-    },
-    /// Remove a worker (its replica, if any, is replaced elsewhere first).
-    Remove {
-        /// Worker id or control address.
-        worker: String,
-    },
-}
-
-#[derive(Subcommand)]
-enum RoutersCommand {
-    /// Every router, with the table version it acknowledged.
-    List,
-    /// Add a router by its control address (`host:port`).
-    Add {
-        /// The router's control address.
-        address: String,
-    },
-    /// Stop pushing tables to a router.
-    Remove {
-        /// The router's control address.
-        address: String,
     },
 }
 
@@ -681,161 +637,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Output::Text => output::history_table(&history),
             }
         }
-        Command::Workers { command } => match command.unwrap_or(WorkersCommand::List) {
-            WorkersCommand::List => {
-                let workers = client
-                    .list_workers(v1::ListWorkersRequest {
-                        endpoint: String::new(),
-                    })
-                    .await
-                    .map_err(rpc)?
-                    .into_inner();
-                match out {
-                    Output::Json => print_message("crossfade.v1.ListWorkersResponse", &workers)?,
-                    Output::Text => output::workers_table(&workers.workers),
-                }
-            }
-            WorkersCommand::Add { address } => {
-                let w = client
-                    .add_worker(v1::AddWorkerRequest {
-                        control_address: address,
-                    })
-                    .await
-                    .map_err(rpc)?
-                    .into_inner();
-                output::print_worker(out, &w)?;
-            }
-            WorkersCommand::Remove { worker } => {
-                let removed = client
-                    .remove_worker(v1::RemoveWorkerRequest { worker_id: worker })
-                    .await
-                    .map_err(rpc)?
-                    .into_inner();
-                match out {
-                    Output::Json => print_message("crossfade.v1.RemoveWorkerResponse", &removed)?,
-                    Output::Text if removed.replica_replaced => {
-                        println!("removed; its replica is being replaced elsewhere")
-                    }
-                    Output::Text => println!("removed"),
-                }
-            }
-        },
-        Command::Routers { command } => match command {
-            RoutersCommand::List => {
-                let routers = client
-                    .list_routers(v1::ListRoutersRequest {})
-                    .await
-                    .map_err(rpc)?
-                    .into_inner();
-                match out {
-                    Output::Json => print_message("crossfade.v1.ListRoutersResponse", &routers)?,
-                    Output::Text => output::routers_table(&routers),
-                }
-            }
-            RoutersCommand::Add { address } => {
-                let router = client
-                    .add_router(v1::AddRouterRequest {
-                        control_address: address,
-                    })
-                    .await
-                    .map_err(rpc)?
-                    .into_inner();
-                match out {
-                    Output::Json => print_message("crossfade.v1.Router", &router)?,
-                    Output::Text => output::routers_table(&v1::ListRoutersResponse {
-                        routers: vec![router],
-                        table_version: 0,
-                    }),
-                }
-            }
-            RoutersCommand::Remove { address } => {
-                let removed = client
-                    .remove_router(v1::RemoveRouterRequest {
-                        control_address: address,
-                    })
-                    .await
-                    .map_err(rpc)?
-                    .into_inner();
-                match out {
-                    Output::Json => print_message("crossfade.v1.RemoveRouterResponse", &removed)?,
-                    Output::Text => println!("removed"),
-                }
-            }
-        },
+        Command::Workers { command } => fleet::workers(&mut client, out, command).await?,
+        Command::Routers { command } => fleet::routers(&mut client, out, command).await?,
         Command::Aliases {
             endpoint,
             add,
             remove,
-        } => {
-            let mut e = get_endpoint(&mut client, &endpoint).await?;
-            if !add.is_empty() || !remove.is_empty() {
-                let mut aliases = e.aliases.clone();
-                aliases.retain(|a| !remove.contains(a));
-                for name in add {
-                    if !aliases.contains(&name) {
-                        aliases.push(name);
-                    }
-                }
-                e = client
-                    .update_aliases(v1::UpdateAliasesRequest {
-                        name: endpoint,
-                        aliases,
-                    })
-                    .await
-                    .map_err(rpc)?
-                    .into_inner();
-            }
-            match out {
-                Output::Json => println!(
-                    "{}",
-                    serde_json::json!({ "name": e.name, "aliases": e.aliases })
-                ),
-                Output::Text => e.aliases.iter().for_each(|a| output::say!("{a}")),
-            }
-        }
-        Command::Selector {
-            endpoint,
-            labels,
-            remove_labels,
-            gpu_name_contains,
-            min_gpu_memory_gib,
-            min_gpu_count,
-        } => {
-            let mut e = get_endpoint(&mut client, &endpoint).await?;
-            let changes = !labels.is_empty()
-                || !remove_labels.is_empty()
-                || gpu_name_contains.is_some()
-                || min_gpu_memory_gib.is_some()
-                || min_gpu_count.is_some();
-            if changes {
-                let mut selector = e.selector.clone().unwrap_or_default();
-                for key in &remove_labels {
-                    selector.labels.remove(key);
-                }
-                selector.labels.extend(labels);
-                if let Some(name) = gpu_name_contains {
-                    selector.gpu_name_contains = name;
-                }
-                if let Some(gib) = min_gpu_memory_gib {
-                    selector.min_gpu_memory_bytes = gib.saturating_mul(1 << 30);
-                }
-                if let Some(count) = min_gpu_count {
-                    selector.min_gpu_count = count;
-                }
-                e = client
-                    .update_worker_selector(v1::UpdateWorkerSelectorRequest {
-                        name: endpoint,
-                        selector: Some(selector),
-                    })
-                    .await
-                    .map_err(rpc)?
-                    .into_inner();
-            }
-            let selector = e.selector.unwrap_or_default();
-            match out {
-                Output::Json => print_message("crossfade.v1.WorkerSelector", &selector)?,
-                Output::Text => output::print_selector(&selector),
-            }
+        } => fleet::aliases(&mut client, out, endpoint, add, remove).await?,
+        Command::Selector { endpoint, change } => {
+            fleet::selector(&mut client, out, endpoint, change).await?;
         }
         Command::Cordon { worker, reason } => {
             let w = client
