@@ -82,13 +82,13 @@ pub async fn handle(
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().unwrap_or_default().to_owned();
     let method = parts.method.clone();
-    match (method.clone(), path.as_str()) {
-        (Method::GET, "/" | "/index.html") => return file(INDEX_HTML, "text/html; charset=utf-8"),
-        (Method::GET, "/dashboard.js") => {
+    match (&method, path.as_str()) {
+        (&Method::GET, "/" | "/index.html") => return file(INDEX_HTML, "text/html; charset=utf-8"),
+        (&Method::GET, "/dashboard.js") => {
             return file(DASHBOARD_JS, "text/javascript; charset=utf-8");
         }
-        (Method::GET, "/dashboard.css") => return file(DASHBOARD_CSS, "text/css; charset=utf-8"),
-        (Method::GET, "/openapi.json") => return file(OPENAPI_JSON, "application/json"),
+        (&Method::GET, "/dashboard.css") => return file(DASHBOARD_CSS, "text/css; charset=utf-8"),
+        (&Method::GET, "/openapi.json") => return file(OPENAPI_JSON, "application/json"),
         _ => {}
     }
     let Some(segments) = segments(&path) else {

@@ -121,7 +121,8 @@ async fn follow(
     let width = terminal.then(terminal_width);
     let mut target = promotion_id.map(str::to_owned);
     let mut backoff = Duration::from_millis(200);
-    let mut lost: Option<String> = None;
+    // Whether the coordinator was lost (said once, until found again).
+    let mut lost = false;
     let mut last_view = String::new();
     loop {
         let opened = bounded(
@@ -135,12 +136,12 @@ async fn follow(
         let mut stream = match opened {
             Ok(stream) => stream.into_inner(),
             Err(status) if retryable(&status) => {
-                if lost.is_none() {
+                if !lost {
                     eprintln!(
                         "crossfade: the coordinator is unreachable ({}); retrying",
                         clean(status.message())
                     );
-                    lost = Some(status.message().to_owned());
+                    lost = true;
                 }
                 bounded(deadline, tokio::time::sleep(backoff)).await?;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -148,7 +149,7 @@ async fn follow(
             }
             Err(status) => anyhow::bail!("{}", status.message()),
         };
-        if lost.take().is_some() {
+        if std::mem::take(&mut lost) {
             eprintln!("crossfade: reconnected to the coordinator");
         }
         backoff = Duration::from_millis(200);
@@ -171,7 +172,7 @@ async fn follow(
                 Some(Ok(Some(endpoint))) => endpoint,
                 Some(Ok(None)) => {
                     eprintln!("crossfade: the coordinator ended the watch; reconnecting");
-                    lost = Some(String::new());
+                    lost = true;
                     break;
                 }
                 Some(Err(status)) if retryable(&status) => {
@@ -179,7 +180,7 @@ async fn follow(
                         "crossfade: lost the coordinator ({}); reconnecting",
                         clean(status.message())
                     );
-                    lost = Some(status.message().to_owned());
+                    lost = true;
                     break;
                 }
                 Some(Err(status)) => anyhow::bail!("{}", status.message()),
