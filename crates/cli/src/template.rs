@@ -1,7 +1,8 @@
 //! Template files (DESIGN §10): TOML with `runtime`, `model` (MODEL_NAME),
 //! `vllm_args` (VLLM_ARGS), `image`, `shutdown_timeout_seconds`, and `[env]`,
 //! where a value is a string, or a table with `value` or
-//! `from_coordinator_env` and `secret = true`.
+//! `from_coordinator_env` and `secret = true`. Without `runtime`, each agent
+//! runs the engine its own way (its `[engine] runtime`).
 //!
 //! ```toml
 //! model = "Qwen/Qwen3-8B"
@@ -64,7 +65,8 @@ pub fn load(path: &Path) -> anyhow::Result<v1::Template> {
 pub fn parse(text: &str) -> anyhow::Result<v1::Template> {
     let file: File = toml::from_str(text)?;
     let runtime = match file.runtime.as_deref() {
-        None | Some("process") => v1::EngineRuntime::Process,
+        None => v1::EngineRuntime::Unspecified,
+        Some("process") => v1::EngineRuntime::Process,
         Some("container") => v1::EngineRuntime::Container,
         Some(other) => anyhow::bail!("runtime: `{other}` is not `process` or `container`"),
     };
@@ -122,7 +124,8 @@ HF_TOKEN = { from_coordinator_env = "HF_TOKEN", secret = true }
         )
         .unwrap();
         assert_eq!(template.model, "Qwen/Qwen3-8B");
-        assert_eq!(template.runtime, v1::EngineRuntime::Process as i32);
+        // No `runtime`: the agents' own, so one file serves both kinds.
+        assert_eq!(template.runtime, v1::EngineRuntime::Unspecified as i32);
         assert_eq!(template.env.len(), 2);
         let token = template.env.iter().find(|v| v.name == "HF_TOKEN").unwrap();
         assert!(token.secret);
