@@ -1467,6 +1467,7 @@ async fn an_alias_that_names_another_endpoint_is_refused_and_routing_goes_on() {
             .update_aliases(v1::UpdateAliasesRequest {
                 name: endpoint.into(),
                 aliases: aliases.iter().map(|a| (*a).to_owned()).collect(),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -1477,6 +1478,52 @@ async fn an_alias_that_names_another_endpoint_is_refused_and_routing_goes_on() {
             error.message()
         );
     }
+    // Aliases added by several callers at once are all kept: the
+    // coordinator applies `add` to the list it holds, not to one a caller
+    // read earlier.
+    let adds = (0..8).map(|i| {
+        let mut client = client.clone();
+        async move {
+            client
+                .update_aliases(v1::UpdateAliasesRequest {
+                    name: "chat".into(),
+                    add: vec![format!("added-{i}")],
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+        }
+    });
+    futures_util::future::join_all(adds).await;
+    let mut aliases = client
+        .update_aliases(v1::UpdateAliasesRequest {
+            name: "chat".into(),
+            remove: vec!["added-0".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .aliases;
+    aliases.sort();
+    let expected: Vec<String> = (1..8).map(|i| format!("added-{i}")).collect();
+    assert_eq!(aliases, expected);
+    // Both forms at once are refused, naming the field.
+    let error = client
+        .update_aliases(v1::UpdateAliasesRequest {
+            name: "chat".into(),
+            aliases: vec!["x".into()],
+            add: vec!["y".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument);
+    assert!(
+        error.message().starts_with("aliases: give"),
+        "{}",
+        error.message()
+    );
     // A template the agents could not launch is refused before any worker
     // sees it, naming the field.
     let mut bad = template("org/v2");

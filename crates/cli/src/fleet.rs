@@ -167,24 +167,22 @@ pub async fn aliases(
     add: Vec<String>,
     remove: Vec<String>,
 ) -> anyhow::Result<()> {
-    let mut e = get_endpoint(client, &endpoint).await?;
-    if !add.is_empty() || !remove.is_empty() {
-        let mut aliases = e.aliases.clone();
-        aliases.retain(|a| !remove.contains(a));
-        for name in add {
-            if !aliases.contains(&name) {
-                aliases.push(name);
-            }
-        }
-        e = client
+    // The coordinator applies the changes to the aliases it holds, so two
+    // operators adding at once lose neither name.
+    let e = if add.is_empty() && remove.is_empty() {
+        get_endpoint(client, &endpoint).await?
+    } else {
+        client
             .update_aliases(v1::UpdateAliasesRequest {
                 name: endpoint,
-                aliases,
+                aliases: Vec::new(),
+                add,
+                remove,
             })
             .await
             .map_err(rpc)?
-            .into_inner();
-    }
+            .into_inner()
+    };
     match out {
         Output::Json => println!(
             "{}",
@@ -209,36 +207,32 @@ pub async fn selector(
         min_gpu_memory_gib,
         min_gpu_count,
     } = change;
-    let mut e = get_endpoint(client, &endpoint).await?;
     let changes = !labels.is_empty()
         || !remove_labels.is_empty()
         || gpu_name_contains.is_some()
         || min_gpu_memory_gib.is_some()
         || min_gpu_count.is_some();
-    if changes {
-        let mut selector = e.selector.clone().unwrap_or_default();
-        for key in &remove_labels {
-            selector.labels.remove(key);
-        }
-        selector.labels.extend(labels);
-        if let Some(name) = gpu_name_contains {
-            selector.gpu_name_contains = name;
-        }
-        if let Some(gib) = min_gpu_memory_gib {
-            selector.min_gpu_memory_bytes = gib.saturating_mul(1 << 30);
-        }
-        if let Some(count) = min_gpu_count {
-            selector.min_gpu_count = count;
-        }
-        e = client
+    // Only what the flags name changes, applied by the coordinator to the
+    // selector it holds (no lost update between two operators).
+    let e = if changes {
+        client
             .update_worker_selector(v1::UpdateWorkerSelectorRequest {
                 name: endpoint,
-                selector: Some(selector),
+                selector: None,
+                update: Some(v1::WorkerSelectorUpdate {
+                    labels: labels.into_iter().collect(),
+                    remove_labels,
+                    gpu_name_contains,
+                    min_gpu_memory_bytes: min_gpu_memory_gib.map(|gib| gib.saturating_mul(1 << 30)),
+                    min_gpu_count,
+                }),
             })
             .await
             .map_err(rpc)?
-            .into_inner();
-    }
+            .into_inner()
+    } else {
+        get_endpoint(client, &endpoint).await?
+    };
     let selector = e.selector.unwrap_or_default();
     match out {
         Output::Json => print_message("crossfade.v1.WorkerSelector", &selector)?,

@@ -403,6 +403,7 @@ async fn patch_endpoint(s: &CoordinatorService, name: &str, body: Json) -> Answe
             .update_worker_selector(tonic::Request::new(v1::UpdateWorkerSelectorRequest {
                 name: name.to_owned(),
                 selector: Some(selector),
+                update: None,
             }))
             .await?;
         endpoint = Some(answer.into_inner());

@@ -202,6 +202,27 @@ impl Selector {
         }
     }
 
+    /// With `update`'s changes: labels removed, then set; the rest where
+    /// the update names it.
+    pub fn updated(&self, update: &v1::WorkerSelectorUpdate) -> Self {
+        let mut next = self.clone();
+        for key in &update.remove_labels {
+            next.labels.remove(key);
+        }
+        next.labels
+            .extend(update.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if let Some(name) = &update.gpu_name_contains {
+            next.gpu_name_contains.clone_from(name);
+        }
+        if let Some(bytes) = update.min_gpu_memory_bytes {
+            next.min_gpu_memory_bytes = bytes;
+        }
+        if let Some(count) = update.min_gpu_count {
+            next.min_gpu_count = count;
+        }
+        next
+    }
+
     /// The wire form.
     pub fn to_proto(&self) -> v1::WorkerSelector {
         v1::WorkerSelector {
@@ -381,6 +402,34 @@ mod tests {
             }
             .matches(&h100)
         );
+    }
+
+    #[test]
+    fn a_selector_update_changes_only_what_it_names() {
+        let before = Selector {
+            labels: [("zone", "a"), ("tier", "gold")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .into(),
+            gpu_name_contains: "h100".into(),
+            min_gpu_memory_bytes: 40 << 30,
+            min_gpu_count: 2,
+        };
+        let after = before.updated(&v1::WorkerSelectorUpdate {
+            labels: [("zone".to_owned(), "b".to_owned())].into(),
+            remove_labels: vec!["tier".into(), "absent".into()],
+            min_gpu_count: Some(0),
+            ..Default::default()
+        });
+        assert_eq!(
+            after,
+            Selector {
+                labels: [("zone".to_owned(), "b".to_owned())].into(),
+                min_gpu_count: 0,
+                ..before.clone()
+            }
+        );
+        // An empty update changes nothing.
+        assert_eq!(before.updated(&v1::WorkerSelectorUpdate::default()), before);
     }
 
     #[test]

@@ -53,20 +53,31 @@ impl Actor {
             }
             Request::UpdateWorkerSelector(r, reply) => {
                 let result = self.with_endpoint(&r.name, |e, _| {
-                    e.selector = Selector::from_proto(&r.selector.clone().unwrap_or_default());
+                    e.selector = match (&r.selector, &r.update) {
+                        (Some(_), Some(_)) => {
+                            return Err(CoordinatorError::invalid(
+                                "update",
+                                "give `selector` (the whole selector) or `update` (changes to it), not both",
+                            ));
+                        }
+                        (_, Some(update)) => e.selector.updated(update),
+                        (selector, None) => {
+                            Selector::from_proto(&selector.clone().unwrap_or_default())
+                        }
+                    };
                     Ok(())
                 });
                 answer(answers, reply, result);
             }
             Request::UpdateAliases(r, reply) => {
-                let result = validate_names("aliases", &r.aliases)
-                    .and_then(|()| self.check_names_free(&r.name, &r.aliases))
-                    .and_then(|()| {
-                        self.with_endpoint(&r.name, |e, _| {
-                            e.aliases.clone_from(&r.aliases);
-                            Ok(())
-                        })
-                    });
+                let result = self.new_aliases(&r).and_then(|aliases| {
+                    validate_names("aliases", &aliases)?;
+                    self.check_names_free(&r.name, &aliases)?;
+                    self.with_endpoint(&r.name, |e, _| {
+                        e.aliases = aliases;
+                        Ok(())
+                    })
+                });
                 if result.is_ok() {
                     self.push_tables(actions);
                 }
@@ -454,6 +465,34 @@ impl Actor {
 
     /// Aliases must name one endpoint each: a router refuses a table where
     /// a name or an alias is used twice.
+    /// The aliases an UpdateAliases call asks for: `aliases` as given, or
+    /// the endpoint's own changed by `remove` and then `add`.
+    fn new_aliases(&self, r: &v1::UpdateAliasesRequest) -> Result<Vec<String>, CoordinatorError> {
+        if r.add.is_empty() && r.remove.is_empty() {
+            return Ok(r.aliases.clone());
+        }
+        if !r.aliases.is_empty() {
+            return Err(CoordinatorError::invalid(
+                "aliases",
+                "give `aliases` (the whole list) or `add` and `remove` (changes to it), not both",
+            ));
+        }
+        validate_names("add", &r.add)?;
+        let endpoint = self
+            .state
+            .endpoints
+            .get(&r.name)
+            .ok_or_else(|| CoordinatorError::not_found("name", "endpoint", &r.name))?;
+        let mut aliases = endpoint.aliases.clone();
+        aliases.retain(|a| !r.remove.contains(a));
+        for name in &r.add {
+            if !aliases.contains(name) {
+                aliases.push(name.clone());
+            }
+        }
+        Ok(aliases)
+    }
+
     pub(super) fn check_names_free(
         &self,
         endpoint: &str,
