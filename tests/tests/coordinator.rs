@@ -571,6 +571,23 @@ async fn a_coordinator_killed_mid_promotion_finishes_it_after_a_restart() {
     let last = done.last_promotion.as_ref().unwrap();
     assert_eq!(last.id, promotion_id);
     assert_eq!(last.status(), v1::PromotionStatus::Succeeded, "{done:#?}");
+    // The split's history came through the restart: 0 % at the start, the
+    // first step's 50 % (before the kill), 100 % at the end, in time order.
+    let percents: Vec<u32> = last
+        .split_history
+        .iter()
+        .map(|p| p.percent_traffic_to_new_version)
+        .collect();
+    assert_eq!(percents, [0, 50, 100], "{:#?}", last.split_history);
+    let times: Vec<i64> = last
+        .split_history
+        .iter()
+        .map(|p| {
+            p.at.as_ref()
+                .map_or(0, |t| t.seconds * 1_000_000_000 + i64::from(t.nanos))
+        })
+        .collect();
+    assert!(times.is_sorted(), "{:#?}", last.split_history);
     // The watch ends with the promotion, 0 for SUCCEEDED, having said it
     // lost and found the coordinator.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -2021,6 +2038,26 @@ async fn the_dashboard_follows_a_promotion_and_pauses_it() {
     let status = page.eval(&card("status")).await.unwrap();
     assert_eq!(status, "PAUSED");
     assert_eq!(page.eval(&card("percent")).await.unwrap(), "50 %");
+    // A page opened mid-promotion draws the split since the promotion
+    // began (the coordinator's split history: 0 %, then 50 %), not since
+    // the page opened.
+    page.eval("location.reload(), true").await.unwrap();
+    let points = "(document.querySelector('[data-endpoint=\"chat\"] svg.history polyline') || { getAttribute: () => '' }).getAttribute('data-points') || ''";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // Evaluations fail while the page reloads.
+        if let Ok(drawn) = page.eval(points).await
+            && drawn != ""
+        {
+            assert_eq!(drawn, "2", "the chart's points after a reload");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the page did not draw the chart after a reload"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     if let Some(path) = std::env::var_os("CROSSFADE_SCREENSHOT") {
         std::fs::write(path, page.screenshot().await.unwrap()).unwrap();
     }

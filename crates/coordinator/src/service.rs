@@ -178,6 +178,15 @@ pub fn promotion_proto(endpoint: &str, promotion: &Promotion) -> v1::Promotion {
         forced: promotion.forced,
         rollback: promotion.rollback,
         stabilization_ends_at: r.stabilizing_until().map(timestamp),
+        split_history: promotion
+            .splits
+            .iter()
+            .map(|p| v1::SplitPoint {
+                at: Some(timestamp(p.at_ms)),
+                percent_traffic_to_new_version: p.candidate_weight / 100,
+                candidate_weight_basis_points: p.candidate_weight,
+            })
+            .collect(),
     }
 }
 

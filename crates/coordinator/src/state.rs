@@ -88,9 +88,49 @@ pub struct Promotion {
     pub forced: bool,
     /// It moves back to a deployment that ran before.
     pub rollback: bool,
+    /// The candidate's share over time: where it began, then each change.
+    #[serde(default)]
+    pub splits: Vec<SplitPoint>,
 }
 
+/// The candidate's share of the traffic from a moment on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitPoint {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Basis points, 0..=10000.
+    pub candidate_weight: u32,
+}
+
+/// The most split points a promotion keeps: a promotion has at most 100
+/// steps each way, so only one moved back and forth by hand for a long
+/// time gets near it.
+pub const MAX_SPLIT_POINTS: usize = 1_000;
+
 impl Promotion {
+    /// Notes the candidate's share at `now` if it changed (the first point,
+    /// 0 at the start, is written the first time).
+    pub fn record_split(&mut self, now_ms: u64) {
+        if self.splits.is_empty() {
+            self.splits.push(SplitPoint {
+                at_ms: self.started_at_ms,
+                candidate_weight: 0,
+            });
+        }
+        let weight = self.rollout.candidate_weight();
+        if self.splits.last().map(|p| p.candidate_weight) == Some(weight) {
+            return;
+        }
+        if self.splits.len() >= MAX_SPLIT_POINTS {
+            // Keep the start; the oldest moves after it go.
+            self.splits.remove(1);
+        }
+        self.splits.push(SplitPoint {
+            at_ms: now_ms,
+            candidate_weight: weight,
+        });
+    }
+
     /// What history keeps of it ([`Rollout::archive`]).
     #[must_use]
     pub fn archived(mut self) -> Self {

@@ -88,6 +88,7 @@ impl Actor {
                 finished_at_ms: Some(now),
                 forced: false,
                 rollback: false,
+                splits: Vec::new(),
             });
             let message = format!(
                 "adopted from router {router}'s table after this coordinator started on an empty store: {replicas} replica(s) of {} serve on; its template is unknown until a promotion gives one",

@@ -581,6 +581,7 @@ impl Actor {
             return;
         };
         promotion.updated_at_ms = now;
+        promotion.record_split(now);
         let status = promotion.rollout.status;
         if !status.is_terminal() {
             return;

@@ -413,6 +413,7 @@ impl Actor {
             finished_at_ms: None,
             forced: false,
             rollback,
+            splits: Vec::new(),
         });
         let start = actions.len();
         actions.extend(first.into_iter().map(|a| (name.to_owned(), a)));

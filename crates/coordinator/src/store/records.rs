@@ -149,6 +149,7 @@ fn promotion_head(promotion: &Promotion) -> Vec<u8> {
         finished_at_ms: promotion.finished_at_ms,
         forced: promotion.forced,
         rollback: promotion.rollback,
+        splits: promotion.splits.clone(),
     })
 }
 

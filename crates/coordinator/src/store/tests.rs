@@ -8,7 +8,8 @@ use super::*;
 use crate::rollout::{Engine, Rollout, Worker};
 use crate::settings::PromotionSettings;
 use crate::state::{
-    Deployment, DeploymentState, Endpoint, MAX_EVENTS, Promotion, RouterRecord, WorkerRecord,
+    Deployment, DeploymentState, Endpoint, MAX_EVENTS, Promotion, RouterRecord, SplitPoint,
+    WorkerRecord,
 };
 
 /// An in-memory backend that keeps every batch and can fail a write.
@@ -96,6 +97,16 @@ fn promotion(id: &str, fleet: usize) -> Promotion {
         finished_at_ms: None,
         forced: false,
         rollback: false,
+        splits: vec![
+            SplitPoint {
+                at_ms: 1_000,
+                candidate_weight: 0,
+            },
+            SplitPoint {
+                at_ms: 2_000,
+                candidate_weight: 2_500,
+            },
+        ],
     }
 }
 

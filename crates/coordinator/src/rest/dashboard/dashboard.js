@@ -7,9 +7,6 @@
 "use strict";
 
 const POLL_MS = 1000;
-const HISTORY_MS = 10 * 60 * 1000;
-/** Per endpoint: [time, percent to the candidate] samples, for the chart. */
-const splits = new Map();
 /** Per endpoint: the deployments the history lists (for a rollback). */
 const kept = new Map();
 
@@ -55,30 +52,33 @@ function secondsLeft(timestamp) {
   return left > 0 ? Math.ceil(left) : 0;
 }
 
-function chart(name) {
-  const samples = splits.get(name) || [];
+/** The candidate's share from the promotion's start to its end (or now),
+ * as steps: the coordinator keeps every change (`split_history`). */
+function chart(promotion) {
+  const samples = (promotion.split_history || []).map((s) => [Date.parse(s.at), s.percent_traffic_to_new_version || 0]);
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   svg.setAttribute("class", "history");
   svg.setAttribute("viewBox", "0 0 600 60");
   svg.setAttribute("preserveAspectRatio", "none");
   if (samples.length > 0) {
     const start = samples[0][0];
-    const span = Math.max(Date.now() - start, 1);
-    const points = samples.map(([t, p]) => `${((t - start) / span) * 600},${58 - p * 0.56}`);
-    points.push(`600,${58 - samples[samples.length - 1][1] * 0.56}`);
+    const end = promotion.finished_at ? Date.parse(promotion.finished_at) : Date.now();
+    const span = Math.max(end - start, 1);
+    const x = (t) => Math.min(((t - start) / span) * 600, 600);
+    const y = (p) => 58 - p * 0.56;
+    const points = [];
+    samples.forEach(([t, p], i) => {
+      // A share holds until the next one: a step, not a slope.
+      if (i > 0) points.push(`${x(t)},${y(samples[i - 1][1])}`);
+      points.push(`${x(t)},${y(p)}`);
+    });
+    points.push(`600,${y(samples[samples.length - 1][1])}`);
     const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
     line.setAttribute("points", points.join(" "));
+    line.setAttribute("data-points", String(samples.length));
     svg.append(line);
   }
   return svg;
-}
-
-function record(name, percent) {
-  const now = Date.now();
-  const samples = splits.get(name) || [];
-  samples.push([now, percent]);
-  while (samples.length > 0 && now - samples[0][0] > HISTORY_MS) samples.shift();
-  splits.set(name, samples);
 }
 
 async function control(name, action, button) {
@@ -144,8 +144,8 @@ function endpointCard(e) {
     card.append(
       el("div", { class: "split", title: `${percent} % to ${shown.to_deployment_id}` }, old, candidate),
       el("div", {}, el("span", { "data-field": "percent" }, `${percent} %`), ` of the traffic to ${shown.to_deployment_id}`),
-      el("div", { class: "muted" }, "the candidate's share since this page opened:"),
-      chart(e.name),
+      el("div", { class: "muted" }, "the candidate's share since the promotion began:"),
+      chart(shown),
     );
   }
   const controls = el("div", { class: "controls" });
@@ -224,7 +224,6 @@ async function refresh() {
     ]);
     for (const e of endpoints) {
       const p = e.in_progress_promotion;
-      if (p) record(e.name, p.percent_traffic_to_new_version || 0);
       if (!p && !kept.has(e.name)) {
         api("GET", `/v1/endpoints/${encodeURIComponent(e.name)}/history`)
           .then((h) => kept.set(e.name, h.deployments || []))
