@@ -102,6 +102,28 @@ pub struct SplitPoint {
     pub candidate_weight: u32,
 }
 
+/// Adds `weight` at `now_ms` to `splits` if it differs from the last point,
+/// after a first point of 0 at `started_at_ms`; beyond
+/// [`MAX_SPLIT_POINTS`] the oldest after the first goes.
+fn note_split(splits: &mut Vec<SplitPoint>, started_at_ms: u64, now_ms: u64, weight: u32) {
+    if splits.is_empty() {
+        splits.push(SplitPoint {
+            at_ms: started_at_ms,
+            candidate_weight: 0,
+        });
+    }
+    if splits.last().map(|p| p.candidate_weight) == Some(weight) {
+        return;
+    }
+    if splits.len() >= MAX_SPLIT_POINTS {
+        splits.remove(1);
+    }
+    splits.push(SplitPoint {
+        at_ms: now_ms,
+        candidate_weight: weight,
+    });
+}
+
 /// The most split points a promotion keeps: a promotion has at most 100
 /// steps each way, so only one moved back and forth by hand for a long
 /// time gets near it.
@@ -111,24 +133,8 @@ impl Promotion {
     /// Notes the candidate's share at `now` if it changed (the first point,
     /// 0 at the start, is written the first time).
     pub fn record_split(&mut self, now_ms: u64) {
-        if self.splits.is_empty() {
-            self.splits.push(SplitPoint {
-                at_ms: self.started_at_ms,
-                candidate_weight: 0,
-            });
-        }
         let weight = self.rollout.candidate_weight();
-        if self.splits.last().map(|p| p.candidate_weight) == Some(weight) {
-            return;
-        }
-        if self.splits.len() >= MAX_SPLIT_POINTS {
-            // Keep the start; the oldest moves after it go.
-            self.splits.remove(1);
-        }
-        self.splits.push(SplitPoint {
-            at_ms: now_ms,
-            candidate_weight: weight,
-        });
+        note_split(&mut self.splits, self.started_at_ms, now_ms, weight);
     }
 
     /// What history keeps of it ([`Rollout::archive`]).
@@ -470,6 +476,36 @@ mod tests {
         );
         // An empty update changes nothing.
         assert_eq!(before.updated(&v1::WorkerSelectorUpdate::default()), before);
+    }
+
+    #[test]
+    fn the_split_history_keeps_changes_from_the_start_within_its_bound() {
+        let mut splits = Vec::new();
+        note_split(&mut splits, 1_000, 1_000, 0);
+        note_split(&mut splits, 1_000, 2_000, 5_000);
+        note_split(&mut splits, 1_000, 3_000, 5_000);
+        note_split(&mut splits, 1_000, 4_000, 10_000);
+        let point = |at_ms, candidate_weight| SplitPoint {
+            at_ms,
+            candidate_weight,
+        };
+        assert_eq!(
+            splits,
+            [point(1_000, 0), point(2_000, 5_000), point(4_000, 10_000)]
+        );
+        // Moved back and forth past the bound: the start stays, the
+        // oldest moves after it go, the latest is last.
+        let mut splits = Vec::new();
+        for i in 0..(MAX_SPLIT_POINTS as u64 + 10) {
+            note_split(&mut splits, 7, 10 + i, 100 + u32::try_from(i % 2).unwrap());
+        }
+        assert_eq!(splits.len(), MAX_SPLIT_POINTS);
+        assert_eq!(splits[0], point(7, 0));
+        assert_eq!(splits[1].at_ms, 10 + 11);
+        assert_eq!(
+            splits.last().unwrap().at_ms,
+            10 + MAX_SPLIT_POINTS as u64 + 9
+        );
     }
 
     #[test]

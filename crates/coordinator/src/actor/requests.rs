@@ -464,8 +464,6 @@ impl Actor {
             .map(|e| e.name.as_str())
     }
 
-    /// Aliases must name one endpoint each: a router refuses a table where
-    /// a name or an alias is used twice.
     /// The aliases an UpdateAliases call asks for: `aliases` as given, or
     /// the endpoint's own changed by `remove` and then `add`.
     fn new_aliases(&self, r: &v1::UpdateAliasesRequest) -> Result<Vec<String>, CoordinatorError> {
@@ -494,6 +492,8 @@ impl Actor {
         Ok(aliases)
     }
 
+    /// Aliases must name one endpoint each: a router refuses a table where
+    /// a name or an alias is used twice.
     pub(super) fn check_names_free(
         &self,
         endpoint: &str,
