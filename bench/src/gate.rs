@@ -1,7 +1,8 @@
 //! `crossfade-bench __gate PORT ENGINE_PORT`: the agent's gate alone, open,
 //! on 127.0.0.1:PORT in front of an engine (the bench's backend) on
 //! 127.0.0.1:ENGINE_PORT. `bench/profile-router.sh` counts what it adds to
-//! a request; it runs until it is killed.
+//! a request (with a watcher of its news, as the agent's status reports
+//! have); it runs until it is killed.
 
 use std::sync::Arc;
 
@@ -37,6 +38,18 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
             .with_context(|| format!("binding 127.0.0.1:{listen}"))?;
         let gate = Arc::new(Gate::new());
         gate.open(engine);
+        // The agent's status reports watch the gate beside it: what that
+        // watch costs a request is part of what the gate costs.
+        let mut news = gate.news();
+        let watched = shutdown.clone();
+        shutdown.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = watched.triggered() => return,
+                    changed = news.changed() => if changed.is_err() { return },
+                }
+            }
+        });
         let options = crossfade_agent::config::Gate::default().serve_options();
         let handler = Arc::clone(&gate);
         crossfade_common::http::serve_with_close(

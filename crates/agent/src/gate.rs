@@ -16,9 +16,14 @@
 //!
 //! Admission and the count share one lock with the mode, so a drain that
 //! sees zero in flight can trust that no request is about to slip in.
+//! A request's admission and end wake no one, unless the gate is closed and
+//! the count reaches zero (a drain waits for that): watchers of the count
+//! (the agent's status reports) hear of it through [`GateNews`], at most
+//! once per [`COUNT_NEWS_GAP`], at two atomic operations a request.
 
 use std::future::Future as _;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,7 +36,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::metrics as m;
@@ -43,6 +48,11 @@ pub const RETRY_HEADER: &str = "x-crossfade-retry";
 /// supervisor to notice that its engine ended (it polls every 100 ms; a
 /// container's end takes a Docker call more).
 const ENGINE_END_WAIT: Duration = Duration::from_secs(2);
+
+/// The shortest time between two counts a [`GateNews`] reports: a busy
+/// gate changes its count with every request, and a watcher needs the
+/// news, not each step (the agent's `WatchStatus` keeps the same gap).
+pub const COUNT_NEWS_GAP: Duration = Duration::from_millis(50);
 
 /// Connections to the engine: made within 2 s, kept 30 s when idle.
 const POOL: PoolSettings = PoolSettings {
@@ -134,10 +144,91 @@ impl std::fmt::Debug for Recorded {
     }
 }
 
+/// That the in-flight count changed, for watchers: a change costs two
+/// atomic operations, and wakes watchers only when one waits.
+#[derive(Debug, Default)]
+struct CountNews {
+    /// Changes so far.
+    changes: AtomicU64,
+    /// A watcher waits (or did, and has not been woken).
+    waiting: AtomicBool,
+    notify: Notify,
+}
+
+impl CountNews {
+    fn changed(&self) {
+        // SeqCst on both sides: either the watcher sees this change, or
+        // this sees the watcher waiting.
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) && self.waiting.swap(false, Ordering::SeqCst) {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Waits until the count changed after `seen` changes; returns how many
+    /// there have been.
+    async fn after(&self, seen: u64) -> u64 {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            self.waiting.store(true, Ordering::SeqCst);
+            let now = self.changes.load(Ordering::SeqCst);
+            if now != seen {
+                return now;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// A gate's changes for one watcher: the mode and the engine's port at
+/// once, the in-flight count at most once per [`COUNT_NEWS_GAP`].
+#[derive(Debug)]
+pub struct GateNews {
+    state: watch::Receiver<GateState>,
+    counts: Arc<CountNews>,
+    /// Count changes already reported.
+    seen: u64,
+    /// When a count change was last reported.
+    last: Option<tokio::time::Instant>,
+}
+
+impl GateNews {
+    /// Waits for the next change; an error when the gate is gone. The
+    /// state itself is [`Gate::state`].
+    pub async fn changed(&mut self) -> Result<(), watch::error::RecvError> {
+        let counts = Arc::clone(&self.counts);
+        let (seen, last) = (self.seen, self.last);
+        let count = async move {
+            if let Some(last) = last {
+                tokio::time::sleep_until(last + COUNT_NEWS_GAP).await;
+            }
+            counts.after(seen).await
+        };
+        let counted = tokio::select! {
+            changed = self.state.changed() => {
+                changed?;
+                None
+            }
+            now = count => Some(now),
+        };
+        self.state.mark_unchanged();
+        if let Some(now) = counted {
+            self.seen = now;
+            self.last = Some(tokio::time::Instant::now());
+        }
+        Ok(())
+    }
+}
+
 /// The gate. Cheap to share: handlers hold an `Arc`.
 #[derive(Debug)]
 pub struct Gate {
+    /// Notifies on changes of the mode and the port, and on the count
+    /// reaching zero while the gate is closed; holds the count always.
     state: watch::Sender<GateState>,
+    counts: Arc<CountNews>,
     /// Bumped to close every open connection gracefully.
     close: watch::Sender<u64>,
     /// Cancelled at a drain's deadline to end open SSE streams; replaced
@@ -164,6 +255,7 @@ impl Gate {
                 in_flight: 0,
                 port: 0,
             }),
+            counts: Arc::default(),
             close: watch::Sender::new(0),
             cut: Mutex::new(CancellationToken::new()),
             engine: Mutex::new(Arc::new(Engine::on(0))),
@@ -176,9 +268,22 @@ impl Gate {
         *self.state.borrow()
     }
 
-    /// Watches the state (mode and count).
+    /// Watches the mode and the port (a count change alone does not
+    /// notify: see [`Gate::news`]).
     pub fn subscribe(&self) -> watch::Receiver<GateState> {
         self.state.subscribe()
+    }
+
+    /// Watches the mode, the port and the count (the count at most once
+    /// per [`COUNT_NEWS_GAP`]).
+    pub fn news(&self) -> GateNews {
+        let counts = Arc::clone(&self.counts);
+        GateNews {
+            state: self.state.subscribe(),
+            seen: counts.changes.load(Ordering::SeqCst),
+            counts,
+            last: None,
+        }
     }
 
     /// What the accept loop watches to close connections.
@@ -213,7 +318,8 @@ impl Gate {
     }
 
     /// Waits until nothing is in flight or `deadline` passes; returns the
-    /// count left (0 when drained).
+    /// count left (0 when drained). For a closed gate (draining, or not
+    /// ready): an open one is not woken when its count reaches zero.
     pub async fn wait_idle(&self, deadline: tokio::time::Instant) -> u32 {
         let mut state = self.state.subscribe();
         let idle = state.wait_for(|s| s.in_flight == 0);
@@ -251,19 +357,21 @@ impl Gate {
     fn admit(self: &Arc<Self>) -> Result<(InFlight, u16), Mode> {
         let mut refused = None;
         let mut port = 0;
+        // A count that rose wakes no one (only a drain waits on the
+        // count, for zero).
         self.state.send_if_modified(|s| {
             if s.mode == Mode::Ready {
                 s.in_flight += 1;
                 port = s.port;
-                true
             } else {
                 refused = Some(s.mode);
-                false
             }
+            false
         });
         match refused {
             Some(mode) => Err(mode),
             None => {
+                self.counts.changed();
                 self.recorded.in_flight.increment(1.0);
                 Ok((InFlight(Arc::clone(self)), port))
             }
@@ -416,9 +524,12 @@ struct InFlight(Arc<Gate>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0
-            .state
-            .send_modify(|s| s.in_flight = s.in_flight.saturating_sub(1));
+        // Wakes the state's watchers only for a drain that waits for zero.
+        self.0.state.send_if_modified(|s| {
+            s.in_flight = s.in_flight.saturating_sub(1);
+            s.in_flight == 0 && s.mode != Mode::Ready
+        });
+        self.0.counts.changed();
         self.0.recorded.in_flight.decrement(1.0);
     }
 }
@@ -586,6 +697,79 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+
+    /// Whether `news` reports a change within `within` (of Tokio's clock).
+    async fn reports(news: &mut GateNews, within: Duration) -> bool {
+        tokio::time::timeout(within, news.changed()).await.is_ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn count_news_comes_at_most_once_per_gap_and_the_mode_at_once() {
+        let gate = Arc::new(Gate::new());
+        gate.open(1);
+        let mut news = gate.news();
+        assert!(
+            !reports(&mut news, Duration::from_secs(1)).await,
+            "no change yet"
+        );
+        // A first change is news at once.
+        let first = gate.admit().unwrap().0;
+        assert!(reports(&mut news, Duration::from_millis(1)).await);
+        assert_eq!(gate.state().in_flight, 1);
+        // A hundred more within the gap are one piece of news, after it.
+        let started = tokio::time::Instant::now();
+        let more: Vec<InFlight> = (0..100).map(|_| gate.admit().unwrap().0).collect();
+        assert!(reports(&mut news, Duration::from_secs(1)).await);
+        assert!(started.elapsed() >= COUNT_NEWS_GAP - Duration::from_millis(1));
+        assert_eq!(gate.state().in_flight, 101);
+        assert!(
+            !reports(&mut news, Duration::from_secs(1)).await,
+            "nothing new"
+        );
+        // The requests end, long after the last news: news at once.
+        drop(more);
+        let ended = tokio::time::Instant::now();
+        assert!(reports(&mut news, Duration::from_secs(1)).await);
+        assert_eq!(ended.elapsed(), Duration::ZERO);
+        assert_eq!(gate.state().in_flight, 1);
+        // A change of mode is news at once, within the gap after the last.
+        gate.start_drain();
+        assert!(reports(&mut news, Duration::from_millis(1)).await);
+        assert_eq!(ended.elapsed(), Duration::ZERO);
+        // A drain waiting for zero wakes when the last request ends.
+        let waiting = Arc::clone(&gate);
+        let idle = tokio::spawn(async move {
+            waiting
+                .wait_idle(tokio::time::Instant::now() + Duration::from_secs(60))
+                .await
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!idle.is_finished());
+        let at_last = tokio::time::Instant::now();
+        drop(first);
+        assert_eq!(idle.await.unwrap(), 0);
+        assert_eq!(at_last.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn count_news_reaches_every_watcher() {
+        let gate = Arc::new(Gate::new());
+        gate.open(1);
+        let mut watchers: Vec<GateNews> = (0..3).map(|_| gate.news()).collect();
+        let mut waiting = Vec::new();
+        for mut news in watchers.drain(..) {
+            waiting.push(tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_secs(10), news.changed()).await
+            }));
+        }
+        // Every watcher waits before the change.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let admitted = gate.admit().unwrap();
+        for watcher in waiting {
+            assert!(watcher.await.unwrap().is_ok(), "a watcher missed the news");
+        }
+        drop(admitted);
+    }
 
     /// An engine's port as Docker's proxy keeps it for a dead container:
     /// it accepts each connection and closes it without an answer.

@@ -123,7 +123,9 @@ async fn count_revisions(
     shutdown: Shutdown,
 ) {
     let mut view = supervisor.subscribe();
-    let mut gate = supervisor.gate().subscribe();
+    // The gate's count at most once per COUNT_NEWS_GAP: a busy gate
+    // changes it with every request.
+    let mut gate = supervisor.gate().news();
     let mut scrape = supervisor.scrape();
     loop {
         let changed = tokio::select! {
@@ -137,7 +139,6 @@ async fn count_revisions(
             return;
         }
         view.mark_unchanged();
-        gate.mark_unchanged();
         scrape.mark_unchanged();
         gpus.mark_unchanged();
         revision.send_modify(|r| *r += 1);
