@@ -23,7 +23,6 @@
 
 use std::future::Future as _;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -36,10 +35,15 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::metrics as m;
+
+mod news;
+
+use news::CountNews;
+pub use news::{COUNT_NEWS_GAP, GateNews};
 
 /// The header that tells a router a refused request may go elsewhere.
 pub const RETRY_HEADER: &str = "x-crossfade-retry";
@@ -48,11 +52,6 @@ pub const RETRY_HEADER: &str = "x-crossfade-retry";
 /// supervisor to notice that its engine ended (it polls every 100 ms; a
 /// container's end takes a Docker call more).
 const ENGINE_END_WAIT: Duration = Duration::from_secs(2);
-
-/// The shortest time between two counts a [`GateNews`] reports: a busy
-/// gate changes its count with every request, and a watcher needs the
-/// news, not each step (the agent's `WatchStatus` keeps the same gap).
-pub const COUNT_NEWS_GAP: Duration = Duration::from_millis(50);
 
 /// Connections to the engine: made within 2 s, kept 30 s when idle.
 const POOL: PoolSettings = PoolSettings {
@@ -144,84 +143,6 @@ impl std::fmt::Debug for Recorded {
     }
 }
 
-/// That the in-flight count changed, for watchers: a change costs two
-/// atomic operations, and wakes watchers only when one waits.
-#[derive(Debug, Default)]
-struct CountNews {
-    /// Changes so far.
-    changes: AtomicU64,
-    /// A watcher waits (or did, and has not been woken).
-    waiting: AtomicBool,
-    notify: Notify,
-}
-
-impl CountNews {
-    fn changed(&self) {
-        // SeqCst on both sides: either the watcher sees this change, or
-        // this sees the watcher waiting.
-        self.changes.fetch_add(1, Ordering::SeqCst);
-        if self.waiting.load(Ordering::SeqCst) && self.waiting.swap(false, Ordering::SeqCst) {
-            self.notify.notify_waiters();
-        }
-    }
-
-    /// Waits until the count changed after `seen` changes; returns how many
-    /// there have been.
-    async fn after(&self, seen: u64) -> u64 {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            self.waiting.store(true, Ordering::SeqCst);
-            let now = self.changes.load(Ordering::SeqCst);
-            if now != seen {
-                return now;
-            }
-            notified.await;
-        }
-    }
-}
-
-/// A gate's changes for one watcher: the mode and the engine's port at
-/// once, the in-flight count at most once per [`COUNT_NEWS_GAP`].
-#[derive(Debug)]
-pub struct GateNews {
-    state: watch::Receiver<GateState>,
-    counts: Arc<CountNews>,
-    /// Count changes already reported.
-    seen: u64,
-    /// When a count change was last reported.
-    last: Option<tokio::time::Instant>,
-}
-
-impl GateNews {
-    /// Waits for the next change; an error when the gate is gone. The
-    /// state itself is [`Gate::state`].
-    pub async fn changed(&mut self) -> Result<(), watch::error::RecvError> {
-        let counts = Arc::clone(&self.counts);
-        let (seen, last) = (self.seen, self.last);
-        let count = async move {
-            if let Some(last) = last {
-                tokio::time::sleep_until(last + COUNT_NEWS_GAP).await;
-            }
-            counts.after(seen).await
-        };
-        let counted = tokio::select! {
-            changed = self.state.changed() => {
-                changed?;
-                None
-            }
-            now = count => Some(now),
-        };
-        self.state.mark_unchanged();
-        if let Some(now) = counted {
-            self.seen = now;
-            self.last = Some(tokio::time::Instant::now());
-        }
-        Ok(())
-    }
-}
-
 /// The gate. Cheap to share: handlers hold an `Arc`.
 #[derive(Debug)]
 pub struct Gate {
@@ -277,13 +198,7 @@ impl Gate {
     /// Watches the mode, the port and the count (the count at most once
     /// per [`COUNT_NEWS_GAP`]).
     pub fn news(&self) -> GateNews {
-        let counts = Arc::clone(&self.counts);
-        GateNews {
-            state: self.state.subscribe(),
-            seen: counts.changes.load(Ordering::SeqCst),
-            counts,
-            last: None,
-        }
+        GateNews::new(self.state.subscribe(), Arc::clone(&self.counts))
     }
 
     /// What the accept loop watches to close connections.
@@ -697,79 +612,6 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-
-    /// Whether `news` reports a change within `within` (of Tokio's clock).
-    async fn reports(news: &mut GateNews, within: Duration) -> bool {
-        tokio::time::timeout(within, news.changed()).await.is_ok()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn count_news_comes_at_most_once_per_gap_and_the_mode_at_once() {
-        let gate = Arc::new(Gate::new());
-        gate.open(1);
-        let mut news = gate.news();
-        assert!(
-            !reports(&mut news, Duration::from_secs(1)).await,
-            "no change yet"
-        );
-        // A first change is news at once.
-        let first = gate.admit().unwrap().0;
-        assert!(reports(&mut news, Duration::from_millis(1)).await);
-        assert_eq!(gate.state().in_flight, 1);
-        // A hundred more within the gap are one piece of news, after it.
-        let started = tokio::time::Instant::now();
-        let more: Vec<InFlight> = (0..100).map(|_| gate.admit().unwrap().0).collect();
-        assert!(reports(&mut news, Duration::from_secs(1)).await);
-        assert!(started.elapsed() >= COUNT_NEWS_GAP - Duration::from_millis(1));
-        assert_eq!(gate.state().in_flight, 101);
-        assert!(
-            !reports(&mut news, Duration::from_secs(1)).await,
-            "nothing new"
-        );
-        // The requests end, long after the last news: news at once.
-        drop(more);
-        let ended = tokio::time::Instant::now();
-        assert!(reports(&mut news, Duration::from_secs(1)).await);
-        assert_eq!(ended.elapsed(), Duration::ZERO);
-        assert_eq!(gate.state().in_flight, 1);
-        // A change of mode is news at once, within the gap after the last.
-        gate.start_drain();
-        assert!(reports(&mut news, Duration::from_millis(1)).await);
-        assert_eq!(ended.elapsed(), Duration::ZERO);
-        // A drain waiting for zero wakes when the last request ends.
-        let waiting = Arc::clone(&gate);
-        let idle = tokio::spawn(async move {
-            waiting
-                .wait_idle(tokio::time::Instant::now() + Duration::from_secs(60))
-                .await
-        });
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        assert!(!idle.is_finished());
-        let at_last = tokio::time::Instant::now();
-        drop(first);
-        assert_eq!(idle.await.unwrap(), 0);
-        assert_eq!(at_last.elapsed(), Duration::ZERO);
-    }
-
-    #[tokio::test]
-    async fn count_news_reaches_every_watcher() {
-        let gate = Arc::new(Gate::new());
-        gate.open(1);
-        let mut watchers: Vec<GateNews> = (0..3).map(|_| gate.news()).collect();
-        let mut waiting = Vec::new();
-        for mut news in watchers.drain(..) {
-            waiting.push(tokio::spawn(async move {
-                tokio::time::timeout(Duration::from_secs(10), news.changed()).await
-            }));
-        }
-        // Every watcher waits before the change.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let admitted = gate.admit().unwrap();
-        for watcher in waiting {
-            assert!(watcher.await.unwrap().is_ok(), "a watcher missed the news");
-        }
-        drop(admitted);
-    }
 
     /// An engine's port as Docker's proxy keeps it for a dead container:
     /// it accepts each connection and closes it without an answer.

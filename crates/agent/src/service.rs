@@ -19,8 +19,9 @@ use crate::supervisor::SupervisorError;
 /// Longest drain deadline or stop grace a call may ask for.
 const MAX_DRAIN: Duration = Duration::from_secs(24 * 3600);
 /// Shortest gap between two `WatchStatus` messages: a busy gate changes its
-/// count with every request, and a watcher needs the news, not each step.
-const MIN_GAP: Duration = Duration::from_millis(50);
+/// count with every request, and a watcher needs the news, not each step
+/// (the gate's own count news keeps the same gap).
+const MIN_GAP: Duration = crate::gate::COUNT_NEWS_GAP;
 /// Shortest and longest `WatchStatus` heartbeat.
 const HEARTBEAT: std::ops::RangeInclusive<Duration> =
     Duration::from_millis(100)..=Duration::from_secs(600);

@@ -199,42 +199,36 @@ pub fn print_settings(p: &v1::PromotionSettings) {
     let cleanup = v1::CleanupStrategy::try_from(p.promotion_cleanup_strategy).map_or("-", |c| {
         c.as_str_name().trim_start_matches("CLEANUP_STRATEGY_")
     });
-    let rows = vec![
-        vec!["rolling_deploy".to_owned(), p.rolling_deploy.to_string()],
-        vec![
-            "max_surge_percent".to_owned(),
-            p.max_surge_percent.to_string(),
-        ],
-        vec![
-            "max_unavailable_percent".to_owned(),
+    let rows: Vec<Vec<String>> = [
+        ("rolling_deploy", p.rolling_deploy.to_string()),
+        ("max_surge_percent", p.max_surge_percent.to_string()),
+        (
+            "max_unavailable_percent",
             p.max_unavailable_percent.to_string(),
-        ],
-        vec![
-            "stabilization_time_seconds".to_owned(),
+        ),
+        (
+            "stabilization_time_seconds",
             p.stabilization_time_seconds.to_string(),
-        ],
-        vec![
-            "replica_overhead_percent".to_owned(),
+        ),
+        (
+            "replica_overhead_percent",
             p.replica_overhead_percent.to_string(),
-        ],
-        vec!["promotion_cleanup_strategy".to_owned(), cleanup.to_owned()],
-        vec![
-            "drain_timeout_seconds".to_owned(),
-            p.drain_timeout_seconds.to_string(),
-        ],
-        vec![
-            "ready_timeout_seconds".to_owned(),
-            p.ready_timeout_seconds.to_string(),
-        ],
-        vec![
-            "health_gate_margin_percent".to_owned(),
+        ),
+        ("promotion_cleanup_strategy", cleanup.to_owned()),
+        ("drain_timeout_seconds", p.drain_timeout_seconds.to_string()),
+        ("ready_timeout_seconds", p.ready_timeout_seconds.to_string()),
+        (
+            "health_gate_margin_percent",
             p.health_gate_margin_percent.to_string(),
-        ],
-        vec![
-            "health_gate_min_requests".to_owned(),
+        ),
+        (
+            "health_gate_min_requests",
             p.health_gate_min_requests.to_string(),
-        ],
-    ];
+        ),
+    ]
+    .into_iter()
+    .map(|(name, value)| vec![name.to_owned(), value])
+    .collect();
     print!("{}", table(&["SETTING", "VALUE"], &rows));
 }
 
